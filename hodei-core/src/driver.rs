@@ -1,0 +1,658 @@
+//! Running one saga: the journal writer, step execution with durable retries, replay, and the
+//! compensation phase.
+//!
+//! A driver task owns a saga while it runs. It replays the body from the start: every step the
+//! journal records returns its recorded result, and the first step it does not record runs
+//! live. Anything that must stop the body (nondeterminism, cancellation, shutdown, a storage
+//! failure) is an [`Interrupt`]: the step that finds it reports it and never returns, and the
+//! driver drops the body, so the wrong code can never run.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::Instrument;
+
+use crate::engine::{EngineEvent, EngineEventKind, Inner, LiveSaga};
+use crate::error::{Error, Result};
+use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+use crate::replay::{Attempts, Replay};
+use crate::retry::{RetryPolicy, StepError};
+use crate::saga::{ErasedCompensation, SagaContext, SagaDefinition, StepContext};
+use crate::store::EventStore;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn record_id(state: &Mutex<JournalState>) -> SagaId {
+    lock(state).record.id.clone()
+}
+
+/// `saga id/step number`: the key external systems see for a step.
+pub(crate) fn idempotency_key(id: &SagaId, step: u32) -> String {
+    format!("{id}/{step}")
+}
+
+/// The only writer of one saga's journal. It numbers events, stamps them, writes them and
+/// tells subscribers.
+pub(crate) struct Journal {
+    pub id: SagaId,
+    store: Arc<dyn EventStore>,
+    bus: broadcast::Sender<EngineEvent>,
+    state: Mutex<JournalState>,
+}
+
+struct JournalState {
+    next: u64,
+    record: SagaRecord,
+    /// Set once a final event is written: nothing may follow it.
+    finished: bool,
+}
+
+impl Journal {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        bus: broadcast::Sender<EngineEvent>,
+        record: SagaRecord,
+        next: u64,
+        finished: bool,
+    ) -> Self {
+        let state = Mutex::new(JournalState { next, record, finished });
+        Self { id: record_id(&state), store, bus, state }
+    }
+
+    pub fn record(&self) -> SagaRecord {
+        lock(&self.state).record.clone()
+    }
+
+    fn publish(&self, kind: EngineEventKind) {
+        if self.bus.receiver_count() > 0 {
+            let _ = self.bus.send(EngineEvent { saga_id: self.id.clone(), kind });
+        }
+    }
+
+    /// Writes an event without waiting for it to be durable: it becomes durable with the next
+    /// group flush, at the latest with the next durable write of this saga.
+    pub fn append(&self, event: Event) -> Result<()> {
+        self.write(Some(event), None).map(drop)
+    }
+
+    /// Changes the status without waiting for durability.
+    pub fn write_status(&self, status: SagaStatus) -> Result<()> {
+        self.write(None, Some(status)).map(drop)
+    }
+
+    /// Writes an event and waits until it is on disk.
+    pub async fn append_durable(&self, event: Event) -> Result<()> {
+        self.append(event)?;
+        self.store.durable().await
+    }
+
+    /// Writes an optional event together with a new status, atomically, and waits until both
+    /// are on disk.
+    pub async fn transition(
+        &self,
+        event: Option<Event>,
+        status: SagaStatus,
+    ) -> Result<Option<RecordedEvent>> {
+        let recorded = self.write(event, Some(status))?;
+        self.store.durable().await?;
+        Ok(recorded)
+    }
+
+    fn write(&self, event: Option<Event>, status: Option<SagaStatus>) -> Result<Option<RecordedEvent>> {
+        let mut state = lock(&self.state);
+        if state.finished && event.is_some() {
+            return Err(Error::SagaFinished(self.id.clone()));
+        }
+        let at = Timestamp::now();
+        let recorded = event.map(|event| RecordedEvent { seq: state.next, at, event });
+        let record = status.as_ref().map(|status| {
+            let mut record = state.record.clone();
+            record.status = status.clone();
+            record.updated_at = at;
+            record
+        });
+        self.store.append(&self.id, recorded.as_slice(), record.as_ref())?;
+        if let Some(recorded) = &recorded {
+            state.next += 1;
+            state.finished = recorded.event.is_final();
+            self.publish(EngineEventKind::Journaled(recorded.clone()));
+        }
+        if let Some(record) = record {
+            self.publish(EngineEventKind::Status(record.status.clone()));
+            state.record = record;
+        }
+        Ok(recorded)
+    }
+}
+
+/// Why a running body must stop.
+#[derive(Debug)]
+pub(crate) enum Interrupt {
+    /// The code does not match the journal.
+    Nondeterminism(String),
+    /// Cancellation was requested.
+    Cancelled(String),
+    /// The engine is shutting down; the saga resumes on the next start.
+    Suspended,
+    /// The journal could not be written.
+    Storage(String),
+}
+
+/// The signals that can stop a saga from outside.
+#[derive(Debug)]
+pub(crate) struct Control {
+    pub cancel: watch::Sender<Option<String>>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Control {
+    pub fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self { cancel: watch::Sender::new(None), shutdown }
+    }
+
+    fn cancelled(&self) -> Option<String> {
+        self.cancel.borrow().clone()
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves when a cancel arrives (if `watch_cancel`) or shutdown begins.
+    async fn stopped(&self, watch_cancel: bool) -> Interrupt {
+        let mut cancel = self.cancel.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            Ok(reason) = cancel.wait_for(Option::is_some), if watch_cancel => {
+                Interrupt::Cancelled(reason.clone().unwrap_or_default())
+            }
+            _ = shutdown.wait_for(|s| *s) => Interrupt::Suspended,
+        }
+    }
+}
+
+/// What a step call brings: everything the journal records about it, and its compensation.
+pub(crate) struct StepSpec {
+    pub name: String,
+    pub input: Vec<u8>,
+    pub retry: RetryPolicy,
+    pub timeout: Option<Duration>,
+    pub compensation: Option<CompensationSpec>,
+}
+
+#[derive(Clone)]
+pub(crate) struct CompensationSpec {
+    pub run: ErasedCompensation,
+    pub retry: RetryPolicy,
+    pub timeout: Option<Duration>,
+}
+
+/// What an erased compensation gets; decoded into a typed `CompensationContext`.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RawCompensation {
+    pub saga_id: SagaId,
+    pub step: u32,
+    pub name: String,
+    pub attempt: u32,
+    pub idempotency_key: String,
+    pub input: Vec<u8>,
+    pub output: Option<Vec<u8>>,
+}
+
+/// A compensation on the stack: pushed when its step starts, its output filled in when the
+/// step completes.
+struct Pending {
+    step: u32,
+    name: String,
+    input: Vec<u8>,
+    output: Option<Vec<u8>>,
+    spec: CompensationSpec,
+}
+
+/// The state a saga body shares with its steps.
+pub(crate) struct SagaShared {
+    pub id: SagaId,
+    journal: Arc<Journal>,
+    replay: Replay,
+    next_step: AtomicU32,
+    stack: Mutex<Vec<Pending>>,
+    interrupt: Mutex<Option<oneshot::Sender<Interrupt>>>,
+    control: Arc<Control>,
+    max_payload: usize,
+}
+
+/// The result of a retried run: it finished (either way), or something stopped it.
+enum Attempted<T> {
+    Done(Result<T, StepError>),
+    Stopped(Interrupt),
+}
+
+/// How one retried thing (a step or a compensation) journals its attempts.
+struct AttemptLog<'a, S, F> {
+    journal: &'a Journal,
+    control: &'a Control,
+    watch_cancel: bool,
+    policy: RetryPolicy,
+    timeout: Option<Duration>,
+    key: &'a str,
+    what: &'a str,
+    started: S,
+    failed: F,
+}
+
+impl<S, F> AttemptLog<'_, S, F>
+where
+    S: Fn(u32) -> Event,
+    F: Fn(u32, String, Timestamp) -> Event,
+{
+    /// Runs attempts until one succeeds, a failure is terminal, or the policy gives up.
+    /// Every attempt start and every retry's due time is journaled first, so a restart resumes
+    /// the count and the wait where they were.
+    async fn run<T, A, Fut>(&self, mut history: Attempts, mut attempt: A) -> Attempted<T>
+    where
+        A: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T, StepError>>,
+    {
+        if history.interrupted() {
+            // The process stopped inside the last attempt. It counts, as a lost worker does
+            // elsewhere: a step that kills its process cannot retry forever.
+            if !self.policy.allows_after(history.started) {
+                return Attempted::Done(Err(StepError::retryable(format!(
+                    "{} was interrupted by a restart in attempt {}, its last",
+                    self.what, history.started
+                ))));
+            }
+            history.retry_at = Some(Timestamp::now());
+        }
+        loop {
+            if let Some(due) = history.retry_at {
+                tokio::select! {
+                    _ = tokio::time::sleep(due.remaining()) => {}
+                    interrupt = self.control.stopped(self.watch_cancel) => return Attempted::Stopped(interrupt),
+                }
+            }
+            if self.control.shutting_down() {
+                return Attempted::Stopped(Interrupt::Suspended);
+            }
+            if let (true, Some(reason)) = (self.watch_cancel, self.control.cancelled()) {
+                return Attempted::Stopped(Interrupt::Cancelled(reason));
+            }
+            let n = history.started + 1;
+            if let Err(e) = self.journal.append((self.started)(n)) {
+                return Attempted::Stopped(Interrupt::Storage(e.to_string()));
+            }
+            history = Attempts { started: n, retry_at: None };
+            let running = attempt(n);
+            let result = match self.timeout {
+                None => running.await,
+                Some(limit) => tokio::time::timeout(limit, running).await.unwrap_or_else(|_| {
+                    Err(StepError::retryable(format!("{} timed out after {limit:?}", self.what)))
+                }),
+            };
+            match result {
+                Ok(value) => return Attempted::Done(Ok(value)),
+                Err(e) if e.is_retryable() && self.policy.allows_after(n) => {
+                    let due = Timestamp::now().after(self.policy.backoff(n, self.key));
+                    tracing::warn!(attempt = n, error = %e, "attempt failed; will retry");
+                    let failed = (self.failed)(n, e.message().to_string(), due);
+                    if let Err(e) = self.journal.append_durable(failed).await {
+                        return Attempted::Stopped(Interrupt::Storage(e.to_string()));
+                    }
+                    history.retry_at = Some(due);
+                }
+                Err(e) => return Attempted::Done(Err(e)),
+            }
+        }
+    }
+}
+
+impl SagaShared {
+    /// Stops the body: reports why to the driver, which drops the body future. Never returns.
+    pub async fn suspend<T>(&self, why: Interrupt) -> T {
+        if let Some(tx) = lock(&self.interrupt).take() {
+            let _ = tx.send(why);
+        }
+        std::future::pending().await
+    }
+
+    /// Stops the body because its code does not match its journal.
+    pub async fn park<T>(&self, reason: String) -> T {
+        self.suspend(Interrupt::Nondeterminism(reason)).await
+    }
+
+    fn cancel_reason(&self) -> Option<String> {
+        self.replay.cancel.clone().or_else(|| self.control.cancelled())
+    }
+
+    /// Runs one step, or returns its journaled result. Returns the step number with the
+    /// encoded output.
+    pub async fn run_step<A, Fut>(&self, spec: &StepSpec, mut attempt: A) -> Result<(u32, Vec<u8>), StepError>
+    where
+        A: FnMut(StepContext, &[u8]) -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, StepError>>,
+    {
+        let step = self.next_step.fetch_add(1, Ordering::SeqCst);
+        if spec.input.len() > self.max_payload {
+            return Err(StepError::terminal(format!(
+                "step `{}`: the input is {} bytes, over the limit of {} bytes",
+                spec.name,
+                spec.input.len(),
+                self.max_payload
+            )));
+        }
+        let recorded = self.replay.steps.get(step as usize);
+        if let Some(recorded) = recorded {
+            if recorded.name != spec.name {
+                let reason = format!(
+                    "step {step}: the code now calls `{}`, but the journal recorded `{}` there",
+                    spec.name, recorded.name
+                );
+                return self.park(reason).await;
+            }
+            if recorded.input != spec.input {
+                let reason = format!(
+                    "step {step} `{}`: the code now passes another input than the journal recorded",
+                    spec.name
+                );
+                return self.park(reason).await;
+            }
+        }
+        let slot = spec.compensation.as_ref().map(|c| {
+            let mut stack = lock(&self.stack);
+            stack.push(Pending {
+                step,
+                name: spec.name.clone(),
+                input: spec.input.clone(),
+                output: None,
+                spec: c.clone(),
+            });
+            stack.len() - 1
+        });
+        let set_output = |output: &Vec<u8>| {
+            if let Some(slot) = slot {
+                lock(&self.stack)[slot].output = Some(output.clone());
+            }
+        };
+        if let Some(recorded) = recorded {
+            if let Some(output) = &recorded.completed {
+                set_output(output);
+                return Ok((step, output.clone()));
+            }
+            if let Some((message, retryable)) = &recorded.failed {
+                let e = if *retryable { StepError::retryable(message) } else { StepError::terminal(message) };
+                return Err(e);
+            }
+        }
+
+        // Past the journal: from here the step runs live.
+        if let Some(reason) = self.cancel_reason() {
+            return self.suspend(Interrupt::Cancelled(reason)).await;
+        }
+        if self.replay.body_failed.is_some() {
+            let reason = format!(
+                "step {step} `{}`: the journal says the body failed before reaching it, but the code now goes on",
+                spec.name
+            );
+            return self.park(reason).await;
+        }
+        let key = idempotency_key(&self.id, step);
+        let what = format!("step `{}`", spec.name);
+        let compensable = spec.compensation.is_some();
+        let log = AttemptLog {
+            journal: &self.journal,
+            control: &self.control,
+            watch_cancel: true,
+            policy: spec.retry,
+            timeout: spec.timeout,
+            key: &key,
+            what: &what,
+            started: |attempt| match attempt {
+                1 => Event::StepStarted {
+                    step,
+                    name: spec.name.clone(),
+                    input: spec.input.clone(),
+                    compensable,
+                },
+                _ => Event::StepRetried { step, attempt },
+            },
+            failed: |attempt, error, retry_at| Event::StepAttemptFailed { step, attempt, error, retry_at },
+        };
+        let history = recorded.map(|r| r.attempts.clone()).unwrap_or_default();
+        let span = tracing::info_span!("step", saga.id = %self.id, step.name = %spec.name, step.index = step);
+        let attempted = log
+            .run(history, |n| {
+                let ctx = StepContext {
+                    saga_id: self.id.clone(),
+                    step,
+                    name: spec.name.clone(),
+                    attempt: n,
+                    idempotency_key: key.clone(),
+                };
+                attempt(ctx, &spec.input)
+            })
+            .instrument(span)
+            .await;
+        let result = match attempted {
+            Attempted::Stopped(why) => return self.suspend(why).await,
+            Attempted::Done(Ok(output)) if output.len() > self.max_payload => {
+                Err(StepError::terminal(format!(
+                    "step `{}`: the output is {} bytes, over the limit of {} bytes",
+                    spec.name,
+                    output.len(),
+                    self.max_payload
+                )))
+            }
+            Attempted::Done(result) => result,
+        };
+        let event = match &result {
+            Ok(output) => Event::StepCompleted { step, output: output.clone() },
+            Err(e) => Event::StepFailed { step, error: e.message().to_string(), retryable: e.is_retryable() },
+        };
+        if let Err(e) = self.journal.append_durable(event).await {
+            return self.suspend(Interrupt::Storage(e.to_string())).await;
+        }
+        let output = result?;
+        set_output(&output);
+        Ok((step, output))
+    }
+}
+
+/// How the body ended.
+enum Ending {
+    Body(Result<Vec<u8>, StepError>),
+    Interrupted(Interrupt),
+}
+
+/// Runs one saga until it finishes, parks or is suspended.
+pub(crate) async fn drive(
+    inner: Arc<Inner>,
+    live: Arc<LiveSaga>,
+    definition: SagaDefinition,
+    history: Vec<RecordedEvent>,
+) {
+    let journal = live.journal.clone();
+    let replay = match Replay::new(&history) {
+        Ok(replay) => replay,
+        Err(reason) => return park(&inner, &live, format!("the journal is inconsistent: {reason}")).await,
+    };
+    let input = match history.first().map(|r| &r.event) {
+        Some(Event::SagaStarted { input, .. }) => input.clone(),
+        _ => return park(&inner, &live, "the journal does not begin with SagaStarted".into()).await,
+    };
+    let (interrupt_tx, interrupt_rx) = oneshot::channel();
+    let shared = Arc::new(SagaShared {
+        id: journal.id.clone(),
+        journal: journal.clone(),
+        replay,
+        next_step: AtomicU32::new(0),
+        stack: Mutex::new(Vec::new()),
+        interrupt: Mutex::new(Some(interrupt_tx)),
+        control: live.control.clone(),
+        max_payload: inner.config.max_payload_bytes,
+    });
+    let body = (definition.body)(SagaContext { shared: shared.clone() }, input);
+    // A cancel already in the journal is honoured by the steps, once replay has pushed every
+    // compensation; only a new one may cut the body short.
+    let mut new_cancel = live.control.cancel.subscribe();
+    new_cancel.mark_unchanged();
+    let ending = tokio::select! {
+        biased;
+        Ok(why) = interrupt_rx => Ending::Interrupted(why),
+        Ok(reason) = new_cancel.wait_for(Option::is_some) => {
+            Ending::Interrupted(Interrupt::Cancelled(reason.clone().unwrap_or_default()))
+        }
+        result = body => Ending::Body(result),
+    };
+    let replay = &shared.replay;
+    let consumed = shared.next_step.load(Ordering::SeqCst) as usize;
+    let unconsumed = || {
+        (consumed < replay.steps.len()).then(|| {
+            format!(
+                "the body now ends after {consumed} steps, but the journal records {} (next: `{}`)",
+                replay.steps.len(),
+                replay.steps[consumed].name
+            )
+        })
+    };
+    match ending {
+        Ending::Body(Ok(output)) => {
+            if let Some(reason) = shared.cancel_reason() {
+                compensate(&inner, &live, &shared, format!("cancelled: {reason}")).await
+            } else if let Some(reason) = unconsumed() {
+                park(&inner, &live, reason).await
+            } else if replay.body_failed.is_some() {
+                park(&inner, &live, "the journal says the body failed, but it now completes".into()).await
+            } else if output.len() > inner.config.max_payload_bytes {
+                let cause = format!(
+                    "the saga output is {} bytes, over the limit of {} bytes",
+                    output.len(),
+                    inner.config.max_payload_bytes
+                );
+                compensate(&inner, &live, &shared, cause).await
+            } else {
+                finish(&inner, &live, Event::SagaCompleted { output }, SagaStatus::Completed).await
+            }
+        }
+        Ending::Body(Err(e)) => match unconsumed() {
+            Some(reason) => park(&inner, &live, reason).await,
+            None => compensate(&inner, &live, &shared, e.message().to_string()).await,
+        },
+        Ending::Interrupted(Interrupt::Nondeterminism(reason)) => park(&inner, &live, reason).await,
+        Ending::Interrupted(Interrupt::Cancelled(reason)) => {
+            compensate(&inner, &live, &shared, format!("cancelled: {reason}")).await
+        }
+        Ending::Interrupted(Interrupt::Suspended) => {}
+        Ending::Interrupted(Interrupt::Storage(e)) => {
+            park(&inner, &live, format!("the journal could not be written: {e}")).await
+        }
+    }
+}
+
+/// Runs the compensation stack in reverse order, then records the saga's end.
+async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShared, cause: String) {
+    let journal = &live.journal;
+    let stack = std::mem::take(&mut *lock(&shared.stack));
+    if stack.is_empty() {
+        return finish(inner, live, Event::SagaFailed { cause: cause.clone() }, SagaStatus::Failed).await;
+    }
+    let first_failure = shared.replay.body_failed.is_none() && shared.cancel_reason().is_none();
+    let entering = first_failure.then(|| Event::BodyFailed { cause: cause.clone() });
+    if (entering.is_some() || journal.record().status != SagaStatus::Compensating)
+        && let Err(e) = journal.transition(entering, SagaStatus::Compensating).await
+    {
+        return park(inner, live, format!("the journal could not be written: {e}")).await;
+    }
+    tracing::info!(cause = %cause, steps = stack.len(), "compensating");
+    for (position, pending) in stack.iter().enumerate().rev() {
+        let history = shared.replay.compensations.get(&pending.step).cloned().unwrap_or_default();
+        if history.completed {
+            continue;
+        }
+        let step = pending.step;
+        let key = idempotency_key(&shared.id, step);
+        let what = format!("compensation of step `{}`", pending.name);
+        let result = match history.failed {
+            Some(error) => Attempted::Done(Err(StepError::terminal(error))),
+            None => {
+                let log = AttemptLog {
+                    journal,
+                    control: &live.control,
+                    watch_cancel: false,
+                    policy: pending.spec.retry,
+                    timeout: pending.spec.timeout,
+                    key: &key,
+                    what: &what,
+                    started: |attempt| Event::CompensationStarted { step, attempt },
+                    failed: |attempt, error, retry_at| Event::CompensationAttemptFailed {
+                        step,
+                        attempt,
+                        error,
+                        retry_at,
+                    },
+                };
+                let span = tracing::info_span!("compensation", saga.id = %shared.id, step.name = %pending.name, step.index = step);
+                log.run(history.attempts, |attempt| {
+                    (pending.spec.run)(RawCompensation {
+                        saga_id: shared.id.clone(),
+                        step,
+                        name: pending.name.clone(),
+                        attempt,
+                        idempotency_key: key.clone(),
+                        input: pending.input.clone(),
+                        output: pending.output.clone(),
+                    })
+                })
+                .instrument(span)
+                .await
+            }
+        };
+        let written = match result {
+            Attempted::Stopped(Interrupt::Storage(e)) => {
+                return park(inner, live, format!("the journal could not be written: {e}")).await;
+            }
+            Attempted::Stopped(_) => return,
+            Attempted::Done(Ok(())) => journal.append_durable(Event::CompensationCompleted { step }).await,
+            Attempted::Done(Err(e)) => {
+                let error = e.message().to_string();
+                if let Err(e) =
+                    journal.append_durable(Event::CompensationFailed { step, error: error.clone() }).await
+                {
+                    return park(inner, live, format!("the journal could not be written: {e}")).await;
+                }
+                let undone = stack[..=position].iter().rev().map(|p| p.step).collect();
+                let end = Event::SagaCompensationFailed { step, error, undone };
+                return finish(inner, live, end, SagaStatus::CompensationFailed).await;
+            }
+        };
+        if let Err(e) = written {
+            return park(inner, live, format!("the journal could not be written: {e}")).await;
+        }
+    }
+    finish(inner, live, Event::SagaCompensated { cause }, SagaStatus::Compensated).await
+}
+
+async fn finish(inner: &Arc<Inner>, live: &Arc<LiveSaga>, event: Event, status: SagaStatus) {
+    match live.journal.transition(Some(event), status).await {
+        Ok(recorded) => {
+            tracing::info!(status = live.journal.record().status.kind(), "saga finished");
+            live.finished.send_replace(recorded.map(Arc::new));
+            inner.forget(&live.journal.id);
+        }
+        Err(e) => park(inner, live, format!("the journal could not be written: {e}")).await,
+    }
+}
+
+async fn park(_: &Arc<Inner>, live: &Arc<LiveSaga>, reason: String) {
+    tracing::error!(reason = %reason, "saga parked");
+    // If even this write fails, the saga stays in flight as it was and is retried at the next
+    // start; the in-memory status below still shows why to anyone inspecting it now.
+    if let Err(e) = live.journal.transition(None, SagaStatus::Parked { reason }).await {
+        tracing::error!(error = %e, "could not record that the saga is parked");
+    }
+}

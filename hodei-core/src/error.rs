@@ -1,0 +1,168 @@
+//! The one error type of hodei-core.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::SagaId;
+
+/// Everything the engine and its stores can refuse or fail at.
+///
+/// Step bodies fail with [`StepError`](crate::StepError) instead: that is the user's error and
+/// carries the retryable/terminal split. This type is the engine's own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The data directory is held by another process (or another engine in this one).
+    #[error("data directory {path} is locked by another process{}", holder_suffix(.holder))]
+    Locked {
+        /// The directory that was asked for.
+        path: PathBuf,
+        /// What the lock file says about its holder, if anything.
+        holder: Option<String>,
+    },
+    /// The storage backend failed (I/O, or sled itself).
+    #[error("storage failed while {operation}: {source}")]
+    Storage {
+        /// What the engine was doing.
+        operation: &'static str,
+        /// The backend's error.
+        #[source]
+        source: StorageError,
+    },
+    /// A stored record could not be decoded. The data is left as it is for an operator.
+    #[error("corrupt record for saga {saga}{}: {reason}", seq_suffix(.seq))]
+    CorruptRecord {
+        /// The saga the record belongs to.
+        saga: String,
+        /// The event sequence number, or `None` for the saga's summary record.
+        seq: Option<u64>,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+    /// No definition is registered under that name (and version, when one was asked for).
+    #[error("no saga definition named `{name}`{} is registered", version_suffix(.version))]
+    UnknownSaga {
+        /// The definition name.
+        name: String,
+        /// The version, when the caller named one.
+        version: Option<u32>,
+    },
+    /// The same (name, version) was registered twice.
+    #[error("saga definition `{name}` version {version} is already registered")]
+    DuplicateDefinition {
+        /// The definition name.
+        name: String,
+        /// Its version.
+        version: u32,
+    },
+    /// No saga with that id exists.
+    #[error("no saga with id `{0}`")]
+    SagaNotFound(SagaId),
+    /// A saga id was reused for a different run: the id is the idempotency key.
+    #[error("saga `{id}` already exists with {difference}; an id names exactly one run")]
+    IdempotencyConflict {
+        /// The id that was reused.
+        id: SagaId,
+        /// What differs from the existing run.
+        difference: String,
+    },
+    /// An append found the journal elsewhere than expected (optimistic concurrency).
+    #[error("journal of saga `{id}` is not at sequence {expected}: another writer got there first")]
+    SequenceConflict {
+        /// The saga.
+        id: SagaId,
+        /// The sequence number the writer expected to be next.
+        expected: u64,
+    },
+    /// A payload is over the configured size limit. Nothing was written.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Which payload.
+        what: String,
+        /// Its encoded size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A user value could not be encoded or decoded with serde.
+    #[error("could not {action} {what}: {reason}")]
+    Codec {
+        /// `encode` or `decode`.
+        action: &'static str,
+        /// Which value.
+        what: String,
+        /// The codec's message.
+        reason: String,
+    },
+    /// A saga id is empty, too long, or not printable.
+    #[error("invalid saga id {id:?}: {reason}")]
+    InvalidSagaId {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The saga has already finished, so it cannot take that request.
+    #[error("saga `{0}` has already finished")]
+    SagaFinished(SagaId),
+    /// The engine is shutting down and takes no new work.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The engine stopped before the awaited saga finished; it resumes on the next start.
+    #[error("the engine stopped before saga `{0}` finished; it resumes on the next start")]
+    EngineStopped(SagaId),
+}
+
+fn holder_suffix(holder: &Option<String>) -> String {
+    holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default()
+}
+
+fn seq_suffix(seq: &Option<u64>) -> String {
+    seq.map(|s| format!(" at sequence {s}")).unwrap_or_else(|| " (summary record)".into())
+}
+
+fn version_suffix(version: &Option<u32>) -> String {
+    version.map(|v| format!(" with version {v}")).unwrap_or_default()
+}
+
+/// A backend failure, cheap to clone so that one failed group flush can be reported to every
+/// writer it covered.
+#[derive(Clone)]
+pub struct StorageError {
+    message: Arc<str>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StorageError {
+    /// Wraps a backend error.
+    pub fn new(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { message: source.to_string().into(), source: Some(Arc::new(source)) }
+    }
+
+    /// A failure described by a message alone.
+    pub fn message(message: impl Into<String>) -> Self {
+        Self { message: message.into().into(), source: None }
+    }
+}
+
+impl fmt::Debug for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StorageError").field(&self.message).finish()
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

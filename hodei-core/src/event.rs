@@ -1,0 +1,393 @@
+//! The event model: what the journal of a saga holds.
+//!
+//! A saga's journal is a dense sequence of [`RecordedEvent`]s numbered from 0. The engine is
+//! the only writer, it appends before it acts on a transition, and replay reads the journal
+//! back in order. [`SagaRecord`] is the saga's summary row: its status, kept beside the journal
+//! so that listing and recovery never read whole histories.
+//!
+//! **Compatibility rule:** variants of [`Event`] and [`SagaStatus`] are only ever appended at
+//! the end. bincode encodes a variant by its index, so reordering or removing one would make
+//! old journals decode as different events. `tests::encoding_is_pinned` guards this.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The id of one saga run. It is also the run's idempotency key.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SagaId(Arc<str>);
+
+impl SagaId {
+    /// The longest id accepted, in bytes.
+    pub const MAX_LEN: usize = 256;
+
+    /// Validates an id: 1 to 256 bytes, no control characters.
+    pub fn new(id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        let reason = if id.is_empty() {
+            Some("it is empty")
+        } else if id.len() > Self::MAX_LEN {
+            Some("it is longer than 256 bytes")
+        } else if id.chars().any(char::is_control) {
+            Some("it contains a control character")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidSagaId { id, reason }),
+            None => Ok(Self(id.into())),
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for SagaId {
+    type Error = Error;
+    fn try_from(id: String) -> Result<Self> {
+        Self::new(id)
+    }
+}
+
+impl From<SagaId> for String {
+    fn from(id: SagaId) -> String {
+        id.0.to_string()
+    }
+}
+
+impl fmt::Display for SagaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SagaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, as journaled.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self(since.as_millis() as u64)
+    }
+
+    /// This time plus a duration, saturating.
+    pub fn after(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(d.as_millis() as u64))
+    }
+
+    /// How long from now until this time; zero if it has passed.
+    pub fn remaining(self) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(Self::now().0))
+    }
+}
+
+/// One entry of a saga's journal.
+///
+/// Steps are numbered by the order the saga body calls them, from 0; that number with the
+/// saga id is the step's idempotency key. Payloads are serde values encoded by the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Event {
+    /// The run was created.
+    SagaStarted {
+        /// Definition name.
+        definition: String,
+        /// Definition version.
+        version: u32,
+        /// The encoded input.
+        input: Vec<u8>,
+    },
+    /// The first attempt of a step began. Written before its body runs.
+    StepStarted {
+        /// Step number.
+        step: u32,
+        /// Step name.
+        name: String,
+        /// The encoded step input.
+        input: Vec<u8>,
+        /// Whether the step has a compensation: starting it pushes it on the compensation
+        /// stack, so that a side effect whose completion was never recorded is undone too.
+        compensable: bool,
+    },
+    /// A later attempt of a step began.
+    StepRetried {
+        /// Step number.
+        step: u32,
+        /// The attempt number, from 2.
+        attempt: u32,
+    },
+    /// An attempt failed with a retryable error; the next one is due at `retry_at`.
+    StepAttemptFailed {
+        /// Step number.
+        step: u32,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+    },
+    /// The step succeeded. This is the durable point: it is never run again.
+    StepCompleted {
+        /// Step number.
+        step: u32,
+        /// The encoded output.
+        output: Vec<u8>,
+    },
+    /// The step failed for good: a terminal error, or its attempts ran out.
+    StepFailed {
+        /// Step number.
+        step: u32,
+        /// Why.
+        error: String,
+        /// Whether the last error was retryable (and the attempts ran out).
+        retryable: bool,
+    },
+    /// The saga body returned an error; compensation follows.
+    BodyFailed {
+        /// The error the body returned.
+        cause: String,
+    },
+    /// Someone asked for the saga to be cancelled; compensation follows.
+    CancelRequested {
+        /// The reason given.
+        reason: String,
+    },
+    /// An attempt of a step's compensation began.
+    CompensationStarted {
+        /// The step being compensated.
+        step: u32,
+        /// The attempt number, from 1.
+        attempt: u32,
+    },
+    /// A compensation attempt failed with a retryable error.
+    CompensationAttemptFailed {
+        /// The step being compensated.
+        step: u32,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+    },
+    /// The step's compensation succeeded.
+    CompensationCompleted {
+        /// The compensated step.
+        step: u32,
+    },
+    /// The step's compensation failed for good.
+    CompensationFailed {
+        /// The step whose compensation failed.
+        step: u32,
+        /// Why.
+        error: String,
+    },
+    /// Final: the body returned its output.
+    SagaCompleted {
+        /// The encoded output.
+        output: Vec<u8>,
+    },
+    /// Final: the saga failed with nothing to compensate.
+    SagaFailed {
+        /// Why.
+        cause: String,
+    },
+    /// Final: the saga failed and every compensation succeeded.
+    SagaCompensated {
+        /// Why it was compensated.
+        cause: String,
+    },
+    /// Final: a compensation failed for good; an operator must finish the job.
+    SagaCompensationFailed {
+        /// The step whose compensation failed.
+        step: u32,
+        /// Its error.
+        error: String,
+        /// The steps whose compensation never ran (the failed one first).
+        undone: Vec<u32>,
+    },
+    // Timers, signals, parallel branches and child sagas are appended here (see the
+    // compatibility rule at the top of this module).
+}
+
+impl Event {
+    /// Whether this event ends the saga.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Event::SagaCompleted { .. }
+                | Event::SagaFailed { .. }
+                | Event::SagaCompensated { .. }
+                | Event::SagaCompensationFailed { .. }
+        )
+    }
+}
+
+/// An event with its place in the journal and the time it was written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Position in the saga's journal, from 0, without gaps.
+    pub seq: u64,
+    /// When the engine wrote it.
+    pub at: Timestamp,
+    /// What happened.
+    pub event: Event,
+}
+
+/// Where a saga stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SagaStatus {
+    /// Running its body.
+    Running,
+    /// Running its compensations.
+    Compensating,
+    /// Stopped because its code no longer matches its journal. It never runs other code; it
+    /// is retried on the next start, once the code is fixed.
+    Parked {
+        /// What did not match.
+        reason: String,
+    },
+    /// Its definition version is not registered in this process. It waits, untouched.
+    WaitingForVersion,
+    /// Final: completed.
+    Completed,
+    /// Final: failed, then fully compensated.
+    Compensated,
+    /// Final: a compensation failed; an operator must act.
+    CompensationFailed,
+    /// Final: failed with nothing to compensate.
+    Failed,
+}
+
+impl SagaStatus {
+    /// Whether the saga has finished.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            SagaStatus::Completed
+                | SagaStatus::Compensated
+                | SagaStatus::CompensationFailed
+                | SagaStatus::Failed
+        )
+    }
+
+    /// A short name, for listings and filters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SagaStatus::Running => "running",
+            SagaStatus::Compensating => "compensating",
+            SagaStatus::Parked { .. } => "parked",
+            SagaStatus::WaitingForVersion => "waiting-for-version",
+            SagaStatus::Completed => "completed",
+            SagaStatus::Compensated => "compensated",
+            SagaStatus::CompensationFailed => "compensation-failed",
+            SagaStatus::Failed => "failed",
+        }
+    }
+}
+
+/// The summary row of a saga.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SagaRecord {
+    /// The saga's id.
+    pub id: SagaId,
+    /// Definition name.
+    pub definition: String,
+    /// Definition version.
+    pub version: u32,
+    /// Where it stands.
+    pub status: SagaStatus,
+    /// When it was started.
+    pub created_at: Timestamp,
+    /// When its status last changed.
+    pub updated_at: Timestamp,
+}
+
+impl SagaRecord {
+    pub(crate) fn new(id: SagaId, definition: String, version: u32, at: Timestamp) -> Self {
+        Self { id, definition, version, status: SagaStatus::Running, created_at: at, updated_at: at }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode_record, encode_record};
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(SagaId::new("build-42").is_ok());
+        assert!(matches!(SagaId::new(""), Err(Error::InvalidSagaId { .. })));
+        assert!(matches!(SagaId::new("a\u{0}b"), Err(Error::InvalidSagaId { .. })));
+        assert!(matches!(SagaId::new("x".repeat(257)), Err(Error::InvalidSagaId { .. })));
+        let decoded: std::result::Result<SagaId, _> = decode_record::<SagaId>(&encode_record("").unwrap());
+        assert!(decoded.is_err(), "an invalid id in a record must not decode");
+    }
+
+    /// Pins the encoding of every variant, so a reordered enum fails here and not in a user's
+    /// data directory. Regenerate only when adding variants at the end.
+    #[test]
+    fn encoding_is_pinned() {
+        let events = [
+            Event::SagaStarted { definition: "d".into(), version: 1, input: vec![7] },
+            Event::StepStarted { step: 0, name: "s".into(), input: vec![], compensable: true },
+            Event::StepRetried { step: 0, attempt: 2 },
+            Event::StepAttemptFailed { step: 0, attempt: 1, error: "e".into(), retry_at: Timestamp(5) },
+            Event::StepCompleted { step: 1, output: vec![1, 2] },
+            Event::StepFailed { step: 1, error: "e".into(), retryable: false },
+            Event::BodyFailed { cause: "c".into() },
+            Event::CancelRequested { reason: "r".into() },
+            Event::CompensationStarted { step: 1, attempt: 1 },
+            Event::CompensationAttemptFailed {
+                step: 1,
+                attempt: 1,
+                error: "e".into(),
+                retry_at: Timestamp(5),
+            },
+            Event::CompensationCompleted { step: 1 },
+            Event::CompensationFailed { step: 1, error: "e".into() },
+            Event::SagaCompleted { output: vec![3] },
+            Event::SagaFailed { cause: "c".into() },
+            Event::SagaCompensated { cause: "c".into() },
+            Event::SagaCompensationFailed { step: 1, error: "e".into(), undone: vec![1, 0] },
+        ];
+        for (index, event) in events.iter().enumerate() {
+            let bytes = encode_record(event).unwrap();
+            // After the 5-byte envelope header, bincode writes the variant index first.
+            assert_eq!(bytes[5] as usize, index, "variant {event:?} moved");
+            assert_eq!(&decode_record::<Event>(&bytes).unwrap(), event);
+        }
+        let statuses = [
+            SagaStatus::Running,
+            SagaStatus::Compensating,
+            SagaStatus::Parked { reason: "r".into() },
+            SagaStatus::WaitingForVersion,
+            SagaStatus::Completed,
+            SagaStatus::Compensated,
+            SagaStatus::CompensationFailed,
+            SagaStatus::Failed,
+        ];
+        for (index, status) in statuses.iter().enumerate() {
+            assert_eq!(encode_record(status).unwrap()[5] as usize, index, "status {status:?} moved");
+        }
+    }
+}

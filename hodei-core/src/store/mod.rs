@@ -1,0 +1,116 @@
+//! Where journals live: the [`EventStore`] trait and its two implementations.
+//!
+//! - [`SledStore`] (feature `sled`, on by default): on disk, durable, group-committed.
+//! - [`MemoryStore`]: in memory, for tests and for users who want no persistence.
+//!
+//! A store is synchronous on purpose: writes land in the backend's memory at once, and
+//! durability is a separate future ([`EventStore::durable`]) so that one fsync can cover the
+//! writes of every saga that asked for it meanwhile (group commit).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result, StorageError};
+use crate::event::{RecordedEvent, SagaId, SagaRecord};
+
+mod memory;
+#[cfg(feature = "sled")]
+mod sled;
+
+#[cfg(feature = "sled")]
+pub use self::sled::SledStore;
+pub use memory::MemoryStore;
+
+/// Storage for saga journals and their summary records.
+///
+/// The engine is the only writer of a saga's journal, but implementations still enforce the
+/// sequence check: an append must land exactly at the journal's next sequence number, or it
+/// fails with [`Error::SequenceConflict`] and changes nothing.
+pub trait EventStore: Send + Sync + fmt::Debug + 'static {
+    /// Creates a saga: its summary record, its entry in the in-flight index and its first
+    /// event (sequence 0), atomically. If a saga with that id exists, nothing is written and
+    /// its record is returned.
+    fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>>;
+
+    /// Appends `events`, whose first sequence number must be the journal's next one, and
+    /// optionally replaces the summary record in the same atomic write. A record whose status
+    /// is final also leaves the in-flight index.
+    fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()>;
+
+    /// Resolves once everything written before the call is on stable storage.
+    fn durable(&self) -> Durable;
+
+    /// The saga's whole journal, in order. Empty if the saga does not exist.
+    fn history(&self, id: &SagaId) -> Result<Vec<RecordedEvent>>;
+
+    /// The saga's summary record.
+    fn record(&self, id: &SagaId) -> Result<Option<SagaRecord>>;
+
+    /// The records of every saga that has not finished. Its cost grows with the number of
+    /// such sagas, not with the size of the store.
+    fn in_flight(&self) -> Result<Vec<SagaRecord>>;
+
+    /// Every saga's record.
+    fn records(&self) -> Result<Vec<SagaRecord>>;
+
+    /// Deletes a saga: its record, its journal and its index entry.
+    fn remove(&self, id: &SagaId) -> Result<()>;
+}
+
+/// A future that resolves when earlier writes are durable. See [`EventStore::durable`].
+#[must_use = "a write is not durable until this resolves"]
+#[derive(Debug)]
+pub struct Durable(DurableState);
+
+#[derive(Debug)]
+enum DurableState {
+    Ready(Option<Result<(), StorageError>>),
+    Waiting(oneshot::Receiver<Result<(), StorageError>>),
+}
+
+impl Durable {
+    /// Already durable (a store without persistence, or nothing to wait for).
+    pub fn ready() -> Self {
+        Self(DurableState::Ready(Some(Ok(()))))
+    }
+
+    /// Durable when the flusher answers on this channel.
+    pub fn waiting(rx: oneshot::Receiver<Result<(), StorageError>>) -> Self {
+        Self(DurableState::Waiting(rx))
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let result = match &mut self.0 {
+            DurableState::Ready(result) => result.take().unwrap_or(Ok(())),
+            DurableState::Waiting(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(result)) => result,
+                Poll::Ready(Err(_)) => Err(StorageError::message("the flusher thread stopped")),
+            },
+        };
+        Poll::Ready(result.map_err(|source| Error::Storage { operation: "flushing", source }))
+    }
+}
+
+/// Checks the rules every store enforces before an append: the events are numbered densely and
+/// start at `next`, the journal's next sequence number.
+pub(crate) fn check_sequence(id: &SagaId, events: &[RecordedEvent], next: u64) -> Result<()> {
+    let conflict = || Error::SequenceConflict { id: id.clone(), expected: next };
+    for (offset, event) in events.iter().enumerate() {
+        if event.seq != next + offset as u64 {
+            return Err(conflict());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;
