@@ -19,6 +19,8 @@
 //! ```
 
 pub use hodei_core as core;
+#[cfg(feature = "sled")]
+pub use hodei_core::SledStore;
 pub use hodei_core::store;
 pub use hodei_core::{
     CompensationContext, Engine, EngineBuilder, EngineConfig, EngineEvent, EngineEventKind, Error, Event,
@@ -26,5 +28,3 @@ pub use hodei_core::{
     SagaHandle, SagaId, SagaRecord, SagaRun, SagaStatus, ShutdownReport, StepContext, StepError, StepRef,
     Timestamp,
 };
-#[cfg(feature = "sled")]
-pub use hodei_core::SledStore;

@@ -565,6 +565,12 @@ impl Engine {
             }
             let _ = drivers.wait_for(|n| *n == 0).await;
         }
+        // A cut-off saga may have staged a step completion; write it so the step is not run
+        // again on the next start.
+        let journals: Vec<_> = lock(&inner.live).values().map(|l| l.journal.clone()).collect();
+        for journal in journals {
+            journal.sync().await?;
+        }
         inner.store.durable().await?;
         lock(&inner.live).clear();
         interrupted.sort();

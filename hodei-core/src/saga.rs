@@ -23,8 +23,7 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) type ErasedBody =
     Arc<dyn Fn(SagaContext, Vec<u8>) -> BoxFuture<Result<Vec<u8>, StepError>> + Send + Sync>;
 #[doc(hidden)]
-pub type ErasedCompensation =
-    Arc<dyn Fn(RawCompensation) -> BoxFuture<Result<(), StepError>> + Send + Sync>;
+pub type ErasedCompensation = Arc<dyn Fn(RawCompensation) -> BoxFuture<Result<(), StepError>> + Send + Sync>;
 
 /// A saga definition: a name, a version and the async body. Register it with the engine.
 ///

@@ -1,35 +1,50 @@
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
+use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::oneshot;
 
 use super::{Durable, EventStore, check_sequence};
 use crate::codec::{decode_record, encode_record};
 use crate::error::{Error, Result, StorageError};
-use crate::event::{RecordedEvent, SagaId, SagaRecord};
+use crate::event::{Event, RecordedEvent, SagaId, SagaRecord};
 
 /// The on-disk store: sled 0.34 in a data directory, made durable by group commit.
 ///
 /// Layout of the directory: `LOCK` (held for the store's lifetime, so that a second process
-/// gets [`Error::Locked`]) and `journal/` (the sled database) with three trees:
-/// - `events`: key `saga id ‖ 0xFF ‖ seq (u64 BE)`, one record per event. `0xFF` never occurs
-///   in UTF-8, so one saga's prefix never matches another's;
+/// gets [`Error::Locked`]) and `journal/` (the sled database) with four trees:
+/// - `events`: key `saga id ‖ 0xFF ‖ first seq (u64 BE)`, one record per append: the events of
+///   one append are stored together, so a step transition costs one insert. `0xFF` never
+///   occurs in UTF-8, so one saga's prefix never matches another's;
 /// - `records`: key `saga id`, the summary record;
-/// - `in_flight`: key `saga id`, empty value; the recovery index.
+/// - `in_flight`: key `saga id`, empty value; the recovery index;
+/// - `purging`: key `saga id`; a removal that must be finished if the process died in it.
+///
+/// **Only single-key writes.** A sled 0.34 transaction (or `apply_batch`) switches the whole
+/// process into a mode where every operation takes a global lock and each commit stops all
+/// writers; measured here, that cost more than the rest of a saga. So the journal record is the
+/// one commit point of every change, and the summary record and the in-flight index are
+/// derived from it: written after it, and repaired from the journal when they lag (see
+/// [`in_flight`](EventStore::in_flight) and `create`).
+///
+/// Sequence check: the store keeps each open journal's next sequence number in memory
+/// (sharded), so an append checks it without reading sled. The `LOCK` makes this store the only
+/// writer of the directory, which is what makes that memory authoritative.
 ///
 /// Durability: one dedicated thread calls sled's synchronous `flush` and wakes every writer
 /// whose write that flush covered. sled 0.34.7's `flush_async` deadlocks when awaited
 /// concurrently (spacejam/sled#1308), which is why it is not used.
 #[derive(Debug)]
 pub struct SledStore {
+    next_seq: SequenceShards,
     events: sled::Tree,
     records: sled::Tree,
     in_flight: sled::Tree,
+    purging: sled::Tree,
     flusher: Flusher,
     db: sled::Db,
     path: PathBuf,
@@ -78,9 +93,16 @@ impl SledStore {
             .open()
             .map_err(storage("opening the sled database"))?;
         let tree = |name: &str| db.open_tree(name).map_err(storage("opening a tree"));
-        let (events, records, in_flight) = (tree("events")?, tree("records")?, tree("in_flight")?);
+        let (events, records, in_flight, purging) =
+            (tree("events")?, tree("records")?, tree("in_flight")?, tree("purging")?);
         let flusher = Flusher::start(db.clone()).map_err(io("starting the flusher thread"))?;
-        Ok(Self { events, records, in_flight, flusher, db, path, _lock: lock })
+        let next_seq = SequenceShards::default();
+        let store = Self { next_seq, events, records, in_flight, purging, flusher, db, path, _lock: lock };
+        for key in store.purging.iter().keys() {
+            let key = key.map_err(storage("reading unfinished removals"))?;
+            store.finish_removal(&key)?;
+        }
+        Ok(store)
     }
 
     /// The data directory.
@@ -125,7 +147,7 @@ fn journal_prefix(id: &SagaId) -> Vec<u8> {
     key
 }
 
-fn encode(id: &SagaId, seq: Option<u64>, value: &impl serde::Serialize) -> Result<Vec<u8>> {
+fn encode<T: serde::Serialize + ?Sized>(id: &SagaId, seq: Option<u64>, value: &T) -> Result<Vec<u8>> {
     encode_record(value).map_err(|reason| Error::Codec {
         action: "encode",
         what: match seq {
@@ -136,73 +158,62 @@ fn encode(id: &SagaId, seq: Option<u64>, value: &impl serde::Serialize) -> Resul
     })
 }
 
-/// Why a transaction gave up without writing.
-enum Abort {
-    SequenceConflict,
-    Exists(sled::IVec),
-}
-
 impl EventStore for SledStore {
     fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>> {
         let id = &record.id;
         check_sequence(id, std::slice::from_ref(first), 0)?;
         let record_bytes = encode(id, None, record)?;
-        let event_bytes = encode(id, Some(0), first)?;
-        let key = id.as_str().as_bytes();
-        let result = (&self.events, &self.records, &self.in_flight).transaction(|(ev, rec, inf)| {
-            if let Some(existing) = rec.get(key)? {
-                return Err(ConflictableTransactionError::Abort(Abort::Exists(existing)));
+        let event_bytes = encode(id, Some(0), std::slice::from_ref(first))?;
+        let name = id.as_str().as_bytes();
+        let mut shard = self.next_seq.shard(id);
+        // Index first, so that a journal never exists unindexed. The first event is the commit
+        // point and the existence check at once.
+        self.in_flight.insert(name, &[]).map_err(storage("creating a saga"))?;
+        let created = self
+            .events
+            .compare_and_swap(event_key(id, 0), None::<&[u8]>, Some(event_bytes))
+            .map_err(storage("creating a saga"))?;
+        if created.is_err() {
+            let existing = self.record_or_rebuild(id)?.ok_or_else(|| Error::SagaNotFound(id.clone()))?;
+            if existing.status.is_final() {
+                self.in_flight.remove(name).map_err(storage("creating a saga"))?;
             }
-            rec.insert(key, record_bytes.as_slice())?;
-            ev.insert(event_key(id, 0), event_bytes.as_slice())?;
-            if !record.status.is_final() {
-                inf.insert(key, &[])?;
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(None),
-            Err(TransactionError::Abort(Abort::Exists(bytes))) => {
-                Self::decode_record(id.as_str(), &bytes).map(Some)
-            }
-            Err(TransactionError::Abort(Abort::SequenceConflict)) => {
-                Err(Error::SequenceConflict { id: id.clone(), expected: 0 })
-            }
-            Err(TransactionError::Storage(e)) => Err(storage("creating a saga")(e)),
+            return Ok(Some(existing));
         }
+        self.records.insert(name, record_bytes).map_err(storage("creating a saga"))?;
+        shard.insert(id.clone(), 1);
+        Ok(None)
     }
 
     fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()> {
-        let Some(first) = events.first().map(|e| e.seq) else {
-            return match record {
-                Some(record) => self.append_atomically(id, &[], 0, Some(record)),
-                None => Ok(()),
-            };
+        // Held across the write, so two appends to one saga cannot interleave between the
+        // check and the insert.
+        let mut shard = self.next_seq.shard(id);
+        let next = match shard.get(id) {
+            Some(next) => *next,
+            None => self.read_journal(id)?.len() as u64,
         };
-        let conflict = || Error::SequenceConflict { id: id.clone(), expected: first };
         // Sequence 0 is written by `create` alone.
-        if first == 0 {
-            return Err(conflict());
+        if next == 0 {
+            return Err(Error::SagaNotFound(id.clone()));
         }
-        check_sequence(id, events, first)?;
-        let encoded = events
-            .iter()
-            .map(|e| Ok((event_key(id, e.seq), encode(id, Some(e.seq), e)?)))
-            .collect::<Result<Vec<_>>>()?;
-        if let ([(key, value)], None) = (encoded.as_slice(), record) {
-            // The hot path, one event per step transition: a compare-and-swap instead of a
-            // transaction. The journal is append-only, so "previous exists, this one does
-            // not" is exactly "the journal ends at first - 1".
-            if !self.events.contains_key(event_key(id, first - 1)).map_err(storage("appending"))? {
-                return Err(conflict());
+        check_sequence(id, events, next)?;
+        let record_bytes = record.map(|r| encode(id, None, r)).transpose()?;
+        if !events.is_empty() {
+            let value = encode(id, Some(next), events)?;
+            self.events.insert(event_key(id, next), value).map_err(storage("appending"))?;
+        }
+        shard.insert(id.clone(), next + events.len() as u64);
+        if let (Some(record), Some(bytes)) = (record, record_bytes) {
+            let name = id.as_str().as_bytes();
+            self.records.insert(name, bytes).map_err(storage("updating a saga record"))?;
+            if record.status.is_final() {
+                self.in_flight.remove(name).map_err(storage("updating the in-flight index"))?;
+                // A finished journal takes no more appends; forget it to bound the memory.
+                shard.remove(id);
             }
-            return match self.events.compare_and_swap(key, None::<&[u8]>, Some(value.as_slice())) {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(conflict()),
-                Err(e) => Err(storage("appending")(e)),
-            };
         }
-        self.append_atomically(id, &encoded, first, record)
+        Ok(())
     }
 
     fn durable(&self) -> Durable {
@@ -210,25 +221,12 @@ impl EventStore for SledStore {
     }
 
     fn history(&self, id: &SagaId) -> Result<Vec<RecordedEvent>> {
-        let prefix = journal_prefix(id);
-        let mut out = Vec::new();
-        for item in self.events.scan_prefix(&prefix) {
-            let (key, value) = item.map_err(storage("reading a journal"))?;
-            let expected = out.len() as u64;
-            let corrupt = |seq, reason| Error::CorruptRecord { saga: id.to_string(), seq: Some(seq), reason };
-            let seq = <[u8; 8]>::try_from(&key[prefix.len()..])
-                .map(u64::from_be_bytes)
-                .map_err(|_| corrupt(expected, format!("malformed key of {} bytes", key.len())))?;
-            if seq != expected {
-                return Err(corrupt(expected, format!("missing; the journal jumps to {seq}")));
-            }
-            let event: RecordedEvent = decode_record(&value).map_err(|reason| corrupt(seq, reason))?;
-            if event.seq != seq {
-                return Err(corrupt(seq, format!("record claims sequence {}", event.seq)));
-            }
-            out.push(event);
+        let history = self.read_journal(id)?;
+        // The engine reads a journal before it resumes writing it: remember where it ends.
+        if history.last().is_some_and(|last| !last.event.is_final()) {
+            self.next_seq.shard(id).entry(id.clone()).or_insert(history.len() as u64);
         }
-        Ok(out)
+        Ok(history)
     }
 
     fn record(&self, id: &SagaId) -> Result<Option<SagaRecord>> {
@@ -241,10 +239,21 @@ impl EventStore for SledStore {
         for key in self.in_flight.iter().keys() {
             let key = key.map_err(storage("reading the in-flight index"))?;
             let name = String::from_utf8_lossy(&key).into_owned();
-            let corrupt =
-                |reason: &str| Error::CorruptRecord { saga: name.clone(), seq: None, reason: reason.into() };
-            let id = SagaId::new(name.clone()).map_err(|_| corrupt("invalid id in the in-flight index"))?;
-            out.push(self.record(&id)?.ok_or_else(|| corrupt("in-flight, but has no record"))?);
+            let Ok(id) = SagaId::new(name.clone()) else {
+                return Err(Error::CorruptRecord {
+                    saga: name,
+                    seq: None,
+                    reason: "invalid id in the in-flight index".into(),
+                });
+            };
+            match self.record_or_rebuild(&id)? {
+                Some(record) => out.push(record),
+                // Indexed, but the process died before the first event: the start was never
+                // acknowledged, so there is nothing to resume.
+                None => {
+                    self.in_flight.remove(&key).map_err(storage("repairing the in-flight index"))?;
+                }
+            }
         }
         Ok(out)
     }
@@ -260,73 +269,91 @@ impl EventStore for SledStore {
     }
 
     fn remove(&self, id: &SagaId) -> Result<()> {
-        let keys: Vec<sled::IVec> = self
-            .events
-            .scan_prefix(journal_prefix(id))
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(storage("reading a journal"))?;
-        let key = id.as_str().as_bytes();
-        (&self.events, &self.records, &self.in_flight)
-            .transaction(|(ev, rec, inf)| {
-                for k in &keys {
-                    ev.remove(k)?;
-                }
-                rec.remove(key)?;
-                inf.remove(key)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => storage("removing a saga")(e),
-                TransactionError::Abort(()) => Error::Storage {
-                    operation: "removing a saga",
-                    source: StorageError::message("transaction aborted"),
-                },
-            })
+        self.next_seq.shard(id).remove(id);
+        let name = id.as_str().as_bytes();
+        // Marked first, so that a removal cut short by a crash is finished on the next open
+        // instead of leaving half a journal behind.
+        self.purging.insert(name, &[]).map_err(storage("removing a saga"))?;
+        self.finish_removal(name)?;
+        Ok(())
     }
 }
 
 impl SledStore {
-    fn append_atomically(
-        &self,
-        id: &SagaId,
-        encoded: &[(Vec<u8>, Vec<u8>)],
-        first: u64,
-        record: Option<&SagaRecord>,
-    ) -> Result<()> {
-        let record_bytes = record.map(|r| encode(id, None, r)).transpose()?;
-        let key = id.as_str().as_bytes();
-        let result = (&self.events, &self.records, &self.in_flight).transaction(|(ev, rec, inf)| {
-            if let Some((first_key, _)) = encoded.first() {
-                let prev_missing = ev.get(event_key(id, first - 1))?.is_none();
-                if prev_missing || ev.get(first_key.as_slice())?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(Abort::SequenceConflict));
-                }
-            }
-            for (k, v) in encoded {
-                ev.insert(k.as_slice(), v.as_slice())?;
-            }
-            if let (Some(record), Some(bytes)) = (record, &record_bytes) {
-                if rec.get(key)?.is_none() {
-                    return Err(ConflictableTransactionError::Abort(Abort::SequenceConflict));
-                }
-                rec.insert(key, bytes.as_slice())?;
-                if record.status.is_final() {
-                    inf.remove(key)?;
-                } else {
-                    inf.insert(key, &[])?;
-                }
-            }
-            Ok(())
-        });
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Abort(_)) if encoded.is_empty() => Err(Error::SagaNotFound(id.clone())),
-            Err(TransactionError::Abort(_)) => {
-                Err(Error::SequenceConflict { id: id.clone(), expected: first })
-            }
-            Err(TransactionError::Storage(e)) => Err(storage("appending")(e)),
+    fn finish_removal(&self, name: &[u8]) -> Result<()> {
+        let mut prefix = name.to_vec();
+        prefix.push(0xFF);
+        self.records.remove(name).map_err(storage("removing a saga"))?;
+        self.in_flight.remove(name).map_err(storage("removing a saga"))?;
+        for key in self.events.scan_prefix(&prefix).keys() {
+            let key = key.map_err(storage("removing a saga"))?;
+            self.events.remove(key).map_err(storage("removing a saga"))?;
         }
+        self.purging.remove(name).map_err(storage("removing a saga"))?;
+        Ok(())
+    }
+
+    /// The saga's record, rebuilt from its journal if the process died between writing the
+    /// journal and the record. `None` if there is no journal either.
+    fn record_or_rebuild(&self, id: &SagaId) -> Result<Option<SagaRecord>> {
+        if let Some(record) = self.record(id)? {
+            return Ok(Some(record));
+        }
+        let journal = self.read_journal(id)?;
+        let Some(first) = journal.first() else { return Ok(None) };
+        let Event::SagaStarted { definition, version, .. } = &first.event else {
+            return Err(Error::CorruptRecord {
+                saga: id.to_string(),
+                seq: Some(0),
+                reason: "the journal does not begin with SagaStarted".into(),
+            });
+        };
+        let record = SagaRecord::new(id.clone(), definition.clone(), *version, first.at);
+        self.records
+            .insert(id.as_str(), encode(id, None, &record)?)
+            .map_err(storage("repairing a record"))?;
+        Ok(Some(record))
+    }
+
+    fn read_journal(&self, id: &SagaId) -> Result<Vec<RecordedEvent>> {
+        let prefix = journal_prefix(id);
+        let mut out: Vec<RecordedEvent> = Vec::new();
+        for item in self.events.scan_prefix(&prefix) {
+            let (key, value) = item.map_err(storage("reading a journal"))?;
+            let expected = out.len() as u64;
+            let corrupt = |seq, reason| Error::CorruptRecord { saga: id.to_string(), seq: Some(seq), reason };
+            let seq = <[u8; 8]>::try_from(&key[prefix.len()..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(expected, format!("malformed key of {} bytes", key.len())))?;
+            if seq != expected {
+                return Err(corrupt(expected, format!("missing; the journal jumps to {seq}")));
+            }
+            let batch: Vec<RecordedEvent> = decode_record(&value).map_err(|reason| corrupt(seq, reason))?;
+            if batch.is_empty() {
+                return Err(corrupt(seq, "empty record".into()));
+            }
+            for (offset, event) in batch.into_iter().enumerate() {
+                if event.seq != seq + offset as u64 {
+                    return Err(corrupt(seq, format!("record claims sequence {}", event.seq)));
+                }
+                out.push(event);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The next sequence number of every journal written through this store, sharded so that
+/// concurrent sagas rarely share a lock.
+#[derive(Debug, Default)]
+struct SequenceShards([Mutex<HashMap<SagaId, u64>>; 32]);
+
+impl SequenceShards {
+    fn shard(&self, id: &SagaId) -> MutexGuard<'_, HashMap<SagaId, u64>> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut hasher);
+        let shard = &self.0[hasher.finish() as usize % self.0.len()];
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
