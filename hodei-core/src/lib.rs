@@ -41,6 +41,8 @@
 //!
 //! See `ARCHITECTURE.md` in the repository for the event model and the recovery path.
 
+#![warn(clippy::unwrap_used)]
+
 mod codec;
 mod driver;
 mod engine;

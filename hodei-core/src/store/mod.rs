@@ -61,6 +61,35 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     fn remove(&self, id: &SagaId) -> Result<()>;
 }
 
+/// A shared store is a store: lets several engines in turn (a restart in a test, say) or an
+/// engine and an inspector use one store.
+impl<T: EventStore + ?Sized> EventStore for std::sync::Arc<T> {
+    fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>> {
+        (**self).create(record, first)
+    }
+    fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()> {
+        (**self).append(id, events, record)
+    }
+    fn durable(&self) -> Durable {
+        (**self).durable()
+    }
+    fn history(&self, id: &SagaId) -> Result<Vec<RecordedEvent>> {
+        (**self).history(id)
+    }
+    fn record(&self, id: &SagaId) -> Result<Option<SagaRecord>> {
+        (**self).record(id)
+    }
+    fn in_flight(&self) -> Result<Vec<SagaRecord>> {
+        (**self).in_flight()
+    }
+    fn records(&self) -> Result<Vec<SagaRecord>> {
+        (**self).records()
+    }
+    fn remove(&self, id: &SagaId) -> Result<()> {
+        (**self).remove(id)
+    }
+}
+
 /// A future that resolves when earlier writes are durable. See [`EventStore::durable`].
 #[must_use = "a write is not durable until this resolves"]
 #[derive(Debug)]

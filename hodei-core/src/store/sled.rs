@@ -189,6 +189,17 @@ impl EventStore for SledStore {
         // Held across the write, so two appends to one saga cannot interleave between the
         // check and the insert.
         let mut shard = self.next_seq.shard(id);
+        if events.is_empty() {
+            // A status change alone needs no sequence number: it must work even for a journal
+            // that can no longer be read, so that such a saga can be parked.
+            if let Some(record) = record {
+                self.write_record(record)?;
+                if record.status.is_final() {
+                    shard.remove(id);
+                }
+            }
+            return Ok(());
+        }
         let next = match shard.get(id) {
             Some(next) => *next,
             None => self.read_journal(id)?.len() as u64,
@@ -198,17 +209,12 @@ impl EventStore for SledStore {
             return Err(Error::SagaNotFound(id.clone()));
         }
         check_sequence(id, events, next)?;
-        let record_bytes = record.map(|r| encode(id, None, r)).transpose()?;
-        if !events.is_empty() {
-            let value = encode(id, Some(next), events)?;
-            self.events.insert(event_key(id, next), value).map_err(storage("appending"))?;
-        }
+        let value = encode(id, Some(next), events)?;
+        self.events.insert(event_key(id, next), value).map_err(storage("appending"))?;
         shard.insert(id.clone(), next + events.len() as u64);
-        if let (Some(record), Some(bytes)) = (record, record_bytes) {
-            let name = id.as_str().as_bytes();
-            self.records.insert(name, bytes).map_err(storage("updating a saga record"))?;
+        if let Some(record) = record {
+            self.write_record(record)?;
             if record.status.is_final() {
-                self.in_flight.remove(name).map_err(storage("updating the in-flight index"))?;
                 // A finished journal takes no more appends; forget it to bound the memory.
                 shard.remove(id);
             }
@@ -280,6 +286,19 @@ impl EventStore for SledStore {
 }
 
 impl SledStore {
+    /// Writes a summary record after its journal: the record and the index follow the
+    /// journal, and are repaired from it if the process dies in between.
+    fn write_record(&self, record: &SagaRecord) -> Result<()> {
+        let name = record.id.as_str().as_bytes();
+        self.records
+            .insert(name, encode(&record.id, None, record)?)
+            .map_err(storage("updating a saga record"))?;
+        if record.status.is_final() {
+            self.in_flight.remove(name).map_err(storage("updating the in-flight index"))?;
+        }
+        Ok(())
+    }
+
     fn finish_removal(&self, name: &[u8]) -> Result<()> {
         let mut prefix = name.to_vec();
         prefix.push(0xFF);
