@@ -31,14 +31,19 @@ pub use memory::MemoryStore;
 /// sequence check: an append must land exactly at the journal's next sequence number, or it
 /// fails with [`Error::SequenceConflict`] and changes nothing.
 pub trait EventStore: Send + Sync + fmt::Debug + 'static {
-    /// Creates a saga: its summary record, its entry in the in-flight index and its first
-    /// event (sequence 0), atomically. If a saga with that id exists, nothing is written and
-    /// its record is returned.
+    /// Creates a saga: its entry in the in-flight index, its first event (sequence 0) and its
+    /// summary record. The first event is the commit point: if a saga with that id exists,
+    /// nothing is written and its record is returned.
     fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>>;
 
-    /// Appends `events`, whose first sequence number must be the journal's next one, and
-    /// optionally replaces the summary record in the same atomic write. A record whose status
-    /// is final also leaves the in-flight index.
+    /// Appends `events` atomically; the first one's sequence number must be the journal's next.
+    /// With `record`, then replaces the summary record; a final status also removes the saga
+    /// from the in-flight index.
+    ///
+    /// The journal is the source of truth: an implementation may write the record after the
+    /// events, non-atomically, as long as a record that lags behind its journal after a crash
+    /// is repaired from the journal (the engine repairs a lagging final status itself).
+    /// A status change alone (`events` empty) must work even when the journal cannot be read.
     fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()>;
 
     /// Resolves once everything written before the call is on stable storage.
