@@ -1,0 +1,502 @@
+//! Crash recovery: a child process runs sagas on a sled directory and is killed with SIGKILL at
+//! pseudo-random points, hundreds of times, then restarted on the same directory.
+//!
+//! The test binary is its own child (as sled's `test_crash_recovery` does): the parent test
+//! re-runs this executable filtered to [`crash_child_entry_point`], which does nothing unless
+//! [`CHILD_ENV`] names a data directory. Every side effect (a step body or a compensation) is
+//! appended to a file outside the database, so the parent can count what really ran and hold it
+//! against what the journal says was recorded.
+//!
+//! Replay a failure with `HODEI_CRASH_SEED=<seed> cargo test --test crash`.
+#![cfg(unix)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hodei::{
+    CompensationContext, Engine, Event, EventStore, Outcome, RecordedEvent, RetryPolicy, SagaContext,
+    SagaDefinition, SagaId, SagaRun, SagaStatus, SledStore, StepContext, StepError,
+};
+use serde::{Deserialize, Serialize};
+
+/// Set in the child only: the directory holding its database and its effect log.
+const CHILD_ENV: &str = "HODEI_CRASH_CHILD";
+const ROUND_ENV: &str = "HODEI_CRASH_ROUND";
+const SEED_ENV: &str = "HODEI_CRASH_SEED";
+const CHILD_TEST: &str = "crash_child_entry_point";
+
+const DEFINITION: &str = "crashy";
+const SAGAS_PER_ROUND: u32 = 8;
+const STEPS: u32 = 6;
+const FAILING_STEP: u32 = 4;
+const FAILURE: &str = "step 4 refuses this saga";
+const MIN_KILLS: u32 = 200;
+/// A kill lands after 0 to this many effect lines of one child run. A round has about 60, so
+/// most rounds see several kills and still finish in a few runs.
+const MAX_LINES_BEFORE_KILL: u64 = 24;
+/// A round that needs this many runs is not making progress: fail instead of looping.
+const MAX_RUNS_PER_ROUND: u32 = 200;
+/// Only a hang guard for the child (a parked saga never finishes): a round takes well under a
+/// second.
+const CHILD_DEADLINE: Duration = Duration::from_secs(60);
+
+// Lines on the child's stdout. Matched with `contains`, because libtest prints `test <name> ...`
+// without a newline right before the test's own output.
+const READY: &str = "hodei-crash: ready";
+const EFFECT: &str = "hodei-crash: effect";
+const ROUND_DONE: &str = "hodei-crash: round done";
+
+fn db_dir(root: &Path) -> PathBuf {
+    root.join("db")
+}
+
+fn effect_log(root: &Path) -> PathBuf {
+    root.join("effects.log")
+}
+
+fn saga_id(round: u32, index: u32) -> String {
+    format!("r{round}-s{index}")
+}
+
+/// What a saga does, as its input: every third saga fails for good at step 4.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct Plan {
+    steps: u32,
+    fail_at: Option<u32>,
+}
+
+fn plan(index: u32) -> Plan {
+    Plan { steps: STEPS, fail_at: index.is_multiple_of(3).then_some(FAILING_STEP) }
+}
+
+fn step_output(step: u32) -> u64 {
+    u64::from(step) * 10 + 7
+}
+
+fn policy() -> RetryPolicy {
+    // An attempt cut off by a kill counts as used, so the budget must outlast every kill.
+    RetryPolicy::attempts(1000).initial_backoff(Duration::from_millis(1)).jitter(0.0)
+}
+
+/// Appends one effect line with a single write (`O_APPEND`, so lines from concurrent sagas do
+/// not interleave), then tells the parent on stdout. The order matters: a line the parent has
+/// counted on stdout is always in the file already.
+fn record_effect(log: &Path, effect: &str) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().create(true).append(true).open(log)?;
+    file.write_all(format!("{effect}\n").as_bytes())?;
+    println!("{EFFECT} {effect}");
+    Ok(())
+}
+
+fn definition(log: PathBuf) -> SagaDefinition {
+    let log = Arc::new(log);
+    SagaDefinition::new(DEFINITION, 1, move |ctx: SagaContext, plan: Plan| {
+        let log = log.clone();
+        async move {
+            let mut total = 0;
+            for step in 0..plan.steps {
+                let compensation_log = log.clone();
+                total += ctx
+                    .step(format!("step-{step}"))
+                    .input(step)
+                    .retry(policy())
+                    .compensate(move |c: CompensationContext<u32, u64>| {
+                        let log = compensation_log.clone();
+                        async move {
+                            let output = c.output.map_or_else(|| "none".to_string(), |o| o.to_string());
+                            record_effect(
+                                &log,
+                                &format!("comp {} {} {} {output}", c.saga_id, c.step, c.attempt),
+                            )?;
+                            Ok(())
+                        }
+                    })
+                    .run(|s: StepContext, _: u32| {
+                        let log = log.clone();
+                        async move {
+                            record_effect(&log, &format!("step {} {} {}", s.saga_id, s.step, s.attempt))?;
+                            if plan.fail_at == Some(s.step) {
+                                return Err(StepError::terminal(FAILURE));
+                            }
+                            Ok::<u64, StepError>(step_output(s.step))
+                        }
+                    })
+                    .await?;
+            }
+            Ok(total)
+        }
+    })
+}
+
+/// The child process. In a normal test run [`CHILD_ENV`] is unset and this returns at once;
+/// `sagas_survive_repeated_sigkill` runs it in a child process, once per spawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child_entry_point() {
+    let Some(root) = std::env::var_os(CHILD_ENV).map(PathBuf::from) else { return };
+    let round: u32 = std::env::var(ROUND_ENV).expect("round").parse().expect("round number");
+    let engine = Engine::builder()
+        .data_dir(db_dir(&root))
+        .register(definition(effect_log(&root)))
+        .start()
+        .await
+        .expect("engine start");
+    println!("{READY}");
+    // Restarting the whole batch is safe: a known id with the same input returns its run.
+    let mut handles = Vec::new();
+    for index in 0..SAGAS_PER_ROUND {
+        let run = SagaRun::new(DEFINITION, saga_id(round, index), &plan(index)).expect("saga run");
+        handles.push((index, engine.start(run).await.expect("saga start")));
+    }
+    let outcomes = tokio::time::timeout(CHILD_DEADLINE, async {
+        let mut outcomes = Vec::new();
+        for (index, handle) in &handles {
+            outcomes.push((*index, handle.outcome::<u64>().await.expect("outcome")));
+        }
+        outcomes
+    })
+    .await;
+    let Ok(outcomes) = outcomes else {
+        let stuck: Vec<_> =
+            handles.iter().map(|(_, h)| (h.id().clone(), h.status().map(|r| r.status))).collect();
+        panic!("round {round} did not finish within {CHILD_DEADLINE:?}: {stuck:?}");
+    };
+    let completed_total: u64 = (0..STEPS).map(step_output).sum();
+    for (index, outcome) in outcomes {
+        match (plan(index).fail_at, outcome) {
+            (None, Outcome::Completed(total)) => assert_eq!(total, completed_total, "saga {index}"),
+            (Some(_), Outcome::Compensated { cause }) => assert_eq!(cause, FAILURE, "saga {index}"),
+            (_, other) => panic!("saga {} of round {round} ended as {other:?}", saga_id(round, index)),
+        }
+    }
+    let report = engine.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert!(report.in_flight.is_empty(), "left in flight: {report:?}");
+    println!("{ROUND_DONE} {round}");
+}
+
+/// xorshift64: reproducible kill points from a printed seed, without a dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, bound: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % bound
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Step,
+    Comp,
+}
+
+/// One line of the effect log.
+#[derive(Clone, Debug)]
+struct Effect {
+    kind: Kind,
+    saga: String,
+    step: u32,
+    attempt: u32,
+    /// For a compensation: the step output it was given.
+    output: Option<u64>,
+}
+
+type Key = (Kind, String, u32);
+
+fn read_effects(root: &Path) -> Vec<Effect> {
+    let text = match std::fs::read_to_string(effect_log(root)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => panic!("reading the effect log: {e}"),
+    };
+    assert!(text.is_empty() || text.ends_with('\n'), "torn effect line: {:?}", text.lines().last());
+    text.lines()
+        .map(|line| parse_effect(line).unwrap_or_else(|| panic!("malformed effect line {line:?}")))
+        .collect()
+}
+
+fn parse_effect(line: &str) -> Option<Effect> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let (kind, saga, step, attempt, output) = match fields[..] {
+        ["step", saga, step, attempt] => (Kind::Step, saga, step, attempt, None),
+        ["comp", saga, step, attempt, "none"] => (Kind::Comp, saga, step, attempt, None),
+        ["comp", saga, step, attempt, output] => {
+            (Kind::Comp, saga, step, attempt, Some(output.parse().ok()?))
+        }
+        _ => return None,
+    };
+    Some(Effect {
+        kind,
+        saga: saga.to_string(),
+        step: step.parse().ok()?,
+        attempt: attempt.parse().ok()?,
+        output,
+    })
+}
+
+fn count(effects: &[Effect]) -> HashMap<Key, usize> {
+    let mut counts = HashMap::new();
+    for e in effects {
+        *counts.entry((e.kind, e.saga.clone(), e.step)).or_default() += 1;
+    }
+    counts
+}
+
+fn format_journal(history: &[RecordedEvent]) -> String {
+    history.iter().fold(String::new(), |mut out, r| {
+        let _ = writeln!(out, "  {:>3} {:?}", r.seq, r.event);
+        out
+    })
+}
+
+fn journal_of(root: &Path, saga: &str) -> String {
+    let store = SledStore::open(db_dir(root)).expect("open the store");
+    format_journal(&store.history(&SagaId::new(saga).expect("id")).expect("history"))
+}
+
+/// The steps and compensations of one round whose end the journal records, with how often each
+/// has run so far. None of them may run again.
+fn settled(root: &Path, round: u32) -> HashMap<Key, usize> {
+    let counts = count(&read_effects(root));
+    let store = SledStore::open(db_dir(root)).expect("open the store between runs");
+    let mut settled = HashMap::new();
+    for index in 0..SAGAS_PER_ROUND {
+        let saga = saga_id(round, index);
+        let history = store.history(&SagaId::new(saga.clone()).expect("id")).expect("history");
+        for recorded in &history {
+            let key = match recorded.event {
+                Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => {
+                    (Kind::Step, saga.clone(), step)
+                }
+                Event::CompensationCompleted { step } => (Kind::Comp, saga.clone(), step),
+                _ => continue,
+            };
+            let ran = counts.get(&key).copied().unwrap_or(0);
+            assert!(
+                ran > 0,
+                "{key:?} is recorded as finished but never ran; journal:\n{}",
+                format_journal(&history)
+            );
+            settled.insert(key, ran);
+        }
+    }
+    settled
+}
+
+fn check_settled_did_not_rerun(root: &Path, settled: &HashMap<Key, usize>) {
+    let counts = count(&read_effects(root));
+    for (key, before) in settled {
+        let now = counts.get(key).copied().unwrap_or(0);
+        assert_eq!(
+            now,
+            *before,
+            "{key:?} ran again after its end was recorded; journal:\n{}",
+            journal_of(root, &key.1)
+        );
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Run {
+    Killed,
+    Finished,
+}
+
+/// Runs the child once. It is killed when it has printed `kill_after` effect lines (0: as soon
+/// as it is ready), unless it finishes the round first.
+fn run_child(root: &Path, round: u32, kill_after: u64) -> Run {
+    let mut child = Command::new(std::env::current_exe().expect("test executable"))
+        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, root)
+        .env(ROUND_ENV, round.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (mut effects, mut kill_sent, mut finished) = (0, false, false);
+    // Read to the end even after the kill: a child that finished first must not die of a
+    // closed pipe, and its round-done line decides how it ended.
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("child stdout line");
+        if line.contains(ROUND_DONE) {
+            finished = true;
+        }
+        let counted = if line.contains(EFFECT) {
+            effects += 1;
+            true
+        } else {
+            line.contains(READY)
+        };
+        if counted && !kill_sent && !finished && effects >= kill_after {
+            child.kill().expect("SIGKILL the child");
+            kill_sent = true;
+        }
+    }
+    let status: ExitStatus = child.wait().expect("wait for the child");
+    match (status.signal(), status.success() && finished) {
+        (Some(9), _) if kill_sent => Run::Killed,
+        (_, true) => Run::Finished,
+        _ => panic!("the child of round {round} exited with {status} (round done: {finished})"),
+    }
+}
+
+/// The attempts of one step or compensation that ran, in file order, against those the journal
+/// started. An attempt is journaled before it runs, so none may run twice, none may run
+/// unjournaled, and the recorded end belongs to the last one journaled, which must have run.
+fn check_attempts(what: &str, ran: &[u32], journaled: &[u32], history: &str) {
+    assert!(!ran.is_empty(), "{what} never ran; journal:\n{history}");
+    assert!(ran.windows(2).all(|w| w[0] < w[1]), "{what} ran attempts {ran:?}; journal:\n{history}");
+    assert!(
+        ran.iter().all(|a| journaled.contains(a)),
+        "{what} ran attempts {ran:?}, journaled {journaled:?}; journal:\n{history}"
+    );
+    assert_eq!(ran.last(), journaled.iter().max(), "{what}: last attempt; journal:\n{history}");
+}
+
+/// Checks one finished saga against its plan, its journal and the effect lines it left.
+fn check_saga(saga: &str, plan: Plan, status: &SagaStatus, history: &[RecordedEvent], effects: &[&Effect]) {
+    let journal = format_journal(history);
+    let expected = if plan.fail_at.is_some() { SagaStatus::Compensated } else { SagaStatus::Completed };
+    assert_eq!(*status, expected, "{saga}; journal:\n{journal}");
+    let last = history.last().map(|r| &r.event);
+    match plan.fail_at {
+        None => assert!(matches!(last, Some(Event::SagaCompleted { .. })), "{saga}; journal:\n{journal}"),
+        Some(_) => {
+            assert!(matches!(last, Some(Event::SagaCompensated { .. })), "{saga}; journal:\n{journal}")
+        }
+    }
+
+    let mut step_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut comp_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut completed: HashMap<u32, u64> = HashMap::new();
+    let mut compensated = Vec::new();
+    for recorded in history {
+        match &recorded.event {
+            Event::StepStarted { step, .. } => step_attempts.entry(*step).or_default().push(1),
+            Event::StepRetried { step, attempt } => step_attempts.entry(*step).or_default().push(*attempt),
+            Event::StepCompleted { step, .. } => {
+                completed.insert(*step, step_output(*step));
+            }
+            Event::CompensationStarted { step, attempt } => {
+                comp_attempts.entry(*step).or_default().push(*attempt)
+            }
+            Event::CompensationCompleted { step } => compensated.push(*step),
+            _ => {}
+        }
+    }
+    let ran_steps = plan.fail_at.map_or(plan.steps, |f| f + 1);
+    assert_eq!(
+        step_attempts.keys().copied().collect::<Vec<_>>(),
+        (0..ran_steps).collect::<Vec<_>>(),
+        "{saga}"
+    );
+
+    let ran = |kind: Kind, step: u32| -> Vec<u32> {
+        effects.iter().filter(|e| e.kind == kind && e.step == step).map(|e| e.attempt).collect()
+    };
+    for (step, journaled) in &step_attempts {
+        check_attempts(&format!("{saga} step {step}"), &ran(Kind::Step, *step), journaled, &journal);
+    }
+    let comps: Vec<&&Effect> = effects.iter().filter(|e| e.kind == Kind::Comp).collect();
+    if plan.fail_at.is_none() {
+        assert!(comps.is_empty(), "{saga} completed but compensated {comps:?}");
+        return;
+    }
+    // Every step that started is undone, the one that failed (with no output) included.
+    let started: Vec<u32> = step_attempts.keys().rev().copied().collect();
+    assert_eq!(compensated, started, "{saga}: compensations recorded out of order; journal:\n{journal}");
+    for (step, journaled) in &comp_attempts {
+        check_attempts(&format!("{saga} compensation {step}"), &ran(Kind::Comp, *step), journaled, &journal);
+    }
+    assert_eq!(
+        comp_attempts.keys().copied().collect::<Vec<_>>(),
+        (0..ran_steps).collect::<Vec<_>>(),
+        "{saga}"
+    );
+    for pair in comps.windows(2) {
+        assert!(pair[0].step >= pair[1].step, "{saga}: compensation order {comps:?}");
+    }
+    for comp in &comps {
+        assert_eq!(comp.output, completed.get(&comp.step).copied(), "{saga}: output given to {comp:?}");
+    }
+    let first_comp = effects.iter().position(|e| e.kind == Kind::Comp).expect("a compensation ran");
+    assert!(
+        effects[first_comp..].iter().all(|e| e.kind == Kind::Comp),
+        "{saga}: a step ran after compensation began: {effects:?}"
+    );
+}
+
+/// Checks a finished round; returns how many effect lines each of its sagas left.
+fn check_round(root: &Path, round: u32) -> HashMap<String, usize> {
+    let effects = read_effects(root);
+    let store = SledStore::open(db_dir(root)).expect("open the store after the round");
+    let mut lines = HashMap::new();
+    for index in 0..SAGAS_PER_ROUND {
+        let saga = saga_id(round, index);
+        let id = SagaId::new(saga.clone()).expect("id");
+        let record = store.record(&id).expect("record").unwrap_or_else(|| panic!("{saga} has no record"));
+        let history = store.history(&id).expect("history");
+        let mine: Vec<&Effect> = effects.iter().filter(|e| e.saga == saga).collect();
+        check_saga(&saga, plan(index), &record.status, &history, &mine);
+        lines.insert(saga, mine.len());
+    }
+    lines
+}
+
+#[test]
+fn sagas_survive_repeated_sigkill() {
+    let seed = std::env::var(SEED_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(0x9E37_79B9_7F4A_7C15_u64);
+    println!("seed {seed} (set {SEED_ENV} to replay)");
+    let mut rng = XorShift(seed | 1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path();
+    let began = Instant::now();
+    let (mut kills, mut runs, mut round) = (0, 0, 0);
+    let mut finished_rounds: HashMap<String, usize> = HashMap::new();
+    while kills < MIN_KILLS {
+        let mut round_runs = 0;
+        loop {
+            // Snapshot while no child runs (the store is locked while open).
+            let settled = settled(root, round);
+            let outcome = run_child(root, round, rng.below(MAX_LINES_BEFORE_KILL + 1));
+            runs += 1;
+            round_runs += 1;
+            check_settled_did_not_rerun(root, &settled);
+            if outcome == Run::Finished {
+                break;
+            }
+            kills += 1;
+            assert!(round_runs < MAX_RUNS_PER_ROUND, "round {round} makes no progress");
+        }
+        finished_rounds.extend(check_round(root, round));
+        round += 1;
+    }
+    // Later children must not have run anything of an earlier round, finished as it was.
+    let effects = read_effects(root);
+    for (saga, lines) in &finished_rounds {
+        assert_eq!(effects.iter().filter(|e| e.saga == *saga).count(), *lines, "{saga} ran after its round");
+    }
+    // Lines beyond one per step or compensation are attempts a kill cut off before their end
+    // was recorded: without them the kills would never have landed where it matters.
+    let reruns = effects.len() - count(&effects).len();
+    println!(
+        "{kills} kills, {runs} child runs, {round} rounds, {} sagas, {} effects ({reruns} re-runs) in {:.1?}",
+        finished_rounds.len(),
+        effects.len(),
+        began.elapsed()
+    );
+    assert!(kills >= MIN_KILLS, "{kills} kills");
+    assert!(reruns > 0, "no kill landed between a side effect and its record");
+}
