@@ -13,10 +13,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +23,9 @@ use hodei::{
     SagaDefinition, SagaId, SagaRun, SagaStatus, SledStore, StepContext, StepError,
 };
 use serde::{Deserialize, Serialize};
+use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child};
+
+mod support;
 
 /// Set in the child only: the directory holding its database and its effect log.
 const CHILD_ENV: &str = "HODEI_CRASH_CHILD";
@@ -46,12 +47,6 @@ const MAX_RUNS_PER_ROUND: u32 = 200;
 /// Only a hang guard for the child (a parked saga never finishes): a round takes well under a
 /// second.
 const CHILD_DEADLINE: Duration = Duration::from_secs(60);
-
-// Lines on the child's stdout. Matched with `contains`, because libtest prints `test <name> ...`
-// without a newline right before the test's own output.
-const READY: &str = "hodei-crash: ready";
-const EFFECT: &str = "hodei-crash: effect";
-const ROUND_DONE: &str = "hodei-crash: round done";
 
 fn db_dir(root: &Path) -> PathBuf {
     root.join("db")
@@ -177,21 +172,7 @@ async fn crash_child_entry_point() {
     }
     let report = engine.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert!(report.in_flight.is_empty(), "left in flight: {report:?}");
-    println!("{ROUND_DONE} {round}");
-}
-
-/// xorshift64: reproducible kill points from a printed seed, without a dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, bound: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % bound
-    }
+    println!("{DONE} {round}");
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -303,52 +284,6 @@ fn check_settled_did_not_rerun(root: &Path, settled: &HashMap<Key, usize>) {
             "{key:?} ran again after its end was recorded; journal:\n{}",
             journal_of(root, &key.1)
         );
-    }
-}
-
-#[derive(Debug, PartialEq)]
-enum Run {
-    Killed,
-    Finished,
-}
-
-/// Runs the child once. It is killed when it has printed `kill_after` effect lines (0: as soon
-/// as it is ready), unless it finishes the round first.
-fn run_child(root: &Path, round: u32, kill_after: u64) -> Run {
-    let mut child = Command::new(std::env::current_exe().expect("test executable"))
-        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, root)
-        .env(ROUND_ENV, round.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the child");
-    let stdout = child.stdout.take().expect("child stdout");
-    let (mut effects, mut kill_sent, mut finished) = (0, false, false);
-    // Read to the end even after the kill: a child that finished first must not die of a
-    // closed pipe, and its round-done line decides how it ended.
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("child stdout line");
-        if line.contains(ROUND_DONE) {
-            finished = true;
-        }
-        let counted = if line.contains(EFFECT) {
-            effects += 1;
-            true
-        } else {
-            line.contains(READY)
-        };
-        if counted && !kill_sent && !finished && effects >= kill_after {
-            child.kill().expect("SIGKILL the child");
-            kill_sent = true;
-        }
-    }
-    let status: ExitStatus = child.wait().expect("wait for the child");
-    match (status.signal(), status.success() && finished) {
-        (Some(9), _) if kill_sent => Run::Killed,
-        (_, true) => Run::Finished,
-        _ => panic!("the child of round {round} exited with {status} (round done: {finished})"),
     }
 }
 
@@ -470,7 +405,11 @@ fn sagas_survive_repeated_sigkill() {
         loop {
             // Snapshot while no child runs (the store is locked while open).
             let settled = settled(root, round);
-            let outcome = run_child(root, round, rng.below(MAX_LINES_BEFORE_KILL + 1));
+            let outcome = run_child(
+                CHILD_TEST,
+                &[(CHILD_ENV, root.display().to_string()), (ROUND_ENV, round.to_string())],
+                rng.below(MAX_LINES_BEFORE_KILL + 1),
+            );
             runs += 1;
             round_runs += 1;
             check_settled_did_not_rerun(root, &settled);

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -16,7 +17,7 @@ use crate::codec::decode_payload;
 use crate::driver::{Control, Journal, drive};
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
-use crate::saga::{SagaDefinition, SagaRun};
+use crate::saga::{Saga, SagaDefinition, SagaRun};
 use crate::store::EventStore;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -476,6 +477,16 @@ impl Engine {
         }
     }
 
+    /// Starts a statically typed saga (one made by `#[saga]`); see [`start`](Self::start).
+    pub async fn start_saga<S: Saga>(
+        &self,
+        id: impl Into<String>,
+        input: &S::Input,
+    ) -> Result<TypedHandle<S::Output>> {
+        let run = SagaRun::new(S::NAME, id, input)?.version(S::VERSION);
+        Ok(TypedHandle { handle: self.start(run).await?, output: PhantomData })
+    }
+
     /// A handle to an existing saga.
     pub fn handle(&self, id: &SagaId) -> Result<SagaHandle> {
         self.status(id)?;
@@ -668,6 +679,41 @@ impl SagaHandle {
     /// Cancels the saga; see [`Engine::cancel`].
     pub async fn cancel(&self, reason: impl Into<String>) -> Result<()> {
         Engine { inner: self.inner.clone() }.cancel(&self.id, reason).await
+    }
+}
+
+/// A [`SagaHandle`] that knows its saga's output type.
+pub struct TypedHandle<O> {
+    handle: SagaHandle,
+    output: PhantomData<fn() -> O>,
+}
+
+impl<O> Clone for TypedHandle<O> {
+    fn clone(&self) -> Self {
+        Self { handle: self.handle.clone(), output: PhantomData }
+    }
+}
+
+impl<O> fmt::Debug for TypedHandle<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TypedHandle").field(&self.handle.id).finish()
+    }
+}
+
+impl<O: DeserializeOwned> TypedHandle<O> {
+    /// Waits for the saga to finish; see [`SagaHandle::outcome`].
+    pub async fn outcome(&self) -> Result<Outcome<O>> {
+        self.handle.outcome::<O>().await
+    }
+
+    /// The saga's id.
+    pub fn id(&self) -> &SagaId {
+        self.handle.id()
+    }
+
+    /// The untyped handle.
+    pub fn untyped(&self) -> &SagaHandle {
+        &self.handle
     }
 }
 

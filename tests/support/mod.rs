@@ -1,6 +1,9 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)] // each test crate uses its own subset
 
+#[cfg(unix)]
+pub mod crash;
+
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 

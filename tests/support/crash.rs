@@ -1,0 +1,74 @@
+//! The crash harness: a test binary re-runs itself as a child process, filtered to one child
+//! test, and kills it with SIGKILL after it has reported a chosen number of side effects.
+//!
+//! The child prints [`READY`] once its engine has started, [`EFFECT`] after each side effect,
+//! and [`DONE`] when it has finished its work. The lines are matched with `contains`, because
+//! libtest prints `test <name> ...` without a newline right before the test's own output.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+
+pub const READY: &str = "hodei-crash: ready";
+pub const EFFECT: &str = "hodei-crash: effect";
+pub const DONE: &str = "hodei-crash: done";
+
+/// How one run of the child ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Run {
+    Killed,
+    Finished,
+}
+
+/// Runs the child test `test` once with `env`. It is killed when it has printed `kill_after`
+/// effect lines (0: as soon as it is ready), unless it finishes first.
+pub fn run_child(test: &str, env: &[(&str, String)], kill_after: u64) -> Run {
+    let mut child = Command::new(std::env::current_exe().expect("test executable"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (mut effects, mut kill_sent, mut finished) = (0, false, false);
+    // Read to the end even after the kill: a child that finished first must not die of a
+    // closed pipe, and its done line decides how it ended.
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("child stdout line");
+        if line.contains(DONE) {
+            finished = true;
+        }
+        let counted = if line.contains(EFFECT) {
+            effects += 1;
+            true
+        } else {
+            line.contains(READY)
+        };
+        if counted && !kill_sent && !finished && effects >= kill_after {
+            child.kill().expect("SIGKILL the child");
+            kill_sent = true;
+        }
+    }
+    let status = child.wait().expect("wait for the child");
+    match (status.signal(), status.success() && finished) {
+        (Some(9), _) if kill_sent => Run::Killed,
+        (_, true) => Run::Finished,
+        _ => panic!("the child {test} exited with {status} (done: {finished})"),
+    }
+}
+
+/// xorshift64: reproducible kill points from a printed seed, without a dependency.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn below(&mut self, bound: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % bound
+    }
+}
