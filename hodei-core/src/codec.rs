@@ -9,7 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The only record format so far.
+#[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 pub(crate) const FORMAT_V1: u8 = 1;
+#[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 const HEADER_LEN: usize = 5;
 
 fn config() -> impl bincode::config::Config {
@@ -17,6 +19,7 @@ fn config() -> impl bincode::config::Config {
 }
 
 /// Encodes a value as a versioned, checksummed record.
+#[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 pub(crate) fn encode_record<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
     let mut out = vec![FORMAT_V1, 0, 0, 0, 0];
     bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(|e| e.to_string())?;
@@ -26,6 +29,7 @@ pub(crate) fn encode_record<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>,
 }
 
 /// Decodes a record written by [`encode_record`]; every failure is a readable reason.
+#[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 pub(crate) fn decode_record<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let Some((&format, rest)) = bytes.split_first() else {
         return Err("empty record".into());
@@ -64,6 +68,7 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Str
 }
 
 /// CRC-32 (IEEE), table driven. Small enough that a dependency would cost more than it saves.
+#[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 pub(crate) fn crc32(bytes: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];
