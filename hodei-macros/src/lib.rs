@@ -5,6 +5,28 @@
 //! depend on the caller's imports; `crate = "path"` points it elsewhere (a renamed dependency,
 //! or `hodei_core` used directly).
 //!
+//! ```
+//! use hodei::{Engine, MemoryStore, Outcome, SagaContext, StepContext, StepError, saga, step};
+//!
+//! #[step(retry(max_attempts = 2, backoff = "1ms"))]
+//! async fn double(_ctx: StepContext, n: u32) -> Result<u32, StepError> {
+//!     Ok(n * 2)
+//! }
+//!
+//! #[saga(name = "doubler", version = 1)]
+//! async fn doubler(ctx: SagaContext, n: u32) -> Result<u32, StepError> {
+//!     double(&ctx, n).await
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), hodei::Error> {
+//! let engine = Engine::builder().store(MemoryStore::new()).register(doubler::definition()).start().await?;
+//! let run = doubler::start(&engine, "d-1", &21).await?;
+//! assert_eq!(run.outcome().await?, Outcome::Completed(42));
+//! assert_eq!(doubler::SHAPE.steps[0].name, "double");
+//! # Ok(()) }
+//! ```
+//!
 //! `attr.rs` parses and checks the input; `expand.rs` generates the code. On any error the
 //! original item is still emitted beside the errors, so IDEs keep working.
 
