@@ -15,6 +15,7 @@ async fn job(ctx: SagaContext, _: ()) -> std::result::Result<u8, StepError> {
 }
 
 // Names the generated code must not pick up from the caller's scope.
+#[allow(non_snake_case)]
 mod Result {}
 mod core {}
 
