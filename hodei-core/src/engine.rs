@@ -191,6 +191,8 @@ impl EngineBuilder {
 
     /// Opens the store and resumes every saga in flight. Must be called inside a Tokio
     /// runtime.
+    // Without the sled feature the store has one source, so the match is infallible there.
+    #[cfg_attr(not(feature = "sled"), allow(clippy::infallible_destructuring_match))]
     pub async fn start(self) -> Result<Engine> {
         let store: Arc<dyn EventStore> = match self.store {
             StoreChoice::Given(store) => store,
