@@ -506,11 +506,11 @@ pub(crate) async fn drive(
     let journal = live.journal.clone();
     let replay = match Replay::new(&history) {
         Ok(replay) => replay,
-        Err(reason) => return park(&inner, &live, format!("the journal is inconsistent: {reason}")).await,
+        Err(reason) => return park(&live, format!("the journal is inconsistent: {reason}")).await,
     };
     let input = match history.first().map(|r| &r.event) {
         Some(Event::SagaStarted { input, .. }) => input.clone(),
-        _ => return park(&inner, &live, "the journal does not begin with SagaStarted".into()).await,
+        _ => return park(&live, "the journal does not begin with SagaStarted".into()).await,
     };
     let (interrupt_tx, interrupt_rx) = oneshot::channel();
     let shared = Arc::new(SagaShared {
@@ -552,9 +552,9 @@ pub(crate) async fn drive(
             if let Some(reason) = shared.cancel_reason() {
                 compensate(&inner, &live, &shared, format!("cancelled: {reason}")).await
             } else if let Some(reason) = unconsumed() {
-                park(&inner, &live, reason).await
+                park(&live, reason).await
             } else if replay.body_failed.is_some() {
-                park(&inner, &live, "the journal says the body failed, but it now completes".into()).await
+                park(&live, "the journal says the body failed, but it now completes".into()).await
             } else if output.len() > inner.config.max_payload_bytes {
                 let cause = format!(
                     "the saga output is {} bytes, over the limit of {} bytes",
@@ -567,10 +567,10 @@ pub(crate) async fn drive(
             }
         }
         Ending::Body(Err(e)) => match unconsumed() {
-            Some(reason) => park(&inner, &live, reason).await,
+            Some(reason) => park(&live, reason).await,
             None => compensate(&inner, &live, &shared, e.message().to_string()).await,
         },
-        Ending::Interrupted(Interrupt::Nondeterminism(reason)) => park(&inner, &live, reason).await,
+        Ending::Interrupted(Interrupt::Nondeterminism(reason)) => park(&live, reason).await,
         Ending::Interrupted(Interrupt::Cancelled(reason)) => {
             compensate(&inner, &live, &shared, format!("cancelled: {reason}")).await
         }
@@ -579,9 +579,7 @@ pub(crate) async fn drive(
                 tracing::error!(error = %e, "could not write the journal while suspending");
             }
         }
-        Ending::Interrupted(Interrupt::Storage(e)) => {
-            park(&inner, &live, format!("the journal could not be written: {e}")).await
-        }
+        Ending::Interrupted(Interrupt::Storage(e)) => park(&live, unwritable(&e)).await,
     }
 }
 
@@ -597,7 +595,7 @@ async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShare
     if (entering.is_some() || journal.record().status != SagaStatus::Compensating)
         && let Err(e) = journal.transition(entering, SagaStatus::Compensating).await
     {
-        return park(inner, live, format!("the journal could not be written: {e}")).await;
+        return park(live, unwritable(&e)).await;
     }
     tracing::info!(cause = %cause, steps = stack.len(), "compensating");
     for (position, pending) in stack.iter().enumerate().rev() {
@@ -645,7 +643,7 @@ async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShare
         };
         let written = match result {
             Attempted::Stopped(Interrupt::Storage(e)) => {
-                return park(inner, live, format!("the journal could not be written: {e}")).await;
+                return park(live, unwritable(&e)).await;
             }
             Attempted::Stopped(_) => return,
             Attempted::Done(Ok(())) => journal.append_durable(Event::CompensationCompleted { step }).await,
@@ -654,7 +652,7 @@ async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShare
                 if let Err(e) =
                     journal.append_durable(Event::CompensationFailed { step, error: error.clone() }).await
                 {
-                    return park(inner, live, format!("the journal could not be written: {e}")).await;
+                    return park(live, unwritable(&e)).await;
                 }
                 let undone = stack[..=position].iter().rev().map(|p| p.step).collect();
                 let end = Event::SagaCompensationFailed { step, error, undone };
@@ -662,7 +660,7 @@ async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShare
             }
         };
         if let Err(e) = written {
-            return park(inner, live, format!("the journal could not be written: {e}")).await;
+            return park(live, unwritable(&e)).await;
         }
     }
     finish(inner, live, Event::SagaCompensated { cause }, SagaStatus::Compensated).await
@@ -675,11 +673,15 @@ async fn finish(inner: &Arc<Inner>, live: &Arc<LiveSaga>, event: Event, status: 
             live.finished.send_replace(recorded.map(Arc::new));
             inner.forget(&live.journal.id);
         }
-        Err(e) => park(inner, live, format!("the journal could not be written: {e}")).await,
+        Err(e) => park(live, unwritable(&e)).await,
     }
 }
 
-async fn park(_: &Arc<Inner>, live: &Arc<LiveSaga>, reason: String) {
+fn unwritable(e: &dyn std::fmt::Display) -> String {
+    format!("the journal could not be written: {e}")
+}
+
+async fn park(live: &LiveSaga, reason: String) {
     tracing::error!(reason = %reason, "saga parked");
     // If even this write fails, the saga stays in flight as it was and is retried at the next
     // start; the in-memory status below still shows why to anyone inspecting it now.
