@@ -1,0 +1,361 @@
+//! Streaming secret masking.
+//!
+//! One Aho-Corasick automaton (leftmost-longest) covers every secret and every derived form of
+//! it, so the cost per output byte does not grow with the number of secrets.
+
+use std::fmt;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
+use super::error::RunnerError;
+use super::spec::Secrets;
+
+/// What every masked occurrence is replaced with.
+pub const MASK: &[u8] = b"***";
+
+/// Derived forms (encodings, single lines) shorter than this are not masked: fragments that short
+/// turn up by chance in ordinary output (hashes, ids, base64 blobs), so masking them would garble
+/// unrelated logs while hiding almost nothing. The raw value is always masked, whatever its
+/// length.
+pub const MIN_DERIVED_LEN: usize = 6;
+
+const BASE64_STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const BASE64_URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Replaces secrets in a byte stream that arrives in arbitrary chunks.
+///
+/// Masked are, for each non-empty secret value:
+/// - the value itself;
+/// - each line of a multi-line value (without its `\r`), so that a value printed line by line
+///   with other text between, or re-wrapped with CRLF, is still hidden;
+/// - its base64 encoding, standard and URL-safe alphabets, at each of the three alignments the
+///   value can have inside a longer encoded string (as in HTTP basic auth `user:token`), keeping
+///   only the characters fully determined by the value (the GitHub runner's "shifted" base64);
+/// - its URL (percent) encoding, uppercase hex, every byte outside `A-Za-z0-9-._~` escaped;
+/// - its JSON string escaping (`\"`, `\\`, `\n`, `\r`, `\t`, `\u00XX`).
+///
+/// Derived forms shorter than [`MIN_DERIVED_LEN`] are skipped. A derived form is only found
+/// where it appears as such: a value printed as hex, or piped through some other transformation,
+/// is not recognised.
+///
+/// Every occurrence of every form is found, overlapping ones included, and each run of
+/// overlapping occurrences becomes one [`MASK`]: two secrets that share bytes (`abcdef`,
+/// `defghi` in `abcdefghi`) leave nothing of either visible.
+///
+/// Streaming: bytes that could still be the start of an occurrence (from the first position
+/// whose suffix is a proper prefix of some pattern) are held back until the next chunk or
+/// [`finish`](Self::finish); everything before them is final and emitted. So the output is
+/// exactly what masking the whole stream at once would give, wherever the chunk boundaries fall,
+/// and fewer than [`max_pattern_len`](Self::max_pattern_len) bytes are ever held.
+#[derive(Clone)]
+pub struct Masker {
+    patterns: Option<Patterns>,
+    /// Input not yet final.
+    pending: Vec<u8>,
+    /// How many leading bytes of `pending` are already hidden by an emitted mask; they are kept
+    /// only so that an occurrence starting among them is still found and merged.
+    covered: usize,
+    scratch: Vec<(usize, usize)>,
+}
+
+#[derive(Clone)]
+struct Patterns {
+    automaton: AhoCorasick,
+    list: Vec<Vec<u8>>,
+    /// Which bytes begin some pattern: most positions are ruled out by one lookup.
+    first_bytes: [bool; 256],
+    max_len: usize,
+}
+
+impl Masker {
+    /// A masker for these secrets. With no (non-empty) secret it passes bytes through.
+    pub fn new(secrets: &Secrets) -> Result<Self, RunnerError> {
+        let mut list: Vec<Vec<u8>> = secrets.values().flat_map(forms).collect();
+        list.sort_unstable();
+        list.dedup();
+        let patterns = if list.is_empty() {
+            None
+        } else {
+            // Standard match semantics: the only kind that reports overlapping occurrences.
+            let automaton = AhoCorasick::builder().match_kind(MatchKind::Standard).build(&list)?;
+            let mut first_bytes = [false; 256];
+            for p in &list {
+                first_bytes[usize::from(p[0])] = true;
+            }
+            let max_len = list.iter().map(Vec::len).max().unwrap_or(0);
+            Some(Patterns { automaton, list, first_bytes, max_len })
+        };
+        Ok(Self { patterns, pending: Vec::new(), covered: 0, scratch: Vec::new() })
+    }
+
+    /// The length of the longest masked pattern (0 without secrets).
+    pub fn max_pattern_len(&self) -> usize {
+        self.patterns.as_ref().map_or(0, |p| p.max_len)
+    }
+
+    /// How many input bytes are held back, waiting to see whether they start a secret.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes the next chunk of the stream and appends what is final to `out`.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let Some(patterns) = &self.patterns else {
+            out.extend_from_slice(chunk);
+            return;
+        };
+        if self.pending.is_empty() {
+            // The common case: nothing held, so the chunk is scanned in place, without a copy.
+            let (kept, covered) = patterns.scan(chunk, 0, false, &mut self.scratch, out);
+            self.pending.extend_from_slice(&chunk[kept..]);
+            self.covered = covered;
+        } else {
+            self.pending.extend_from_slice(chunk);
+            let (kept, covered) = patterns.scan(&self.pending, self.covered, false, &mut self.scratch, out);
+            self.pending.drain(..kept);
+            self.covered = covered;
+        }
+    }
+
+    /// Ends the stream: appends everything still held, masked, to `out`. The masker can then
+    /// take a new stream.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if let Some(patterns) = &self.patterns {
+            patterns.scan(&self.pending, self.covered, true, &mut self.scratch, out);
+        }
+        super::spec::wipe(&mut self.pending);
+        self.pending.clear();
+        self.covered = 0;
+    }
+}
+
+impl Patterns {
+    /// Appends the final part of `buf` to `out`, masked, given that its first `covered` bytes
+    /// are already hidden. Returns where the part still held begins and how much of it is
+    /// hidden.
+    fn scan(
+        &self,
+        buf: &[u8],
+        covered: usize,
+        at_end: bool,
+        scratch: &mut Vec<(usize, usize)>,
+        out: &mut Vec<u8>,
+    ) -> (usize, usize) {
+        let hold = if at_end { buf.len() } else { self.hold_point(buf) };
+        // Occurrences starting before the hold point are all known, and cannot change with more
+        // input; those starting at or after it are found again in the next scan.
+        scratch.clear();
+        scratch.extend(
+            self.automaton
+                .find_overlapping_iter(buf)
+                .map(|m| (m.start(), m.end()))
+                .filter(|&(s, _)| s < hold),
+        );
+        scratch.sort_unstable();
+        let mut hidden_to = covered;
+        for &(start, end) in scratch.iter() {
+            if start < hidden_to {
+                hidden_to = hidden_to.max(end);
+            } else {
+                out.extend_from_slice(&buf[hidden_to..start]);
+                out.extend_from_slice(MASK);
+                hidden_to = end;
+            }
+        }
+        if hold > hidden_to {
+            out.extend_from_slice(&buf[hidden_to..hold]);
+        }
+        (hold, hidden_to.saturating_sub(hold))
+    }
+
+    /// The first position whose suffix is a proper prefix of some pattern: only from there on
+    /// can more input turn bytes into (part of) an occurrence.
+    fn hold_point(&self, buf: &[u8]) -> usize {
+        let earliest = buf.len().saturating_sub(self.max_len - 1);
+        (earliest..buf.len())
+            .find(|&q| {
+                let tail = &buf[q..];
+                self.first_bytes[usize::from(tail[0])]
+                    && self.list.iter().any(|p| p.len() > tail.len() && p.starts_with(tail))
+            })
+            .unwrap_or(buf.len())
+    }
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The patterns are the secrets: only their shape is shown.
+        f.debug_struct("Masker")
+            .field("patterns", &self.patterns.as_ref().map_or(0, |p| p.list.len()))
+            .field("max_pattern_len", &self.max_pattern_len())
+            .field("pending_len", &self.pending.len())
+            .finish()
+    }
+}
+
+impl Drop for Masker {
+    fn drop(&mut self) {
+        super::spec::wipe(&mut self.pending);
+    }
+}
+
+impl Drop for Patterns {
+    fn drop(&mut self) {
+        for p in &mut self.list {
+            super::spec::wipe(p);
+        }
+    }
+}
+
+/// Every form of one value that is masked (see [`Masker`]).
+fn forms(value: &[u8]) -> Vec<Vec<u8>> {
+    if value.is_empty() {
+        return Vec::new();
+    }
+    let mut derived = Vec::new();
+    if value.contains(&b'\n') {
+        for line in value.split(|&b| b == b'\n') {
+            derived.push(line.strip_suffix(b"\r").unwrap_or(line).to_vec());
+        }
+    }
+    for alphabet in [BASE64_STANDARD, BASE64_URL_SAFE] {
+        for shift in 0..3 {
+            derived.push(base64_aligned(value, shift, alphabet));
+        }
+    }
+    derived.push(percent_encode(value));
+    derived.push(json_escape(value));
+    derived.retain(|d| d.len() >= MIN_DERIVED_LEN);
+    derived.push(value.to_vec());
+    derived
+}
+
+/// The characters of the base64 encoding of `value` that do not depend on its neighbours, when
+/// it starts `shift` bytes into a 3-byte group.
+fn base64_aligned(value: &[u8], shift: usize, alphabet: &[u8; 64]) -> Vec<u8> {
+    let prefix = [0u8; 2];
+    let mut complete = Vec::new();
+    base64_complete_chars(prefix[..shift].iter().chain(value).copied(), alphabet, &mut complete);
+    // Characters carrying any bit of the prefix are dropped: ceil(8 * shift / 6) of them.
+    let skip = (8 * shift).div_ceil(6);
+    complete.get(skip..).map(<[u8]>::to_vec).unwrap_or_default()
+}
+
+/// Base64 characters whose six bits all come from `bytes`; the trailing partial one is left out.
+fn base64_complete_chars(bytes: impl Iterator<Item = u8>, alphabet: &[u8; 64], out: &mut Vec<u8>) {
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    for b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out.push(alphabet[((acc >> bits) & 63) as usize]);
+        }
+        acc &= (1 << bits) - 1;
+    }
+}
+
+/// Appends standard padded base64, as written in the stdin header, to `out`.
+pub(crate) fn base64_padded(value: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    base64_complete_chars(value.iter().copied(), BASE64_STANDARD, out);
+    // The trailing partial character, then padding to a multiple of four.
+    let rem_bits = (value.len() * 8) % 6;
+    if rem_bits != 0 {
+        let last = value[value.len() - 1];
+        let low = u32::from(last) & ((1 << rem_bits) - 1);
+        out.push(BASE64_STANDARD[(low << (6 - rem_bits)) as usize]);
+    }
+    while !(out.len() - start).is_multiple_of(4) {
+        out.push(b'=');
+    }
+}
+
+fn percent_encode(value: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+    out
+}
+
+fn json_escape(value: &[u8]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..0x20 => {
+                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_padded_matches_known_vectors() {
+        for (input, expected) in [
+            (&b""[..], &b""[..]),
+            (b"f", b"Zg=="),
+            (b"fo", b"Zm8="),
+            (b"foo", b"Zm9v"),
+            (b"foob", b"Zm9vYg=="),
+            (b"fooba", b"Zm9vYmE="),
+            (b"foobar", b"Zm9vYmFy"),
+            (&[0xfb, 0xff], b"+/8="),
+        ] {
+            let mut out = b"x".to_vec();
+            base64_padded(input, &mut out);
+            assert_eq!(&out[1..], expected, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn shifted_base64_forms_occur_in_encodings_of_longer_strings() {
+        let secret = b"s3cr3t-token";
+        for prefix in [&b""[..], b"a", b"ab", b"user:", b"xy:"] {
+            let mut whole = prefix.to_vec();
+            whole.extend_from_slice(secret);
+            whole.extend_from_slice(b"@host");
+            let mut encoded = Vec::new();
+            base64_padded(&whole, &mut encoded);
+            let form = base64_aligned(secret, prefix.len() % 3, BASE64_STANDARD);
+            assert!(form.len() >= MIN_DERIVED_LEN);
+            assert!(
+                encoded.windows(form.len()).any(|w| w == form),
+                "{:?} not in {:?}",
+                String::from_utf8_lossy(&form),
+                String::from_utf8_lossy(&encoded)
+            );
+        }
+    }
+
+    #[test]
+    fn percent_and_json_forms() {
+        assert_eq!(percent_encode(b"a b/c~"), b"a%20b%2Fc~");
+        assert_eq!(json_escape(b"a\"b\\c\nd\x01"), b"a\\\"b\\\\c\\nd\\u0001");
+    }
+
+    #[test]
+    fn short_secrets_mask_only_their_raw_value() {
+        assert_eq!(forms(b"abc"), vec![b"abc".to_vec()]);
+        assert!(forms(b"").is_empty());
+    }
+}
