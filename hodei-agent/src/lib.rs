@@ -1,0 +1,15 @@
+//! hodei-agent: the wire protocol, the control-plane hub, and the worker agent.
+//!
+//! Work in progress (issue 4). What is here is tested on its own:
+//! - [`protocol`]: the versioned protobuf package and the version handshake;
+//! - [`pki`]: the embedded CA, one-time registration tokens, per-worker certificates, and the
+//!   rustls configurations that enforce mTLS;
+//! - [`runner`]: running one job on a worker: its process group, secrets on stdin, output read
+//!   as bytes and batched with backpressure, secrets masked, cancellation and metrics.
+//!
+//! The hub's gRPC service, the agent binary, the local provider and jobs as durable steps
+//! build on these next.
+
+pub mod pki;
+pub mod protocol;
+pub mod runner;

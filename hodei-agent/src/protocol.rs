@@ -1,0 +1,123 @@
+//! The wire protocol (`proto/hodei/agent/v1/agent.proto`) and its version negotiation.
+//!
+//! The package name carries the major version: a breaking change is a new package, served
+//! beside the old one. Within a major version fields are only added, so two peers agree on the
+//! lower of their minor versions.
+
+use std::fmt;
+
+/// The generated messages and services of `hodei.agent.v1`.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod v1 {
+    tonic::include_proto!("hodei.agent.v1");
+}
+
+use v1::ProtocolVersion;
+
+/// The protocol this build speaks.
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+
+/// An agent whose protocol this control plane cannot speak.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VersionMismatch {
+    /// The peer sent no version at all: it is not a Hodei agent, or a broken one.
+    #[error("the peer sent no protocol version; it is not a Hodei agent of protocol {}.x", PROTOCOL.major)]
+    Missing,
+    /// Another major version.
+    #[error("{}", incompatible(*.ours, *.theirs))]
+    Incompatible {
+        /// This side's version.
+        ours: Version,
+        /// The peer's version.
+        theirs: Version,
+    },
+}
+
+fn incompatible(ours: Version, theirs: Version) -> String {
+    let upgrade = if theirs.major < ours.major { "upgrade the agent" } else { "upgrade the control plane" };
+    format!("the agent speaks protocol {theirs}, this control plane speaks {ours}: {upgrade}")
+}
+
+/// A protocol version, printable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    /// Breaking changes.
+    pub major: u32,
+    /// Additions.
+    pub minor: u32,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl From<ProtocolVersion> for Version {
+    fn from(v: ProtocolVersion) -> Self {
+        Self { major: v.major, minor: v.minor }
+    }
+}
+
+impl From<Version> for ProtocolVersion {
+    fn from(v: Version) -> Self {
+        Self { major: v.major, minor: v.minor }
+    }
+}
+
+/// The version both sides will speak: same major, the lower minor.
+pub fn negotiate(ours: ProtocolVersion, theirs: Option<ProtocolVersion>) -> Result<ProtocolVersion, VersionMismatch> {
+    let theirs = theirs.ok_or(VersionMismatch::Missing)?;
+    if theirs.major != ours.major {
+        return Err(VersionMismatch::Incompatible { ours: ours.into(), theirs: theirs.into() });
+    }
+    Ok(ProtocolVersion { major: ours.major, minor: ours.minor.min(theirs.minor) })
+}
+
+impl From<VersionMismatch> for tonic::Status {
+    /// `FAILED_PRECONDITION`: retrying the same agent cannot succeed; an upgrade can.
+    fn from(e: VersionMismatch) -> Self {
+        tonic::Status::failed_precondition(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(major: u32, minor: u32) -> ProtocolVersion {
+        ProtocolVersion { major, minor }
+    }
+
+    #[test]
+    fn the_lower_minor_wins_within_a_major() {
+        assert_eq!(negotiate(v(1, 3), Some(v(1, 1))), Ok(v(1, 1)));
+        assert_eq!(negotiate(v(1, 1), Some(v(1, 4))), Ok(v(1, 1)));
+    }
+
+    #[test]
+    fn another_major_is_a_clear_error() {
+        let older = negotiate(v(2, 0), Some(v(1, 7))).unwrap_err();
+        assert_eq!(older.to_string(), "the agent speaks protocol 1.7, this control plane speaks 2.0: upgrade the agent");
+        let newer = negotiate(v(1, 0), Some(v(3, 0))).unwrap_err();
+        assert!(newer.to_string().ends_with("upgrade the control plane"), "{newer}");
+        let status = tonic::Status::from(newer);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(negotiate(v(1, 0), None), Err(VersionMismatch::Missing));
+    }
+
+    #[test]
+    fn messages_round_trip_through_protobuf() {
+        use prost::Message;
+        let batch = v1::LogBatch {
+            job_id: "saga-7/3".into(),
+            stream: v1::OutputStream::Stderr as i32,
+            offset: 65_536,
+            data: vec![0xFF, 0x00, b'\n'],
+        };
+        let message = v1::AgentMessage { kind: Some(v1::agent_message::Kind::Log(batch.clone())) };
+        let decoded = v1::AgentMessage::decode(message.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.kind, Some(v1::agent_message::Kind::Log(batch)));
+    }
+}
