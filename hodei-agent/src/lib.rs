@@ -5,11 +5,14 @@
 //! - [`pki`]: the embedded CA, one-time registration tokens, per-worker certificates, and the
 //!   rustls configurations that enforce mTLS;
 //! - [`runner`]: running one job on a worker: its process group, secrets on stdin, output read
-//!   as bytes and batched with backpressure, secrets masked, cancellation and metrics.
+//!   as bytes and batched with backpressure, secrets masked, cancellation and metrics;
+//! - [`logstore`]: the control plane's per-job log files: offsets acknowledged only once on
+//!   disk, resends stored once, a visible truncation marker past the cap, and following.
 //!
 //! The hub's gRPC service, the agent binary, the local provider and jobs as durable steps
 //! build on these next.
 
+pub mod logstore;
 pub mod pki;
 pub mod protocol;
 pub mod runner;

@@ -67,7 +67,10 @@ impl From<Version> for ProtocolVersion {
 }
 
 /// The version both sides will speak: same major, the lower minor.
-pub fn negotiate(ours: ProtocolVersion, theirs: Option<ProtocolVersion>) -> Result<ProtocolVersion, VersionMismatch> {
+pub fn negotiate(
+    ours: ProtocolVersion,
+    theirs: Option<ProtocolVersion>,
+) -> Result<ProtocolVersion, VersionMismatch> {
     let theirs = theirs.ok_or(VersionMismatch::Missing)?;
     if theirs.major != ours.major {
         return Err(VersionMismatch::Incompatible { ours: ours.into(), theirs: theirs.into() });
@@ -99,7 +102,10 @@ mod tests {
     #[test]
     fn another_major_is_a_clear_error() {
         let older = negotiate(v(2, 0), Some(v(1, 7))).unwrap_err();
-        assert_eq!(older.to_string(), "the agent speaks protocol 1.7, this control plane speaks 2.0: upgrade the agent");
+        assert_eq!(
+            older.to_string(),
+            "the agent speaks protocol 1.7, this control plane speaks 2.0: upgrade the agent"
+        );
         let newer = negotiate(v(1, 0), Some(v(3, 0))).unwrap_err();
         assert!(newer.to_string().ends_with("upgrade the control plane"), "{newer}");
         let status = tonic::Status::from(newer);
