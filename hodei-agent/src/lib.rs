@@ -7,11 +7,17 @@
 //! - [`runner`]: running one job on a worker: its process group, secrets on stdin, output read
 //!   as bytes and batched with backpressure, secrets masked, cancellation and metrics;
 //! - [`logstore`]: the control plane's per-job log files: offsets acknowledged only once on
-//!   disk, resends stored once, a visible truncation marker past the cap, and following.
+//!   disk, resends stored once, a visible truncation marker past the cap, and following;
+//! - [`hub`]: the control plane's registration and mutual-TLS session listeners (tonic over the
+//!   PKI's rustls configurations): registration, the Hello/Welcome handshake, heartbeats, and
+//!   the registry of connected workers;
+//! - [`connect`]: the agent's side of the same: registering with a token and opening a session.
 //!
-//! The hub's gRPC service, the agent binary, the local provider and jobs as durable steps
-//! build on these next.
+//! Job dispatch, logs and results over the session, the agent binary, the local provider and
+//! jobs as durable steps build on these next.
 
+pub mod connect;
+pub mod hub;
 pub mod logstore;
 pub mod pki;
 pub mod protocol;

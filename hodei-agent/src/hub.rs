@@ -1,0 +1,550 @@
+//! The control plane's side of the agent protocol: the registration and session listeners.
+//!
+//! Two listeners, because they authenticate differently: `Register` runs over TLS that
+//! authenticates the hub only (the agent has no certificate yet), `Session` over mutual TLS
+//! whose client certificate is checked by the PKI's revocation-checking verifier. Each listener
+//! accepts TCP and does the TLS handshake itself with the PKI's rustls configuration, so that no
+//! other verifier can be configured by mistake.
+//!
+//! This first slice serves the handshake and heartbeats. Job dispatch, logs and results are not
+//! handled yet: such messages are logged and ignored.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Server;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::pki::{HubPki, PkiError, TlsIdentity, check_peer_worker_id};
+use crate::protocol::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
+use crate::protocol::v1::{
+    AgentMessage, Heartbeat, HubMessage, RegisterRequest, RegisterResponse, Welcome, agent_message,
+    hub_message,
+};
+use crate::protocol::{PROTOCOL, negotiate};
+
+/// What the hub can fail at while starting or running a listener.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// The TLS configuration could not be built from the PKI.
+    #[error("TLS configuration of the {listener} listener: {source}")]
+    Tls {
+        /// Which listener.
+        listener: &'static str,
+        /// What the PKI refused.
+        #[source]
+        source: PkiError,
+    },
+    /// The listening socket failed.
+    #[error("the {listener} listener: {source}")]
+    Io {
+        /// Which listener.
+        listener: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the {listener} server: {source}")]
+    Transport {
+        /// Which listener.
+        listener: &'static str,
+        /// tonic's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server task panicked or was cancelled.
+    #[error("the {listener} server task ended abnormally: {source}")]
+    Task {
+        /// Which listener.
+        listener: &'static str,
+        /// The task's failure.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// The session parameters the hub sets and announces in `Welcome`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// How often the agent sends a heartbeat. Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// How long the hub waits for any message before it closes the session. Default 30 s: three
+    /// intervals, so that one late heartbeat does not cut a worker off.
+    pub heartbeat_timeout: Duration,
+    /// Largest log batch the agent sends. Default 256 KiB, well under gRPC's 4 MiB message limit.
+    pub log_batch_max_bytes: u64,
+    /// Longest the agent holds output before sending it. Default 200 ms, so logs read as live.
+    pub log_batch_max_delay: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(30),
+            log_batch_max_bytes: 256 * 1024,
+            log_batch_max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+impl HubConfig {
+    /// Sets the heartbeat interval and timeout.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Sets the log batch limits.
+    pub fn log_batches(mut self, max_bytes: u64, max_delay: Duration) -> Self {
+        self.log_batch_max_bytes = max_bytes;
+        self.log_batch_max_delay = max_delay;
+        self
+    }
+}
+
+/// One connected worker in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Connection {
+    since: SystemTime,
+    /// Tells a worker's sessions apart: a reconnect may be accepted before the old session's
+    /// end is noticed, and that end must not remove the new one.
+    id: u64,
+}
+
+/// The workers with an open session, observable so that callers wait on changes, not on time.
+#[derive(Debug)]
+struct Registry {
+    workers: watch::Sender<BTreeMap<String, Connection>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    fn connect(self: &Arc<Self>, worker_id: &str) -> ConnectionGuard {
+        let connection =
+            Connection { since: SystemTime::now(), id: self.next_id.fetch_add(1, Ordering::Relaxed) };
+        self.workers.send_modify(|workers| {
+            workers.insert(worker_id.to_owned(), connection);
+        });
+        tracing::info!(worker = worker_id, "worker connected");
+        ConnectionGuard { registry: self.clone(), worker_id: worker_id.to_owned(), id: connection.id }
+    }
+}
+
+/// Removes its worker from the registry when the session ends, however it ends.
+#[derive(Debug)]
+struct ConnectionGuard {
+    registry: Arc<Registry>,
+    worker_id: String,
+    id: u64,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.registry.workers.send_if_modified(|workers| {
+            if workers.get(&self.worker_id).is_some_and(|c| c.id == self.id) {
+                workers.remove(&self.worker_id);
+                true
+            } else {
+                false
+            }
+        });
+        tracing::info!(worker = %self.worker_id, "worker disconnected");
+    }
+}
+
+/// The control plane's gRPC side: its PKI, session parameters and connected workers.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    pki: Arc<HubPki>,
+    config: HubConfig,
+    registry: Arc<Registry>,
+}
+
+impl Hub {
+    /// A hub issuing and checking certificates with `pki`.
+    pub fn new(pki: Arc<HubPki>, config: HubConfig) -> Self {
+        let registry =
+            Arc::new(Registry { workers: watch::Sender::new(BTreeMap::new()), next_id: AtomicU64::new(0) });
+        Self { pki, config, registry }
+    }
+
+    /// The PKI, e.g. to issue registration tokens.
+    pub fn pki(&self) -> &Arc<HubPki> {
+        &self.pki
+    }
+
+    /// The workers with an open session, and since when.
+    pub fn connected_workers(&self) -> BTreeMap<String, SystemTime> {
+        snapshot(&self.registry.workers.borrow())
+    }
+
+    /// Notified on every connect and disconnect.
+    pub fn watch_workers(&self) -> WorkersWatch {
+        WorkersWatch(self.registry.workers.subscribe())
+    }
+
+    /// Serves `Register` on `listener`, over TLS with `identity` and no client certificate.
+    pub fn serve_registration(
+        &self,
+        listener: TcpListener,
+        identity: &TlsIdentity,
+    ) -> Result<Listening, HubError> {
+        let service = RegistrationService { pki: self.pki.clone() };
+        let tls = self.pki.registration_server_config(identity);
+        serve("registration", listener, tls, ControlPlaneServer::new(service), watch::channel(false))
+    }
+
+    /// Serves `Session` on `listener`, over mutual TLS with `identity`: a client certificate
+    /// from the PKI's CA, valid and not revoked, is required.
+    pub fn serve_sessions(
+        &self,
+        listener: TcpListener,
+        identity: &TlsIdentity,
+    ) -> Result<Listening, HubError> {
+        let (shutdown, stopped) = watch::channel(false);
+        // Sessions see the shutdown too: a graceful stop waits for open streams, and these only
+        // end when the agent goes.
+        let service = SessionService {
+            config: self.config.clone(),
+            registry: self.registry.clone(),
+            stopped: stopped.clone(),
+        };
+        let tls = self.pki.mtls_server_config(identity);
+        serve("session", listener, tls, ControlPlaneServer::new(service), (shutdown, stopped))
+    }
+}
+
+fn snapshot(workers: &BTreeMap<String, Connection>) -> BTreeMap<String, SystemTime> {
+    workers.iter().map(|(id, c)| (id.clone(), c.since)).collect()
+}
+
+/// A subscription to the registry of connected workers.
+#[derive(Debug)]
+pub struct WorkersWatch(watch::Receiver<BTreeMap<String, Connection>>);
+
+impl WorkersWatch {
+    /// The connected workers now.
+    pub fn current(&self) -> BTreeMap<String, SystemTime> {
+        snapshot(&self.0.borrow())
+    }
+
+    /// Waits until the connected workers satisfy `condition`, and returns them. `None` if the
+    /// hub is gone.
+    pub async fn wait_for(
+        &mut self,
+        mut condition: impl FnMut(&BTreeMap<String, SystemTime>) -> bool,
+    ) -> Option<BTreeMap<String, SystemTime>> {
+        self.0.wait_for(|workers| condition(&snapshot(workers))).await.ok().map(|workers| snapshot(&workers))
+    }
+}
+
+/// A running listener. Dropping it stops the server too, without waiting.
+#[derive(Debug)]
+pub struct Listening {
+    listener: &'static str,
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl Listening {
+    /// The address it listens on (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, ends open sessions, and waits for the server to finish.
+    pub async fn shutdown(mut self) -> Result<(), HubError> {
+        let listener = self.listener;
+        self.shutdown.send_replace(true);
+        let Some(task) = self.task.take() else { return Ok(()) };
+        task.await
+            .map_err(|source| HubError::Task { listener, source })?
+            .map_err(|source| HubError::Transport { listener, source })
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// Runs `service` on connections accepted from `listener` and TLS-terminated with `tls`, until
+/// `shutdown` says so.
+fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    tls: Result<Arc<ServerConfig>, PkiError>,
+    service: ControlPlaneServer<impl ControlPlane>,
+    (shutdown, stopped): (watch::Sender<bool>, watch::Receiver<bool>),
+) -> Result<Listening, HubError> {
+    let acceptor = TlsAcceptor::from(tls.map_err(|source| HubError::Tls { listener: name, source })?);
+    let local_addr = listener.local_addr().map_err(|source| HubError::Io { listener: name, source })?;
+    let (connections, incoming) = mpsc::channel::<io::Result<TlsStream<TcpStream>>>(16);
+    tokio::spawn(accept(listener, acceptor, connections, stopped.clone()));
+    let mut stop = stopped;
+    let task = tokio::spawn(Server::builder().add_service(service).serve_with_incoming_shutdown(
+        ReceiverStream::new(incoming),
+        async move {
+            // An error means the sender is gone, which is a shutdown too.
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        },
+    ));
+    Ok(Listening { listener: name, local_addr, shutdown, task: Some(task) })
+}
+
+/// Accepts TCP connections and hands over those whose TLS handshake succeeds.
+async fn accept(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    connections: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Per-connection errors (e.g. the peer reset before accept); the listener lives on.
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let connections = connections.clone();
+        // One handshake per task, so that a slow or silent client does not hold up the others.
+        tokio::spawn(async move {
+            let peer = tcp.peer_addr().ok();
+            match acceptor.accept(tcp).await {
+                Ok(tls) => {
+                    // A closed channel means the server stopped; the connection is dropped.
+                    let _ = connections.send(Ok(tls)).await;
+                }
+                // A refused client certificate ends here, never reaching the service.
+                Err(e) => tracing::info!(?peer, error = %e, "TLS handshake refused"),
+            }
+        });
+    }
+}
+
+/// `Register`, on the listener that asks for no client certificate.
+#[derive(Debug)]
+struct RegistrationService {
+    pki: Arc<HubPki>,
+}
+
+#[tonic::async_trait]
+impl ControlPlane for RegistrationService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let protocol = negotiate(PROTOCOL, request.protocol)?;
+        let pki = self.pki.clone();
+        let worker_id = request.worker_id.clone();
+        // Parsing the CSR and signing are CPU work; keep them off the reactor threads.
+        let certificate = tokio::task::spawn_blocking(move || {
+            pki.register(&request.token, &request.worker_id, &request.csr_pem)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(worker = %worker_id, error = %e, "registration task failed");
+            Status::internal("registration failed")
+        })?
+        .map_err(|e| registration_status(&worker_id, e))?;
+        let not_after_unix_ms = certificate
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .unwrap_or(i64::MAX);
+        Ok(Response::new(RegisterResponse {
+            protocol: Some(protocol),
+            certificate_pem: certificate.cert_pem,
+            not_after_unix_ms,
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        _: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unauthenticated("sessions need a client certificate: use the session listener"))
+    }
+}
+
+/// The status for a refused registration. PkiError messages never contain the token.
+fn registration_status(worker_id: &str, error: PkiError) -> Status {
+    match error {
+        PkiError::UnknownToken
+        | PkiError::TokenReplayed
+        | PkiError::TokenExpired
+        | PkiError::TokenWrongWorker { .. } => {
+            tracing::warn!(worker = worker_id, error = %error, "registration refused");
+            Status::unauthenticated(error.to_string())
+        }
+        PkiError::WorkerRevoked(_) => {
+            tracing::warn!(worker = worker_id, error = %error, "registration refused");
+            Status::permission_denied(error.to_string())
+        }
+        PkiError::InvalidCsr { .. } | PkiError::InvalidWorkerId { .. } => {
+            Status::invalid_argument(error.to_string())
+        }
+        other => {
+            // The hub's own failure: the details are for its log, not for the agent.
+            tracing::error!(worker = worker_id, error = %other, "registration failed");
+            Status::internal("registration failed on the control plane")
+        }
+    }
+}
+
+/// `Session`, on the mutual-TLS listener.
+#[derive(Debug)]
+struct SessionService {
+    config: HubConfig,
+    registry: Arc<Registry>,
+    stopped: watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl ControlPlane for SessionService {
+    async fn register(&self, _: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        Err(Status::unimplemented("registration is served on the registration listener"))
+    }
+
+    type SessionStream = ReceiverStream<Result<HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        // The handshake verified the chain and revocation; what is left is who it is.
+        let peer = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(self.config.heartbeat_timeout, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within the heartbeat timeout")),
+            Ok(message) => match message?.and_then(|m| m.kind) {
+                Some(agent_message::Kind::Hello(hello)) => hello,
+                _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            },
+        };
+        let protocol = negotiate(PROTOCOL, hello.protocol)?;
+        check_peer_worker_id(&peer, &hello.worker_id)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+
+        let guard = self.registry.connect(&hello.worker_id);
+        let (outbound, stream) = mpsc::channel(16);
+        let welcome = Welcome {
+            protocol: Some(protocol),
+            heartbeat_interval_ms: millis(self.config.heartbeat_interval),
+            heartbeat_timeout_ms: millis(self.config.heartbeat_timeout),
+            log_batch_max_bytes: self.config.log_batch_max_bytes,
+            log_batch_max_delay_ms: millis(self.config.log_batch_max_delay),
+            // No job state is kept yet, so there is nothing to resume.
+            resume: Vec::new(),
+        };
+        // The channel is new and empty, so this cannot find it full.
+        outbound
+            .try_send(Ok(HubMessage { kind: Some(hub_message::Kind::Welcome(welcome)) }))
+            .map_err(|_| Status::internal("session closed before Welcome"))?;
+        tokio::spawn(run_session(
+            inbound,
+            outbound,
+            self.config.heartbeat_timeout,
+            guard,
+            self.stopped.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+}
+
+/// Answers heartbeats until the agent closes its stream, falls silent, or the connection dies.
+async fn run_session(
+    mut inbound: Streaming<AgentMessage>,
+    outbound: mpsc::Sender<Result<HubMessage, Status>>,
+    timeout: Duration,
+    guard: ConnectionGuard,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let worker = guard.worker_id.as_str();
+    loop {
+        let message = tokio::select! {
+            // The guard `wait_for` returns is not `Send`; drop it before awaiting anything else.
+            () = async { let _ = stopped.wait_for(|stopped| *stopped).await; } => {
+                let _ = outbound.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                break;
+            }
+            // The response stream was dropped: the peer is gone.
+            () = outbound.closed() => break,
+            received = tokio::time::timeout(timeout, inbound.message()) => received,
+        };
+        let kind = match message {
+            Err(_) => {
+                tracing::warn!(worker, "no message within the heartbeat timeout; closing the session");
+                let _ =
+                    outbound.send(Err(Status::deadline_exceeded("no heartbeat within the timeout"))).await;
+                break;
+            }
+            Ok(Ok(Some(message))) => message.kind,
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => {
+                tracing::debug!(worker, %status, "session stream failed");
+                break;
+            }
+        };
+        match kind {
+            Some(agent_message::Kind::Heartbeat(_)) => {
+                let reply = HubMessage {
+                    kind: Some(hub_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_ms() })),
+                };
+                if outbound.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+            Some(agent_message::Kind::Hello(_)) => {
+                tracing::warn!(worker, "second Hello on a session ignored")
+            }
+            // Jobs, logs, metrics, results and rotation are not served yet.
+            Some(_) => tracing::warn!(worker, "message not handled yet; ignored"),
+            None => tracing::warn!(worker, "empty message ignored"),
+        }
+    }
+    drop(guard);
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
