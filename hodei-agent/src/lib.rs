@@ -11,11 +11,14 @@
 //! - [`hub`]: the control plane's registration and mutual-TLS session listeners (tonic over the
 //!   PKI's rustls configurations): registration, the Hello/Welcome handshake, heartbeats, and
 //!   the registry of connected workers;
-//! - [`connect`]: the agent's side of the same: registering with a token and opening a session.
+//! - [`connect`]: the agent's side of the same: registering with a token and opening a session;
+//! - [`agent`]: the `hodei-agent` program: its settings (flags and environment), its stored key
+//!   and certificate, and the loop that keeps a session up with heartbeats and backoff.
 //!
-//! Job dispatch, logs and results over the session, the agent binary, the local provider and
+//! Job dispatch, logs and results over the session, the local provider and
 //! jobs as durable steps build on these next.
 
+pub mod agent;
 pub mod connect;
 pub mod hub;
 pub mod logstore;
