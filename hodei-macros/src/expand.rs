@@ -28,11 +28,7 @@ pub fn step(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#function #errors);
     };
 
-    let p = private(&options.common.krate);
-    let ident = &function.sig.ident;
-    let vis = &function.vis;
-    let attrs = &function.attrs;
-    let name = options.common.name.as_ref().map_or_else(|| ident.to_string(), |n| n.value());
+    let Item { p, ident, vis, attrs, name } = Item::new(&function, &options.common);
     let names: Vec<_> = sig.inputs.iter().enumerate().map(|(i, a)| attr::forwarded_name(a, i)).collect();
     let types: Vec<_> = sig.inputs.iter().map(|a| &*a.ty).collect();
     let (input_ty, input_value) = match (names.as_slice(), types.as_slice()) {
@@ -147,11 +143,7 @@ pub fn saga(args: TokenStream, item: TokenStream) -> TokenStream {
         return quote!(#function #errors);
     };
 
-    let p = private(&options.common.krate);
-    let ident = &function.sig.ident;
-    let vis = &function.vis;
-    let attrs = &function.attrs;
-    let name = options.common.name.as_ref().map_or_else(|| ident.to_string(), |n| n.value());
+    let Item { p, ident, vis, attrs, name } = Item::new(&function, &options.common);
     let version = options.version.unwrap_or(1);
     let (input_ty, input_arg) = match sig.inputs.first() {
         Some(arg) => (arg.ty.as_ref().clone(), quote!(#arg)),
@@ -224,8 +216,29 @@ pub fn saga(args: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-fn private(krate: &syn::Path) -> TokenStream {
-    quote!(#krate::__private)
+/// What both expansions take from the annotated function and the shared options.
+struct Item<'a> {
+    /// `<crate>::__private`, the only path generated code calls into.
+    p: TokenStream,
+    ident: &'a syn::Ident,
+    vis: &'a syn::Visibility,
+    attrs: &'a [syn::Attribute],
+    /// The `name` option, or the function's name.
+    name: String,
+}
+
+impl<'a> Item<'a> {
+    fn new(function: &'a ItemFn, common: &attr::Common) -> Self {
+        let krate = &common.krate;
+        let ident = &function.sig.ident;
+        Item {
+            p: quote!(#krate::__private),
+            ident,
+            vis: &function.vis,
+            attrs: &function.attrs,
+            name: common.name.as_ref().map_or_else(|| ident.to_string(), |n| n.value()),
+        }
+    }
 }
 
 /// The paths of the functions the body calls with `&ctx` first: its step calls, in source
