@@ -7,21 +7,30 @@
 //! reads its stderr, and the crate has no tracing subscriber to print events with.
 
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::connect::{self, ConnectError, Session};
 use crate::pki::{
     AgentKey, PkiError, TlsIdentity, WorkerCertificate, agent_client_config, validate_worker_id,
 };
-use crate::protocol::v1::{AgentMessage, Heartbeat, agent_message, hub_message};
+use crate::protocol::now_unix_ms;
+use crate::protocol::v1::{self, AgentMessage, Heartbeat, OutputStream, agent_message, hub_message};
+use crate::runner::{
+    self, BatchLimits, CancelHandle, DEFAULT_GRACE, Exit, JobRunner, MetricsSource, Outcome, RunnerConfig,
+    RunnerError, RunningJob, Secrets, Stream,
+};
 
 /// What the agent can fail at. [`AgentError::Setting`] and [`AgentError::UnknownFlag`] are the
 /// operator's to fix (the binary exits 2 for them); the others are failures at run time.
@@ -447,7 +456,13 @@ fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
     fs::rename(&partial, path).map_err(error("renaming into place"))
 }
 
-/// Opens one session and keeps it up with heartbeats. Returns why it ended.
+/// Opens one session and keeps it up with heartbeats, running the jobs the hub assigns. Returns
+/// why it ended.
+///
+/// Jobs live as long as the session: when it ends they are cancelled (their tasks are aborted,
+/// which drops their [`RunningJob`]s). Log acknowledgements are only logged for now; keeping
+/// unacknowledged output to resend from the last ack after a reconnect, and re-attaching to
+/// running jobs through `Hello`, are the next slice.
 async fn session(settings: &Settings, identity: &TlsIdentity, backoff: &mut Backoff) -> String {
     let session =
         connect::open_session(settings.session_addr, &settings.ca_bundle_pem, identity, &settings.worker_id)
@@ -463,29 +478,239 @@ async fn session(settings: &Settings, identity: &TlsIdentity, backoff: &mut Back
     let period = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
     let mut heartbeats = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The hub sets the batch limits; the runner applies its own floors to nonsense values.
+    let batch = BatchLimits {
+        max_bytes: usize::try_from(welcome.log_batch_max_bytes).unwrap_or(usize::MAX),
+        max_delay: Duration::from_millis(welcome.log_batch_max_delay_ms),
+    };
+    let runner = JobRunner::new(RunnerConfig::default().batch(batch));
+    let mut jobs = Jobs::default();
     loop {
         tokio::select! {
             _ = heartbeats.tick() => {
-                let sent_unix_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .ok()
-                    .and_then(|d| i64::try_from(d.as_millis()).ok())
-                    .unwrap_or(0);
-                let beat = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { sent_unix_ms })) };
+                let beat = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_unix_ms() })) };
                 if sender.send(beat).await.is_err() {
                     return "the session closed".to_owned();
+                }
+            }
+            Some(finished) = jobs.tasks.join_next(), if !jobs.tasks.is_empty() => {
+                match finished {
+                    Ok(job_id) => { jobs.cancels.remove(&job_id); }
+                    Err(e) => tracing::error!(error = %e, "a job task failed"),
                 }
             }
             message = receiver.message() => match message {
                 Ok(Some(message)) => match message.kind {
                     Some(hub_message::Kind::Heartbeat(_)) => tracing::trace!("heartbeat answered"),
-                    // Jobs are not dispatched yet; whatever else comes is noted and left.
+                    Some(hub_message::Kind::Assign(assign)) => match assign.spec {
+                        Some(spec) => jobs.start(&runner, spec, &sender),
+                        None => tracing::warn!("AssignJob without a spec ignored"),
+                    },
+                    Some(hub_message::Kind::Cancel(cancel)) => jobs.cancel(cancel),
+                    Some(hub_message::Kind::LogAck(ack)) => {
+                        tracing::trace!(job = %ack.job_id, stream = ack.stream, stored = ack.stored, "log acknowledged");
+                    }
+                    Some(hub_message::Kind::ResultAck(ack)) => tracing::debug!(job = %ack.job_id, "result acknowledged"),
                     other => tracing::warn!(message = ?other, "hub message not handled; ignored"),
                 },
                 Ok(None) => return "the control plane ended the session".to_owned(),
                 Err(status) => return format!("the session failed: {}", status.message()),
             },
         }
+    }
+}
+
+/// The jobs running on one session.
+#[derive(Default)]
+struct Jobs {
+    /// Each job's task, which yields its id when the job is over and its result sent.
+    tasks: JoinSet<String>,
+    /// By job id, with where the cancellation reason goes.
+    cancels: HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>,
+}
+
+impl Jobs {
+    /// Starts the job, or reports at once that it could not start.
+    fn start(&mut self, runner: &JobRunner, spec: v1::JobSpec, sender: &mpsc::Sender<AgentMessage>) {
+        let job_id = spec.job_id.clone();
+        if self.cancels.contains_key(&job_id) {
+            // Re-attaching is for after a reconnect (next slice); on the same session it is a
+            // duplicate, and starting the job twice would be worse.
+            tracing::warn!(job = %job_id, "job already running on this session; AssignJob ignored");
+            return;
+        }
+        // Sized like the runner's batches, so output waits in the pipe, not here.
+        let (logs, batches) = mpsc::channel(16);
+        let started = job_spec(spec).and_then(|(spec, secrets)| runner.start(spec, secrets, logs, None));
+        let sender = sender.clone();
+        match started {
+            Ok(job) => {
+                let reason = Arc::new(OnceLock::new());
+                self.cancels.insert(job_id.clone(), (job.cancel_handle(), reason.clone()));
+                self.tasks.spawn(run_job(job_id, job, batches, sender, reason));
+            }
+            Err(e) => {
+                say(format_args!("job {job_id} could not start: {e}"));
+                let result = v1::JobResult {
+                    job_id: job_id.clone(),
+                    outcome: Some(v1::job_result::Outcome::FailedToStart(e.to_string())),
+                    ..v1::JobResult::default()
+                };
+                self.tasks.spawn(async move {
+                    let _ = sender.send(message(agent_message::Kind::Result(result))).await;
+                    job_id
+                });
+            }
+        }
+    }
+
+    fn cancel(&mut self, cancel: v1::CancelJob) {
+        match self.cancels.get(&cancel.job_id) {
+            Some((handle, reason)) => {
+                // The first reason is the one reported.
+                let _ = reason.set(cancel.reason);
+                handle.cancel();
+            }
+            None => tracing::debug!(job = %cancel.job_id, "cancel for a job not running here ignored"),
+        }
+    }
+}
+
+fn message(kind: agent_message::Kind) -> AgentMessage {
+    AgentMessage { kind: Some(kind) }
+}
+
+/// The runner's spec and secrets for a wire spec. A `script` without an interpreter runs with
+/// `/bin/sh -s`, the interpreter the runner's stdin header is designed for.
+fn job_spec(spec: v1::JobSpec) -> Result<(runner::JobSpec, Secrets), RunnerError> {
+    let v1::JobSpec {
+        command,
+        script,
+        interpreter,
+        env,
+        working_dir,
+        secrets,
+        timeout_ms,
+        cancel_grace_ms,
+        ..
+    } = spec;
+    let mut job = match (command.split_first(), interpreter.split_first()) {
+        (Some((program, args)), _) => runner::JobSpec::command(program, args),
+        (None, Some((program, args))) => runner::JobSpec::script(program, args, script),
+        (None, None) if !script.is_empty() => runner::JobSpec::script("/bin/sh", ["-s"], script),
+        (None, None) => {
+            return Err(RunnerError::InvalidSpec { reason: "neither a command nor a script".to_owned() });
+        }
+    };
+    // Sorted, so that the job sees the same environment order every time.
+    let env: BTreeMap<String, String> = env.into_iter().collect();
+    for (name, value) in env {
+        job = job.env(name, value);
+    }
+    if !working_dir.is_empty() {
+        job = job.working_dir(working_dir);
+    }
+    if timeout_ms > 0 {
+        job = job.timeout(Duration::from_millis(timeout_ms));
+    }
+    job = job.grace(if cancel_grace_ms > 0 { Duration::from_millis(cancel_grace_ms) } else { DEFAULT_GRACE });
+    let mut values = Secrets::new();
+    for (name, value) in secrets {
+        values.insert(name, value.into_bytes())?;
+    }
+    Ok((job, values))
+}
+
+/// Announces the job, forwards its output as it comes, and sends its result. Returns its id.
+async fn run_job(
+    job_id: String,
+    job: RunningJob,
+    mut batches: mpsc::Receiver<runner::LogBatch>,
+    sender: mpsc::Sender<AgentMessage>,
+    reason: Arc<OnceLock<String>>,
+) -> String {
+    let pid = job.pid();
+    let source = job.metrics_source().clone();
+    let accepted = v1::JobAccepted { job_id: job_id.clone(), pid };
+    if sender.send(message(agent_message::Kind::Accepted(accepted))).await.is_err() {
+        return job_id;
+    }
+    let forward = |batch: runner::LogBatch| {
+        let stream = match batch.stream {
+            Stream::Stdout => OutputStream::Stdout,
+            Stream::Stderr => OutputStream::Stderr,
+        };
+        let batch = v1::LogBatch {
+            job_id: job_id.clone(),
+            stream: stream.into(),
+            offset: batch.offset,
+            data: batch.data,
+        };
+        sender.send(message(agent_message::Kind::Log(batch)))
+    };
+    let wait = job.wait();
+    tokio::pin!(wait);
+    // Output is forwarded while waiting: the runner's wait also waits for its sink to drain.
+    let finished = loop {
+        tokio::select! {
+            Some(batch) = batches.recv() => if forward(batch).await.is_err() { return job_id },
+            finished = &mut wait => break finished,
+        }
+    };
+    // Batches sent just before the job was over.
+    while let Some(batch) = batches.recv().await {
+        if forward(batch).await.is_err() {
+            return job_id;
+        }
+    }
+    let result = job_result(&job_id, finished, &source, reason.get());
+    let _ = sender.send(message(agent_message::Kind::Result(result))).await;
+    job_id
+}
+
+/// The wire result for what the runner reported.
+fn job_result(
+    job_id: &str,
+    finished: Result<runner::JobResult, RunnerError>,
+    source: &MetricsSource,
+    reason: Option<&String>,
+) -> v1::JobResult {
+    use v1::job_result::Outcome as Wire;
+    let metrics_source = match source {
+        MetricsSource::Cgroup { .. } => "cgroup",
+        MetricsSource::Proc { .. } => "proc",
+    };
+    let result = match finished {
+        Ok(result) => result,
+        // The proto has no outcome for the runner's own failure; the job's end is unknown, and
+        // "did not run properly" is what the hub must hear.
+        Err(e) => {
+            return v1::JobResult {
+                job_id: job_id.to_owned(),
+                outcome: Some(Wire::FailedToStart(format!("the runner failed: {e}"))),
+                metrics_source: metrics_source.to_owned(),
+                ..v1::JobResult::default()
+            };
+        }
+    };
+    let outcome = match (result.outcome, result.exit) {
+        (Outcome::Completed, Exit::Code(code)) => Wire::ExitCode(code),
+        (Outcome::Completed, Exit::Signal(signal)) => Wire::Signal(signal),
+        (Outcome::Cancelled, _) => Wire::Cancelled(reason.cloned().unwrap_or_else(|| "cancelled".to_owned())),
+        (Outcome::TimedOut, _) => Wire::TimedOut(true),
+        // Only when this session's sender is gone, so the result is unlikely to arrive at all.
+        (Outcome::SinkClosed, _) => Wire::Cancelled("the session closed".to_owned()),
+    };
+    let metrics = &result.metrics;
+    v1::JobResult {
+        job_id: job_id.to_owned(),
+        outcome: Some(outcome),
+        stdout_bytes: result.stdout_bytes,
+        stderr_bytes: result.stderr_bytes,
+        cpu_usage_usec: u64::try_from(metrics.cpu.as_micros()).unwrap_or(u64::MAX),
+        memory_peak_bytes: metrics.peak_memory_bytes.unwrap_or(0),
+        wall_time_ms: u64::try_from(metrics.wall.as_millis()).unwrap_or(u64::MAX),
+        metrics_source: metrics_source.to_owned(),
     }
 }
 

@@ -6,19 +6,23 @@
 //! accepts TCP and does the TLS handshake itself with the PKI's rustls configuration, so that no
 //! other verifier can be configured by mistake.
 //!
-//! This first slice serves the handshake and heartbeats. Job dispatch, logs and results are not
-//! handled yet: such messages are logged and ignored.
+//! Sessions serve the handshake, heartbeats and jobs: [`Hub::run_job`] assigns a job on a
+//! worker's session, stores its output in the hub's [`LogStore`] (acknowledging each batch
+//! with the offset the store made durable) and resolves with the worker's result. Each session
+//! task owns its jobs' state; callers reach it through a command channel, so nothing is shared
+//! between sessions but the registry. There is no resume yet: a session that ends fails its
+//! jobs with [`HubError::WorkerLost`], and the caller decides whether to run them again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -26,13 +30,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::logstore::{LogStore, LogStoreError, LogStream};
 use crate::pki::{HubPki, PkiError, TlsIdentity, check_peer_worker_id};
 use crate::protocol::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
 use crate::protocol::v1::{
-    AgentMessage, Heartbeat, HubMessage, RegisterRequest, RegisterResponse, Welcome, agent_message,
-    hub_message,
+    self, AgentMessage, AssignJob, CancelJob, Heartbeat, HubMessage, LogAck, OutputStream, RegisterRequest,
+    RegisterResponse, ResultAck, Welcome, agent_message, hub_message,
 };
-use crate::protocol::{PROTOCOL, negotiate};
+use crate::protocol::{PROTOCOL, negotiate, now_unix_ms};
 
 /// What the hub can fail at while starting or running a listener.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,48 @@ pub enum HubError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// No worker with this id has an open session.
+    #[error("worker `{worker_id}` is not connected")]
+    UnknownWorker {
+        /// The worker asked for.
+        worker_id: String,
+    },
+    /// The worker's session ended before the job's result arrived. The job may or may not have
+    /// run: running it again (same id) is the caller's call.
+    #[error("worker `{worker_id}` was lost before job `{job_id}` finished")]
+    WorkerLost {
+        /// The worker.
+        worker_id: String,
+        /// The job.
+        job_id: String,
+    },
+    /// The hub was built without a [`LogStore`], so it has nowhere to keep a job's output.
+    #[error("the hub has no log store, so it cannot run jobs")]
+    NoLogStore,
+    /// A job with this id is already running on that worker's session.
+    #[error("job `{job_id}` is already running on worker `{worker_id}`")]
+    DuplicateJob {
+        /// The worker.
+        worker_id: String,
+        /// The job.
+        job_id: String,
+    },
+    /// The job's output could not be stored; the result arrived, but the log is incomplete.
+    #[error("storing the log of job `{job_id}`: {source}")]
+    Logs {
+        /// The job.
+        job_id: String,
+        /// What the store refused or failed at.
+        #[source]
+        source: LogStoreError,
+    },
+}
+
+impl HubError {
+    /// Whether running the job again may succeed: the worker went away, not the job.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::WorkerLost { .. } | Self::UnknownWorker { .. })
+    }
 }
 
 /// The session parameters the hub sets and announces in `Welcome`.
@@ -131,18 +178,53 @@ struct Connection {
 #[derive(Debug)]
 struct Registry {
     workers: watch::Sender<BTreeMap<String, Connection>>,
+    /// Each open session's command channel, by worker, with the session's connection id.
+    sessions: Mutex<HashMap<String, (u64, mpsc::Sender<SessionCommand>)>>,
     next_id: AtomicU64,
 }
 
 impl Registry {
-    fn connect(self: &Arc<Self>, worker_id: &str) -> ConnectionGuard {
+    fn connect(self: &Arc<Self>, worker_id: &str, commands: mpsc::Sender<SessionCommand>) -> ConnectionGuard {
         let connection =
             Connection { since: SystemTime::now(), id: self.next_id.fetch_add(1, Ordering::Relaxed) };
+        // Before the watch announces the worker, so that whoever sees it listed can reach it.
+        self.sessions().insert(worker_id.to_owned(), (connection.id, commands));
         self.workers.send_modify(|workers| {
             workers.insert(worker_id.to_owned(), connection);
         });
         tracing::info!(worker = worker_id, "worker connected");
         ConnectionGuard { registry: self.clone(), worker_id: worker_id.to_owned(), id: connection.id }
+    }
+
+    /// The map is only ever held for an insert, a remove or a clone, which cannot panic midway,
+    /// so a poisoned lock still holds a consistent map.
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<SessionCommand>)>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn commands(&self, worker_id: &str) -> Option<mpsc::Sender<SessionCommand>> {
+        self.sessions().get(worker_id).map(|(_, commands)| commands.clone())
+    }
+}
+
+/// What callers ask of a session task.
+enum SessionCommand {
+    // Boxed: a spec is large and commands are few.
+    Run { spec: Box<v1::JobSpec>, reply: oneshot::Sender<Result<v1::JobResult, HubError>> },
+    Cancel { job_id: String, reason: String },
+}
+
+impl std::fmt::Debug for SessionCommand {
+    // By hand: the spec carries secret values, which must not reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Run { spec, .. } => {
+                f.debug_struct("Run").field("job_id", &spec.job_id).finish_non_exhaustive()
+            }
+            Self::Cancel { job_id, reason } => {
+                f.debug_struct("Cancel").field("job_id", job_id).field("reason", reason).finish()
+            }
+        }
     }
 }
 
@@ -156,6 +238,11 @@ struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        let mut sessions = self.registry.sessions();
+        if sessions.get(&self.worker_id).is_some_and(|(id, _)| *id == self.id) {
+            sessions.remove(&self.worker_id);
+        }
+        drop(sessions);
         self.registry.workers.send_if_modified(|workers| {
             if workers.get(&self.worker_id).is_some_and(|c| c.id == self.id) {
                 workers.remove(&self.worker_id);
@@ -174,14 +261,66 @@ pub struct Hub {
     pki: Arc<HubPki>,
     config: HubConfig,
     registry: Arc<Registry>,
+    logs: Option<Arc<LogStore>>,
 }
 
 impl Hub {
-    /// A hub issuing and checking certificates with `pki`.
+    /// A hub issuing and checking certificates with `pki`. It runs no jobs until it is given a
+    /// log store ([`Hub::with_logs`]).
     pub fn new(pki: Arc<HubPki>, config: HubConfig) -> Self {
-        let registry =
-            Arc::new(Registry { workers: watch::Sender::new(BTreeMap::new()), next_id: AtomicU64::new(0) });
-        Self { pki, config, registry }
+        let registry = Arc::new(Registry {
+            workers: watch::Sender::new(BTreeMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        });
+        Self { pki, config, registry, logs: None }
+    }
+
+    /// Keeps jobs' output in `logs`. Set it before [`Hub::serve_sessions`]: sessions take the
+    /// store they are served with.
+    #[must_use]
+    pub fn with_logs(mut self, logs: Arc<LogStore>) -> Self {
+        self.logs = Some(logs);
+        self
+    }
+
+    /// The log store, if the hub has one.
+    pub fn logs(&self) -> Option<&Arc<LogStore>> {
+        self.logs.as_ref()
+    }
+
+    /// Runs `spec` on `worker_id` and waits for its result. Its output is stored under the job
+    /// id in the hub's log store, whose log for the job is closed before this returns `Ok`.
+    ///
+    /// Fails with [`HubError::WorkerLost`] if the session ends first (no resume yet).
+    pub async fn run_job(&self, worker_id: &str, spec: v1::JobSpec) -> Result<v1::JobResult, HubError> {
+        if self.logs.is_none() {
+            return Err(HubError::NoLogStore);
+        }
+        let job_id = spec.job_id.clone();
+        let lost = || HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.clone() };
+        let commands = self.session(worker_id)?;
+        let (reply, result) = oneshot::channel();
+        commands.send(SessionCommand::Run { spec: Box::new(spec), reply }).await.map_err(|_| lost())?;
+        // The session task drops the reply when the session ends: that is the loss.
+        result.await.map_err(|_| lost())?
+    }
+
+    /// Asks `worker_id` to cancel `job_id`; its [`Hub::run_job`] then resolves with a cancelled
+    /// result. A job the worker does not know is ignored by the worker.
+    pub async fn cancel_job(&self, worker_id: &str, job_id: &str, reason: &str) -> Result<(), HubError> {
+        let commands = self.session(worker_id)?;
+        let cancel = SessionCommand::Cancel { job_id: job_id.to_owned(), reason: reason.to_owned() };
+        commands
+            .send(cancel)
+            .await
+            .map_err(|_| HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.to_owned() })
+    }
+
+    fn session(&self, worker_id: &str) -> Result<mpsc::Sender<SessionCommand>, HubError> {
+        self.registry
+            .commands(worker_id)
+            .ok_or_else(|| HubError::UnknownWorker { worker_id: worker_id.to_owned() })
     }
 
     /// The PKI, e.g. to issue registration tokens.
@@ -223,6 +362,7 @@ impl Hub {
         let service = SessionService {
             config: self.config.clone(),
             registry: self.registry.clone(),
+            logs: self.logs.clone(),
             stopped: stopped.clone(),
         };
         let tls = self.pki.mtls_server_config(identity);
@@ -425,6 +565,7 @@ fn registration_status(worker_id: &str, error: PkiError) -> Status {
 struct SessionService {
     config: HubConfig,
     registry: Arc<Registry>,
+    logs: Option<Arc<LogStore>>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -457,7 +598,8 @@ impl ControlPlane for SessionService {
         check_peer_worker_id(&peer, &hello.worker_id)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
 
-        let guard = self.registry.connect(&hello.worker_id);
+        let (commands, command_rx) = mpsc::channel(16);
+        let guard = self.registry.connect(&hello.worker_id, commands);
         let (outbound, stream) = mpsc::channel(16);
         let welcome = Welcome {
             protocol: Some(protocol),
@@ -472,79 +614,198 @@ impl ControlPlane for SessionService {
         outbound
             .try_send(Ok(HubMessage { kind: Some(hub_message::Kind::Welcome(welcome)) }))
             .map_err(|_| Status::internal("session closed before Welcome"))?;
-        tokio::spawn(run_session(
-            inbound,
+        let session = SessionTask {
             outbound,
-            self.config.heartbeat_timeout,
+            commands: command_rx,
+            logs: self.logs.clone(),
+            jobs: HashMap::new(),
             guard,
-            self.stopped.clone(),
-        ));
+        };
+        tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
         Ok(Response::new(ReceiverStream::new(stream)))
     }
 }
 
-/// Answers heartbeats until the agent closes its stream, falls silent, or the connection dies.
-async fn run_session(
-    mut inbound: Streaming<AgentMessage>,
+/// A job waiting for its result on this session.
+struct PendingJob {
+    reply: oneshot::Sender<Result<v1::JobResult, HubError>>,
+    /// The first failure to store its output: the result is then reported as this error.
+    log_error: Option<LogStoreError>,
+}
+
+/// One session's state, owned by its task.
+struct SessionTask {
     outbound: mpsc::Sender<Result<HubMessage, Status>>,
-    timeout: Duration,
+    commands: mpsc::Receiver<SessionCommand>,
+    logs: Option<Arc<LogStore>>,
+    /// By job id. Dropped with the task, which tells every waiter its worker was lost.
+    jobs: HashMap<String, PendingJob>,
     guard: ConnectionGuard,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let worker = guard.worker_id.as_str();
-    loop {
-        let message = tokio::select! {
-            // The guard `wait_for` returns is not `Send`; drop it before awaiting anything else.
-            () = async { let _ = stopped.wait_for(|stopped| *stopped).await; } => {
-                let _ = outbound.send(Err(Status::unavailable("the control plane is shutting down"))).await;
-                break;
-            }
-            // The response stream was dropped: the peer is gone.
-            () = outbound.closed() => break,
-            received = tokio::time::timeout(timeout, inbound.message()) => received,
-        };
-        let kind = match message {
-            Err(_) => {
-                tracing::warn!(worker, "no message within the heartbeat timeout; closing the session");
-                let _ =
-                    outbound.send(Err(Status::deadline_exceeded("no heartbeat within the timeout"))).await;
-                break;
-            }
-            Ok(Ok(Some(message))) => message.kind,
-            Ok(Ok(None)) => break,
-            Ok(Err(status)) => {
-                tracing::debug!(worker, %status, "session stream failed");
-                break;
-            }
-        };
-        match kind {
-            Some(agent_message::Kind::Heartbeat(_)) => {
-                let reply = HubMessage {
-                    kind: Some(hub_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_ms() })),
-                };
-                if outbound.send(Ok(reply)).await.is_err() {
+}
+
+/// Whether the session goes on after a message.
+type Flow = std::ops::ControlFlow<()>;
+
+impl SessionTask {
+    /// Serves the session until the agent closes its stream, falls silent, or the connection
+    /// dies.
+    async fn run(
+        mut self,
+        mut inbound: Streaming<AgentMessage>,
+        timeout: Duration,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        loop {
+            let message = tokio::select! {
+                // The guard `wait_for` returns is not `Send`; drop it before awaiting anything else.
+                () = async { let _ = stopped.wait_for(|stopped| *stopped).await; } => {
+                    let _ = self.outbound.send(Err(Status::unavailable("the control plane is shutting down"))).await;
                     break;
                 }
+                // The response stream was dropped: the peer is gone.
+                () = self.outbound.closed() => break,
+                Some(command) = self.commands.recv() => {
+                    if self.command(command).await.is_break() {
+                        break;
+                    }
+                    continue;
+                }
+                received = tokio::time::timeout(timeout, inbound.message()) => received,
+            };
+            let worker = self.guard.worker_id.as_str();
+            let kind = match message {
+                Err(_) => {
+                    tracing::warn!(worker, "no message within the heartbeat timeout; closing the session");
+                    let _ = self
+                        .outbound
+                        .send(Err(Status::deadline_exceeded("no heartbeat within the timeout")))
+                        .await;
+                    break;
+                }
+                Ok(Ok(Some(message))) => message.kind,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => {
+                    tracing::debug!(worker, %status, "session stream failed");
+                    break;
+                }
+            };
+            if self.message(kind).await.is_break() {
+                break;
             }
-            Some(agent_message::Kind::Hello(_)) => {
-                tracing::warn!(worker, "second Hello on a session ignored")
-            }
-            // Jobs, logs, metrics, results and rotation are not served yet.
-            Some(_) => tracing::warn!(worker, "message not handled yet; ignored"),
-            None => tracing::warn!(worker, "empty message ignored"),
+        }
+        if !self.jobs.is_empty() {
+            tracing::warn!(worker = %self.guard.worker_id, jobs = self.jobs.len(), "session ended with jobs running");
         }
     }
-    drop(guard);
+
+    async fn send(&self, kind: hub_message::Kind) -> Flow {
+        match self.outbound.send(Ok(HubMessage { kind: Some(kind) })).await {
+            Ok(()) => Flow::Continue(()),
+            Err(_) => Flow::Break(()),
+        }
+    }
+
+    async fn command(&mut self, command: SessionCommand) -> Flow {
+        match command {
+            SessionCommand::Run { spec, reply } => {
+                let job_id = spec.job_id.clone();
+                if self.jobs.contains_key(&job_id) {
+                    let worker_id = self.guard.worker_id.clone();
+                    let _ = reply.send(Err(HubError::DuplicateJob { worker_id, job_id }));
+                    return Flow::Continue(());
+                }
+                self.jobs.insert(job_id, PendingJob { reply, log_error: None });
+                self.send(hub_message::Kind::Assign(AssignJob { spec: Some(*spec) })).await
+            }
+            SessionCommand::Cancel { job_id, reason } => {
+                self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await
+            }
+        }
+    }
+
+    async fn message(&mut self, kind: Option<agent_message::Kind>) -> Flow {
+        let worker = self.guard.worker_id.as_str();
+        match kind {
+            Some(agent_message::Kind::Heartbeat(_)) => {
+                self.send(hub_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_unix_ms() })).await
+            }
+            Some(agent_message::Kind::Hello(_)) => {
+                tracing::warn!(worker, "second Hello on a session ignored");
+                Flow::Continue(())
+            }
+            Some(agent_message::Kind::Accepted(accepted)) => {
+                tracing::info!(worker, job = %accepted.job_id, pid = accepted.pid, "job accepted");
+                Flow::Continue(())
+            }
+            Some(agent_message::Kind::Log(batch)) => self.log(batch).await,
+            Some(agent_message::Kind::Result(result)) => self.result(result).await,
+            // Metrics samples and certificate rotation are not served yet.
+            Some(_) => {
+                tracing::warn!(worker, "message not handled yet; ignored");
+                Flow::Continue(())
+            }
+            None => {
+                tracing::warn!(worker, "empty message ignored");
+                Flow::Continue(())
+            }
+        }
+    }
+
+    /// Stores a batch and acknowledges what the store made durable. A batch that cannot be
+    /// stored is not acknowledged, so that the agent keeps it (once it can resend).
+    async fn log(&mut self, batch: v1::LogBatch) -> Flow {
+        let Some(logs) = &self.logs else { return Flow::Continue(()) };
+        let Some(stream) = log_stream(batch.stream()) else {
+            tracing::warn!(worker = %self.guard.worker_id, job = %batch.job_id, "log batch without a stream ignored");
+            return Flow::Continue(());
+        };
+        match logs.append(&batch.job_id, stream, batch.offset, &batch.data).await {
+            Ok(ack) => {
+                let ack = LogAck { job_id: batch.job_id, stream: batch.stream, stored: ack.offset };
+                self.send(hub_message::Kind::LogAck(ack)).await
+            }
+            Err(error) => {
+                tracing::warn!(worker = %self.guard.worker_id, job = %batch.job_id, %error, "log batch not stored");
+                if let Some(job) = self.jobs.get_mut(&batch.job_id) {
+                    job.log_error.get_or_insert(error);
+                }
+                Flow::Continue(())
+            }
+        }
+    }
+
+    /// Closes the job's log, acknowledges the result, then hands it to the waiter: the log is
+    /// complete by the time `run_job` returns.
+    async fn result(&mut self, result: v1::JobResult) -> Flow {
+        let job_id = result.job_id.clone();
+        let closed = match &self.logs {
+            Some(logs) => logs.close(&job_id).await,
+            None => Ok(()),
+        };
+        let flow = self.send(hub_message::Kind::ResultAck(ResultAck { job_id: job_id.clone() })).await;
+        let Some(job) = self.jobs.remove(&job_id) else {
+            tracing::warn!(worker = %self.guard.worker_id, job = %job_id, "result of a job nobody waits for");
+            return flow;
+        };
+        let outcome = match job.log_error.map_or(closed, Err) {
+            Ok(()) => Ok(result),
+            Err(source) => Err(HubError::Logs { job_id, source }),
+        };
+        // The caller may have given up waiting; the result is then nobody's.
+        let _ = job.reply.send(outcome);
+        flow
+    }
+}
+
+/// The store's stream for a wire stream; `None` for an unspecified one.
+fn log_stream(stream: OutputStream) -> Option<LogStream> {
+    match stream {
+        OutputStream::Stdout => Some(LogStream::Stdout),
+        OutputStream::Stderr => Some(LogStream::Stderr),
+        OutputStream::Unspecified => None,
+    }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .unwrap_or(0)
 }

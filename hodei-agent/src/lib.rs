@@ -9,13 +9,14 @@
 //! - [`logstore`]: the control plane's per-job log files: offsets acknowledged only once on
 //!   disk, resends stored once, a visible truncation marker past the cap, and following;
 //! - [`hub`]: the control plane's registration and mutual-TLS session listeners (tonic over the
-//!   PKI's rustls configurations): registration, the Hello/Welcome handshake, heartbeats, and
-//!   the registry of connected workers;
+//!   PKI's rustls configurations): registration, the Hello/Welcome handshake, heartbeats, the
+//!   registry of connected workers, and running a job on a worker with its output stored;
 //! - [`connect`]: the agent's side of the same: registering with a token and opening a session;
 //! - [`agent`]: the `hodei-agent` program: its settings (flags and environment), its stored key
-//!   and certificate, and the loop that keeps a session up with heartbeats and backoff.
+//!   and certificate, and the loop that keeps a session up with heartbeats and backoff and runs
+//!   the jobs it is assigned.
 //!
-//! Job dispatch, logs and results over the session, the local provider and
+//! Resuming jobs and resending unacknowledged output across reconnects, the local provider and
 //! jobs as durable steps build on these next.
 
 pub mod agent;

@@ -85,6 +85,16 @@ impl From<VersionMismatch> for tonic::Status {
     }
 }
 
+/// Now as Unix milliseconds, as heartbeats carry it; 0 for a clock before 1970 (a heartbeat's
+/// time is informational, so a wrong clock must not fail the session).
+pub(crate) fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
