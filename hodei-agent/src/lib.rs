@@ -14,14 +14,17 @@
 //! - [`connect`]: the agent's side of the same: registering with a token and opening a session;
 //! - [`agent`]: the `hodei-agent` program: its settings (flags and environment), its stored key
 //!   and certificate, and the loop that keeps a session up with heartbeats and backoff and runs
-//!   the jobs it is assigned.
+//!   the jobs it is assigned;
+//! - [`jobs`]: remote jobs as durable saga steps: the journaled job (secret names only), secret
+//!   sources resolved at dispatch, and the step whose job id is its idempotency key.
 //!
-//! Resuming jobs and resending unacknowledged output across reconnects, the local provider and
-//! jobs as durable steps build on these next.
+//! Resuming jobs and resending unacknowledged output across reconnects, and the local provider
+//! build on these next.
 
 pub mod agent;
 pub mod connect;
 pub mod hub;
+pub mod jobs;
 pub mod logstore;
 pub mod pki;
 pub mod protocol;

@@ -1,139 +1,15 @@
 //! Jobs end to end: a real hub with a log store, the agent's run loop in-process, real child
 //! processes, over mutual TLS on loopback.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
-use hodei_agent::agent::{self, BackoffPolicy, Command, Settings};
-use hodei_agent::hub::{Hub, HubConfig, HubError, Listening};
-use hodei_agent::logstore::{LogStore, LogStream};
+use std::sync::Arc;
+
+use hodei_agent::hub::{Hub, HubConfig, HubError};
+use hodei_agent::logstore::LogStream;
 use hodei_agent::pki::{HubPki, PkiConfig};
 use hodei_agent::protocol::v1::{self, job_result::Outcome};
-use tempfile::TempDir;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// A guard against a hang, never a means of synchronisation.
-const LIMIT: Duration = Duration::from_secs(20);
-
-const WORKER: &str = "w-jobs";
-
-async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, future).await.expect("finished in time")
-}
-
-struct Setup {
-    _dir: TempDir,
-    hub: Hub,
-    logs: Arc<LogStore>,
-    _registration: Listening,
-    _sessions: Listening,
-    stop: Option<oneshot::Sender<()>>,
-    agent: Option<JoinHandle<Result<(), agent::AgentError>>>,
-}
-
-impl Setup {
-    /// A hub with a log store, and an agent connected to it.
-    async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), PkiConfig::default()).unwrap());
-        let logs = Arc::new(LogStore::open(dir.path().join("store")).await.unwrap());
-        // Short batch delays keep the tests fast; the heartbeat never matters here.
-        let config = HubConfig::default()
-            .heartbeat(Duration::from_secs(5), Duration::from_secs(15))
-            .log_batches(64 * 1024, Duration::from_millis(10));
-        let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
-        let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
-        let registration =
-            hub.serve_registration(TcpListener::bind("127.0.0.1:0").await.unwrap(), &identity).unwrap();
-        let sessions =
-            hub.serve_sessions(TcpListener::bind("127.0.0.1:0").await.unwrap(), &identity).unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, pki.ca_bundle_pem()).unwrap();
-        let env = [
-            ("HODEI_REGISTRATION_ADDR", registration.local_addr().to_string()),
-            ("HODEI_SESSION_ADDR", sessions.local_addr().to_string()),
-            ("HODEI_WORKER_ID", WORKER.to_owned()),
-            ("HODEI_CA_BUNDLE", ca.display().to_string()),
-            ("HODEI_WORK_DIR", dir.path().join("work").display().to_string()),
-            ("HODEI_TOKEN", pki.issue_token(WORKER).unwrap().as_str().to_owned()),
-        ];
-        let lookup = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
-        let Command::Run(mut settings) = Settings::parse([], lookup).unwrap() else { panic!("not run") };
-        settings.backoff =
-            BackoffPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(200) };
-        let mut workers = hub.watch_workers();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let agent = tokio::spawn(agent::run(settings, async move {
-            let _ = stopped.await;
-        }));
-        within(workers.wait_for(|workers| workers.contains_key(WORKER))).await.unwrap();
-        Self {
-            _dir: dir,
-            hub,
-            logs,
-            _registration: registration,
-            _sessions: sessions,
-            stop: Some(stop),
-            agent: Some(agent),
-        }
-    }
-
-    /// Stops the agent and waits for its run loop to return.
-    async fn stop_agent(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(agent) = self.agent.take() {
-            within(agent).await.unwrap().unwrap();
-        }
-    }
-
-    /// Everything stored for `stream` of `job`.
-    async fn stored(&self, job: &str, stream: LogStream) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let chunk = self.logs.read(job, stream, out.len() as u64, 1 << 20).await.unwrap();
-            if chunk.bytes.is_empty() {
-                return out;
-            }
-            out.extend_from_slice(&chunk.bytes);
-        }
-    }
-
-    /// Runs `echo ready; sleep 1000` as `job` and returns once `ready` is stored.
-    async fn start_waiting_job(&self, job: &str) -> JoinHandle<Result<v1::JobResult, HubError>> {
-        let (hub, spec) = (self.hub.clone(), shell(job, "echo ready; sleep 1000"));
-        let run = tokio::spawn(async move { hub.run_job(WORKER, spec).await });
-        self.wait_for_stdout(job, b"ready\n").await;
-        run
-    }
-
-    /// Waits until `job`'s stored stdout contains `needle`, following the store (no polling).
-    async fn wait_for_stdout(&self, job: &str, needle: &[u8]) {
-        let mut follower = self.logs.follow(job, LogStream::Stdout, 0).await.unwrap();
-        let mut seen = Vec::new();
-        within(async {
-            while !seen.windows(needle.len()).any(|w| w == needle) {
-                let chunk = follower.next().await.expect("the log is still open").unwrap();
-                seen.extend_from_slice(&chunk.bytes);
-            }
-        })
-        .await;
-    }
-}
-
-/// A spec running `sh -c script` with a minimal PATH (jobs start with an empty environment).
-fn shell(job_id: &str, script: &str) -> v1::JobSpec {
-    v1::JobSpec {
-        job_id: job_id.to_owned(),
-        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()],
-        env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
-        cancel_grace_ms: 2_000,
-        ..v1::JobSpec::default()
-    }
-}
+use support::{Setup, WORKER, shell, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_and_its_whole_output_and_exit_code_are_stored() {

@@ -1,0 +1,419 @@
+//! Remote jobs as durable saga steps.
+//!
+//! A [`Job`] is what the saga journals as a step's input: the program, its environment, its
+//! limits, the worker to run on, and the *names* of the secrets it needs. Secret values are
+//! resolved through a [`SecretSource`] on every attempt, at dispatch time, and go only into the
+//! [`v1::JobSpec`] sent over the worker's mutual-TLS session, so the journal never holds them.
+//!
+//! [`RemoteJobs::run_job`] runs one job as one step. The job id is the step's idempotency key
+//! (`saga id/step`), so a retry or a replay after a restart reuses the same id and the hub's log
+//! store keeps one log per step. This lives here rather than in `hodei-core` because the core
+//! must not depend on the agent; it uses only the public step builder.
+//!
+//! A lost or absent worker fails the attempt retryably, so the step's retry policy runs the job
+//! again once the worker is back. Jobs do not resume across reconnects yet: the rerun starts
+//! from scratch, and the hub's log store takes its output as a resend of the lost attempt's, so
+//! a rerun whose output diverges from what was already stored fails the step.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hodei_core::{RetryPolicy, SagaContext, StepContext, StepError};
+use serde::{Deserialize, Serialize};
+
+use crate::hub::{Hub, HubError};
+use crate::protocol::v1::{self, job_result::Outcome};
+
+/// What a job runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Program {
+    /// A program and its arguments, run directly.
+    Command(Vec<String>),
+    /// A script fed on stdin to an interpreter (for example `["/bin/sh", "-s"]`).
+    Script {
+        /// The interpreter and its arguments.
+        interpreter: Vec<String>,
+        /// The script's text.
+        script: String,
+    },
+}
+
+/// Where a job runs.
+///
+/// Non-exhaustive so that placement by labels can be added without breaking journaled jobs'
+/// callers; today a job names its worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Placement {
+    /// The worker with this id.
+    Worker(String),
+}
+
+/// A remote job: the journaled input of its step. It holds secret names, never their values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Job {
+    /// What to run.
+    pub program: Program,
+    /// The job's whole environment (jobs start with an empty one).
+    pub env: BTreeMap<String, String>,
+    /// The working directory on the worker; the agent's default when `None`.
+    pub working_dir: Option<String>,
+    /// The worker-side time limit; none when `None`.
+    pub timeout: Option<Duration>,
+    /// How long a cancelled or timed-out job gets between SIGTERM and SIGKILL.
+    pub cancel_grace: Option<Duration>,
+    /// Secrets, by the variable the job sees them as, to the name the [`SecretSource`] knows.
+    pub secrets: BTreeMap<String, String>,
+    /// Where to run it.
+    pub placement: Placement,
+}
+
+impl Job {
+    /// Runs `command` (program and arguments) on `worker`.
+    pub fn command<S: Into<String>>(worker: impl Into<String>, command: impl IntoIterator<Item = S>) -> Self {
+        Self::new(worker, Program::Command(command.into_iter().map(Into::into).collect()))
+    }
+
+    /// Runs `script` with `interpreter` (for example `["/bin/sh", "-s"]`) on `worker`.
+    pub fn script<S: Into<String>>(
+        worker: impl Into<String>,
+        interpreter: impl IntoIterator<Item = S>,
+        script: impl Into<String>,
+    ) -> Self {
+        let interpreter = interpreter.into_iter().map(Into::into).collect();
+        Self::new(worker, Program::Script { interpreter, script: script.into() })
+    }
+
+    fn new(worker: impl Into<String>, program: Program) -> Self {
+        Self {
+            program,
+            env: BTreeMap::new(),
+            working_dir: None,
+            timeout: None,
+            cancel_grace: None,
+            secrets: BTreeMap::new(),
+            placement: Placement::Worker(worker.into()),
+        }
+    }
+
+    /// Sets one environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn working_dir(mut self, dir: impl Into<String>) -> Self {
+        self.working_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets the worker-side time limit.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Sets the grace period between SIGTERM and SIGKILL.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = Some(grace);
+        self
+    }
+
+    /// Gives the job the secret `secret` as the variable `variable`. Only the name is kept.
+    pub fn secret(mut self, variable: impl Into<String>, secret: impl Into<String>) -> Self {
+        self.secrets.insert(variable.into(), secret.into());
+        self
+    }
+
+    /// The wire spec, with the secrets resolved now.
+    fn to_spec(&self, job_id: &str, source: &dyn SecretSource) -> Result<v1::JobSpec, SecretError> {
+        let (command, interpreter, script) = match &self.program {
+            Program::Command(command) => (command.clone(), Vec::new(), String::new()),
+            Program::Script { interpreter, script } => (Vec::new(), interpreter.clone(), script.clone()),
+        };
+        let mut secrets = std::collections::HashMap::with_capacity(self.secrets.len());
+        for (variable, name) in &self.secrets {
+            // The wire carries secrets as strings; a binary secret is refused rather than mangled.
+            let value = String::from_utf8(source.resolve(name)?)
+                .map_err(|_| SecretError::NotUtf8 { name: name.clone() })?;
+            secrets.insert(variable.clone(), value);
+        }
+        Ok(v1::JobSpec {
+            job_id: job_id.to_owned(),
+            command,
+            script,
+            interpreter,
+            env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            working_dir: self.working_dir.clone().unwrap_or_default(),
+            secrets,
+            timeout_ms: self.timeout.map_or(0, duration_ms),
+            cancel_grace_ms: self.cancel_grace.map_or(0, duration_ms),
+            resources: None,
+        })
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A job that exited with code 0: the journaled output of its step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct JobOutcome {
+    /// The job id: the step's idempotency key.
+    pub job_id: String,
+    /// The exit code (always 0: any other fails the step).
+    pub exit_code: i32,
+    /// Bytes written to stdout.
+    pub stdout_bytes: u64,
+    /// Bytes written to stderr.
+    pub stderr_bytes: u64,
+    /// CPU time used, in microseconds.
+    pub cpu_usage_usec: u64,
+    /// Peak memory, in bytes.
+    pub memory_peak_bytes: u64,
+    /// Wall-clock time, in milliseconds.
+    pub wall_time_ms: u64,
+    /// Where the figures come from: `cgroup` or `proc`.
+    pub metrics_source: String,
+}
+
+/// Why a secret could not be resolved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The source has no secret by this name.
+    #[error("secret `{name}` is not known")]
+    NotFound {
+        /// The secret's name.
+        name: String,
+    },
+    /// The secret is not UTF-8, and the wire carries secrets as strings.
+    #[error("secret `{name}` is not UTF-8")]
+    NotUtf8 {
+        /// The secret's name.
+        name: String,
+    },
+}
+
+/// Resolves secret names to values at dispatch time.
+pub trait SecretSource: Send + Sync {
+    /// The value of the secret `name`.
+    fn resolve(&self, name: &str) -> Result<Vec<u8>, SecretError>;
+}
+
+/// Secrets held in memory (tests, or values loaded at start-up).
+#[derive(Clone, Default)]
+pub struct MemorySecrets {
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+impl MemorySecrets {
+    /// An empty source.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the secret `name`.
+    pub fn insert(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.values.insert(name.into(), value.into());
+        self
+    }
+}
+
+// By hand, so that a debug print lists the names and never the values.
+impl fmt::Debug for MemorySecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySecrets").field("names", &self.values.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl SecretSource for MemorySecrets {
+    fn resolve(&self, name: &str) -> Result<Vec<u8>, SecretError> {
+        self.values.get(name).cloned().ok_or_else(|| SecretError::NotFound { name: name.to_owned() })
+    }
+}
+
+/// Secrets read from the control plane's environment: the secret `name` is the variable
+/// `prefix` + `name`, read when the job is dispatched.
+#[derive(Clone, Debug, Default)]
+pub struct EnvSecrets {
+    prefix: String,
+}
+
+impl EnvSecrets {
+    /// Secrets from the variables whose names start with `prefix` (may be empty).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+}
+
+impl SecretSource for EnvSecrets {
+    fn resolve(&self, name: &str) -> Result<Vec<u8>, SecretError> {
+        use std::os::unix::ffi::OsStringExt;
+        std::env::var_os(format!("{}{name}", self.prefix))
+            .map(OsStringExt::into_vec)
+            .ok_or_else(|| SecretError::NotFound { name: name.to_owned() })
+    }
+}
+
+/// What a saga needs to run remote jobs: the hub, the secret source, and the steps' retry
+/// policy. Cheap to clone, so that a saga definition's body can capture it.
+#[derive(Clone)]
+pub struct JobDispatcher {
+    hub: Hub,
+    secrets: Arc<dyn SecretSource>,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for JobDispatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobDispatcher").field("retry", &self.retry).finish_non_exhaustive()
+    }
+}
+
+impl JobDispatcher {
+    /// Jobs on `hub`, with secrets from `secrets` and [`JobDispatcher::default_retry`].
+    pub fn new(hub: Hub, secrets: Arc<dyn SecretSource>) -> Self {
+        Self { hub, secrets, retry: Self::default_retry() }
+    }
+
+    /// The default policy: five attempts, backing off from half a second to ten, which rides
+    /// out a worker reconnecting after a network blip or an agent restart.
+    pub fn default_retry() -> RetryPolicy {
+        RetryPolicy::attempts(5)
+            .initial_backoff(Duration::from_millis(500))
+            .max_backoff(Duration::from_secs(10))
+    }
+
+    /// Sets the retry policy of the steps that run jobs.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// One attempt: resolve the secrets, run the job under the step's key, judge its result.
+    async fn attempt(&self, step: &StepContext, name: &str, job: &Job) -> Result<JobOutcome, StepError> {
+        let job_id = step.idempotency_key.as_str();
+        let Placement::Worker(worker) = &job.placement;
+        let spec = job
+            .to_spec(job_id, self.secrets.as_ref())
+            .map_err(|e| StepError::terminal(format!("job `{name}`: {e}")))?;
+        let result = self.hub.run_job(worker, spec).await.map_err(|e| hub_error(name, &e))?;
+        judge(name, job_id, result)
+    }
+}
+
+/// A lost or absent worker is worth another attempt (it may reconnect); anything else the hub
+/// refuses would be refused again.
+fn hub_error(name: &str, error: &HubError) -> StepError {
+    let message = format!("job `{name}`: {error}");
+    if error.is_retryable() { StepError::retryable(message) } else { StepError::terminal(message) }
+}
+
+/// Exit code 0 succeeds; every other ending is the job's own failure, which a retry would
+/// repeat, so it is terminal.
+fn judge(name: &str, job_id: &str, result: v1::JobResult) -> Result<JobOutcome, StepError> {
+    let failure = match result.outcome {
+        Some(Outcome::ExitCode(0)) => {
+            return Ok(JobOutcome {
+                job_id: job_id.to_owned(),
+                exit_code: 0,
+                stdout_bytes: result.stdout_bytes,
+                stderr_bytes: result.stderr_bytes,
+                cpu_usage_usec: result.cpu_usage_usec,
+                memory_peak_bytes: result.memory_peak_bytes,
+                wall_time_ms: result.wall_time_ms,
+                metrics_source: result.metrics_source,
+            });
+        }
+        Some(Outcome::ExitCode(code)) => format!("exited with code {code}"),
+        Some(Outcome::Signal(signal)) => format!("was killed by signal {signal}"),
+        Some(Outcome::TimedOut(_)) => "timed out".to_owned(),
+        Some(Outcome::Cancelled(reason)) => format!("was cancelled: {reason}"),
+        Some(Outcome::FailedToStart(reason)) => format!("failed to start: {reason}"),
+        None => "ended without an outcome".to_owned(),
+    };
+    Err(StepError::terminal(format!("job `{name}` ({job_id}) {failure}")))
+}
+
+/// Runs remote jobs as steps of a saga.
+pub trait RemoteJobs {
+    /// Runs `job` as one step named `name`, under `jobs`' retry policy. Its input (journaled) is
+    /// the job with secret names only; its output is the [`JobOutcome`].
+    fn run_job(
+        &self,
+        jobs: &JobDispatcher,
+        name: &str,
+        job: Job,
+    ) -> impl Future<Output = Result<JobOutcome, StepError>> + Send;
+}
+
+impl RemoteJobs for SagaContext {
+    async fn run_job(&self, jobs: &JobDispatcher, name: &str, job: Job) -> Result<JobOutcome, StepError> {
+        self.step(name)
+            .input(job)
+            .retry(jobs.retry)
+            .run(|step: StepContext, job: Job| async move { jobs.attempt(&step, name, &job).await })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome) -> v1::JobResult {
+        v1::JobResult { outcome: Some(outcome), stdout_bytes: 6, ..v1::JobResult::default() }
+    }
+
+    #[test]
+    fn only_exit_code_zero_succeeds_and_every_failure_is_terminal_and_named() {
+        let ok = judge("build", "s/0", result(Outcome::ExitCode(0))).unwrap();
+        assert_eq!((ok.job_id.as_str(), ok.exit_code, ok.stdout_bytes), ("s/0", 0, 6));
+        let cases = [
+            (Outcome::ExitCode(3), "exited with code 3"),
+            (Outcome::Signal(9), "killed by signal 9"),
+            (Outcome::TimedOut(true), "timed out"),
+            (Outcome::Cancelled("aborted".into()), "cancelled: aborted"),
+            (Outcome::FailedToStart("no such file".into()), "failed to start: no such file"),
+        ];
+        for (outcome, expected) in cases {
+            let error = judge("build", "s/0", result(outcome)).unwrap_err();
+            assert!(!error.is_retryable(), "{error:?}");
+            assert!(
+                error.message().starts_with("job `build`") && error.message().contains(expected),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lost_or_absent_worker_is_retryable_and_other_hub_errors_are_not() {
+        let lost = HubError::WorkerLost { worker_id: "w".into(), job_id: "s/0".into() };
+        assert!(hub_error("build", &lost).is_retryable());
+        assert!(hub_error("build", &HubError::UnknownWorker { worker_id: "w".into() }).is_retryable());
+        assert!(!hub_error("build", &HubError::NoLogStore).is_retryable());
+    }
+
+    #[test]
+    fn secrets_resolve_at_dispatch_and_their_values_stay_out_of_debug_and_the_job() {
+        let source = MemorySecrets::new().insert("token", "s3cr3t");
+        assert!(!format!("{source:?}").contains("s3cr3t"));
+        let job = Job::command("w", ["true"]).secret("TOKEN", "token");
+        let spec = job.to_spec("s/0", &source).unwrap();
+        assert_eq!(spec.secrets.get("TOKEN").map(String::as_str), Some("s3cr3t"));
+        assert!(!format!("{job:?}").contains("s3cr3t"));
+        let missing = Job::command("w", ["true"]).secret("X", "nope").to_spec("s/0", &source).unwrap_err();
+        assert!(matches!(missing, SecretError::NotFound { name } if name == "nope"));
+        let binary = MemorySecrets::new().insert("bin", vec![0xff, 0xfe]);
+        let refused = Job::command("w", ["true"]).secret("B", "bin").to_spec("s/0", &binary).unwrap_err();
+        assert!(matches!(refused, SecretError::NotUtf8 { .. }));
+    }
+}
