@@ -3,7 +3,7 @@
 //! The `hodei-agent` binary is a thin shell over this module, so that the settings parser, the
 //! backoff policy and the reconnecting loop are tested in-process as well as through the binary.
 //!
-//! Status lines go to stderr through [`say`]: the agent is a process of its own whose operator
+//! Status lines go to stderr through `say`: the agent is a process of its own whose operator
 //! reads its stderr, and the crate has no tracing subscriber to print events with.
 
 use std::collections::hash_map::RandomState;
