@@ -112,20 +112,18 @@ async fn code_that_no_longer_matches_its_journal_is_parked_not_run() {
                 .await
         }
     });
-    let mut events = {
-        let engine = Engine::builder().data_dir(dir.path()).register(renamed).start().await.unwrap();
-        let id = SagaId::new("p1").unwrap();
-        let status = loop {
-            let status = engine.status(&id).unwrap().status;
-            if !matches!(status, SagaStatus::Running) {
-                break status;
-            }
-            tokio::task::yield_now().await;
-        };
-        engine.shutdown(Duration::from_secs(5)).await.unwrap();
-        vec![status]
+    let engine = Engine::builder().data_dir(dir.path()).register(renamed).start().await.unwrap();
+    let id = SagaId::new("p1").unwrap();
+    let status = loop {
+        let status = engine.status(&id).unwrap().status;
+        if !matches!(status, SagaStatus::Running) {
+            break status;
+        }
+        tokio::task::yield_now().await;
     };
-    match events.pop().unwrap() {
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(engine);
+    match status {
         SagaStatus::Parked { reason } => {
             assert_eq!(
                 reason,
