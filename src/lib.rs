@@ -40,10 +40,13 @@
 //!
 //! The macros expand to the builder API of [`SagaContext::step`], for pipelines built at run
 //! time. This facade re-exports the workspace's crates: the engine ([`hodei_core`]) and the
-//! macros (feature `macros`, on by default); the agent and the providers join as they land,
-//! providers behind cargo features.
+//! macros (feature `macros`, on by default), the agent protocol, hub and agent
+//! ([`hodei_agent`]), and the worker providers ([`hodei_providers`]), the heavy ones behind cargo
+//! features.
 
+pub use hodei_agent as agent;
 pub use hodei_core as core;
+pub use hodei_providers as providers;
 #[cfg(feature = "sled")]
 pub use hodei_core::SledStore;
 pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};

@@ -42,14 +42,36 @@ pub enum Program {
 }
 
 /// Where a job runs.
-///
-/// Non-exhaustive so that placement by labels can be added without breaking journaled jobs'
-/// callers; today a job names its worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Placement {
-    /// The worker with this id.
+    /// The worker with this id, which must connect by itself.
     Worker(String),
+    /// A worker from the dispatcher's [`WorkerPool`] (provisioned on demand) that matches the
+    /// labels and, when given, comes from the named provider.
+    Pool {
+        /// Labels the worker must carry.
+        labels: BTreeMap<String, String>,
+        /// The provider to take it from, by name; any matching one when `None`.
+        provider: Option<String>,
+    },
+}
+
+/// What a job asks of its worker's machine. `None` leaves the provider's default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Resources {
+    /// CPU, in thousandths of a core.
+    pub cpu_millis: Option<u64>,
+    /// Memory, in bytes.
+    pub memory_bytes: Option<u64>,
+}
+
+impl Resources {
+    /// Limits of `cpu_millis` thousandths of a core and `memory_bytes` bytes.
+    pub fn new(cpu_millis: Option<u64>, memory_bytes: Option<u64>) -> Self {
+        Self { cpu_millis, memory_bytes }
+    }
 }
 
 /// A remote job: the journaled input of its step. It holds secret names, never their values.
@@ -70,6 +92,10 @@ pub struct Job {
     pub secrets: BTreeMap<String, String>,
     /// Where to run it.
     pub placement: Placement,
+    /// What it needs of its worker.
+    pub resources: Resources,
+    /// Its place in the pool's queue: higher goes first, then earlier arrival.
+    pub priority: i32,
 }
 
 impl Job {
@@ -88,6 +114,64 @@ impl Job {
         Self::new(worker, Program::Script { interpreter, script: script.into() })
     }
 
+    /// Runs `command` on a worker from the dispatcher's pool ([`Placement::Pool`] with no
+    /// labels: any worker of any provider).
+    pub fn pooled_command<S: Into<String>>(command: impl IntoIterator<Item = S>) -> Self {
+        Self::new("", Program::Command(command.into_iter().map(Into::into).collect()))
+            .placement(Placement::Pool { labels: BTreeMap::new(), provider: None })
+    }
+
+    /// Runs `script` with `interpreter` on a worker from the dispatcher's pool.
+    pub fn pooled_script<S: Into<String>>(
+        interpreter: impl IntoIterator<Item = S>,
+        script: impl Into<String>,
+    ) -> Self {
+        Self::script("", interpreter, script).placement(Placement::Pool { labels: BTreeMap::new(), provider: None })
+    }
+
+    /// Sets where the job runs.
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// Requires the pool's worker to carry `name=value` (turns the placement into a pool one).
+    pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        match &mut self.placement {
+            Placement::Pool { labels, .. } => {
+                labels.insert(name.into(), value.into());
+            }
+            Placement::Worker(_) => {
+                self.placement =
+                    Placement::Pool { labels: [(name.into(), value.into())].into(), provider: None };
+            }
+        }
+        self
+    }
+
+    /// Takes the worker from the provider named `provider` (turns the placement into a pool one).
+    pub fn provider(mut self, provider: impl Into<String>) -> Self {
+        match &mut self.placement {
+            Placement::Pool { provider: hint, .. } => *hint = Some(provider.into()),
+            Placement::Worker(_) => {
+                self.placement = Placement::Pool { labels: BTreeMap::new(), provider: Some(provider.into()) };
+            }
+        }
+        self
+    }
+
+    /// Sets the resources the job needs.
+    pub fn resources(mut self, resources: Resources) -> Self {
+        self.resources = resources;
+        self
+    }
+
+    /// Sets the job's priority in the pool's queue.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
     fn new(worker: impl Into<String>, program: Program) -> Self {
         Self {
             program,
@@ -97,6 +181,8 @@ impl Job {
             cancel_grace: None,
             secrets: BTreeMap::new(),
             placement: Placement::Worker(worker.into()),
+            resources: Resources::default(),
+            priority: 0,
         }
     }
 
@@ -153,7 +239,10 @@ impl Job {
             secrets,
             timeout_ms: self.timeout.map_or(0, duration_ms),
             cancel_grace_ms: self.cancel_grace.map_or(0, duration_ms),
-            resources: None,
+            resources: Some(v1::Resources {
+                cpu_millis: self.resources.cpu_millis.unwrap_or(0),
+                memory_bytes: self.resources.memory_bytes.unwrap_or(0),
+            }),
         })
     }
 }
@@ -263,6 +352,110 @@ impl SecretSource for EnvSecrets {
     }
 }
 
+/// What a [`WorkerPool`] is asked for: a worker able to run one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerRequest {
+    /// The job the worker is for (`saga id/step`).
+    pub job_id: String,
+    /// Labels the worker must carry.
+    pub labels: BTreeMap<String, String>,
+    /// The provider to take it from, by name; any matching one when `None`.
+    pub provider: Option<String>,
+    /// What the job needs of the worker's machine.
+    pub resources: Resources,
+    /// Higher goes first in the queue, then earlier arrival.
+    pub priority: i32,
+}
+
+/// How a job's use of a leased worker ended, so the pool knows whether it can reuse it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseEnd {
+    /// The job reached a result; the worker is sound.
+    Finished,
+    /// The worker was lost while it held the job: it must not be reused.
+    WorkerLost,
+    /// The attempt was dropped (step timeout, saga cancelled, shutdown) before a result.
+    Abandoned,
+}
+
+/// A worker a [`WorkerPool`] handed out for one job. Releasing it (or dropping it, which counts
+/// as [`LeaseEnd::Abandoned`]) tells the pool it is free again.
+pub struct WorkerLease {
+    worker_id: String,
+    release: Option<Box<dyn FnOnce(LeaseEnd) + Send>>,
+}
+
+impl fmt::Debug for WorkerLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerLease").field("worker_id", &self.worker_id).finish_non_exhaustive()
+    }
+}
+
+impl WorkerLease {
+    /// A lease on `worker_id`; `release` runs exactly once, when it ends.
+    pub fn new(worker_id: impl Into<String>, release: impl FnOnce(LeaseEnd) + Send + 'static) -> Self {
+        Self { worker_id: worker_id.into(), release: Some(Box::new(release)) }
+    }
+
+    /// The leased worker's id.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Ends the lease, saying how.
+    pub fn release(mut self, end: LeaseEnd) {
+        if let Some(release) = self.release.take() {
+            release(end);
+        }
+    }
+}
+
+impl Drop for WorkerLease {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release(LeaseEnd::Abandoned);
+        }
+    }
+}
+
+/// Why a [`WorkerPool`] could not hand out a worker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// No worker now, for a reason that may pass: the infrastructure failed, or a worker did
+    /// not register in time. Retried per the step's policy.
+    #[error("no worker available: {reason}")]
+    Unavailable {
+        /// What went wrong, with the worker's own output when there is some.
+        reason: String,
+    },
+    /// No worker can ever be had for this request: no provider matches, or the spec is invalid.
+    #[error("no worker can run this job: {reason}")]
+    Unsatisfiable {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl PoolError {
+    /// Whether asking again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Hands out workers for jobs placed by [`Placement::Pool`]: the control plane's scheduler
+/// (in `hodei-providers`) implements it, provisioning workers on demand. Waiting for a free
+/// worker happens inside [`WorkerPool::acquire`], which must not return until it has one or
+/// knows it cannot get one.
+#[async_trait::async_trait]
+pub trait WorkerPool: Send + Sync + fmt::Debug {
+    /// A connected worker for `request`, leased until the lease is released or dropped.
+    async fn acquire(&self, request: WorkerRequest) -> Result<WorkerLease, PoolError>;
+}
+
 /// What a saga needs to run remote jobs: the hub, the secret source, and the steps' retry
 /// policy. Cheap to clone, so that a saga definition's body can capture it.
 #[derive(Clone)]
@@ -270,18 +463,33 @@ pub struct JobDispatcher {
     hub: Hub,
     secrets: Arc<dyn SecretSource>,
     retry: RetryPolicy,
+    pool: Option<Arc<dyn WorkerPool>>,
 }
 
 impl fmt::Debug for JobDispatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JobDispatcher").field("retry", &self.retry).finish_non_exhaustive()
+        f.debug_struct("JobDispatcher")
+            .field("retry", &self.retry)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
     }
 }
 
 impl JobDispatcher {
     /// Jobs on `hub`, with secrets from `secrets` and [`JobDispatcher::default_retry`].
     pub fn new(hub: Hub, secrets: Arc<dyn SecretSource>) -> Self {
-        Self { hub, secrets, retry: Self::default_retry() }
+        Self { hub, secrets, retry: Self::default_retry(), pool: None }
+    }
+
+    /// Takes workers for [`Placement::Pool`] jobs from `pool`.
+    pub fn with_pool(mut self, pool: Arc<dyn WorkerPool>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The hub jobs run on.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     /// The default policy: five attempts, backing off from half a second to ten, which rides
@@ -301,11 +509,36 @@ impl JobDispatcher {
     /// One attempt: resolve the secrets, run the job under the step's key, judge its result.
     async fn attempt(&self, step: &StepContext, name: &str, job: &Job) -> Result<JobOutcome, StepError> {
         let job_id = step.idempotency_key.as_str();
-        let Placement::Worker(worker) = &job.placement;
         let spec = job
             .to_spec(job_id, self.secrets.as_ref())
             .map_err(|e| StepError::terminal(format!("job `{name}`: {e}")))?;
-        let result = self.hub.run_job(worker, spec).await.map_err(|e| hub_error(name, &e))?;
+        let result = match &job.placement {
+            Placement::Worker(worker) => self.hub.run_job(worker, spec).await,
+            Placement::Pool { labels, provider } => {
+                let pool = self.pool.as_ref().ok_or_else(|| {
+                    StepError::terminal(format!("job `{name}` asks for a pooled worker, but the dispatcher has no pool"))
+                })?;
+                let request = WorkerRequest {
+                    job_id: job_id.to_owned(),
+                    labels: labels.clone(),
+                    provider: provider.clone(),
+                    resources: job.resources,
+                    priority: job.priority,
+                };
+                let lease = pool.acquire(request).await.map_err(|e| {
+                    let message = format!("job `{name}`: {e}");
+                    if e.is_retryable() { StepError::retryable(message) } else { StepError::terminal(message) }
+                })?;
+                let result = self.hub.run_job(lease.worker_id(), spec).await;
+                let end = match &result {
+                    Err(e) if e.is_retryable() => LeaseEnd::WorkerLost,
+                    _ => LeaseEnd::Finished,
+                };
+                lease.release(end);
+                result
+            }
+        }
+        .map_err(|e| hub_error(name, &e))?;
         judge(name, job_id, result)
     }
 }

@@ -1,0 +1,11 @@
+//! hodei-providers: where workers come from.
+//!
+//! - [`provider`]: the [`Provider`] trait every kind of worker implements, its spec, states
+//!   and typed errors.
+
+pub mod provider;
+
+pub use provider::{
+    AgentEnv, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Provider, ProviderError, SAGA_ID_LABEL, WORKER_ID_LABEL,
+    WorkerInfo, WorkerSpec, WorkerState,
+};
