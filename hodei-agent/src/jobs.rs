@@ -358,6 +358,9 @@ impl SecretSource for EnvSecrets {
 pub struct WorkerRequest {
     /// The job the worker is for (`saga id/step`).
     pub job_id: String,
+    /// The saga the job belongs to (workers are labelled with it, so that orphans of sagas
+    /// that are no longer live can be told apart).
+    pub saga_id: String,
     /// Labels the worker must carry.
     pub labels: BTreeMap<String, String>,
     /// The provider to take it from, by name; any matching one when `None`.
@@ -520,6 +523,7 @@ impl JobDispatcher {
                 })?;
                 let request = WorkerRequest {
                     job_id: job_id.to_owned(),
+                    saga_id: step.saga_id.to_string(),
                     labels: labels.clone(),
                     provider: provider.clone(),
                     resources: job.resources,

@@ -1,0 +1,2 @@
+//! Agent benchmarks (issue 4): written by the benchmark work in progress.
+fn main() {}
