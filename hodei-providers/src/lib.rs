@@ -2,7 +2,11 @@
 //!
 //! - [`provider`]: the [`Provider`] trait every kind of worker implements, its spec, states
 //!   and typed errors.
+//! - `firecracker` (feature `firecracker`): workers as Firecracker microVMs, through the VMM's
+//!   API on its Unix socket; the registration token reaches the guest through MMDS.
 
+#[cfg(feature = "firecracker")]
+pub mod firecracker;
 pub mod provider;
 
 pub use provider::{
