@@ -215,6 +215,12 @@ impl FirecrackerConfig {
         self
     }
 
+    /// Sets [`FirecrackerConfig::kernel_image`].
+    pub fn kernel_image(mut self, kernel: impl Into<PathBuf>) -> Self {
+        self.kernel_image = kernel.into();
+        self
+    }
+
     /// Sets [`FirecrackerConfig::boot_args`].
     pub fn boot_args(mut self, boot_args: impl Into<String>) -> Self {
         self.boot_args = boot_args.into();
