@@ -46,12 +46,12 @@
 
 pub use hodei_agent as agent;
 pub use hodei_core as core;
-pub use hodei_providers as providers;
 #[cfg(feature = "sled")]
 pub use hodei_core::SledStore;
 pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
 #[cfg(feature = "macros")]
 pub use hodei_macros::{saga, step};
+pub use hodei_providers as providers;
 
 #[doc(hidden)]
 pub use hodei_core::__private;
@@ -60,5 +60,5 @@ pub use hodei_core::{
     CompensationContext, Engine, EngineBuilder, EngineConfig, EngineEvent, EngineEventKind, Error, Event,
     EventStore, MemoryStore, Outcome, RecordedEvent, RetryPolicy, SagaContext, SagaDefinition, SagaFilter,
     SagaHandle, SagaId, SagaRecord, SagaRun, SagaStatus, ShutdownReport, StepContext, StepError, StepRef,
-    Timeline, Timestamp,
+    StepStop, Timeline, Timestamp,
 };

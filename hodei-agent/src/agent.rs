@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -22,15 +22,18 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::connect::{self, ConnectError, Session};
+mod outbox;
 use crate::pki::{
     AgentKey, PkiError, TlsIdentity, WorkerCertificate, agent_client_config, validate_worker_id,
 };
 use crate::protocol::now_unix_ms;
-use crate::protocol::v1::{self, AgentMessage, Heartbeat, OutputStream, agent_message, hub_message};
+use crate::protocol::v1::{self, AgentMessage, Heartbeat, agent_message, hub_message};
 use crate::runner::{
     self, BatchLimits, CancelHandle, DEFAULT_GRACE, Exit, JobRunner, MetricsSource, Outcome, RunnerConfig,
-    RunnerError, RunningJob, Secrets, Stream,
+    RunnerError, RunningJob, Secrets,
 };
+pub use outbox::MAX_HELD_BYTES;
+use outbox::{Cursor, Outbox, Outboxes};
 
 /// What the agent can fail at. [`AgentError::Setting`] and [`AgentError::UnknownFlag`] are the
 /// operator's to fix (the binary exits 2 for them); the others are failures at run time.
@@ -333,21 +336,34 @@ fn say(line: std::fmt::Arguments<'_>) {
 }
 
 /// Runs the agent until `shutdown` completes: registers if no valid certificate is stored, then
-/// keeps a session open, sending heartbeats, and reconnects with backoff when it ends.
+/// keeps a session open, sending heartbeats, and reconnects with backoff when it ends. Jobs
+/// keep running while the control plane is unreachable; their output waits (bounded) and is
+/// resent on the next session. When `shutdown` completes, running jobs are cancelled.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     tokio::pin!(shutdown);
     let mut backoff = Backoff { policy: settings.backoff, attempt: 0 };
-    let identity = tokio::select! {
+    let (identity, certificate) = tokio::select! {
         () = &mut shutdown => return Ok(()),
         identity = credentials(&settings, &mut backoff) => identity?,
     };
     backoff.reset();
+    let mut worker = Worker {
+        identity,
+        certificate,
+        outboxes: Arc::new(Outboxes::default()),
+        cancels: Arc::default(),
+        tasks: JoinSet::new(),
+        rotating: None,
+        rotation_asked: false,
+    };
     loop {
         say(format_args!("dialling the control plane's sessions at {}", settings.session_addr));
         let ended = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            ended = session(&settings, &identity, &mut backoff) => ended,
+            ended = session(&settings, &mut worker, &mut backoff) => ended,
         };
+        // Reap the tasks of jobs that are over, so the set does not grow with every job.
+        while worker.tasks.try_join_next().is_some() {}
         let delay = backoff.next();
         say(format_args!("{ended}; reconnecting in {delay:?}"));
         tokio::select! {
@@ -359,7 +375,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
 /// The stored identity if it is valid for this worker, else a new one from registration, which
 /// is retried with backoff while the hub cannot be reached.
-async fn credentials(settings: &Settings, backoff: &mut Backoff) -> Result<TlsIdentity, AgentError> {
+async fn credentials(
+    settings: &Settings,
+    backoff: &mut Backoff,
+) -> Result<(TlsIdentity, WorkerCertificate), AgentError> {
     match stored(settings) {
         Ok(Some(identity)) => {
             say(format_args!("reusing the stored certificate in {}", settings.work_dir.display()));
@@ -391,7 +410,7 @@ async fn credentials(settings: &Settings, backoff: &mut Backoff) -> Result<TlsId
             Ok((key, certificate)) => {
                 store(settings, &key, &certificate)?;
                 say(format_args!("registered; certificate stored in {}", settings.work_dir.display()));
-                return Ok(key.identity(&certificate)?);
+                return Ok((key.identity(&certificate)?, certificate));
             }
             // The hub is not reachable (yet): worth another try. Anything it answered is final.
             Err(e @ ConnectError::Transport { .. }) => {
@@ -405,7 +424,7 @@ async fn credentials(settings: &Settings, backoff: &mut Backoff) -> Result<TlsId
 }
 
 /// The stored key and certificate, if both exist, are for this worker and are still valid.
-fn stored(settings: &Settings) -> Result<Option<TlsIdentity>, String> {
+fn stored(settings: &Settings) -> Result<Option<(TlsIdentity, WorkerCertificate)>, String> {
     let read = |path: &Path| match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -422,7 +441,8 @@ fn stored(settings: &Settings) -> Result<Option<TlsIdentity>, String> {
         return Err("it has expired".to_owned());
     }
     let key = AgentKey::from_pem(&key_pem).map_err(|e| e.to_string())?;
-    key.identity(&certificate).map(Some).map_err(|e| e.to_string())
+    let identity = key.identity(&certificate).map_err(|e| e.to_string())?;
+    Ok(Some((identity, certificate)))
 }
 
 /// Stores the key and certificate, each 0600, each written whole and then renamed into place so
@@ -456,61 +476,177 @@ fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
     fs::rename(&partial, path).map_err(error("renaming into place"))
 }
 
-/// Opens one session and keeps it up with heartbeats, running the jobs the hub assigns. Returns
-/// why it ended.
-///
-/// Jobs live as long as the session: when it ends they are cancelled (their tasks are aborted,
-/// which drops their [`RunningJob`]s). Log acknowledgements are only logged for now; keeping
-/// unacknowledged output to resend from the last ack after a reconnect, and re-attaching to
-/// running jobs through `Hello`, are the next slice.
-async fn session(settings: &Settings, identity: &TlsIdentity, backoff: &mut Backoff) -> String {
-    let session =
-        connect::open_session(settings.session_addr, &settings.ca_bundle_pem, identity, &settings.worker_id)
-            .await;
-    let Session { welcome, sender, mut receiver, .. } = match session {
+/// What the agent keeps across sessions: its identity and its jobs.
+struct Worker {
+    identity: TlsIdentity,
+    /// The certificate `identity` holds, for its rotation time.
+    certificate: WorkerCertificate,
+    outboxes: Arc<Outboxes>,
+    /// The running jobs' cancel handles, with where the cancellation reason goes; each job's
+    /// task removes its own entry when the job is over.
+    cancels: Arc<Mutex<HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>>>,
+    /// Aborted when the agent stops, which cancels the jobs (their `RunningJob`s are dropped).
+    tasks: JoinSet<()>,
+    /// The key of a rotation asked for on the current session, until the hub answers.
+    rotating: Option<AgentKey>,
+    /// Whether this session asked for a rotation: once per session, so a hub that refuses
+    /// (and says why in its log) is not asked again in a loop.
+    rotation_asked: bool,
+}
+
+impl Worker {
+    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>> {
+        // Inserts and removes only: a poisoned lock still holds a consistent map.
+        self.cancels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the job, or records at once that it could not start. A job the agent already
+    /// holds (a re-assignment after a reconnect) goes on as it is: its output and result are
+    /// resent by every new session anyway.
+    fn start(&mut self, runner: &JobRunner, spec: v1::JobSpec) {
+        let job_id = spec.job_id.clone();
+        if self.outboxes.contains(&job_id) {
+            tracing::info!(job = %job_id, "job re-attached");
+            return;
+        }
+        // Sized like the runner's batches, so output waits in the pipe, not here.
+        let (logs, batches) = mpsc::channel(16);
+        let (samples, metrics) = mpsc::channel(4);
+        let started =
+            job_spec(spec).and_then(|(spec, secrets)| runner.start(spec, secrets, logs, Some(samples)));
+        match started {
+            Ok(job) => {
+                let Some(outbox) = self.outboxes.open(&job_id, job.pid()) else { return };
+                let reason = Arc::new(OnceLock::new());
+                self.cancels().insert(job_id.clone(), (job.cancel_handle(), reason.clone()));
+                let task = JobTask {
+                    outboxes: self.outboxes.clone(),
+                    outbox,
+                    cancels: self.cancels.clone(),
+                    reason,
+                };
+                self.tasks.spawn(task.run(job, batches, metrics));
+            }
+            Err(e) => {
+                say(format_args!("job {job_id} could not start: {e}"));
+                let result = v1::JobResult {
+                    job_id: job_id.clone(),
+                    outcome: Some(v1::job_result::Outcome::FailedToStart(e.to_string())),
+                    ..v1::JobResult::default()
+                };
+                if let Some(outbox) = self.outboxes.open(&job_id, 0) {
+                    outbox.finish(result);
+                    self.outboxes.notify();
+                }
+            }
+        }
+    }
+
+    fn cancel(&self, cancel: v1::CancelJob) {
+        match self.cancels().get(&cancel.job_id) {
+            Some((handle, reason)) => {
+                // The first reason is the one reported.
+                let _ = reason.set(cancel.reason);
+                handle.cancel();
+            }
+            None => tracing::debug!(job = %cancel.job_id, "cancel for a job not running here ignored"),
+        }
+    }
+
+    /// Takes the hub's new certificate, if it is for the key this session asked with, stores
+    /// it, and uses it from the next session on (this one stays up with the old one).
+    fn rotated(&mut self, settings: &Settings, response: v1::RotateResponse) -> Result<(), String> {
+        let key = self.rotating.take().ok_or("a certificate nobody asked for")?;
+        let certificate =
+            WorkerCertificate::from_pem(&response.certificate_pem).map_err(|e| e.to_string())?;
+        if certificate.worker_id != settings.worker_id {
+            return Err(format!("the certificate is for worker `{}`", certificate.worker_id));
+        }
+        let identity = key.identity(&certificate).map_err(|e| e.to_string())?;
+        store(settings, &key, &certificate).map_err(|e| e.to_string())?;
+        self.identity = identity;
+        self.certificate = certificate;
+        Ok(())
+    }
+}
+
+/// Opens one session and serves it: heartbeats, the jobs the hub assigns, and resending what
+/// the hub has not acknowledged. Returns why it ended. Jobs outlive it.
+async fn session(settings: &Settings, worker: &mut Worker, backoff: &mut Backoff) -> String {
+    let hello = v1::Hello {
+        jobs: worker.outboxes.all().iter().map(|outbox| outbox.announce()).collect(),
+        ..connect::hello(&settings.worker_id)
+    };
+    let opened = async {
+        let tls = agent_client_config(&settings.ca_bundle_pem, Some(&worker.identity))?;
+        connect::start_session(connect::channel(settings.session_addr, tls).await?, hello).await
+    };
+    let Session { welcome, sender, mut receiver, .. } = match opened.await {
         Ok(session) => session,
         Err(e) => return format!("the session could not be opened: {e}"),
     };
     say(format_args!("session open as {} at {}", settings.worker_id, settings.session_addr));
     // A session that opened is a success: the next failure starts the backoff over.
     backoff.reset();
+    for stored in &welcome.resume {
+        worker.outboxes.ack(stored);
+    }
     // A zero interval would spin; the hub never sends one, but it is not ours to trust.
     let period = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
-    let mut heartbeats = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The hub sets the batch limits; the runner applies its own floors to nonsense values.
     let batch = BatchLimits {
         max_bytes: usize::try_from(welcome.log_batch_max_bytes).unwrap_or(usize::MAX),
         max_delay: Duration::from_millis(welcome.log_batch_max_delay_ms),
     };
     let runner = JobRunner::new(RunnerConfig::default().batch(batch));
-    let mut jobs = Jobs::default();
+    let (control, control_rx) = mpsc::unbounded_channel();
+    // Sending runs in its own task, so that this loop always reads the hub's messages: if both
+    // sides could block on sending at once, a full stream each way would deadlock them.
+    let mut pump = AbortOnDrop(tokio::spawn(pump(
+        worker.outboxes.clone(),
+        sender,
+        control_rx,
+        period,
+        batch.max_bytes.max(1),
+    )));
+    worker.rotating = None;
+    worker.rotation_asked = false;
     loop {
+        let renew_in = worker.certificate.renew_at().duration_since(SystemTime::now()).unwrap_or_default();
         tokio::select! {
-            _ = heartbeats.tick() => {
-                let beat = AgentMessage { kind: Some(agent_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_unix_ms() })) };
-                if sender.send(beat).await.is_err() {
-                    return "the session closed".to_owned();
-                }
-            }
-            Some(finished) = jobs.tasks.join_next(), if !jobs.tasks.is_empty() => {
-                match finished {
-                    Ok(job_id) => { jobs.cancels.remove(&job_id); }
-                    Err(e) => tracing::error!(error = %e, "a job task failed"),
+            _ = &mut pump.0 => return "the session closed".to_owned(),
+            () = tokio::time::sleep(renew_in), if !worker.rotation_asked => {
+                worker.rotation_asked = true;
+                match AgentKey::generate().and_then(|key| Ok((key.csr_pem(&settings.worker_id)?, key))) {
+                    Ok((csr_pem, key)) => {
+                        say(format_args!("rotating the certificate (valid until {:?})", worker.certificate.not_after));
+                        worker.rotating = Some(key);
+                        let _ = control.send(message(agent_message::Kind::Rotate(v1::RotateRequest { csr_pem })));
+                    }
+                    Err(e) => return format!("could not make a key to rotate the certificate: {e}"),
                 }
             }
             message = receiver.message() => match message {
                 Ok(Some(message)) => match message.kind {
                     Some(hub_message::Kind::Heartbeat(_)) => tracing::trace!("heartbeat answered"),
                     Some(hub_message::Kind::Assign(assign)) => match assign.spec {
-                        Some(spec) => jobs.start(&runner, spec, &sender),
+                        Some(spec) => worker.start(&runner, spec),
                         None => tracing::warn!("AssignJob without a spec ignored"),
                     },
-                    Some(hub_message::Kind::Cancel(cancel)) => jobs.cancel(cancel),
-                    Some(hub_message::Kind::LogAck(ack)) => {
-                        tracing::trace!(job = %ack.job_id, stream = ack.stream, stored = ack.stored, "log acknowledged");
+                    Some(hub_message::Kind::Cancel(cancel)) => worker.cancel(cancel),
+                    Some(hub_message::Kind::LogAck(ack)) => worker.outboxes.ack(&ack),
+                    Some(hub_message::Kind::ResultAck(ack)) => {
+                        if worker.outboxes.result_acked(&ack.job_id) {
+                            tracing::debug!(job = %ack.job_id, "job delivered");
+                        }
                     }
-                    Some(hub_message::Kind::ResultAck(ack)) => tracing::debug!(job = %ack.job_id, "result acknowledged"),
+                    Some(hub_message::Kind::Rotate(response)) => match worker.rotated(settings, response) {
+                        Ok(()) => say(format_args!(
+                            "certificate rotated; valid until {:?}",
+                            worker.certificate.not_after
+                        )),
+                        Err(e) => say(format_args!("certificate rotation refused: {e}")),
+                    },
                     other => tracing::warn!(message = ?other, "hub message not handled; ignored"),
                 },
                 Ok(None) => return "the control plane ended the session".to_owned(),
@@ -520,59 +656,115 @@ async fn session(settings: &Settings, identity: &TlsIdentity, backoff: &mut Back
     }
 }
 
-/// The jobs running on one session.
-#[derive(Default)]
-struct Jobs {
-    /// Each job's task, which yields its id when the job is over and its result sent.
-    tasks: JoinSet<String>,
-    /// By job id, with where the cancellation reason goes.
-    cancels: HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>,
+/// Aborts its task when dropped, so that a session's sender never outlives the session.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
-impl Jobs {
-    /// Starts the job, or reports at once that it could not start.
-    fn start(&mut self, runner: &JobRunner, spec: v1::JobSpec, sender: &mpsc::Sender<AgentMessage>) {
-        let job_id = spec.job_id.clone();
-        if self.cancels.contains_key(&job_id) {
-            // Re-attaching is for after a reconnect (next slice); on the same session it is a
-            // duplicate, and starting the job twice would be worse.
-            tracing::warn!(job = %job_id, "job already running on this session; AssignJob ignored");
+/// Sends everything the hub is owed, as it comes, and the heartbeats; returns when the
+/// session's stream is closed.
+async fn pump(
+    outboxes: Arc<Outboxes>,
+    sender: mpsc::Sender<AgentMessage>,
+    mut control: mpsc::UnboundedReceiver<AgentMessage>,
+    period: Duration,
+    max_bytes: usize,
+) {
+    let mut changed = outboxes.subscribe();
+    let mut heartbeats = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    heartbeats.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut cursors: HashMap<String, Cursor> = HashMap::new();
+    loop {
+        changed.borrow_and_update();
+        let outboxes_now = outboxes.all();
+        for outbox in &outboxes_now {
+            let cursor = cursors.entry(outbox.job_id().to_owned()).or_insert_with(|| outbox.cursor());
+            let unsent = outbox.take_unsent(cursor, max_bytes);
+            let messages = unsent
+                .accepted
+                .map(agent_message::Kind::Accepted)
+                .into_iter()
+                .chain(unsent.logs.into_iter().map(agent_message::Kind::Log))
+                .chain(unsent.metrics.map(agent_message::Kind::Metrics))
+                .chain(unsent.result.map(agent_message::Kind::Result));
+            for kind in messages {
+                if sender.send(message(kind)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        cursors.retain(|job_id, _| outboxes_now.iter().any(|outbox| outbox.job_id() == job_id));
+        let next = tokio::select! {
+            changed = changed.changed() => match changed {
+                Ok(()) => None,
+                Err(_) => return,
+            },
+            _ = heartbeats.tick() => Some(agent_message::Kind::Heartbeat(Heartbeat { sent_unix_ms: now_unix_ms() })),
+            Some(control) = control.recv() => control.kind,
+        };
+        if let Some(kind) = next
+            && sender.send(message(kind)).await.is_err()
+        {
             return;
         }
-        // Sized like the runner's batches, so output waits in the pipe, not here.
-        let (logs, batches) = mpsc::channel(16);
-        let started = job_spec(spec).and_then(|(spec, secrets)| runner.start(spec, secrets, logs, None));
-        let sender = sender.clone();
-        match started {
-            Ok(job) => {
-                let reason = Arc::new(OnceLock::new());
-                self.cancels.insert(job_id.clone(), (job.cancel_handle(), reason.clone()));
-                self.tasks.spawn(run_job(job_id, job, batches, sender, reason));
+    }
+}
+
+/// One job's task: moves its output and samples into its outbox, then its result.
+struct JobTask {
+    outboxes: Arc<Outboxes>,
+    outbox: Arc<Outbox>,
+    cancels: Arc<Mutex<HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>>>,
+    reason: Arc<OnceLock<String>>,
+}
+
+impl JobTask {
+    async fn run(
+        self,
+        job: RunningJob,
+        mut batches: mpsc::Receiver<runner::LogBatch>,
+        mut samples: mpsc::Receiver<runner::MetricsSample>,
+    ) {
+        let job_id = self.outbox.job_id().to_owned();
+        let source = job.metrics_source().clone();
+        let wait = job.wait();
+        tokio::pin!(wait);
+        // Output is taken while waiting: the runner's wait also waits for its sink to drain.
+        let finished = loop {
+            tokio::select! {
+                Some(batch) = batches.recv() => self.keep(batch).await,
+                Some(sample) = samples.recv() => {
+                    self.outbox.sample(v1::MetricsSample {
+                        job_id: job_id.clone(),
+                        at_unix_ms: now_unix_ms(),
+                        cpu_usage_usec: u64::try_from(sample.cpu.as_micros()).unwrap_or(u64::MAX),
+                        memory_current_bytes: sample.memory_bytes,
+                        memory_peak_bytes: sample.peak_memory_bytes,
+                    });
+                    self.outboxes.notify();
+                }
+                finished = &mut wait => break finished,
             }
-            Err(e) => {
-                say(format_args!("job {job_id} could not start: {e}"));
-                let result = v1::JobResult {
-                    job_id: job_id.clone(),
-                    outcome: Some(v1::job_result::Outcome::FailedToStart(e.to_string())),
-                    ..v1::JobResult::default()
-                };
-                self.tasks.spawn(async move {
-                    let _ = sender.send(message(agent_message::Kind::Result(result))).await;
-                    job_id
-                });
-            }
+        };
+        // Batches sent just before the job was over.
+        while let Some(batch) = batches.recv().await {
+            self.keep(batch).await;
         }
+        self.outbox.finish(job_result(&job_id, finished, &source, self.reason.get()));
+        self.outboxes.notify();
+        self.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
     }
 
-    fn cancel(&mut self, cancel: v1::CancelJob) {
-        match self.cancels.get(&cancel.job_id) {
-            Some((handle, reason)) => {
-                // The first reason is the one reported.
-                let _ = reason.set(cancel.reason);
-                handle.cancel();
-            }
-            None => tracing::debug!(job = %cancel.job_id, "cancel for a job not running here ignored"),
-        }
+    /// Keeps a batch, then waits while the job holds too much unacknowledged output: not
+    /// taking more makes the runner stop reading the job's pipes.
+    async fn keep(&self, batch: runner::LogBatch) {
+        self.outbox.push(batch.stream, batch.offset, batch.data);
+        self.outboxes.notify();
+        self.outbox.wait_for_room().await;
     }
 }
 
@@ -619,53 +811,6 @@ fn job_spec(spec: v1::JobSpec) -> Result<(runner::JobSpec, Secrets), RunnerError
         values.insert(name, value.into_bytes())?;
     }
     Ok((job, values))
-}
-
-/// Announces the job, forwards its output as it comes, and sends its result. Returns its id.
-async fn run_job(
-    job_id: String,
-    job: RunningJob,
-    mut batches: mpsc::Receiver<runner::LogBatch>,
-    sender: mpsc::Sender<AgentMessage>,
-    reason: Arc<OnceLock<String>>,
-) -> String {
-    let pid = job.pid();
-    let source = job.metrics_source().clone();
-    let accepted = v1::JobAccepted { job_id: job_id.clone(), pid };
-    if sender.send(message(agent_message::Kind::Accepted(accepted))).await.is_err() {
-        return job_id;
-    }
-    let forward = |batch: runner::LogBatch| {
-        let stream = match batch.stream {
-            Stream::Stdout => OutputStream::Stdout,
-            Stream::Stderr => OutputStream::Stderr,
-        };
-        let batch = v1::LogBatch {
-            job_id: job_id.clone(),
-            stream: stream.into(),
-            offset: batch.offset,
-            data: batch.data,
-        };
-        sender.send(message(agent_message::Kind::Log(batch)))
-    };
-    let wait = job.wait();
-    tokio::pin!(wait);
-    // Output is forwarded while waiting: the runner's wait also waits for its sink to drain.
-    let finished = loop {
-        tokio::select! {
-            Some(batch) = batches.recv() => if forward(batch).await.is_err() { return job_id },
-            finished = &mut wait => break finished,
-        }
-    };
-    // Batches sent just before the job was over.
-    while let Some(batch) = batches.recv().await {
-        if forward(batch).await.is_err() {
-            return job_id;
-        }
-    }
-    let result = job_result(&job_id, finished, &source, reason.get());
-    let _ = sender.send(message(agent_message::Kind::Result(result))).await;
-    job_id
 }
 
 /// The wire result for what the runner reported.

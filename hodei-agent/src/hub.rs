@@ -136,6 +136,10 @@ pub struct HubConfig {
     pub log_batch_max_bytes: u64,
     /// Longest the agent holds output before sending it. Default 200 ms, so logs read as live.
     pub log_batch_max_delay: Duration,
+    /// How long [`Hub::run_job`] waits for a worker that is not connected (yet, or again after
+    /// a restart of either side) before failing with [`HubError::UnknownWorker`]. Default: the
+    /// heartbeat timeout.
+    pub worker_wait: Duration,
 }
 
 impl Default for HubConfig {
@@ -145,15 +149,23 @@ impl Default for HubConfig {
             heartbeat_timeout: Duration::from_secs(30),
             log_batch_max_bytes: 256 * 1024,
             log_batch_max_delay: Duration::from_millis(200),
+            worker_wait: Duration::from_secs(30),
         }
     }
 }
 
 impl HubConfig {
-    /// Sets the heartbeat interval and timeout.
+    /// Sets the heartbeat interval and timeout (and the wait for a worker, to the timeout).
     pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
         self.heartbeat_interval = interval;
         self.heartbeat_timeout = timeout;
+        self.worker_wait = timeout;
+        self
+    }
+
+    /// Sets how long a job waits for its worker to connect.
+    pub fn worker_wait(mut self, wait: Duration) -> Self {
+        self.worker_wait = wait;
         self
     }
 
@@ -209,20 +221,38 @@ impl Registry {
 
 /// What callers ask of a session task.
 enum SessionCommand {
-    // Boxed: a spec is large and commands are few.
-    Run { spec: Box<v1::JobSpec>, reply: oneshot::Sender<Result<v1::JobResult, HubError>> },
-    Cancel { job_id: String, reason: String },
+    /// Run `spec`, or re-attach to one of the `previous` attempts if the agent still holds it.
+    Run {
+        // Boxed: a spec is large and commands are few.
+        spec: Box<v1::JobSpec>,
+        previous: Vec<String>,
+        reply: oneshot::Sender<Result<v1::JobResult, HubError>>,
+    },
+    Cancel {
+        job_id: String,
+        reason: String,
+    },
+    /// The caller of `run_job` for `job_id` stopped waiting; cancel the job if `cancel` says so.
+    Abandon {
+        job_id: String,
+        cancel: Option<String>,
+    },
 }
 
 impl std::fmt::Debug for SessionCommand {
     // By hand: the spec carries secret values, which must not reach a log.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Run { spec, .. } => {
-                f.debug_struct("Run").field("job_id", &spec.job_id).finish_non_exhaustive()
-            }
+            Self::Run { spec, previous, .. } => f
+                .debug_struct("Run")
+                .field("job_id", &spec.job_id)
+                .field("previous", previous)
+                .finish_non_exhaustive(),
             Self::Cancel { job_id, reason } => {
                 f.debug_struct("Cancel").field("job_id", job_id).field("reason", reason).finish()
+            }
+            Self::Abandon { job_id, cancel } => {
+                f.debug_struct("Abandon").field("job_id", job_id).field("cancel", cancel).finish()
             }
         }
     }
@@ -262,6 +292,17 @@ pub struct Hub {
     config: HubConfig,
     registry: Arc<Registry>,
     logs: Option<Arc<LogStore>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The newest metrics sample of each running job, for dashboards and tests.
+#[derive(Debug, Default)]
+struct Metrics(Mutex<HashMap<String, v1::MetricsSample>>);
+
+impl Metrics {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, v1::MetricsSample>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Hub {
@@ -273,7 +314,7 @@ impl Hub {
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         });
-        Self { pki, config, registry, logs: None }
+        Self { pki, config, registry, logs: None, metrics: Arc::default() }
     }
 
     /// Keeps jobs' output in `logs`. Set it before [`Hub::serve_sessions`]: sessions take the
@@ -290,20 +331,45 @@ impl Hub {
     }
 
     /// Runs `spec` on `worker_id` and waits for its result. Its output is stored under the job
-    /// id in the hub's log store, whose log for the job is closed before this returns `Ok`.
+    /// id in the hub's log store, whose log for the job is closed, and the result stored, before
+    /// this returns `Ok`.
     ///
-    /// Fails with [`HubError::WorkerLost`] if the session ends first (no resume yet).
+    /// A job whose result is already stored is not run again: that result is returned. If the
+    /// worker is not connected, this waits for it up to [`HubConfig::worker_wait`]. Fails with
+    /// [`HubError::WorkerLost`] if its session ends first.
     pub async fn run_job(&self, worker_id: &str, spec: v1::JobSpec) -> Result<v1::JobResult, HubError> {
-        if self.logs.is_none() {
-            return Err(HubError::NoLogStore);
+        self.resume_job(worker_id, spec, &[]).await
+    }
+
+    /// [`Hub::run_job`], re-attaching instead to one of `previous` (earlier attempts of the
+    /// same step, newest first) if its result is stored or the worker still runs it: after a
+    /// restart of the control plane, the step picks up the job that went on without it rather
+    /// than starting a duplicate. A stored result that says the job was cancelled is not taken
+    /// (the hub cancels only jobs whose caller gave up on them).
+    pub async fn resume_job(
+        &self,
+        worker_id: &str,
+        spec: v1::JobSpec,
+        previous: &[String],
+    ) -> Result<v1::JobResult, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        if let Some(result) = stored_result(logs, &spec.job_id, previous).await? {
+            return Ok(result);
         }
         let job_id = spec.job_id.clone();
         let lost = || HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.clone() };
-        let commands = self.session(worker_id)?;
+        let commands = self.session_within(worker_id, self.config.worker_wait).await?;
         let (reply, result) = oneshot::channel();
-        commands.send(SessionCommand::Run { spec: Box::new(spec), reply }).await.map_err(|_| lost())?;
+        let run = SessionCommand::Run { spec: Box::new(spec), previous: previous.to_vec(), reply };
+        commands.send(run).await.map_err(|_| lost())?;
         // The session task drops the reply when the session ends: that is the loss.
         result.await.map_err(|_| lost())?
+    }
+
+    /// The result stored for `job_id`, if the job has finished.
+    pub async fn stored_result(&self, job_id: &str) -> Result<Option<v1::JobResult>, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        read_result(logs, job_id).await
     }
 
     /// Asks `worker_id` to cancel `job_id`; its [`Hub::run_job`] then resolves with a cancelled
@@ -315,6 +381,36 @@ impl Hub {
             .send(cancel)
             .await
             .map_err(|_| HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.to_owned() })
+    }
+
+    /// Tells `worker_id`'s session that the caller of [`Hub::run_job`] for `job_id` stopped
+    /// waiting, and cancels the job on the worker when `cancel` gives a reason. Without one the
+    /// job goes on, and a later `resume_job` can pick it up. Does not wait (for drop guards);
+    /// a worker that is gone has nothing to cancel.
+    pub fn abandon_job(&self, worker_id: &str, job_id: &str, cancel: Option<String>) {
+        if let Some(commands) = self.registry.commands(worker_id) {
+            let abandon = SessionCommand::Abandon { job_id: job_id.to_owned(), cancel };
+            if commands.try_send(abandon).is_err() {
+                tracing::warn!(worker = worker_id, job = job_id, "session busy or gone; abandon dropped");
+            }
+        }
+    }
+
+    /// The newest metrics sample of a running job.
+    pub fn job_metrics(&self, job_id: &str) -> Option<v1::MetricsSample> {
+        self.metrics.map().get(job_id).cloned()
+    }
+
+    /// The worker's session, waiting up to `wait` for it to connect.
+    async fn session_within(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<mpsc::Sender<SessionCommand>, HubError> {
+        let mut workers = self.registry.workers.subscribe();
+        let connected = tokio::time::timeout(wait, workers.wait_for(|w| w.contains_key(worker_id))).await;
+        drop(connected);
+        self.session(worker_id)
     }
 
     fn session(&self, worker_id: &str) -> Result<mpsc::Sender<SessionCommand>, HubError> {
@@ -363,6 +459,8 @@ impl Hub {
             config: self.config.clone(),
             registry: self.registry.clone(),
             logs: self.logs.clone(),
+            pki: self.pki.clone(),
+            metrics: self.metrics.clone(),
             stopped: stopped.clone(),
         };
         let tls = self.pki.mtls_server_config(identity);
@@ -512,12 +610,7 @@ impl ControlPlane for RegistrationService {
             Status::internal("registration failed")
         })?
         .map_err(|e| registration_status(&worker_id, e))?;
-        let not_after_unix_ms = certificate
-            .not_after
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| i64::try_from(d.as_millis()).ok())
-            .unwrap_or(i64::MAX);
+        let not_after_unix_ms = unix_ms(certificate.not_after);
         Ok(Response::new(RegisterResponse {
             protocol: Some(protocol),
             certificate_pem: certificate.cert_pem,
@@ -566,6 +659,8 @@ struct SessionService {
     config: HubConfig,
     registry: Arc<Registry>,
     logs: Option<Arc<LogStore>>,
+    pki: Arc<HubPki>,
+    metrics: Arc<Metrics>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -598,6 +693,26 @@ impl ControlPlane for SessionService {
         check_peer_worker_id(&peer, &hello.worker_id)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
 
+        // Where each job the agent still holds must resume: what the store already has.
+        let mut resume = Vec::new();
+        if let Some(logs) = &self.logs {
+            for job in &hello.jobs {
+                let status = logs.status(&job.job_id).await.map_err(|e| {
+                    tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
+                    Status::internal("the control plane cannot read its log store")
+                })?;
+                for (stream, wire) in
+                    [(LogStream::Stdout, OutputStream::Stdout), (LogStream::Stderr, OutputStream::Stderr)]
+                {
+                    resume.push(LogAck {
+                        job_id: job.job_id.clone(),
+                        stream: wire.into(),
+                        stored: status.stream(stream).end,
+                    });
+                }
+            }
+        }
+        let agent_jobs = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
         let (commands, command_rx) = mpsc::channel(16);
         let guard = self.registry.connect(&hello.worker_id, commands);
         let (outbound, stream) = mpsc::channel(16);
@@ -607,8 +722,7 @@ impl ControlPlane for SessionService {
             heartbeat_timeout_ms: millis(self.config.heartbeat_timeout),
             log_batch_max_bytes: self.config.log_batch_max_bytes,
             log_batch_max_delay_ms: millis(self.config.log_batch_max_delay),
-            // No job state is kept yet, so there is nothing to resume.
-            resume: Vec::new(),
+            resume,
         };
         // The channel is new and empty, so this cannot find it full.
         outbound
@@ -618,7 +732,12 @@ impl ControlPlane for SessionService {
             outbound,
             commands: command_rx,
             logs: self.logs.clone(),
+            pki: self.pki.clone(),
+            metrics: self.metrics.clone(),
+            peer: peer.to_vec(),
             jobs: HashMap::new(),
+            aliases: HashMap::new(),
+            agent_jobs,
             guard,
         };
         tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
@@ -638,8 +757,16 @@ struct SessionTask {
     outbound: mpsc::Sender<Result<HubMessage, Status>>,
     commands: mpsc::Receiver<SessionCommand>,
     logs: Option<Arc<LogStore>>,
+    pki: Arc<HubPki>,
+    metrics: Arc<Metrics>,
+    /// The agent's certificate (DER), which a rotation request must present.
+    peer: Vec<u8>,
     /// By job id. Dropped with the task, which tells every waiter its worker was lost.
     jobs: HashMap<String, PendingJob>,
+    /// The id a caller asked for, by the id of the earlier attempt it re-attached to.
+    aliases: HashMap<String, String>,
+    /// The jobs the agent holds: announced in `Hello` or accepted on this session.
+    agent_jobs: std::collections::HashSet<String>,
     guard: ConnectionGuard,
 }
 
@@ -707,18 +834,55 @@ impl SessionTask {
 
     async fn command(&mut self, command: SessionCommand) -> Flow {
         match command {
-            SessionCommand::Run { spec, reply } => {
+            SessionCommand::Run { spec, previous, reply } => {
                 let job_id = spec.job_id.clone();
+                let worker_id = self.guard.worker_id.clone();
                 if self.jobs.contains_key(&job_id) {
-                    let worker_id = self.guard.worker_id.clone();
                     let _ = reply.send(Err(HubError::DuplicateJob { worker_id, job_id }));
                     return Flow::Continue(());
                 }
-                self.jobs.insert(job_id, PendingJob { reply, log_error: None });
-                self.send(hub_message::Kind::Assign(AssignJob { spec: Some(*spec) })).await
+                // Checked again here, in the task that stores results: one may have arrived
+                // since the caller looked.
+                if let Some(logs) = &self.logs {
+                    match stored_result(logs, &job_id, &previous).await {
+                        Ok(Some(result)) => {
+                            let _ = reply.send(Ok(result));
+                            return Flow::Continue(());
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return Flow::Continue(());
+                        }
+                    }
+                }
+                let attached = previous.iter().find(|id| self.agent_jobs.contains(*id)).cloned();
+                match attached {
+                    Some(earlier) => {
+                        tracing::info!(worker = %worker_id, job = %earlier, "re-attached to a running job");
+                        self.aliases.insert(job_id, earlier.clone());
+                        self.jobs.insert(earlier, PendingJob { reply, log_error: None });
+                        Flow::Continue(())
+                    }
+                    None => {
+                        self.jobs.insert(job_id, PendingJob { reply, log_error: None });
+                        // Sent even for a job the agent holds: it then goes on, and its output and
+                        // result come as they would have.
+                        self.send(hub_message::Kind::Assign(AssignJob { spec: Some(*spec) })).await
+                    }
+                }
             }
             SessionCommand::Cancel { job_id, reason } => {
+                let job_id = self.aliases.get(&job_id).cloned().unwrap_or(job_id);
                 self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await
+            }
+            SessionCommand::Abandon { job_id, cancel } => {
+                let job_id = self.aliases.remove(&job_id).unwrap_or(job_id);
+                self.jobs.remove(&job_id);
+                match cancel {
+                    Some(reason) => self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await,
+                    None => Flow::Continue(()),
+                }
             }
         }
     }
@@ -735,15 +899,16 @@ impl SessionTask {
             }
             Some(agent_message::Kind::Accepted(accepted)) => {
                 tracing::info!(worker, job = %accepted.job_id, pid = accepted.pid, "job accepted");
+                self.agent_jobs.insert(accepted.job_id);
                 Flow::Continue(())
             }
             Some(agent_message::Kind::Log(batch)) => self.log(batch).await,
             Some(agent_message::Kind::Result(result)) => self.result(result).await,
-            // Metrics samples and certificate rotation are not served yet.
-            Some(_) => {
-                tracing::warn!(worker, "message not handled yet; ignored");
+            Some(agent_message::Kind::Metrics(sample)) => {
+                self.metrics.map().insert(sample.job_id.clone(), sample);
                 Flow::Continue(())
             }
+            Some(agent_message::Kind::Rotate(request)) => self.rotate(request).await,
             None => {
                 tracing::warn!(worker, "empty message ignored");
                 Flow::Continue(())
@@ -774,20 +939,35 @@ impl SessionTask {
         }
     }
 
-    /// Closes the job's log, acknowledges the result, then hands it to the waiter: the log is
-    /// complete by the time `run_job` returns.
+    /// Stores the result and closes the job's log, acknowledges the result, then hands it to
+    /// the waiter: the log is complete and the result durable by the time `run_job` returns,
+    /// and a result nobody waits for (the control plane restarted since it assigned the job)
+    /// is found by the step when it asks again.
     async fn result(&mut self, result: v1::JobResult) -> Flow {
+        use prost::Message as _;
         let job_id = result.job_id.clone();
-        let closed = match &self.logs {
-            Some(logs) => logs.close(&job_id).await,
+        self.agent_jobs.remove(&job_id);
+        self.metrics.map().remove(&job_id);
+        let stored = match &self.logs {
+            Some(logs) => logs.finish(&job_id, &result.encode_to_vec()).await,
             None => Ok(()),
         };
-        let flow = self.send(hub_message::Kind::ResultAck(ResultAck { job_id: job_id.clone() })).await;
-        let Some(job) = self.jobs.remove(&job_id) else {
-            tracing::warn!(worker = %self.guard.worker_id, job = %job_id, "result of a job nobody waits for");
+        let job = self.jobs.remove(&job_id);
+        self.aliases.retain(|_, attached| *attached != job_id);
+        if let Err(error) = &stored {
+            // Not acknowledged: the agent keeps the result and sends it again on its next
+            // session, by when the store may work again.
+            tracing::error!(worker = %self.guard.worker_id, job = %job_id, %error, "job result not stored");
+        }
+        let flow = match stored {
+            Ok(()) => self.send(hub_message::Kind::ResultAck(ResultAck { job_id: job_id.clone() })).await,
+            Err(_) => Flow::Continue(()),
+        };
+        let Some(job) = job else {
+            tracing::info!(worker = %self.guard.worker_id, job = %job_id, "result stored for a job nobody waits for yet");
             return flow;
         };
-        let outcome = match job.log_error.map_or(closed, Err) {
+        let outcome = match job.log_error.map_or(stored, Err) {
             Ok(()) => Ok(result),
             Err(source) => Err(HubError::Logs { job_id, source }),
         };
@@ -795,6 +975,70 @@ impl SessionTask {
         let _ = job.reply.send(outcome);
         flow
     }
+
+    /// Issues a new certificate for the key the agent generated, if its current certificate
+    /// still passes the handshake's checks. A refusal is logged and not answered: the agent
+    /// keeps its certificate and asks again on its next session.
+    async fn rotate(&mut self, request: v1::RotateRequest) -> Flow {
+        let (pki, peer) = (self.pki.clone(), self.peer.clone());
+        let worker = self.guard.worker_id.clone();
+        // Parsing the CSR and signing are CPU work; keep them off the reactor threads.
+        let issued = tokio::task::spawn_blocking(move || pki.rotate(&peer, &request.csr_pem)).await;
+        match issued {
+            Ok(Ok(certificate)) if certificate.worker_id == worker => {
+                let response = v1::RotateResponse {
+                    not_after_unix_ms: unix_ms(certificate.not_after),
+                    certificate_pem: certificate.cert_pem,
+                };
+                self.send(hub_message::Kind::Rotate(response)).await
+            }
+            Ok(Ok(certificate)) => {
+                tracing::warn!(worker, issued_for = %certificate.worker_id, "rotation refused: the CSR's certificate is for another worker");
+                Flow::Continue(())
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(worker, %error, "certificate rotation refused");
+                Flow::Continue(())
+            }
+            Err(error) => {
+                tracing::error!(worker, %error, "certificate rotation task failed");
+                Flow::Continue(())
+            }
+        }
+    }
+}
+
+/// The first reusable stored result among `job_ids`: a cancelled job's result is not reused,
+/// because the hub cancels only jobs nobody waits for any more.
+async fn stored_result(
+    logs: &LogStore,
+    job_id: &str,
+    previous: &[String],
+) -> Result<Option<v1::JobResult>, HubError> {
+    for job_id in std::iter::once(job_id).chain(previous.iter().map(String::as_str)) {
+        if let Some(result) = read_result(logs, job_id).await?
+            && !matches!(result.outcome, Some(v1::job_result::Outcome::Cancelled(_)))
+        {
+            return Ok(Some(result));
+        }
+    }
+    Ok(None)
+}
+
+async fn read_result(logs: &LogStore, job_id: &str) -> Result<Option<v1::JobResult>, HubError> {
+    use prost::Message as _;
+    let logs_error = |source| HubError::Logs { job_id: job_id.to_owned(), source };
+    let Some(bytes) = logs.result(job_id).await.map_err(logs_error)? else { return Ok(None) };
+    v1::JobResult::decode(bytes.as_slice()).map(Some).map_err(|e| {
+        logs_error(LogStoreError::CorruptState {
+            path: job_id.into(),
+            reason: format!("the stored result does not decode: {e}"),
+        })
+    })
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).ok().and_then(|d| i64::try_from(d.as_millis()).ok()).unwrap_or(i64::MAX)
 }
 
 /// The store's stream for a wire stream; `None` for an unspecified one.

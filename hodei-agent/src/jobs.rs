@@ -5,22 +5,27 @@
 //! resolved through a [`SecretSource`] on every attempt, at dispatch time, and go only into the
 //! [`v1::JobSpec`] sent over the worker's mutual-TLS session, so the journal never holds them.
 //!
-//! [`RemoteJobs::run_job`] runs one job as one step. The job id is the step's idempotency key
-//! (`saga id/step`), so a retry or a replay after a restart reuses the same id and the hub's log
-//! store keeps one log per step. This lives here rather than in `hodei-core` because the core
-//! must not depend on the agent; it uses only the public step builder.
+//! [`RemoteJobs::run_job`] runs one job as one step. The job id is deterministic: the step's
+//! idempotency key and the attempt, `saga id/step#attempt`, so each attempt has a log of its
+//! own in the hub's store. An attempt first looks for the earlier attempts of its step
+//! ([`Hub::resume_job`]): a stored result is taken as it is, and a job the worker still runs
+//! is re-attached to. That is what happens after a restart of the control plane: the attempt
+//! interrupted by the crash counts, the next one finds the job that went on without it.
+//!
+//! When the step stops waiting, the job is cancelled on its worker if the saga was cancelled or
+//! the step timed out, and left running if the engine is shutting down, so that the step picks
+//! it up after the restart. This lives here rather than in `hodei-core` because the core must
+//! not depend on the agent; it uses only the public step API.
 //!
 //! A lost or absent worker fails the attempt retryably, so the step's retry policy runs the job
-//! again once the worker is back. Jobs do not resume across reconnects yet: the rerun starts
-//! from scratch, and the hub's log store takes its output as a resend of the lost attempt's, so
-//! a rerun whose output diverges from what was already stored fails the step.
+//! again, on a new worker when the placement is a pool.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hodei_core::{RetryPolicy, SagaContext, StepContext, StepError};
+use hodei_core::{RetryPolicy, SagaContext, StepContext, StepError, StepStop};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::{Hub, HubError};
@@ -126,7 +131,8 @@ impl Job {
         interpreter: impl IntoIterator<Item = S>,
         script: impl Into<String>,
     ) -> Self {
-        Self::script("", interpreter, script).placement(Placement::Pool { labels: BTreeMap::new(), provider: None })
+        Self::script("", interpreter, script)
+            .placement(Placement::Pool { labels: BTreeMap::new(), provider: None })
     }
 
     /// Sets where the job runs.
@@ -511,15 +517,28 @@ impl JobDispatcher {
 
     /// One attempt: resolve the secrets, run the job under the step's key, judge its result.
     async fn attempt(&self, step: &StepContext, name: &str, job: &Job) -> Result<JobOutcome, StepError> {
-        let job_id = step.idempotency_key.as_str();
+        let key = &step.idempotency_key;
+        let job_id = format!("{key}#{}", step.attempt);
+        let job_id = job_id.as_str();
+        let previous: Vec<String> = (1..step.attempt).rev().map(|n| format!("{key}#{n}")).collect();
         let spec = job
             .to_spec(job_id, self.secrets.as_ref())
             .map_err(|e| StepError::terminal(format!("job `{name}`: {e}")))?;
+        let run = |worker: String, spec: v1::JobSpec| {
+            let guard = AbandonGuard { hub: &self.hub, worker, job_id, step, armed: true };
+            async move {
+                let result = self.hub.resume_job(&guard.worker, spec, &previous).await;
+                guard.disarm();
+                result
+            }
+        };
         let result = match &job.placement {
-            Placement::Worker(worker) => self.hub.run_job(worker, spec).await,
+            Placement::Worker(worker) => run(worker.clone(), spec).await,
             Placement::Pool { labels, provider } => {
                 let pool = self.pool.as_ref().ok_or_else(|| {
-                    StepError::terminal(format!("job `{name}` asks for a pooled worker, but the dispatcher has no pool"))
+                    StepError::terminal(format!(
+                        "job `{name}` asks for a pooled worker, but the dispatcher has no pool"
+                    ))
                 })?;
                 let request = WorkerRequest {
                     job_id: job_id.to_owned(),
@@ -531,9 +550,13 @@ impl JobDispatcher {
                 };
                 let lease = pool.acquire(request).await.map_err(|e| {
                     let message = format!("job `{name}`: {e}");
-                    if e.is_retryable() { StepError::retryable(message) } else { StepError::terminal(message) }
+                    if e.is_retryable() {
+                        StepError::retryable(message)
+                    } else {
+                        StepError::terminal(message)
+                    }
                 })?;
-                let result = self.hub.run_job(lease.worker_id(), spec).await;
+                let result = run(lease.worker_id().to_owned(), spec).await;
                 let end = match &result {
                     Err(e) if e.is_retryable() => LeaseEnd::WorkerLost,
                     _ => LeaseEnd::Finished,
@@ -547,6 +570,37 @@ impl JobDispatcher {
     }
 }
 
+/// Tells the hub when an attempt stops waiting for its job before the result: the job is
+/// cancelled unless the engine is shutting down (then it goes on, for the restarted engine).
+struct AbandonGuard<'a> {
+    hub: &'a Hub,
+    worker: String,
+    job_id: &'a str,
+    step: &'a StepContext,
+    armed: bool,
+}
+
+impl AbandonGuard<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let cancel = match self.step.stop_reason() {
+            Some(StepStop::ShuttingDown) => None,
+            Some(StepStop::Cancelled(reason)) => Some(format!("the saga was cancelled: {reason}")),
+            // Only the step's own timeout drops an attempt while the saga goes on.
+            _ => Some("the step timed out".to_owned()),
+        };
+        self.hub.abandon_job(&self.worker, self.job_id, cancel);
+    }
+}
+
 /// A lost or absent worker is worth another attempt (it may reconnect); anything else the hub
 /// refuses would be refused again.
 fn hub_error(name: &str, error: &HubError) -> StepError {
@@ -557,6 +611,8 @@ fn hub_error(name: &str, error: &HubError) -> StepError {
 /// Exit code 0 succeeds; every other ending is the job's own failure, which a retry would
 /// repeat, so it is terminal.
 fn judge(name: &str, job_id: &str, result: v1::JobResult) -> Result<JobOutcome, StepError> {
+    // A re-attached attempt reports the earlier attempt's job, the one that really ran.
+    let job_id = if result.job_id.is_empty() { job_id } else { result.job_id.as_str() };
     let failure = match result.outcome {
         Some(Outcome::ExitCode(0)) => {
             return Ok(JobOutcome {

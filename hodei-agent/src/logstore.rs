@@ -12,6 +12,7 @@
 //! <data_dir>/logs/<job>/stdout.log       the stored bytes of stdout, nothing else
 //! <data_dir>/logs/<job>/stderr.log       the same for stderr
 //! <data_dir>/logs/<job>/state            closed flag and truncation points (absent: open, uncut)
+//! <data_dir>/logs/<job>/result           the job's result: a format byte, then the hub's encoding
 //! ```
 //!
 //! `<job>` is the job id escaped byte by byte: `a-z`, `0-9`, `-` and `_` stand for themselves,
@@ -89,7 +90,9 @@ const FOLLOW_CHUNK: usize = 64 * 1024;
 const MAX_NAME_LEN: usize = 255;
 const LOCK_FILE: &str = ".lock";
 const STATE_FILE: &str = "state";
-const STATE_TMP: &str = "state.tmp";
+const RESULT_FILE: &str = "result";
+/// The first byte of the result file: the format of what follows.
+const RESULT_FORMAT: u8 = 1;
 const STATE_HEADER: &str = "hodei-logstore-state 1";
 
 /// One of a job's two output streams.
@@ -401,14 +404,49 @@ impl LogStore {
     /// Closes the job's log: appends are refused from now on and followers reach the end.
     /// Closing a closed log does nothing.
     pub async fn close(&self, job: &str) -> Result<(), LogStoreError> {
+        self.close_with(job, None).await
+    }
+
+    /// Stores the job's result (opaque bytes; the hub keeps the encoded wire result) and closes
+    /// its log. The result is durable before this returns, so the hub acknowledges it to the
+    /// agent only once it can no longer be lost, and a step that asks again after a restart
+    /// finds it. A second result replaces the first.
+    pub async fn finish(&self, job: &str, result: &[u8]) -> Result<(), LogStoreError> {
+        self.close_with(job, Some(result)).await
+    }
+
+    /// The result stored by [`LogStore::finish`], if any.
+    pub async fn result(&self, job: &str) -> Result<Option<Vec<u8>>, LogStoreError> {
+        let path = self.logs_dir.join(encode_job_id(job)?).join(RESULT_FILE);
+        match fs::read(&path).await {
+            Ok(bytes) => match bytes.split_first() {
+                Some((&RESULT_FORMAT, body)) => Ok(Some(body.to_vec())),
+                Some((format, _)) => Err(LogStoreError::CorruptState {
+                    path,
+                    reason: format!("unknown result format {format}"),
+                }),
+                None => Err(LogStoreError::CorruptState { path, reason: "empty result file".to_owned() }),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("reading", &path)(e)),
+        }
+    }
+
+    async fn close_with(&self, job: &str, result: Option<&[u8]>) -> Result<(), LogStoreError> {
         let handle = self.job(job)?;
-        let result = async {
+        let outcome = async {
             let mut state = handle.lock().await?;
+            // A job without output still gets its directory, so that its end is recorded.
+            state.ensure_dir(&handle.dir, &self.logs_dir).await?;
+            if let Some(result) = result {
+                let mut record = Vec::with_capacity(result.len() + 1);
+                record.push(RESULT_FORMAT);
+                record.extend_from_slice(result);
+                replace_file(&handle.dir, RESULT_FILE, &record).await?;
+            }
             if state.closed {
                 return Ok(());
             }
-            // A job without output still gets its directory, so that its end is recorded.
-            state.ensure_dir(&handle.dir, &self.logs_dir).await?;
             let record = StateRecord { closed: true, ..state.record() };
             write_state(&handle.dir, &record).await?;
             state.closed = true;
@@ -420,7 +458,7 @@ impl LogStore {
         }
         .await;
         self.release_if_closed(job, &handle);
-        result
+        outcome
     }
 
     /// Where the job's log stands. A job without any log reads as empty and open.
@@ -984,11 +1022,16 @@ async fn read_state(dir: &Path) -> Result<StateRecord, LogStoreError> {
 
 /// Replaces the state file so that a crash leaves either the old one or the new one.
 async fn write_state(dir: &Path, record: &StateRecord) -> Result<(), LogStoreError> {
-    let tmp = dir.join(STATE_TMP);
-    let path = dir.join(STATE_FILE);
+    replace_file(dir, STATE_FILE, record.encode().as_bytes()).await
+}
+
+/// Replaces `dir/name` by write, fsync and rename, so that a crash leaves the old or the new.
+async fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LogStoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
     async {
         let mut file = File::create(&tmp).await?;
-        file.write_all(record.encode().as_bytes()).await?;
+        file.write_all(contents).await?;
         file.flush().await?;
         file.sync_all().await
     }

@@ -72,12 +72,15 @@ async fn two_jobs_in_sequence_complete_and_their_logs_are_stored_under_the_step_
 
     let (outcome, history) = run(&engine, "saga-ok").await;
     let Outcome::Completed(outcomes) = outcome else { panic!("not completed: {outcome:?}") };
-    assert_eq!(outcomes.iter().map(|o| o.job_id.as_str()).collect::<Vec<_>>(), ["saga-ok/0", "saga-ok/1"]);
+    assert_eq!(
+        outcomes.iter().map(|o| o.job_id.as_str()).collect::<Vec<_>>(),
+        ["saga-ok/0#1", "saga-ok/1#1"]
+    );
     assert!(outcomes.iter().all(|o| o.exit_code == 0), "{outcomes:?}");
     assert_eq!(outcomes[0].stdout_bytes, "built\n".len() as u64);
     assert_eq!(completed_steps(&history), ["build", "test"]);
-    assert_eq!(setup.stored("saga-ok/0", LogStream::Stdout).await, b"built\n");
-    assert_eq!(setup.stored("saga-ok/1", LogStream::Stdout).await, b"tested\n");
+    assert_eq!(setup.stored("saga-ok/0#1", LogStream::Stdout).await, b"built\n");
+    assert_eq!(setup.stored("saga-ok/1#1", LogStream::Stdout).await, b"tested\n");
     setup.stop_agent().await;
 }
 
@@ -91,7 +94,7 @@ async fn a_job_exiting_non_zero_fails_the_saga_with_its_exit_code() {
     let Outcome::Failed { cause } = &outcome else { panic!("not failed: {outcome:?}") };
     assert!(cause.contains("job `test`") && cause.contains("exited with code 3"), "{cause}");
     assert_eq!(completed_steps(&history), ["build"]);
-    assert_eq!(setup.stored("saga-red/1", LogStream::Stderr).await, b"broken\n");
+    assert_eq!(setup.stored("saga-red/1#1", LogStream::Stderr).await, b"broken\n");
     setup.stop_agent().await;
 }
 
@@ -109,7 +112,7 @@ async fn a_secret_is_masked_in_the_log_and_never_journaled() {
 
     let (outcome, history) = run(&engine, "saga-secret").await;
     assert!(matches!(outcome, Outcome::Completed(_)), "{outcome:?}");
-    let stored = setup.stored("saga-secret/0", LogStream::Stdout).await;
+    let stored = setup.stored("saga-secret/0#1", LogStream::Stdout).await;
     assert_eq!(String::from_utf8_lossy(&stored), "token: ***\n");
 
     let contains = |haystack: &[u8]| haystack.windows(secret.len()).any(|w| w == secret.as_bytes());
@@ -132,14 +135,12 @@ async fn a_secret_is_masked_in_the_log_and_never_journaled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_whose_worker_is_lost_is_retried_under_the_same_id_once_it_reconnects() {
+async fn a_job_whose_worker_is_lost_is_retried_as_a_new_attempt_once_it_reconnects() {
     let mut setup = Setup::new().await;
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran-once").display().to_string();
-    // The first attempt marks itself and waits; the second, after the reconnect, succeeds. Both
-    // print the same bytes first: the log store keeps the lost attempt's output and takes the
-    // rerun's as a resend, so a rerun whose output diverged would be refused (until jobs resume
-    // across reconnects instead of rerunning).
+    // The first attempt marks itself and waits; stopping the agent kills it. The second, once
+    // the agent is back, finds no earlier attempt to re-attach to and succeeds under its own id.
     let script =
         "echo ready; if [ -e \"$MARKER\" ]; then echo second; exit 0; fi; touch \"$MARKER\"; sleep 30";
     let job = shell(script).env("MARKER", marker);
@@ -151,13 +152,14 @@ async fn a_job_whose_worker_is_lost_is_retried_under_the_same_id_once_it_reconne
     let engine = engine(dispatcher, vec![("wait", job)]).await;
 
     let handle = engine.start(SagaRun::new("pipeline", "saga-lost", &()).unwrap()).await.unwrap();
-    setup.wait_for_stdout("saga-lost/0", b"ready\n").await;
+    setup.wait_for_stdout("saga-lost/0#1", b"ready\n").await;
     setup.stop_agent().await;
     setup.start_agent().await;
     let outcome = within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap();
     let Outcome::Completed(outcomes) = outcome else { panic!("not completed: {outcome:?}") };
-    assert_eq!(outcomes[0].job_id, "saga-lost/0");
-    assert_eq!(setup.stored("saga-lost/0", LogStream::Stdout).await, b"ready\nsecond\n");
+    assert_eq!(outcomes[0].job_id, "saga-lost/0#2");
+    assert_eq!(setup.stored("saga-lost/0#1", LogStream::Stdout).await, b"ready\n");
+    assert_eq!(setup.stored("saga-lost/0#2", LogStream::Stdout).await, b"ready\nsecond\n");
     let history = engine.history(&SagaId::new("saga-lost").unwrap()).unwrap();
     assert!(history.iter().any(|e| matches!(e.event, Event::StepRetried { .. })), "{history:?}");
     setup.stop_agent().await;

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
 use crate::replay::{Attempts, Replay};
 use crate::retry::{RetryPolicy, StepError};
-use crate::saga::{ErasedCompensation, SagaContext, SagaDefinition, StepContext};
+use crate::saga::{ErasedCompensation, SagaContext, SagaDefinition, StepContext, StepSignals};
 use crate::store::EventStore;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +184,10 @@ impl Control {
 
     fn cancelled(&self) -> Option<String> {
         self.cancel.borrow().clone()
+    }
+
+    pub fn signals(&self) -> StepSignals {
+        StepSignals { cancel: self.cancel.subscribe(), shutdown: self.shutdown.clone() }
     }
 
     fn shutting_down(&self) -> bool {
@@ -460,6 +464,7 @@ impl SagaShared {
                     name: spec.name.clone(),
                     attempt: n,
                     idempotency_key: key.clone(),
+                    signals: self.control.signals(),
                 };
                 attempt(ctx, &spec.input)
             })

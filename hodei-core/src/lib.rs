@@ -63,7 +63,7 @@ pub use event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp}
 pub use retry::{RetryPolicy, StepError};
 pub use saga::{
     Compensate, CompensationContext, IntoCompensation, NoCompensation, Saga, SagaContext, SagaDefinition,
-    SagaRun, SagaShape, StepBuilder, StepContext, StepShape,
+    SagaRun, SagaShape, StepBuilder, StepContext, StepShape, StepStop,
 };
 #[cfg(feature = "sled")]
 pub use store::SledStore;

@@ -253,6 +253,38 @@ pub struct StepContext {
     /// `saga id/step number`: stable across attempts, restarts and replays. Pass it to
     /// external systems so that a retried side effect happens once.
     pub idempotency_key: String,
+    pub(crate) signals: StepSignals,
+}
+
+impl StepContext {
+    /// Why the engine is stopping this step's body, if it is: read it when the body's future is
+    /// dropped (in a drop guard) to tell a cancelled saga, whose remote work should be
+    /// cancelled, from an engine shutting down, whose remote work should go on so the step can
+    /// pick it up after the restart. `None` while the saga runs normally, and also when the
+    /// body is dropped because its step timed out.
+    pub fn stop_reason(&self) -> Option<StepStop> {
+        if let Some(reason) = self.signals.cancel.borrow().clone() {
+            return Some(StepStop::Cancelled(reason));
+        }
+        (*self.signals.shutdown.borrow()).then_some(StepStop::ShuttingDown)
+    }
+}
+
+/// Why the engine stops a running step body (see [`StepContext::stop_reason`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StepStop {
+    /// The saga was cancelled, with this reason.
+    Cancelled(String),
+    /// The engine is shutting down; the saga resumes on the next start.
+    ShuttingDown,
+}
+
+/// The saga's cancel and the engine's shutdown, as a step body can observe them.
+#[derive(Clone, Debug)]
+pub(crate) struct StepSignals {
+    pub cancel: tokio::sync::watch::Receiver<Option<String>>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What a compensation is told: the step's input and, when the step completed, its output.
