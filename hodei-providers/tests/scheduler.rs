@@ -1,0 +1,424 @@
+//! The scheduler through real sagas: a real engine, a real hub with mutual TLS on loopback,
+//! in-process local workers that really register, and pooled jobs that run real processes.
+//! Fake providers stand in only where a worker must misbehave (never register, or crash).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hodei_agent::hub::HubConfig;
+use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
+use hodei_agent::logstore::LogStream;
+use hodei_core::{
+    Engine, MemoryStore, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError,
+};
+use hodei_providers::{
+    AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, SchedulerCounts,
+    WorkerInfo, WorkerSpec, WorkerState,
+};
+use tempfile::TempDir;
+
+/// A guard against a hang, never a means of synchronisation.
+const LIMIT: Duration = Duration::from_secs(8);
+
+async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, future).await.expect("finished in time")
+}
+
+/// What a provider was asked to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Provision(String),
+    Destroy(String),
+}
+
+/// Forwards to `inner` and records provisions and destroys.
+#[derive(Debug)]
+struct Recorded {
+    inner: Arc<dyn Provider>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Recorded {
+    fn new(inner: impl Provider + 'static) -> Arc<Self> {
+        Arc::new(Self { inner: Arc::new(inner), calls: Mutex::new(Vec::new()) })
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn provisioned(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| if let Call::Provision(id) = c { Some(id) } else { None })
+            .collect()
+    }
+
+    fn destroyed(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| if let Call::Destroy(id) = c { Some(id) } else { None })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for Recorded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn labels(&self) -> BTreeMap<String, String> {
+        self.inner.labels()
+    }
+    async fn provision(&self, spec: &WorkerSpec) -> Result<WorkerInfo, ProviderError> {
+        self.calls.lock().unwrap().push(Call::Provision(spec.worker_id.clone()));
+        self.inner.provision(spec).await
+    }
+    async fn state(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        self.inner.state(worker_id).await
+    }
+    async fn output(&self, worker_id: &str) -> Result<String, ProviderError> {
+        self.inner.output(worker_id).await
+    }
+    async fn destroy(&self, worker_id: &str) -> Result<(), ProviderError> {
+        self.calls.lock().unwrap().push(Call::Destroy(worker_id.to_owned()));
+        self.inner.destroy(worker_id).await
+    }
+    async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError> {
+        self.inner.list().await
+    }
+}
+
+/// A provider whose workers start nothing that could register: they run, silently, until the
+/// deadline, or (`crashes`) report an exit at once.
+#[derive(Debug)]
+struct Broken {
+    crashes: bool,
+}
+
+const BROKEN_OUTPUT: &str = "hodei-agent: registration failed: connection refused; retrying in 400ms";
+
+#[async_trait::async_trait]
+impl Provider for Broken {
+    fn name(&self) -> &str {
+        "broken"
+    }
+    async fn provision(&self, spec: &WorkerSpec) -> Result<WorkerInfo, ProviderError> {
+        Ok(WorkerInfo::new(&spec.worker_id, "none", spec.all_labels(), WorkerState::Running))
+    }
+    async fn state(&self, _: &str) -> Result<WorkerState, ProviderError> {
+        Ok(if self.crashes {
+            WorkerState::Exited { code: Some(2), reason: None }
+        } else {
+            WorkerState::Running
+        })
+    }
+    async fn output(&self, _: &str) -> Result<String, ProviderError> {
+        Ok(BROKEN_OUTPUT.to_owned())
+    }
+    async fn destroy(&self, _: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError> {
+        Ok(Vec::new())
+    }
+}
+
+struct Setup {
+    dir: TempDir,
+    control: ControlPlane,
+    engine: Engine,
+}
+
+impl Setup {
+    /// A control plane with `provider` under `policy`, and an engine running `pipeline` sagas
+    /// whose steps retry per `retry`.
+    async fn new(provider: Arc<dyn Provider>, policy: ProviderPolicy, retry: RetryPolicy) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let control = ControlPlane::builder(dir.path().join("control"))
+            .hub_config(HubConfig::default().log_batches(64 * 1024, Duration::from_millis(10)))
+            .provider(provider, policy)
+            .start()
+            .await
+            .unwrap();
+        let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new())).retry(retry);
+        let engine =
+            Engine::builder().store(MemoryStore::new()).register(pipeline(dispatcher)).start().await.unwrap();
+        Self { dir, control, engine }
+    }
+
+    fn local(dir: &Path) -> LocalProvider {
+        LocalProvider::in_process(dir.join("workers"))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn start(&self, id: &str, jobs: Vec<(&str, Job)>) -> SagaHandle {
+        let jobs: Vec<(String, Job)> = jobs.into_iter().map(|(name, job)| (name.to_owned(), job)).collect();
+        self.engine.start(SagaRun::new("pipeline", id, &jobs).unwrap()).await.unwrap()
+    }
+
+    async fn wait_counts(&self, condition: impl FnMut(&SchedulerCounts) -> bool) {
+        within(self.control.scheduler().watch_counts().wait_for(condition)).await.unwrap();
+    }
+
+    /// Waits until `job`'s stored stdout contains `needle`, following the store.
+    async fn wait_for_stdout(&self, job: &str, needle: &str) {
+        let mut follower = self.control.logs().follow(job, LogStream::Stdout, 0).await.unwrap();
+        let mut seen = String::new();
+        within(async {
+            while !seen.contains(needle) {
+                let chunk = follower.next().await.expect("the log is still open").unwrap();
+                seen.push_str(&String::from_utf8_lossy(&chunk.bytes));
+            }
+        })
+        .await;
+    }
+}
+
+/// One saga definition: runs its input's jobs in order, as pooled jobs.
+fn pipeline(dispatcher: JobDispatcher) -> SagaDefinition {
+    SagaDefinition::new("pipeline", 1, move |ctx: SagaContext, jobs: Vec<(String, Job)>| {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let mut outcomes = Vec::new();
+            for (name, job) in jobs {
+                outcomes.push(ctx.run_job(&dispatcher, &name, job).await?);
+            }
+            Ok::<Vec<JobOutcome>, StepError>(outcomes)
+        }
+    })
+}
+
+/// A pooled `sh -c script` with a minimal PATH.
+fn shell(script: &str) -> Job {
+    Job::pooled_command(["/bin/sh", "-c", script]).env("PATH", "/usr/bin:/bin")
+}
+
+async fn outcome(handle: SagaHandle) -> Outcome<Vec<JobOutcome>> {
+    within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap()
+}
+
+fn completed(outcome: Outcome<Vec<JobOutcome>>) -> Vec<JobOutcome> {
+    match outcome {
+        Outcome::Completed(outcomes) => outcomes,
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
+fn failure(outcome: Outcome<Vec<JobOutcome>>) -> String {
+    match outcome {
+        Outcome::Failed { cause } => cause,
+        other => panic!("did not fail: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cap_of_one_waiting_jobs_run_by_priority_then_arrival_one_worker_at_a_time() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    let setup = Setup::new(provider.clone(), ProviderPolicy::new().max_workers(1), RetryPolicy::none()).await;
+    let (gate, order) = (setup.path("gate"), setup.path("order"));
+    let made = std::process::Command::new("mkfifo").arg(&gate).status().unwrap();
+    assert!(made.success());
+
+    // The first job holds the only worker until the test opens the gate.
+    let hold =
+        shell(&format!("echo holding; read go < '{}'; echo a >> '{}'", gate.display(), order.display()));
+    let first = setup.start("cap-a", vec![("hold", hold)]).await;
+    setup.wait_for_stdout("cap-a/0", "holding").await;
+
+    let mut waiting = Vec::new();
+    for (n, (id, priority)) in [("b", 0), ("c", 5), ("d", 0)].into_iter().enumerate() {
+        let job = shell(&format!("echo {id} >> '{}'", order.display())).priority(priority);
+        waiting.push(setup.start(&format!("cap-{id}"), vec![("record", job)]).await);
+        // Queued before the next arrives, so that arrival order is what the test says.
+        setup.wait_counts(|c| c.queued == n + 1).await;
+    }
+    assert_eq!(setup.control.scheduler().counts().workers(), 1);
+
+    tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
+    completed(outcome(first).await);
+    for handle in waiting {
+        completed(outcome(handle).await);
+    }
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "a\nc\nb\nd\n");
+
+    // Never two workers at once: every provision follows the previous worker's destroy.
+    setup.wait_counts(|c| c.workers() == 0).await;
+    let calls = provider.calls();
+    assert_eq!(calls.len(), 8, "{calls:?}");
+    for pair in calls.chunks(2) {
+        assert!(matches!(&pair, [Call::Provision(p), Call::Destroy(d)] if p == d), "{calls:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_worker_runs_one_job_and_is_destroyed_after_it() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    let setup = Setup::new(provider.clone(), ProviderPolicy::new().ephemeral(), RetryPolicy::none()).await;
+    let mut connected = setup.control.hub().watch_workers();
+
+    let handle = setup.start("eph", vec![("one", shell("echo one")), ("two", shell("echo two"))]).await;
+    let outcomes = completed(outcome(handle).await);
+    assert_eq!(outcomes.len(), 2);
+    setup.wait_counts(|c| c.workers() == 0).await;
+
+    let provisioned = provider.provisioned();
+    assert_eq!(provisioned.len(), 2, "one worker per job: {provisioned:?}");
+    assert_ne!(provisioned[0], provisioned[1]);
+    assert_eq!(provider.destroyed(), provisioned);
+    within(connected.wait_for(|workers| workers.is_empty())).await.unwrap();
+    assert!(provider.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_worker_serves_later_jobs_within_its_idle_timeout_and_is_destroyed_after_it() {
+    let idle = Duration::from_millis(600);
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    let setup =
+        Setup::new(provider.clone(), ProviderPolicy::new().reuse_for(idle), RetryPolicy::none()).await;
+
+    let handle = setup.start("reuse-1", vec![("one", shell("echo one")), ("two", shell("echo two"))]).await;
+    completed(outcome(handle).await);
+    assert_eq!(setup.control.scheduler().counts().idle, 1);
+    // Another saga, within the timeout: the same worker. Its idle timer starts after this.
+    let released = Instant::now();
+    let handle = setup.start("reuse-2", vec![("three", shell("echo three"))]).await;
+    completed(outcome(handle).await);
+    assert_eq!(provider.provisioned().len(), 1, "{:?}", provider.calls());
+    assert!(provider.destroyed().is_empty());
+
+    setup.wait_counts(|c| c.workers() == 0).await;
+    assert!(released.elapsed() >= idle, "destroyed after {:?}, before the idle timeout", released.elapsed());
+    assert_eq!(provider.destroyed(), provider.provisioned());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_that_disconnects_is_dropped_from_the_pool() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    let policy = ProviderPolicy::new().reuse_for(Duration::from_secs(600));
+    let setup = Setup::new(provider.clone(), policy, RetryPolicy::none()).await;
+
+    completed(outcome(setup.start("idle", vec![("one", shell("echo one"))]).await).await);
+    assert_eq!(setup.control.scheduler().counts().idle, 1);
+    let worker = provider.provisioned().remove(0);
+    // Stopped behind the scheduler's back: the hub sees it leave.
+    provider.inner.destroy(&worker).await.unwrap();
+
+    setup.wait_counts(|c| c.workers() == 0).await;
+    assert_eq!(provider.destroyed(), [worker]);
+    // The next job gets a new worker rather than the dead one.
+    completed(outcome(setup.start("idle-2", vec![("two", shell("echo two"))]).await).await);
+    assert_eq!(provider.provisioned().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_registers_is_destroyed_at_the_deadline_and_fails_retryably_with_its_output() {
+    let provider = Recorded::new(Broken { crashes: false });
+    let deadline = Duration::from_millis(300);
+    let policy = ProviderPolicy::new().registration_deadline(deadline);
+    let retry = RetryPolicy::attempts(2).initial_backoff(Duration::from_millis(10));
+    let setup = Setup::new(provider.clone(), policy, retry).await;
+
+    let started = Instant::now();
+    let cause = failure(outcome(setup.start("silent", vec![("build", shell("echo never"))]).await).await);
+    assert!(cause.contains("did not register within 300ms"), "{cause}");
+    assert!(cause.contains(BROKEN_OUTPUT), "{cause}");
+    // Two attempts, so the failure was retryable; each worker was destroyed.
+    setup.wait_counts(|c| c.workers() == 0).await;
+    let provisioned = provider.provisioned();
+    assert_eq!(provisioned.len(), 2, "{:?}", provider.calls());
+    assert_eq!(provider.destroyed(), provisioned);
+    assert!(started.elapsed() >= deadline * 2 && started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_exits_before_registering_fails_at_once_with_its_output() {
+    let provider = Recorded::new(Broken { crashes: true });
+    let policy = ProviderPolicy::new().registration_deadline(Duration::from_secs(30));
+    let setup = Setup::new(provider.clone(), policy, RetryPolicy::none()).await;
+
+    let started = Instant::now();
+    let cause = failure(outcome(setup.start("crash", vec![("build", shell("echo never"))]).await).await);
+    assert!(cause.contains("exited before registering (exit code 2)"), "{cause}");
+    assert!(cause.contains(BROKEN_OUTPUT), "{cause}");
+    assert!(started.elapsed() < Duration::from_secs(5), "waited {:?}", started.elapsed());
+    setup.wait_counts(|c| c.workers() == 0).await;
+    assert_eq!(provider.destroyed(), provider.provisioned());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_provider_matches_fails_for_good_without_provisioning() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()).label("pool", "ci"));
+    let retry = RetryPolicy::attempts(3).initial_backoff(Duration::from_millis(10));
+    let setup = Setup::new(provider.clone(), ProviderPolicy::new(), retry).await;
+
+    let gpu = shell("true").label("gpu", "a100");
+    let cause = failure(outcome(setup.start("gpu", vec![("train", gpu)]).await).await);
+    assert!(cause.contains("no worker can run this job") && cause.contains("gpu=a100"), "{cause}");
+    let hinted = shell("true").provider("docker");
+    let cause = failure(outcome(setup.start("hint", vec![("build", hinted)]).await).await);
+    assert!(cause.contains("from provider `docker`"), "{cause}");
+    assert!(provider.calls().is_empty(), "{:?}", provider.calls());
+
+    // Labels the provider offers, and its name as the hint, do match.
+    let matching =
+        shell("echo matched").label("pool", "ci").label("os", std::env::consts::OS).provider("local");
+    completed(outcome(setup.start("match", vec![("build", matching)]).await).await);
+    assert_eq!(provider.provisioned().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_orphans_of_dead_sagas_are_reaped_and_unclaimed_adopted_workers_expire() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    let claim_timeout = Duration::from_millis(500);
+    let policy = ProviderPolicy::new().registration_deadline(claim_timeout);
+    let setup = Setup::new(provider.clone(), policy, RetryPolicy::none()).await;
+    let hub = setup.control.hub();
+
+    // What an earlier control plane left running: workers for three sagas, connected.
+    let mut connected = hub.watch_workers();
+    for saga in ["dead", "live-claimed", "live-unclaimed"] {
+        let worker_id = format!("old-{saga}");
+        let token = hub.pki().issue_token(&worker_id).unwrap();
+        let agent = AgentEnv::new(
+            setup.control.registration_addr().to_string(),
+            setup.control.session_addr().to_string(),
+            token.as_str(),
+            hub.pki().ca_bundle_pem(),
+        );
+        let mut spec = WorkerSpec::new(&worker_id, agent);
+        spec.saga_id = Some(saga.to_owned());
+        provider.inner.provision(&spec).await.unwrap();
+    }
+    within(connected.wait_for(|workers| workers.len() == 3)).await.unwrap();
+
+    let report = setup.control.scheduler().reap_orphans(|saga| saga.starts_with("live")).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.destroyed, ["old-dead"]);
+    let mut adopted = report.adopted.clone();
+    adopted.sort();
+    assert_eq!(adopted, ["old-live-claimed", "old-live-unclaimed"]);
+    within(connected.wait_for(|workers| !workers.contains_key("old-dead"))).await.unwrap();
+
+    // The live saga's next job runs on its adopted worker; nothing new is provisioned.
+    let claimed = setup.start("live-claimed", vec![("resume", shell("echo resumed"))]).await;
+    completed(outcome(claimed).await);
+    assert!(provider.provisioned().is_empty(), "{:?}", provider.calls());
+    // The other saga never comes back: its worker goes once the claim timeout passes.
+    setup.wait_counts(|c| c.workers() == 0).await;
+    let mut destroyed = provider.destroyed();
+    destroyed.sort();
+    assert_eq!(destroyed, ["old-dead", "old-live-claimed", "old-live-unclaimed"]);
+    assert!(provider.list().await.unwrap().is_empty());
+}
