@@ -495,3 +495,32 @@ async fn a_second_store_on_the_same_directory_is_refused() {
     drop(store);
     LogStore::open(&data).await.expect("open after the first is gone");
 }
+
+#[tokio::test]
+async fn a_finished_job_keeps_its_result_across_a_reopen_and_takes_no_more_output() {
+    let (_dir, data, store) = fresh(None).await;
+    assert_eq!(store.result("saga-9/0#1").await.expect("result"), None, "no result before the end");
+    append_all(&store, "saga-9/0#1", OUT, b"done\n", 5).await;
+    store.finish("saga-9/0#1", b"\x08\x00opaque result").await.expect("finish");
+    drop(store);
+
+    let store = open(&data, None).await;
+    assert_eq!(store.result("saga-9/0#1").await.expect("result").as_deref(), Some(&b"\x08\x00opaque result"[..]));
+    assert!(store.status("saga-9/0#1").await.expect("status").closed, "finishing closes the log");
+    let late = store.append("saga-9/0#1", OUT, 5, b"late").await;
+    assert!(matches!(late, Err(LogStoreError::Closed { .. })), "{late:?}");
+    // A job with no output at all still gets its result stored.
+    store.finish("saga-9/1#1", b"empty").await.expect("finish");
+    assert_eq!(store.result("saga-9/1#1").await.expect("result").as_deref(), Some(&b"empty"[..]));
+    assert_eq!(read_all(&store, "saga-9/1#1", OUT, 64).await, b"");
+}
+
+#[tokio::test]
+async fn a_result_file_of_an_unknown_format_is_reported_not_misread() {
+    let (_dir, data, store) = fresh(None).await;
+    store.finish("saga-10/0#1", b"result").await.expect("finish");
+    let job_dir = data.join("logs").join("saga-10%2F0%231");
+    std::fs::write(job_dir.join("result"), b"\x09from the future").expect("overwrite");
+    let read = store.result("saga-10/0#1").await;
+    assert!(matches!(read, Err(LogStoreError::CorruptState { .. })), "{read:?}");
+}
