@@ -2,29 +2,21 @@
 //! in-process local workers that really register, and pooled jobs that run real processes.
 //! Fake providers stand in only where a worker must misbehave (never register, or crash).
 
+mod pipeline;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hodei_agent::hub::HubConfig;
-use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
-use hodei_agent::logstore::LogStream;
-use hodei_core::{
-    Engine, MemoryStore, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError,
-};
+use hodei_agent::jobs::{Job, JobOutcome, MemorySecrets};
+use hodei_core::{Engine, MemoryStore, Outcome, RetryPolicy, SagaHandle};
 use hodei_providers::{
     AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, SchedulerCounts,
     WorkerInfo, WorkerSpec, WorkerState,
 };
+use pipeline::{completed, fast_hub, outcome, wait_for_stdout, within};
 use tempfile::TempDir;
-
-/// A guard against a hang, never a means of synchronisation.
-const LIMIT: Duration = Duration::from_secs(8);
-
-async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, future).await.expect("finished in time")
-}
 
 /// What a provider was asked to do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,14 +130,18 @@ impl Setup {
     async fn new(provider: Arc<dyn Provider>, policy: ProviderPolicy, retry: RetryPolicy) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let control = ControlPlane::builder(dir.path().join("control"))
-            .hub_config(HubConfig::default().log_batches(64 * 1024, Duration::from_millis(10)))
+            .hub_config(fast_hub())
             .provider(provider, policy)
             .start()
             .await
             .unwrap();
         let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new())).retry(retry);
-        let engine =
-            Engine::builder().store(MemoryStore::new()).register(pipeline(dispatcher)).start().await.unwrap();
+        let engine = Engine::builder()
+            .store(MemoryStore::new())
+            .register(pipeline::pipeline(dispatcher))
+            .start()
+            .await
+            .unwrap();
         Self { dir, control, engine }
     }
 
@@ -158,56 +154,17 @@ impl Setup {
     }
 
     async fn start(&self, id: &str, jobs: Vec<(&str, Job)>) -> SagaHandle {
-        let jobs: Vec<(String, Job)> = jobs.into_iter().map(|(name, job)| (name.to_owned(), job)).collect();
-        self.engine.start(SagaRun::new("pipeline", id, &jobs).unwrap()).await.unwrap()
+        pipeline::start(&self.engine, id, jobs).await
     }
 
     async fn wait_counts(&self, condition: impl FnMut(&SchedulerCounts) -> bool) {
         within(self.control.scheduler().watch_counts().wait_for(condition)).await.unwrap();
     }
-
-    /// Waits until `job`'s stored stdout contains `needle`, following the store.
-    async fn wait_for_stdout(&self, job: &str, needle: &str) {
-        let mut follower = self.control.logs().follow(job, LogStream::Stdout, 0).await.unwrap();
-        let mut seen = String::new();
-        within(async {
-            while !seen.contains(needle) {
-                let chunk = follower.next().await.expect("the log is still open").unwrap();
-                seen.push_str(&String::from_utf8_lossy(&chunk.bytes));
-            }
-        })
-        .await;
-    }
-}
-
-/// One saga definition: runs its input's jobs in order, as pooled jobs.
-fn pipeline(dispatcher: JobDispatcher) -> SagaDefinition {
-    SagaDefinition::new("pipeline", 1, move |ctx: SagaContext, jobs: Vec<(String, Job)>| {
-        let dispatcher = dispatcher.clone();
-        async move {
-            let mut outcomes = Vec::new();
-            for (name, job) in jobs {
-                outcomes.push(ctx.run_job(&dispatcher, &name, job).await?);
-            }
-            Ok::<Vec<JobOutcome>, StepError>(outcomes)
-        }
-    })
 }
 
 /// A pooled `sh -c script` with a minimal PATH.
 fn shell(script: &str) -> Job {
     Job::pooled_command(["/bin/sh", "-c", script]).env("PATH", "/usr/bin:/bin")
-}
-
-async fn outcome(handle: SagaHandle) -> Outcome<Vec<JobOutcome>> {
-    within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap()
-}
-
-fn completed(outcome: Outcome<Vec<JobOutcome>>) -> Vec<JobOutcome> {
-    match outcome {
-        Outcome::Completed(outcomes) => outcomes,
-        other => panic!("not completed: {other:?}"),
-    }
 }
 
 fn failure(outcome: Outcome<Vec<JobOutcome>>) -> String {
@@ -230,7 +187,7 @@ async fn with_a_cap_of_one_waiting_jobs_run_by_priority_then_arrival_one_worker_
     let hold =
         shell(&format!("echo holding; read go < '{}'; echo a >> '{}'", gate.display(), order.display()));
     let first = setup.start("cap-a", vec![("hold", hold)]).await;
-    setup.wait_for_stdout("cap-a/0", "holding").await;
+    wait_for_stdout(setup.control.logs(), "cap-a/0", "holding").await;
 
     let mut waiting = Vec::new();
     for (n, (id, priority)) in [("b", 0), ("c", 5), ("d", 0)].into_iter().enumerate() {

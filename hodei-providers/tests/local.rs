@@ -1,0 +1,224 @@
+//! The local provider end to end: real agents (in-process, or the real `hodei-agent` binary as
+//! child processes) registering over mutual TLS on loopback with a real control plane, running
+//! real jobs for real sagas.
+
+mod pipeline;
+
+use pipeline::{completed, fast_hub, outcome, start, stored, within};
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use hodei_agent::jobs::{Job, MemorySecrets};
+use hodei_agent::logstore::LogStream;
+use hodei_agent::protocol::v1;
+use hodei_core::{Engine, MemoryStore};
+use hodei_providers::{
+    AgentEnv, ControlPlane, LocalProvider, Provider, ProviderPolicy, WorkerSpec, WorkerState,
+};
+
+/// The `hodei-agent` binary of this target directory (tests run from `<target>/debug/deps`),
+/// built once if it is not there yet.
+fn agent_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir =
+            exe.parent().and_then(Path::parent).expect("tests run from <target>/<profile>/deps");
+        let binary = profile_dir.join("hodei-agent");
+        if !binary.exists() {
+            let target_dir = profile_dir.parent().expect("a target directory");
+            let status = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
+                .args(["build", "-p", "hodei-agent", "--bin", "hodei-agent"])
+                .env("CARGO_TARGET_DIR", target_dir)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .unwrap();
+            assert!(status.success() && binary.exists(), "building hodei-agent failed");
+        }
+        binary
+    })
+}
+
+/// A spec for `worker_id` labelled with `saga`, with a fresh token from `control`'s PKI.
+fn spec_for(control: &ControlPlane, worker_id: &str, saga: &str) -> WorkerSpec {
+    let pki = control.hub().pki();
+    let token = pki.issue_token(worker_id).unwrap();
+    let agent = AgentEnv::new(
+        control.registration_addr().to_string(),
+        control.session_addr().to_string(),
+        token.as_str(),
+        pki.ca_bundle_pem(),
+    );
+    let mut spec = WorkerSpec::new(worker_id, agent);
+    spec.saga_id = Some(saga.to_owned());
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_runs_three_jobs_on_default_local_workers_and_their_results_and_masked_logs_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    // No provider given: the in-process local provider under the data directory.
+    let control =
+        ControlPlane::builder(dir.path().join("data")).hub_config(fast_hub()).start().await.unwrap();
+    let secrets = MemorySecrets::new().insert("deploy-token", "tok-3141592653");
+    let engine = Engine::builder()
+        .store(MemoryStore::new())
+        .register(pipeline::pipeline(control.dispatcher(Arc::new(secrets))))
+        .start()
+        .await
+        .unwrap();
+    let workspace = dir.path().join("workspace");
+    let ws = workspace.display();
+    let script = |body: String| {
+        Job::pooled_script(["/bin/sh", "-s"], body).env("PATH", "/usr/bin:/bin").env("WS", ws.to_string())
+    };
+    let jobs = vec![
+        (
+            "checkout",
+            script(
+                "mkdir -p \"$WS\" && echo 'int main() { return 0; }' > \"$WS/main.c\" && echo checked out"
+                    .into(),
+            ),
+        ),
+        (
+            "build",
+            script(
+                "wc -c < \"$WS/main.c\" > \"$WS/artifact\" && echo built $(cat \"$WS/artifact\") bytes"
+                    .into(),
+            ),
+        ),
+        (
+            "test",
+            script(
+                "TOKEN=$(printf %s \"$DEPLOY\" | base64 -d)\n\
+                 test -s \"$WS/artifact\" || exit 1\n\
+                 echo \"testing with $TOKEN\"; echo 'all tests passed' >&2"
+                    .into(),
+            )
+            .secret("DEPLOY", "deploy-token"),
+        ),
+    ];
+
+    let outcomes = completed(outcome(start(&engine, "pipeline-1", jobs).await).await);
+    let ids: Vec<&str> = outcomes.iter().map(|o| o.job_id.as_str()).collect();
+    assert_eq!(ids, ["pipeline-1/0", "pipeline-1/1", "pipeline-1/2"]);
+    assert!(outcomes.iter().all(|o| o.exit_code == 0));
+    let logs = control.logs();
+    assert_eq!(stored(logs, "pipeline-1/0", LogStream::Stdout).await, "checked out\n");
+    assert_eq!(stored(logs, "pipeline-1/1", LogStream::Stdout).await, "built 25 bytes\n");
+    assert_eq!(stored(logs, "pipeline-1/2", LogStream::Stdout).await, "testing with ***\n");
+    assert_eq!(stored(logs, "pipeline-1/2", LogStream::Stderr).await, "all tests passed\n");
+    assert_eq!(outcomes[2].stdout_bytes, "testing with ***\n".len() as u64);
+
+    // Ephemeral by default: every worker is gone, process, session and directory.
+    within(control.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    within(control.hub().watch_workers().wait_for(|workers| workers.is_empty())).await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("data/workers")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    control.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_process_worker_registers_with_the_token_out_of_argv_runs_a_job_and_dies_with_destroy() {
+    let dir = tempfile::tempdir().unwrap();
+    let control =
+        ControlPlane::builder(dir.path().join("data")).hub_config(fast_hub()).start().await.unwrap();
+    let provider =
+        LocalProvider::child_process(dir.path().join("workers"), agent_binary()).kill_on_drop(true);
+    let spec = spec_for(&control, "child-1", "saga-1");
+    let token = spec.agent.token.clone();
+
+    let mut connected = control.hub().watch_workers();
+    let info = provider.provision(&spec).await.unwrap();
+    within(connected.wait_for(|workers| workers.contains_key("child-1"))).await.unwrap();
+    let pid = provider.pid("child-1").await.expect("a child process");
+    assert_eq!(info.handle, pid.to_string());
+    assert_eq!(info.labels.get("hodei.dev/saga-id").map(String::as_str), Some("saga-1"));
+
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(!cmdline.contains(&token), "the token is in argv: {cmdline}");
+    assert!(cmdline.starts_with(&agent_binary().display().to_string()), "{cmdline}");
+    let output = provider.output("child-1").await.unwrap();
+    assert!(output.contains("registered; certificate stored"), "{output}");
+
+    // Jobs run in the worker's directory unless they say otherwise.
+    let job = v1::JobSpec {
+        job_id: "child-job".to_owned(),
+        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), "pwd".to_owned()],
+        env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
+        ..v1::JobSpec::default()
+    };
+    let result = within(control.hub().run_job("child-1", job)).await.unwrap();
+    assert_eq!(result.outcome, Some(v1::job_result::Outcome::ExitCode(0)));
+    let pwd = stored(control.logs(), "child-job", LogStream::Stdout).await;
+    assert_eq!(
+        pwd.trim_end(),
+        dir.path().join("workers/child-1").canonicalize().unwrap().display().to_string()
+    );
+    assert_eq!(provider.list().await.unwrap().len(), 1);
+
+    within(provider.destroy("child-1")).await.unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the agent is still there");
+    within(connected.wait_for(|workers| workers.is_empty())).await.unwrap();
+    assert_eq!(provider.state("child-1").await.unwrap(), WorkerState::Gone);
+    assert!(!dir.path().join("workers/child-1").exists());
+    // Idempotent.
+    provider.destroy("child-1").await.unwrap();
+    assert!(provider.list().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_finds_child_workers_by_pid_file_reaps_dead_sagas_and_adopts_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("workers");
+    // The provider of the control plane "after the restart": it knows no worker in memory.
+    let restarted = Arc::new(LocalProvider::child_process(&root, agent_binary()).kill_on_drop(true));
+    let control = ControlPlane::builder(dir.path().join("data"))
+        .hub_config(fast_hub())
+        .provider(restarted.clone(), ProviderPolicy::new().ephemeral())
+        .start()
+        .await
+        .unwrap();
+    // What the control plane "before the restart" left running: its own provider instance.
+    let earlier = LocalProvider::child_process(&root, agent_binary()).kill_on_drop(true);
+    let mut connected = control.hub().watch_workers();
+    for (worker, saga) in [("old-dead", "dead"), ("old-live", "live")] {
+        earlier.provision(&spec_for(&control, worker, saga)).await.unwrap();
+    }
+    within(connected.wait_for(|workers| workers.len() == 2)).await.unwrap();
+    let listed = restarted.list().await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed.iter().all(|w| w.state == WorkerState::Running), "{listed:?}");
+
+    let report = control.scheduler().reap_orphans(|saga| saga == "live").await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (report.destroyed.as_slice(), report.adopted.as_slice()),
+        (&["old-dead".to_owned()][..], &["old-live".to_owned()][..])
+    );
+    // Signalled through its pid file by a provider that never started it: SIGTERM ended it.
+    let dead = earlier.state("old-dead").await.unwrap();
+    assert_eq!(dead, WorkerState::Exited { code: Some(0), reason: None });
+    within(connected.wait_for(|workers| !workers.contains_key("old-dead"))).await.unwrap();
+
+    // The live saga's job runs on its adopted worker (in that worker's directory).
+    let engine = Engine::builder()
+        .store(MemoryStore::new())
+        .register(pipeline::pipeline(control.dispatcher(Arc::new(MemorySecrets::new()))))
+        .start()
+        .await
+        .unwrap();
+    let pwd = Job::pooled_command(["/bin/sh", "-c", "pwd"]).env("PATH", "/usr/bin:/bin");
+    completed(outcome(start(&engine, "live", vec![("resume", pwd)]).await).await);
+    let output = stored(control.logs(), "live/0", LogStream::Stdout).await;
+    assert!(output.trim_end().ends_with("/workers/old-live"), "{output}");
+
+    // Ephemeral: destroyed after that job, again through its pid file.
+    within(control.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    assert!(matches!(earlier.state("old-live").await.unwrap(), WorkerState::Exited { .. }));
+    assert!(restarted.list().await.unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    control.shutdown().await.unwrap();
+}

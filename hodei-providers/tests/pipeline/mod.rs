@@ -1,0 +1,80 @@
+//! Shared by the local-provider and scheduler tests: a saga definition that runs its input's
+//! jobs, and ways to wait for and read what they did.
+
+// Each test crate uses its own part of this.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use hodei_agent::hub::HubConfig;
+use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, RemoteJobs};
+use hodei_agent::logstore::{LogStore, LogStream};
+use hodei_core::{Engine, Outcome, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError};
+
+/// A guard against a hang, never a means of synchronisation.
+pub const LIMIT: Duration = Duration::from_secs(8);
+
+pub async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, future).await.expect("finished in time")
+}
+
+/// Short log batch delays, so that jobs' output is stored promptly.
+pub fn fast_hub() -> HubConfig {
+    HubConfig::default().log_batches(64 * 1024, Duration::from_millis(10))
+}
+
+/// One saga definition, `pipeline`: runs its input's jobs in order.
+pub fn pipeline(dispatcher: JobDispatcher) -> SagaDefinition {
+    SagaDefinition::new("pipeline", 1, move |ctx: SagaContext, jobs: Vec<(String, Job)>| {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let mut outcomes = Vec::new();
+            for (name, job) in jobs {
+                outcomes.push(ctx.run_job(&dispatcher, &name, job).await?);
+            }
+            Ok::<Vec<JobOutcome>, StepError>(outcomes)
+        }
+    })
+}
+
+/// Starts a `pipeline` saga `id` running `jobs`.
+pub async fn start(engine: &Engine, id: &str, jobs: Vec<(&str, Job)>) -> SagaHandle {
+    let jobs: Vec<(String, Job)> = jobs.into_iter().map(|(name, job)| (name.to_owned(), job)).collect();
+    engine.start(SagaRun::new("pipeline", id, &jobs).unwrap()).await.unwrap()
+}
+
+pub async fn outcome(handle: SagaHandle) -> Outcome<Vec<JobOutcome>> {
+    within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap()
+}
+
+pub fn completed(outcome: Outcome<Vec<JobOutcome>>) -> Vec<JobOutcome> {
+    match outcome {
+        Outcome::Completed(outcomes) => outcomes,
+        other => panic!("not completed: {other:?}"),
+    }
+}
+
+/// Everything stored for `stream` of `job`, as text.
+pub async fn stored(logs: &LogStore, job: &str, stream: LogStream) -> String {
+    let mut out = Vec::new();
+    loop {
+        let chunk = logs.read(job, stream, out.len() as u64, 1 << 20).await.unwrap();
+        if chunk.bytes.is_empty() {
+            return String::from_utf8(out).unwrap();
+        }
+        out.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// Waits until `job`'s stored stdout contains `needle`, following the store (no polling).
+pub async fn wait_for_stdout(logs: &LogStore, job: &str, needle: &str) {
+    let mut follower = logs.follow(job, LogStream::Stdout, 0).await.unwrap();
+    let mut seen = String::new();
+    within(async {
+        while !seen.contains(needle) {
+            let chunk = follower.next().await.expect("the log is still open").unwrap();
+            seen.push_str(&String::from_utf8_lossy(&chunk.bytes));
+        }
+    })
+    .await;
+}
