@@ -874,13 +874,18 @@ impl SessionTask {
             }
             SessionCommand::Cancel { job_id, reason } => {
                 let job_id = self.aliases.get(&job_id).cloned().unwrap_or(job_id);
+                self.agent_jobs.remove(&job_id);
                 self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await
             }
             SessionCommand::Abandon { job_id, cancel } => {
                 let job_id = self.aliases.remove(&job_id).unwrap_or(job_id);
                 self.jobs.remove(&job_id);
                 match cancel {
-                    Some(reason) => self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await,
+                    Some(reason) => {
+                        // Being cancelled, it is no job to re-attach a later attempt to.
+                        self.agent_jobs.remove(&job_id);
+                        self.send(hub_message::Kind::Cancel(CancelJob { job_id, reason })).await
+                    }
                     None => Flow::Continue(()),
                 }
             }

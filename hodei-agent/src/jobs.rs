@@ -472,6 +472,7 @@ pub struct JobDispatcher {
     hub: Hub,
     secrets: Arc<dyn SecretSource>,
     retry: RetryPolicy,
+    timeout: Option<Duration>,
     pool: Option<Arc<dyn WorkerPool>>,
 }
 
@@ -487,7 +488,15 @@ impl fmt::Debug for JobDispatcher {
 impl JobDispatcher {
     /// Jobs on `hub`, with secrets from `secrets` and [`JobDispatcher::default_retry`].
     pub fn new(hub: Hub, secrets: Arc<dyn SecretSource>) -> Self {
-        Self { hub, secrets, retry: Self::default_retry(), pool: None }
+        Self { hub, secrets, retry: Self::default_retry(), timeout: None, pool: None }
+    }
+
+    /// Sets a time limit per attempt of the steps that run jobs: past it the job is cancelled on
+    /// its worker and the attempt fails retryably. (A job's own [`Job::timeout`] is enforced by
+    /// the agent and fails the step for good.)
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
     }
 
     /// Takes workers for [`Placement::Pool`] jobs from `pool`.
@@ -650,11 +659,12 @@ pub trait RemoteJobs {
 
 impl RemoteJobs for SagaContext {
     async fn run_job(&self, jobs: &JobDispatcher, name: &str, job: Job) -> Result<JobOutcome, StepError> {
-        self.step(name)
-            .input(job)
-            .retry(jobs.retry)
-            .run(|step: StepContext, job: Job| async move { jobs.attempt(&step, name, &job).await })
-            .await
+        let step = self.step(name).input(job).retry(jobs.retry);
+        let step = match jobs.timeout {
+            Some(limit) => step.timeout(limit),
+            None => step,
+        };
+        step.run(|step: StepContext, job: Job| async move { jobs.attempt(&step, name, &job).await }).await
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
 use hodei_agent::logstore::LogStream;
+use hodei_agent::protocol::v1;
 use hodei_core::{
     Engine, Event, MemoryStore, Outcome, RecordedEvent, RetryPolicy, SagaContext, SagaDefinition, SagaId,
     SagaRun, StepError,
@@ -163,4 +164,71 @@ async fn a_job_whose_worker_is_lost_is_retried_as_a_new_attempt_once_it_reconnec
     let history = engine.history(&SagaId::new("saga-lost").unwrap()).unwrap();
     assert!(history.iter().any(|e| matches!(e.event, Event::StepRetried { .. })), "{history:?}");
     setup.stop_agent().await;
+}
+
+fn is_running(pid: i32) -> bool {
+    // A zombie has no status line worth reading, and a reaped process has no /proc entry.
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map(|status| !status.lines().any(|l| l.starts_with("State:") && l.contains("Z (zombie)")))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_the_saga_kills_its_remote_job_that_ignores_sigterm_and_its_grandchildren() {
+    let mut setup = Setup::new().await;
+    // The job ignores SIGTERM and leaves a grandchild behind; the grace period is short so
+    // SIGKILL follows soon.
+    let job = shell("trap '' TERM; sleep 1000 & echo \"grandchild $!\"; wait")
+        .cancel_grace(Duration::from_millis(200));
+    let engine = engine(dispatcher(&setup, MemorySecrets::new()), vec![("deploy", job)]).await;
+    let handle = engine.start(SagaRun::new("pipeline", "saga-cancel", &()).unwrap()).await.unwrap();
+    setup.wait_for_stdout("saga-cancel/0#1", b"grandchild ").await;
+    let stored = String::from_utf8(setup.stored("saga-cancel/0#1", LogStream::Stdout).await).unwrap();
+    let grandchild: i32 = stored.trim().strip_prefix("grandchild ").unwrap().parse().unwrap();
+    assert!(is_running(grandchild));
+
+    handle.cancel("release aborted").await.unwrap();
+    let outcome = within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap();
+    assert!(matches!(outcome, Outcome::Compensated { .. } | Outcome::Failed { .. }), "{outcome:?}");
+    // The hub stores the job's result once the agent reports it: cancelled, with the reason.
+    let result = finished_result(&setup, "saga-cancel/0#1").await;
+    let Some(v1::job_result::Outcome::Cancelled(reason)) = &result.outcome else { panic!("{result:?}") };
+    assert!(reason.contains("release aborted"), "{reason}");
+    assert!(!is_running(grandchild), "grandchild {grandchild} outlived the cancelled job");
+    setup.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_cancels_the_remote_job_and_the_retry_runs_a_new_attempt() {
+    let mut setup = Setup::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran-once").display().to_string();
+    // The first attempt hangs past the step's timeout; the second finds the marker and ends.
+    let script =
+        "if [ -e \"$MARKER\" ]; then echo second; exit 0; fi; touch \"$MARKER\"; echo first; sleep 1000";
+    let job = shell(script).env("MARKER", marker).cancel_grace(Duration::from_millis(200));
+    let dispatcher = JobDispatcher::new(setup.hub.clone(), Arc::new(MemorySecrets::new()))
+        .retry(RetryPolicy::attempts(3).initial_backoff(Duration::from_millis(10)))
+        .timeout(Duration::from_secs(1));
+    let engine = engine(dispatcher, vec![("hang", job)]).await;
+
+    let (outcome, _) = run(&engine, "saga-timeout").await;
+    let Outcome::Completed(outcomes) = outcome else { panic!("not completed: {outcome:?}") };
+    assert_eq!(outcomes[0].job_id, "saga-timeout/0#2");
+    let first = finished_result(&setup, "saga-timeout/0#1").await;
+    assert!(
+        matches!(&first.outcome, Some(v1::job_result::Outcome::Cancelled(r)) if r.contains("timed out")),
+        "{first:?}"
+    );
+    assert_eq!(setup.stored("saga-timeout/0#1", LogStream::Stdout).await, b"first\n");
+    assert_eq!(setup.stored("saga-timeout/0#2", LogStream::Stdout).await, b"second\n");
+    setup.stop_agent().await;
+}
+
+/// The result the hub stores for `job` once the agent reports it: the log is closed (which a
+/// follower sees) only after the result is on disk.
+async fn finished_result(setup: &Setup, job: &str) -> v1::JobResult {
+    let mut follower = setup.logs.follow(job, LogStream::Stdout, 0).await.unwrap();
+    within(async { while follower.next().await.is_some() {} }).await;
+    setup.hub.stored_result(job).await.unwrap().expect("a stored result once the log is closed")
 }

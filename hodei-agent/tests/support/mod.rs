@@ -46,7 +46,9 @@ impl Setup {
         // Short batch delays keep the tests fast; the heartbeat never matters here.
         let config = HubConfig::default()
             .heartbeat(Duration::from_secs(5), Duration::from_secs(15))
-            .log_batches(64 * 1024, Duration::from_millis(10));
+            .log_batches(64 * 1024, Duration::from_millis(10))
+            // Long enough for an agent restarted by a test to reconnect, short for a worker that never comes.
+            .worker_wait(Duration::from_secs(2));
         let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
         let registration =
