@@ -29,6 +29,7 @@ pub async fn within<T>(future: impl Future<Output = T>) -> T {
 pub struct Setup {
     _dir: TempDir,
     pub hub: Hub,
+    env: Vec<(&'static str, String)>,
     pub logs: Arc<LogStore>,
     settings: Settings,
     _registration: Listening,
@@ -40,15 +41,22 @@ pub struct Setup {
 impl Setup {
     /// A hub with a log store, and an agent connected to it.
     pub async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), PkiConfig::default()).unwrap());
-        let logs = Arc::new(LogStore::open(dir.path().join("store")).await.unwrap());
         // Short batch delays keep the tests fast; the heartbeat never matters here.
         let config = HubConfig::default()
             .heartbeat(Duration::from_secs(5), Duration::from_secs(15))
             .log_batches(64 * 1024, Duration::from_millis(10))
             // Long enough for an agent restarted by a test to reconnect, short for a worker that never comes.
             .worker_wait(Duration::from_secs(2));
+        let mut setup = Self::hub(config).await;
+        setup.start_agent().await;
+        setup
+    }
+
+    /// A hub with a log store and `config`, and no agent yet.
+    pub async fn hub(config: HubConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), PkiConfig::default()).unwrap());
+        let logs = Arc::new(LogStore::open(dir.path().join("store")).await.unwrap());
         let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
         let registration =
@@ -65,22 +73,27 @@ impl Setup {
             ("HODEI_WORK_DIR", dir.path().join("work").display().to_string()),
             ("HODEI_TOKEN", pki.issue_token(WORKER).unwrap().as_str().to_owned()),
         ];
-        let lookup = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+        let lookup = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
         let Command::Run(mut settings) = Settings::parse([], lookup).unwrap() else { panic!("not run") };
         settings.backoff =
             BackoffPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(200) };
-        let mut setup = Self {
+        Self {
             _dir: dir,
             hub,
             logs,
+            env: env.to_vec(),
             settings,
             _registration: registration,
             _sessions: sessions,
             stop: None,
             agent: None,
-        };
-        setup.start_agent().await;
-        setup
+        }
+    }
+
+    /// The agent binary's environment for [`WORKER`]: it registers with the token, or reuses
+    /// the certificate stored in the work directory by an earlier agent.
+    pub fn binary_env(&self) -> &[(&'static str, String)] {
+        &self.env
     }
 
     /// Starts the agent's run loop and waits until its session is up.
