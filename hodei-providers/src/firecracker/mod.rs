@@ -467,18 +467,7 @@ impl FirecrackerProvider {
                 link_into(Path::new(&guest.rootfs), &root.join("rootfs.ext4"))?;
                 guest = GuestPaths { kernel: "/vmlinux".to_owned(), rootfs: "/rootfs.ext4".to_owned() };
                 let mut command = Command::new(jailer);
-                command
-                    .arg("--id")
-                    .arg(&record.worker_id)
-                    .arg("--exec-file")
-                    .arg(&host.firecracker)
-                    .arg("--uid")
-                    .arg(jail.uid.to_string())
-                    .arg("--gid")
-                    .arg(jail.gid.to_string())
-                    .arg("--chroot-base-dir")
-                    .arg(&jail.chroot_base_dir)
-                    .arg("--");
+                command.args(jailer_args(jail, &host.firecracker, &record.worker_id));
                 command
             }
             _ => Command::new(&host.firecracker),
@@ -698,6 +687,13 @@ impl Provider for FirecrackerProvider {
         let dir = self.worker_dir(&spec.worker_id);
         let (api_socket, api_sock_arg, jail_dir) = match &self.config.jailer {
             Some(jail) => {
+                // The jailer's `--id` takes only letters, digits and hyphens.
+                if !spec.worker_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    return Err(invalid(format!(
+                        "worker id `{}` cannot be a jailer id (letters, digits and `-` only)",
+                        spec.worker_id
+                    )));
+                }
                 let exec_name = self.config.firecracker_binary.file_name().unwrap_or_default();
                 let jail_dir = jail.chroot_base_dir.join(exec_name).join(&spec.worker_id);
                 let socket = jail_dir.join("root/run").join(SOCKET_FILE);
@@ -793,6 +789,15 @@ impl Provider for FirecrackerProvider {
         workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         Ok(workers)
     }
+}
+
+/// The jailer's own arguments; Firecracker's follow the `--`.
+fn jailer_args(jail: &JailerConfig, firecracker: &Path, worker_id: &str) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--id".into(), worker_id.into(), "--exec-file".into()];
+    args.push(firecracker.into());
+    args.extend(["--uid".into(), jail.uid.to_string().into(), "--gid".into(), jail.gid.to_string().into()]);
+    args.extend(["--chroot-base-dir".into(), jail.chroot_base_dir.clone().into_os_string(), "--".into()]);
+    args
 }
 
 /// The MMDS store: the agent's environment, its CA and its labels. The token is only here.
@@ -969,6 +974,26 @@ mod tests {
         assert!(created);
         assert!(first.len() <= MAX_TAP_NAME && first.starts_with("hodei-"), "{first}");
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn the_jailer_gets_the_id_exec_file_ids_and_chroot_before_firecrackers_arguments() {
+        let jail = JailerConfig::new("/usr/bin/jailer", 123, 456, "/srv/jail");
+        let args = jailer_args(&jail, Path::new("/usr/bin/firecracker"), "w-1");
+        let expected = [
+            "--id",
+            "w-1",
+            "--exec-file",
+            "/usr/bin/firecracker",
+            "--uid",
+            "123",
+            "--gid",
+            "456",
+            "--chroot-base-dir",
+            "/srv/jail",
+            "--",
+        ];
+        assert_eq!(args, expected.map(std::ffi::OsString::from));
     }
 
     #[test]
