@@ -295,13 +295,30 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// The newest metrics sample of each running job, for dashboards and tests.
-#[derive(Debug, Default)]
-struct Metrics(Mutex<HashMap<String, v1::MetricsSample>>);
+/// The newest metrics sample of each running job, and every sample as it arrives.
+#[derive(Debug)]
+struct Metrics {
+    latest: Mutex<HashMap<String, v1::MetricsSample>>,
+    samples: tokio::sync::broadcast::Sender<v1::MetricsSample>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // A subscriber that lags this far behind misses samples (and is told so): metrics are
+        // a live view, never a reason to hold up a session.
+        Self { latest: Mutex::default(), samples: tokio::sync::broadcast::Sender::new(256) }
+    }
+}
 
 impl Metrics {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, v1::MetricsSample>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, sample: v1::MetricsSample) {
+        self.map().insert(sample.job_id.clone(), sample.clone());
+        // No subscriber is not an error.
+        let _ = self.samples.send(sample);
     }
 }
 
@@ -399,6 +416,12 @@ impl Hub {
     /// The newest metrics sample of a running job.
     pub fn job_metrics(&self, job_id: &str) -> Option<v1::MetricsSample> {
         self.metrics.map().get(job_id).cloned()
+    }
+
+    /// Every metrics sample from now on, of every job, as the agents send them (about one per
+    /// job per sampling interval).
+    pub fn subscribe_metrics(&self) -> tokio::sync::broadcast::Receiver<v1::MetricsSample> {
+        self.metrics.samples.subscribe()
     }
 
     /// The worker's session, waiting up to `wait` for it to connect.
@@ -910,7 +933,7 @@ impl SessionTask {
             Some(agent_message::Kind::Log(batch)) => self.log(batch).await,
             Some(agent_message::Kind::Result(result)) => self.result(result).await,
             Some(agent_message::Kind::Metrics(sample)) => {
-                self.metrics.map().insert(sample.job_id.clone(), sample);
+                self.metrics.record(sample);
                 Flow::Continue(())
             }
             Some(agent_message::Kind::Rotate(request)) => self.rotate(request).await,

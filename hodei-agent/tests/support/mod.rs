@@ -54,8 +54,13 @@ impl Setup {
 
     /// A hub with a log store and `config`, and no agent yet.
     pub async fn hub(config: HubConfig) -> Self {
+        Self::hub_with_pki(config, PkiConfig::default()).await
+    }
+
+    /// [`Setup::hub`] with its PKI configured by `pki`.
+    pub async fn hub_with_pki(config: HubConfig, pki: PkiConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), PkiConfig::default()).unwrap());
+        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), pki).unwrap());
         let logs = Arc::new(LogStore::open(dir.path().join("store")).await.unwrap());
         let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
