@@ -4,18 +4,19 @@
 
 mod pipeline;
 
-use pipeline::{completed, fast_hub, outcome, start, stored, within};
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use hodei_agent::jobs::{Job, MemorySecrets};
 use hodei_agent::logstore::LogStream;
 use hodei_agent::protocol::v1;
-use hodei_core::{Engine, MemoryStore};
+use hodei_core::RetryPolicy;
 use hodei_providers::{
-    AgentEnv, ControlPlane, LocalProvider, Provider, ProviderPolicy, WorkerSpec, WorkerState,
+    AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, WorkerInfo, WorkerSpec,
+    WorkerState,
 };
+use pipeline::{completed, failure, fast_hub, outcome, start, stored, within};
 
 /// The `hodei-agent` binary of this target directory (tests run from `<target>/debug/deps`),
 /// built once if it is not there yet.
@@ -62,12 +63,7 @@ async fn a_saga_runs_three_jobs_on_default_local_workers_and_their_results_and_m
     let control =
         ControlPlane::builder(dir.path().join("data")).hub_config(fast_hub()).start().await.unwrap();
     let secrets = MemorySecrets::new().insert("deploy-token", "tok-3141592653");
-    let engine = Engine::builder()
-        .store(MemoryStore::new())
-        .register(pipeline::pipeline(control.dispatcher(Arc::new(secrets))))
-        .start()
-        .await
-        .unwrap();
+    let engine = pipeline::engine(control.dispatcher(Arc::new(secrets))).await;
     let workspace = dir.path().join("workspace");
     let ws = workspace.display();
     let script = |body: String| {
@@ -204,12 +200,7 @@ async fn a_restarted_control_plane_finds_child_workers_by_pid_file_reaps_dead_sa
     within(connected.wait_for(|workers| !workers.contains_key("old-dead"))).await.unwrap();
 
     // The live saga's job runs on its adopted worker (in that worker's directory).
-    let engine = Engine::builder()
-        .store(MemoryStore::new())
-        .register(pipeline::pipeline(control.dispatcher(Arc::new(MemorySecrets::new()))))
-        .start()
-        .await
-        .unwrap();
+    let engine = pipeline::engine(control.dispatcher(Arc::new(MemorySecrets::new()))).await;
     let pwd = Job::pooled_command(["/bin/sh", "-c", "pwd"]).env("PATH", "/usr/bin:/bin");
     completed(outcome(start(&engine, "live", vec![("resume", pwd)]).await).await);
     let output = stored(control.logs(), "live/0", LogStream::Stdout).await;
@@ -221,4 +212,84 @@ async fn a_restarted_control_plane_finds_child_workers_by_pid_file_reaps_dead_sa
     assert!(restarted.list().await.unwrap().is_empty());
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
     control.shutdown().await.unwrap();
+}
+
+/// Child-process workers given a broken agent setting: a registration address where nothing
+/// listens (the agent retries until the deadline), or a CA bundle that is no PEM (the agent
+/// exits 2 at once).
+#[derive(Debug)]
+struct Misconfigured {
+    local: LocalProvider,
+    refused_addr: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl Provider for Misconfigured {
+    fn name(&self) -> &str {
+        self.local.name()
+    }
+    async fn provision(&self, spec: &WorkerSpec) -> Result<WorkerInfo, ProviderError> {
+        let mut spec = spec.clone();
+        match &self.refused_addr {
+            Some(addr) => spec.agent.registration_addr = addr.clone(),
+            None => spec.agent.ca_bundle_pem = "not a certificate".to_owned(),
+        }
+        self.local.provision(&spec).await
+    }
+    async fn state(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        self.local.state(worker_id).await
+    }
+    async fn output(&self, worker_id: &str) -> Result<String, ProviderError> {
+        self.local.output(worker_id).await
+    }
+    async fn destroy(&self, worker_id: &str) -> Result<(), ProviderError> {
+        self.local.destroy(worker_id).await
+    }
+    async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError> {
+        self.local.list().await
+    }
+}
+
+/// Runs one job on a `Misconfigured` child-process worker and returns why the saga failed.
+async fn failure_with(dir: &Path, refused_addr: Option<String>, deadline: Duration) -> String {
+    let local = LocalProvider::child_process(dir.join("workers"), agent_binary()).kill_on_drop(true);
+    let provider = Arc::new(Misconfigured { local, refused_addr });
+    let control = ControlPlane::builder(dir.join("data"))
+        .provider(provider.clone(), ProviderPolicy::new().registration_deadline(deadline))
+        .start()
+        .await
+        .unwrap();
+    let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new())).retry(RetryPolicy::none());
+    let engine = pipeline::engine(dispatcher).await;
+    let job = Job::pooled_command(["/bin/true"]);
+    let cause = failure(outcome(start(&engine, "doomed", vec![("build", job)]).await).await);
+    // The worker was destroyed: no process, no directory.
+    within(control.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    assert!(provider.list().await.unwrap().is_empty());
+    control.shutdown().await.unwrap();
+    cause
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_worker_that_cannot_reach_the_hub_is_destroyed_at_the_deadline_with_its_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that was just free: nothing listens there.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let cause = failure_with(dir.path(), Some(refused.clone()), Duration::from_millis(1500)).await;
+    assert!(cause.contains("did not register within 1.5s"), "{cause}");
+    // The agent's own words, from its stderr file.
+    assert!(cause.contains(&format!("with the control plane at {refused}")), "{cause}");
+    assert!(cause.contains("registration failed"), "{cause}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_worker_that_exits_before_registering_fails_at_once_with_its_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let cause = failure_with(dir.path(), None, Duration::from_secs(30)).await;
+    assert!(cause.contains("exited before registering (exit code 2)"), "{cause}");
+    assert!(cause.contains("--ca-bundle (HODEI_CA_BUNDLE)"), "{cause}");
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hodei_agent::jobs::{Job, JobOutcome, MemorySecrets};
-use hodei_core::{Engine, MemoryStore, Outcome, RetryPolicy, SagaHandle};
+use hodei_agent::jobs::{Job, MemorySecrets};
+use hodei_core::{Engine, RetryPolicy, SagaHandle};
 use hodei_providers::{
     AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, SchedulerCounts,
     WorkerInfo, WorkerSpec, WorkerState,
 };
-use pipeline::{completed, fast_hub, outcome, wait_for_stdout, within};
+use pipeline::{completed, failure, fast_hub, outcome, wait_for_stdout, within};
 use tempfile::TempDir;
 
 /// What a provider was asked to do, in order.
@@ -136,12 +136,7 @@ impl Setup {
             .await
             .unwrap();
         let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new())).retry(retry);
-        let engine = Engine::builder()
-            .store(MemoryStore::new())
-            .register(pipeline::pipeline(dispatcher))
-            .start()
-            .await
-            .unwrap();
+        let engine = pipeline::engine(dispatcher).await;
         Self { dir, control, engine }
     }
 
@@ -165,13 +160,6 @@ impl Setup {
 /// A pooled `sh -c script` with a minimal PATH.
 fn shell(script: &str) -> Job {
     Job::pooled_command(["/bin/sh", "-c", script]).env("PATH", "/usr/bin:/bin")
-}
-
-fn failure(outcome: Outcome<Vec<JobOutcome>>) -> String {
-    match outcome {
-        Outcome::Failed { cause } => cause,
-        other => panic!("did not fail: {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use hodei_agent::hub::HubConfig;
 use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, RemoteJobs};
 use hodei_agent::logstore::{LogStore, LogStream};
-use hodei_core::{Engine, Outcome, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError};
+use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError};
 
 /// A guard against a hang, never a means of synchronisation.
 pub const LIMIT: Duration = Duration::from_secs(8);
@@ -37,6 +37,11 @@ pub fn pipeline(dispatcher: JobDispatcher) -> SagaDefinition {
     })
 }
 
+/// An engine over a memory store, running `pipeline` sagas with `dispatcher`.
+pub async fn engine(dispatcher: JobDispatcher) -> Engine {
+    Engine::builder().store(MemoryStore::new()).register(pipeline(dispatcher)).start().await.unwrap()
+}
+
 /// Starts a `pipeline` saga `id` running `jobs`.
 pub async fn start(engine: &Engine, id: &str, jobs: Vec<(&str, Job)>) -> SagaHandle {
     let jobs: Vec<(String, Job)> = jobs.into_iter().map(|(name, job)| (name.to_owned(), job)).collect();
@@ -51,6 +56,14 @@ pub fn completed(outcome: Outcome<Vec<JobOutcome>>) -> Vec<JobOutcome> {
     match outcome {
         Outcome::Completed(outcomes) => outcomes,
         other => panic!("not completed: {other:?}"),
+    }
+}
+
+/// Why the saga failed, with nothing to compensate.
+pub fn failure(outcome: Outcome<Vec<JobOutcome>>) -> String {
+    match outcome {
+        Outcome::Failed { cause } => cause,
+        other => panic!("did not fail: {other:?}"),
     }
 }
 
