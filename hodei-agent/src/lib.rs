@@ -1,6 +1,9 @@
 //! hodei-agent: the wire protocol, the control-plane hub, and the worker agent.
 //!
-//! Work in progress (issue 4). What is here is tested on its own:
+//! Inside-out: every worker runs the agent, which dials the control plane's hub over gRPC with
+//! mutual TLS; the worker opens no port. Jobs run as durable saga steps ([`jobs`]) and outlive
+//! the connection: output is resent from the last acknowledged offset, and a restarted control
+//! plane re-attaches to jobs that went on without it.
 //! - [`protocol`]: the versioned protobuf package and the version handshake;
 //! - [`pki`]: the embedded CA, one-time registration tokens, per-worker certificates, and the
 //!   rustls configurations that enforce mTLS;
@@ -13,13 +16,13 @@
 //!   registry of connected workers, and running a job on a worker with its output stored;
 //! - [`connect`]: the agent's side of the same: registering with a token and opening a session;
 //! - [`agent`]: the `hodei-agent` program: its settings (flags and environment), its stored key
-//!   and certificate, and the loop that keeps a session up with heartbeats and backoff and runs
-//!   the jobs it is assigned;
+//!   and certificate, and the loop that keeps a session up with heartbeats and backoff, runs
+//!   the jobs it is assigned, keeps their output until acknowledged, and rotates its
+//!   certificate;
 //! - [`jobs`]: remote jobs as durable saga steps: the journaled job (secret names only), secret
 //!   sources resolved at dispatch, and the step whose job id is its idempotency key.
 //!
-//! Resuming jobs and resending unacknowledged output across reconnects, and the local provider
-//! build on these next.
+//! Workers come from `hodei-providers`, whose scheduler implements [`jobs::WorkerPool`].
 
 pub mod agent;
 pub mod connect;
