@@ -2,6 +2,7 @@
 //!
 //! - [`provider`]: the [`Provider`] trait every kind of worker implements, its spec, states
 //!   and typed errors.
+//! - `docker` (feature `docker`): workers as Docker containers, through the engine's API.
 //! - [`local`]: workers on this machine, in-process or as child processes, over real mutual TLS
 //!   on loopback: the embedded default.
 //! - [`scheduler`]: the [`Scheduler`], which matches jobs to providers, caps and queues them,
@@ -12,6 +13,8 @@
 //!   API on its Unix socket; the registration token reaches the guest through MMDS.
 
 pub mod control_plane;
+#[cfg(feature = "docker")]
+pub mod docker;
 #[cfg(feature = "firecracker")]
 pub mod firecracker;
 pub mod local;

@@ -9,12 +9,15 @@
 //!   variables (the token never in argv, which other users can read in `/proc`), its stdout and
 //!   stderr go to a file in the worker's directory (what [`Provider::output`] returns), and
 //!   destroying it sends SIGTERM, then SIGKILL after a grace period. The worker outlives the
-//!   control plane unless [`LocalProvider::kill_on_drop`] says otherwise: a pid file records
-//!   it, so that a restarted control plane lists it and can reap or adopt it.
+//!   control plane unless [`LocalProvider::kill_on_drop`] says otherwise: its record, with its
+//!   pid, lets a restarted control plane list it and reap or adopt it. Before signalling such a
+//!   pid, the provider checks `/proc/<pid>/cmdline` for the agent binary and the worker's own
+//!   work directory, so that a pid the system reused is never killed.
 //!
 //! Every worker has a directory `<root>/<worker id>/` holding the CA bundle, the agent's key and
-//! certificate (`agent/`), its output (`agent.log`) and a description of the worker (`worker`).
-//! A child-process agent runs in that directory, so its jobs do too unless they set one.
+//! certificate (`agent/`), its output (`agent.log`) and its record (`worker`: pid, program and
+//! labels, written whole then renamed into place). A child-process agent runs in that
+//! directory, so its jobs do too unless they set one.
 //!
 //! Local workers cannot enforce cpu or memory limits: [`WorkerSpec::resources`] is ignored.
 //! The agent puts each job in a cgroup of its own when it may, but only to measure it; a job
