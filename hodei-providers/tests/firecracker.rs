@@ -361,6 +361,83 @@ async fn orphans_left_by_a_previous_run_are_listed_and_reaped() {
     unrelated.wait().expect("reap sleep");
 }
 
+/// An `ip` stand-in that records its arguments and fails when told to.
+fn fake_ip(host: &Host, fail_with: Option<&str>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = host.path("ip");
+    let log = host.path("ip.log");
+    let tail = match fail_with {
+        Some(message) => format!("echo '{message}' >&2; exit 2"),
+        None => "exit 0".to_owned(),
+    };
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$*\" >> '{}'\n{tail}\n", log.display()))
+        .expect("script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+fn ip_calls(host: &Host) -> Vec<String> {
+    std::fs::read_to_string(host.path("ip.log"))
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_tap_the_provider_creates_is_attached_to_the_bridge_and_deleted_on_destroy() {
+    let host = Host::new();
+    let tap = TapDevice::Create {
+        ip_binary: fake_ip(&host, None),
+        name_prefix: "hfc-".to_owned(),
+        bridge: Some("br-hodei".to_owned()),
+    };
+    let provider = FirecrackerProvider::new(host.config().tap(tap));
+    provider.provision(&spec("w-tap")).await.expect("provision");
+    let iface = host.requests().into_iter().find(|r| r.path == "/network-interfaces/eth0").expect("iface");
+    let name = iface.body.expect("body")["host_dev_name"].as_str().expect("a TAP name").to_owned();
+    assert!(name.starts_with("hfc-") && name.len() <= 15, "{name}");
+    let calls = ip_calls(&host);
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].starts_with(&format!("tuntap add dev {name} mode tap user ")), "{calls:?}");
+    assert_eq!(calls[1], format!("link set dev {name} master br-hodei up"));
+
+    provider.destroy("w-tap").await.expect("destroy");
+    assert_eq!(ip_calls(&host).last(), Some(&format!("link del dev {name}")));
+}
+
+#[tokio::test]
+async fn a_tap_that_cannot_be_created_says_so_and_starts_no_vm() {
+    let host = Host::new();
+    let ip_binary = fake_ip(&host, Some("ioctl(TUNSETIFF): Operation not permitted"));
+    let tap = TapDevice::Create { ip_binary, name_prefix: "hfc-".to_owned(), bridge: None };
+    let provider = FirecrackerProvider::new(host.config().tap(tap));
+    let error = provider.provision(&spec("w-notap")).await.expect_err("no CAP_NET_ADMIN");
+    assert!(matches!(error, ProviderError::Infrastructure { .. }), "{error:?}");
+    let text = reason(&error);
+    assert!(text.contains("Operation not permitted") && text.contains("CAP_NET_ADMIN"), "{text}");
+    assert!(host.requests().is_empty(), "no VMM was started");
+    assert!(provider.list().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn a_created_tap_is_deleted_when_the_vmm_cannot_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = Host::new();
+    // Executable, but exec fails: its interpreter does not exist.
+    let broken = host.path("firecracker");
+    std::fs::write(&broken, "#!/nonexistent/interpreter\n").expect("script");
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let tap =
+        TapDevice::Create { ip_binary: fake_ip(&host, None), name_prefix: "hfc-".to_owned(), bridge: None };
+    let provider = FirecrackerProvider::new(host.config().firecracker_binary(&broken).tap(tap));
+    let error = provider.provision(&spec("w-noexec")).await.expect_err("exec fails");
+    assert!(matches!(error, ProviderError::Infrastructure { .. }), "{error:?}");
+    assert!(reason(&error).contains("cannot start"), "{error}");
+    let calls = ip_calls(&host);
+    assert!(calls[0].starts_with("tuntap add dev hfc-"), "{calls:?}");
+    assert!(calls.last().is_some_and(|c| c.starts_with("link del dev hfc-")), "{calls:?}");
+    assert!(provider.list().await.expect("list").is_empty());
+}
+
 #[test]
 fn the_spec_checker_refuses_what_firecracker_refuses() {
     let spec = ApiSpec::load();

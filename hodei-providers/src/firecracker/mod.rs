@@ -637,7 +637,16 @@ impl FirecrackerProvider {
         if record.tap_created {
             self.create_tap(&record.tap_name).await?;
         }
-        let (mut child, guest) = self.launch(record, &host, dir).await?;
+        let (mut child, guest) = match self.launch(record, &host, dir).await {
+            Ok(launched) => launched,
+            Err(e) => {
+                // The TAP (and jail) may already exist.
+                if let Err(cleanup) = self.tear_down(record, None).await {
+                    tracing::warn!(worker_id = %spec.worker_id, %cleanup, "cleaning up a microVM that did not start");
+                }
+                return Err(e);
+            }
+        };
         let booted = match self.wait_for_api(&mut child, record).await {
             Ok(client) => self.configure_and_start(&client, spec, record, &guest).await.map_err(api_error),
             Err(e) => Err(e),
