@@ -134,15 +134,15 @@ async fn main() -> anyhow::Result<()> {
     let stored = control.logs().jobs().await?;
     for event in &history {
         let Event::StepStarted { step, name, .. } = &event.event else { continue };
-        let job = format!("{id}/{step}");
-        if !stored.contains(&job) {
-            continue;
-        }
-        println!("  {name} ({job})");
-        for stream in [LogStream::Stdout, LogStream::Stderr] {
-            let log = control.logs().read(&job, stream, 0, 64 * 1024).await?;
-            for line in String::from_utf8_lossy(&log.bytes).lines() {
-                println!("    {stream}| {line}");
+        // A job's log is kept per attempt, as `saga id/step#attempt`.
+        let attempts = format!("{id}/{step}#");
+        for job in stored.iter().filter(|job| job.starts_with(&attempts)) {
+            println!("  {name} ({job})");
+            for stream in [LogStream::Stdout, LogStream::Stderr] {
+                let log = control.logs().read(job, stream, 0, 64 * 1024).await?;
+                for line in String::from_utf8_lossy(&log.bytes).lines() {
+                    println!("    {stream}| {line}");
+                }
             }
         }
     }

@@ -98,13 +98,13 @@ async fn a_saga_runs_three_jobs_on_default_local_workers_and_their_results_and_m
 
     let outcomes = completed(outcome(start(&engine, "pipeline-1", jobs).await).await);
     let ids: Vec<&str> = outcomes.iter().map(|o| o.job_id.as_str()).collect();
-    assert_eq!(ids, ["pipeline-1/0", "pipeline-1/1", "pipeline-1/2"]);
+    assert_eq!(ids, ["pipeline-1/0#1", "pipeline-1/1#1", "pipeline-1/2#1"]);
     assert!(outcomes.iter().all(|o| o.exit_code == 0));
     let logs = control.logs();
-    assert_eq!(stored(logs, "pipeline-1/0", LogStream::Stdout).await, "checked out\n");
-    assert_eq!(stored(logs, "pipeline-1/1", LogStream::Stdout).await, "built 25 bytes\n");
-    assert_eq!(stored(logs, "pipeline-1/2", LogStream::Stdout).await, "testing with ***\n");
-    assert_eq!(stored(logs, "pipeline-1/2", LogStream::Stderr).await, "all tests passed\n");
+    assert_eq!(stored(logs, "pipeline-1/0#1", LogStream::Stdout).await, "checked out\n");
+    assert_eq!(stored(logs, "pipeline-1/1#1", LogStream::Stdout).await, "built 25 bytes\n");
+    assert_eq!(stored(logs, "pipeline-1/2#1", LogStream::Stdout).await, "testing with ***\n");
+    assert_eq!(stored(logs, "pipeline-1/2#1", LogStream::Stderr).await, "all tests passed\n");
     assert_eq!(outcomes[2].stdout_bytes, "testing with ***\n".len() as u64);
 
     // Ephemeral by default: every worker is gone, process, session and directory.
@@ -203,7 +203,7 @@ async fn a_restarted_control_plane_finds_child_workers_by_pid_file_reaps_dead_sa
     let engine = pipeline::engine(control.dispatcher(Arc::new(MemorySecrets::new()))).await;
     let pwd = Job::pooled_command(["/bin/sh", "-c", "pwd"]).env("PATH", "/usr/bin:/bin");
     completed(outcome(start(&engine, "live", vec![("resume", pwd)]).await).await);
-    let output = stored(control.logs(), "live/0", LogStream::Stdout).await;
+    let output = stored(control.logs(), "live/0#1", LogStream::Stdout).await;
     assert!(output.trim_end().ends_with("/workers/old-live"), "{output}");
 
     // Ephemeral: destroyed after that job, again through its pid file.

@@ -175,7 +175,7 @@ async fn with_a_cap_of_one_waiting_jobs_run_by_priority_then_arrival_one_worker_
     let hold =
         shell(&format!("echo holding; read go < '{}'; echo a >> '{}'", gate.display(), order.display()));
     let first = setup.start("cap-a", vec![("hold", hold)]).await;
-    wait_for_stdout(setup.control.logs(), "cap-a/0", "holding").await;
+    wait_for_stdout(setup.control.logs(), "cap-a/0#1", "holding").await;
 
     let mut waiting = Vec::new();
     for (n, (id, priority)) in [("b", 0), ("c", 5), ("d", 0)].into_iter().enumerate() {
