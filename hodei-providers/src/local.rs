@@ -63,6 +63,7 @@ pub enum Launch {
 
 /// Workers on this machine. See the [module documentation](self).
 pub struct LocalProvider {
+    name: String,
     root: PathBuf,
     launch: Launch,
     labels: BTreeMap<String, String>,
@@ -75,6 +76,7 @@ pub struct LocalProvider {
 impl fmt::Debug for LocalProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalProvider")
+            .field("name", &self.name)
             .field("root", &self.root)
             .field("launch", &self.launch)
             .field("labels", &self.labels)
@@ -109,6 +111,7 @@ impl LocalProvider {
         ]
         .into();
         Self {
+            name: "local".to_owned(),
             root: root.into(),
             launch,
             labels,
@@ -127,6 +130,14 @@ impl LocalProvider {
     /// Child-process workers running `program` (a `hodei-agent` binary) under `root`.
     pub fn child_process(root: impl Into<PathBuf>, program: impl Into<PathBuf>) -> Self {
         Self::new(root, Launch::ChildProcess { program: program.into() })
+    }
+
+    /// Renames the provider (default `local`), e.g. to run two local pools with different labels
+    /// side by side under one scheduler, which tells providers apart by name. Give each its own
+    /// root: each lists and reaps every worker under its root.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Adds a label its workers offer to jobs.
@@ -280,7 +291,7 @@ fn work_dir_flag(dir: &Path) -> String {
 #[async_trait::async_trait]
 impl Provider for LocalProvider {
     fn name(&self) -> &str {
-        "local"
+        &self.name
     }
 
     fn labels(&self) -> BTreeMap<String, String> {

@@ -367,3 +367,39 @@ async fn after_a_restart_orphans_of_dead_sagas_are_reaped_and_unclaimed_adopted_
     assert_eq!(destroyed, ["old-dead", "old-live-claimed", "old-live-unclaimed"]);
     assert!(provider.list().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_a_full_provider_does_not_hold_up_a_job_for_another() {
+    let root = tempfile::tempdir().unwrap();
+    let busy = Recorded::new(LocalProvider::in_process(root.path().join("busy")).named("busy"));
+    let free = Recorded::new(LocalProvider::in_process(root.path().join("free")).named("free"));
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlPlane::builder(dir.path().join("control"))
+        .hub_config(fast_hub())
+        .provider(busy.clone(), ProviderPolicy::new().max_workers(1))
+        .provider(free.clone(), ProviderPolicy::new().max_workers(1))
+        .start()
+        .await
+        .unwrap();
+    let engine = pipeline::engine(control.dispatcher(Arc::new(MemorySecrets::new()))).await;
+    let gate = dir.path().join("gate");
+    assert!(std::process::Command::new("mkfifo").arg(&gate).status().unwrap().success());
+
+    let hold = shell(&format!("echo holding; read go < '{}'", gate.display())).provider("busy");
+    let holding = pipeline::start(&engine, "hold", vec![("hold", hold)]).await;
+    wait_for_stdout(control.logs(), "hold/0#1", "holding").await;
+    let high =
+        pipeline::start(&engine, "high", vec![("wait", shell("true").provider("busy").priority(9))]).await;
+    within(control.scheduler().watch_counts().wait_for(|c| c.queued == 1)).await.unwrap();
+
+    // Lower priority, but for a provider with room: it runs while the other still waits.
+    let low = pipeline::start(&engine, "low", vec![("run", shell("echo ran").provider("free"))]).await;
+    completed(outcome(low).await);
+    assert_eq!(control.scheduler().counts().queued, 1);
+    assert_eq!(free.provisioned().len(), 1);
+
+    tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
+    completed(outcome(holding).await);
+    completed(outcome(high).await);
+    assert_eq!(busy.provisioned().len(), 2);
+}
