@@ -252,7 +252,7 @@ async fn messages() {
                 thousands(bytes as f64),
                 thousands(batches as f64),
                 thousands(lines as f64),
-                format!("{:.2} %", 100.0 * (1.0 - batches as f64 / lines as f64)),
+                format!("{:.3} %", 100.0 * (1.0 - batches as f64 / lines as f64)),
                 "90-99 %".into(),
             ]);
         }
