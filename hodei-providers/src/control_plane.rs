@@ -3,8 +3,13 @@
 //! in-process [`LocalProvider`] when none is).
 //!
 //! Under `data_dir` it keeps `pki/` (the CA, which must outlive restarts so that agents' stored
-//! certificates stay valid), `logs/` (every job's output) and `workers/` (the default local
-//! provider's workers). The engine's own journal may share the directory.
+//! certificates stay valid), `logs/` (every job's output), `workers/` (the default local
+//! provider's workers) and `listeners` (the listeners' addresses). The engine's own journal may
+//! share the directory.
+//!
+//! The ports are the system's pick on first start, then the same ones on every restart while
+//! they are free: agents that outlived the control plane keep dialling the addresses they were
+//! given, and reconnect to the restarted one by themselves.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -55,12 +60,38 @@ pub enum ControlPlaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The listeners' addresses could not be recorded in the data directory.
+    #[error("recording the listeners' addresses in {path}: {source}")]
+    Listeners {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A listener could not be started or stopped.
     #[error(transparent)]
     Hub(#[from] HubError),
     /// The scheduler could not be built.
     #[error(transparent)]
     Scheduler(#[from] SchedulerError),
+}
+
+/// The file in the data directory with the listeners' addresses of the last start.
+const LISTENERS_FILE: &str = "listeners";
+
+/// The addresses recorded by the last start, if it listened where this one is asked to (the
+/// same IP, on ports of the system's choice).
+fn previous_listeners(path: &Path, listen: SocketAddr) -> Option<(SocketAddr, SocketAddr)> {
+    if listen.port() != 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let address = |name: &str| {
+        let line = text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))?;
+        line.trim().parse::<SocketAddr>().ok().filter(|address| address.ip() == listen.ip())
+    };
+    Some((address("registration")?, address("session")?))
 }
 
 /// Builds a [`ControlPlane`].
@@ -122,15 +153,28 @@ impl ControlPlaneBuilder {
         );
         let hub = Hub::new(pki.clone(), self.hub_config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&[&self.listen.ip().to_string()]).map_err(pki_error)?;
-        let bind = |listener: &'static str| async move {
+        let listeners_file = data_dir.join(LISTENERS_FILE);
+        let previous = previous_listeners(&listeners_file, self.listen);
+        let bind = |listener: &'static str, previous: Option<SocketAddr>| async move {
+            // The previous port if it is still free; taken by another program, a new one.
+            if let Some(address) = previous
+                && let Ok(bound) = TcpListener::bind(address).await
+            {
+                return Ok(bound);
+            }
             TcpListener::bind(self.listen).await.map_err(|source| ControlPlaneError::Bind {
                 listener,
                 address: self.listen,
                 source,
             })
         };
-        let registration = hub.serve_registration(bind("registration").await?, &identity)?;
-        let sessions = hub.serve_sessions(bind("session").await?, &identity)?;
+        let registration =
+            hub.serve_registration(bind("registration", previous.map(|p| p.0)).await?, &identity)?;
+        let sessions = hub.serve_sessions(bind("session", previous.map(|p| p.1)).await?, &identity)?;
+        let record =
+            format!("registration {}\nsession {}\n", registration.local_addr(), sessions.local_addr());
+        std::fs::write(&listeners_file, record)
+            .map_err(|source| ControlPlaneError::Listeners { path: listeners_file.clone(), source })?;
         let mut scheduler = Scheduler::builder(hub.clone(), registration.local_addr(), sessions.local_addr());
         for (provider, policy) in self.providers {
             scheduler = scheduler.provider(provider, policy);

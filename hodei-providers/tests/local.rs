@@ -293,3 +293,35 @@ async fn a_child_worker_that_exits_before_registering_fails_at_once_with_its_std
     assert!(cause.contains("--ca-bundle (HODEI_CA_BUNDLE)"), "{cause}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_agent_that_outlives_its_control_plane_reconnects_to_the_restarted_one_and_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A provider of its own, so that stopping the first control plane leaves the worker running.
+    let provider =
+        Arc::new(LocalProvider::child_process(dir.path().join("workers"), agent_binary()).kill_on_drop(true));
+    let first = ControlPlane::builder(&data).hub_config(fast_hub()).start().await.unwrap();
+    let addresses = (first.registration_addr(), first.session_addr());
+    let mut connected = first.hub().watch_workers();
+    provider.provision(&spec_for(&first, "survivor", "still-running")).await.unwrap();
+    within(connected.wait_for(|workers| workers.contains_key("survivor"))).await.unwrap();
+    first.shutdown().await.unwrap();
+    assert_eq!(provider.state("survivor").await.unwrap(), WorkerState::Running);
+
+    // Same data directory: same CA, same ports, so the agent's own reconnect finds it.
+    let restarted = ControlPlane::builder(&data)
+        .hub_config(fast_hub())
+        .provider(provider.clone(), ProviderPolicy::new())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!((restarted.registration_addr(), restarted.session_addr()), addresses);
+    let mut connected = restarted.hub().watch_workers();
+    within(connected.wait_for(|workers| workers.contains_key("survivor"))).await.unwrap();
+    let report = restarted.scheduler().reap_orphans(|saga| saga == "still-running").await;
+    assert_eq!(report.adopted, ["survivor"]);
+    assert_eq!(restarted.scheduler().counts().idle, 1);
+    restarted.shutdown().await.unwrap();
+    assert_eq!(provider.state("survivor").await.unwrap(), WorkerState::Gone);
+}
