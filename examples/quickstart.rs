@@ -21,7 +21,8 @@ use hodei::agent::jobs::{Job, JobDispatcher, MemorySecrets, RemoteJobs};
 use hodei::agent::logstore::LogStream;
 use hodei::providers::ControlPlane;
 use hodei::{
-    CompensationContext, Engine, Event, Outcome, SagaContext, StepContext, StepError, Timeline, saga, step,
+    CompensationContext, Engine, Event, Outcome, SagaContext, SledStore, StepContext, StepError, Timeline,
+    saga, step,
 };
 
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
@@ -104,12 +105,15 @@ async fn main() -> anyhow::Result<()> {
     let control = ControlPlane::builder("hodei-data").start().await?;
     let secrets = MemorySecrets::new().insert("registry-token", "rt-9f3c51d7e2a4");
     JOBS.set(control.dispatcher(Arc::new(secrets))).map_err(|_| anyhow::anyhow!("dispatcher set twice"))?;
-    let engine = Engine::builder().data_dir("hodei-data").register(release::definition()).start().await?;
-    // Workers an interrupted earlier run left behind are destroyed, unless their saga resumes.
-    let reaped = control.reap_orphans(&engine).await;
+    // The sled event log, shared with the engine: it says which sagas an earlier, interrupted
+    // run left in flight. Their workers are kept for them, and every other leftover destroyed,
+    // before the engine resumes them.
+    let journal = Arc::new(SledStore::open("hodei-data")?);
+    let reaped = control.reap_orphans(journal.as_ref()).await?;
     if !reaped.destroyed.is_empty() {
         println!("reaped {} worker(s) left by an earlier run", reaped.destroyed.len());
     }
+    let engine = Engine::builder().store(journal).register(release::definition()).start().await?;
 
     // The id is the idempotency key: a new one per run of this example.
     let id = format!("release-{}", hodei::Timestamp::now().0);

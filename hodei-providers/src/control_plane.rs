@@ -11,6 +11,7 @@
 //! they are free: agents that outlived the control plane keep dialling the addresses they were
 //! given, and reconnect to the restarted one by themselves.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ use hodei_agent::hub::{Hub, HubConfig, HubError, Listening};
 use hodei_agent::jobs::{JobDispatcher, SecretSource};
 use hodei_agent::logstore::{LogStore, LogStoreError};
 use hodei_agent::pki::{HubPki, PkiConfig, PkiError};
-use hodei_core::{Engine, SagaId};
+use hodei_core::EventStore;
 use tokio::net::TcpListener;
 
 use crate::local::LocalProvider;
@@ -69,6 +70,9 @@ pub enum ControlPlaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The event store could not list the sagas in flight.
+    #[error("listing the sagas in flight: {0}")]
+    Store(#[source] hodei_core::Error),
     /// A listener could not be started or stopped.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -247,17 +251,18 @@ impl ControlPlane {
         JobDispatcher::new(self.hub.clone(), secrets).with_pool(Arc::new(self.scheduler.clone()))
     }
 
-    /// Reaps the workers an earlier run left, keeping those of the sagas `engine` still runs.
-    /// Call it once the engine has started.
-    pub async fn reap_orphans(&self, engine: &Engine) -> ReapReport {
-        self.scheduler
-            .reap_orphans(|saga| {
-                SagaId::new(saga)
-                    .ok()
-                    .and_then(|id| engine.status(&id).ok())
-                    .is_some_and(|record| !record.status.is_final())
-            })
-            .await
+    /// Reaps the workers an earlier run left, keeping (adopting) those of the sagas `store` has
+    /// in flight. Call it before starting the engine over `store`: the engine resumes those
+    /// sagas at once, and a resumed step finds its adopted worker only if it is there already.
+    /// Nothing is destroyed when the store cannot say which sagas are live.
+    pub async fn reap_orphans(&self, store: &dyn EventStore) -> Result<ReapReport, ControlPlaneError> {
+        let live: HashSet<String> = store
+            .in_flight()
+            .map_err(ControlPlaneError::Store)?
+            .into_iter()
+            .map(|record| record.id.to_string())
+            .collect();
+        Ok(self.scheduler.reap_orphans(|saga| live.contains(saga)).await)
     }
 
     /// Destroys every worker, then stops the listeners.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hodei_agent::jobs::{Job, MemorySecrets};
 use hodei_agent::logstore::LogStream;
 use hodei_agent::protocol::v1;
-use hodei_core::RetryPolicy;
+use hodei_core::{Engine, MemoryStore, RetryPolicy, SagaContext, SagaDefinition, SagaRun, StepError};
 use hodei_providers::{
     AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, WorkerInfo, WorkerSpec,
     WorkerState,
@@ -324,4 +324,39 @@ async fn a_child_agent_that_outlives_its_control_plane_reconnects_to_the_restart
     assert_eq!(restarted.scheduler().counts().idle, 1);
     restarted.shutdown().await.unwrap();
     assert_eq!(provider.state("survivor").await.unwrap(), WorkerState::Gone);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaping_keeps_the_workers_of_sagas_the_store_has_in_flight_and_destroys_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(LocalProvider::in_process(dir.path().join("workers")));
+    let control = ControlPlane::builder(dir.path().join("data"))
+        .hub_config(fast_hub())
+        .provider(provider.clone(), ProviderPolicy::new())
+        .start()
+        .await
+        .unwrap();
+    // A store with one saga in flight (its step never ends) and one finished.
+    let store = Arc::new(MemoryStore::new());
+    let definition = SagaDefinition::new("waits", 1, |ctx: SagaContext, (): ()| async move {
+        ctx.step("wait").run(|_, (): ()| std::future::pending::<Result<(), StepError>>()).await
+    });
+    let quick =
+        SagaDefinition::new("quick", 1, |_: SagaContext, (): ()| async move { Ok::<(), StepError>(()) });
+    let engine =
+        Engine::builder().store(store.clone()).register(definition).register(quick).start().await.unwrap();
+    engine.start(SagaRun::new("waits", "in-flight", &()).unwrap()).await.unwrap();
+    let done = engine.start(SagaRun::new("quick", "finished", &()).unwrap()).await.unwrap();
+    within(done.outcome::<()>()).await.unwrap();
+    let mut connected = control.hub().watch_workers();
+    for saga in ["in-flight", "finished"] {
+        provider.provision(&spec_for(&control, &format!("w-{saga}"), saga)).await.unwrap();
+    }
+    within(connected.wait_for(|workers| workers.len() == 2)).await.unwrap();
+
+    let report = control.reap_orphans(store.as_ref()).await.unwrap();
+    assert_eq!(report.destroyed, ["w-finished"]);
+    assert_eq!(report.adopted, ["w-in-flight"]);
+    within(connected.wait_for(|workers| workers.keys().eq(["w-in-flight"]))).await.unwrap();
+    control.shutdown().await.unwrap();
 }
