@@ -265,6 +265,17 @@ impl ControlPlane {
         Ok(self.scheduler.reap_orphans(|saga| live.contains(saga)).await)
     }
 
+    /// Stops the listeners but leaves the workers running, for a restart over the same data
+    /// directory: agents reconnect to the restarted control plane (same CA, same ports), which
+    /// adopts those of live sagas with [`ControlPlane::reap_orphans`]. Call it before stopping the
+    /// engine, so that the steps it stops do not destroy their workers.
+    pub async fn detach(self) -> Result<(), ControlPlaneError> {
+        self.scheduler.detach();
+        self.registration.shutdown().await?;
+        self.sessions.shutdown().await?;
+        Ok(())
+    }
+
     /// Destroys every worker, then stops the listeners.
     pub async fn shutdown(self) -> Result<(), ControlPlaneError> {
         self.scheduler.shutdown().await;

@@ -366,6 +366,19 @@ impl Scheduler {
         });
         let _ = counts.wait_for(|counts| counts.workers() == 0 && counts.queued == 0).await;
     }
+
+    /// Lets go of every worker without destroying it, for a restart: the next control plane
+    /// finds them with [`Scheduler::reap_orphans`] and adopts those whose saga is still live,
+    /// whose jobs keep running meanwhile. Waiting requests fail, and leases that end later
+    /// leave their worker alone. Call it before stopping the engine, whose steps then drop
+    /// their leases. Workers still registering are destroyed: no job ever ran on them.
+    pub fn detach(&self) {
+        self.inner.mutate(|_, state| {
+            state.closed = true;
+            state.detached = true;
+            state.workers.retain(|_, worker| matches!(worker.phase, Phase::Provisioning | Phase::Destroying));
+        });
+    }
 }
 
 #[async_trait::async_trait]
@@ -439,6 +452,8 @@ struct State {
     workers: HashMap<String, Worker>,
     next_generation: u64,
     closed: bool,
+    /// Workers are let go of rather than destroyed (see [`Scheduler::detach`]).
+    detached: bool,
 }
 
 struct Waiter {
@@ -723,6 +738,10 @@ impl Inner {
     fn retire(self: &Arc<Self>, state: &mut State, worker_id: &str) {
         let Some(worker) = state.workers.get_mut(worker_id) else { return };
         if worker.phase == Phase::Destroying {
+            return;
+        }
+        if state.detached && worker.phase != Phase::Provisioning {
+            state.workers.remove(worker_id);
             return;
         }
         worker.phase = Phase::Destroying;

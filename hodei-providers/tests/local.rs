@@ -16,7 +16,7 @@ use hodei_providers::{
     AgentEnv, ControlPlane, LocalProvider, Provider, ProviderError, ProviderPolicy, WorkerInfo, WorkerSpec,
     WorkerState,
 };
-use pipeline::{completed, failure, fast_hub, outcome, start, stored, within};
+use pipeline::{completed, failure, fast_hub, outcome, start, stored, wait_for_stdout, within};
 
 /// The `hodei-agent` binary of this target directory (tests run from `<target>/debug/deps`),
 /// built once if it is not there yet.
@@ -359,4 +359,54 @@ async fn reaping_keeps_the_workers_of_sagas_the_store_has_in_flight_and_destroys
     assert_eq!(report.adopted, ["w-in-flight"]);
     within(connected.wait_for(|workers| workers.keys().eq(["w-in-flight"]))).await.unwrap();
     control.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_saga_re_attaches_to_its_job_still_running_on_its_adopted_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, root, gate) = (dir.path().join("data"), dir.path().join("workers"), dir.path().join("gate"));
+    assert!(std::process::Command::new("mkfifo").arg(&gate).status().unwrap().success());
+    let store = Arc::new(MemoryStore::new());
+    let job = Job::pooled_script(
+        ["/bin/sh", "-s"],
+        format!("echo started; read go < '{}'; echo finished", gate.display()),
+    )
+    .env("PATH", "/usr/bin:/bin");
+    let control_plane = |provider: LocalProvider| {
+        ControlPlane::builder(&data)
+            .hub_config(fast_hub())
+            .provider(Arc::new(provider), ProviderPolicy::new())
+            .start()
+    };
+    let engine_over = |control: &ControlPlane| {
+        let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new()));
+        Engine::builder().store(store.clone()).register(pipeline::pipeline(dispatcher)).start()
+    };
+
+    // Before: the job starts on a child-process worker, then the control plane stops for a
+    // restart, leaving the worker (and its job) running: its provider, dropped with it, must not
+    // kill it. The control plane after the restart destroys it at the end.
+    let before =
+        control_plane(LocalProvider::child_process(&root, agent_binary()).kill_on_drop(false)).await.unwrap();
+    let engine = engine_over(&before).await.unwrap();
+    start(&engine, "release", vec![("wait", job)]).await;
+    wait_for_stdout(before.logs(), "release/0#1", "started").await;
+    before.detach().await.unwrap();
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    drop(engine);
+
+    // After: a new provider instance finds the worker by its record; the saga resumes on it.
+    let provider = LocalProvider::child_process(&root, agent_binary()).kill_on_drop(true);
+    let after = control_plane(provider).await.unwrap();
+    let report = after.reap_orphans(store.as_ref()).await.unwrap();
+    assert_eq!(report.adopted.len(), 1, "{report:?}");
+    let engine = engine_over(&after).await.unwrap();
+    tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
+    let handle = engine.handle(&hodei_core::SagaId::new("release").unwrap()).unwrap();
+    let outcomes = completed(within(handle.outcome::<Vec<hodei_agent::jobs::JobOutcome>>()).await.unwrap());
+    // The job that ran is the first attempt's, once: re-attached, not run again.
+    assert_eq!(outcomes[0].job_id, "release/0#1");
+    assert_eq!(stored(after.logs(), "release/0#1", LogStream::Stdout).await, "started\nfinished\n");
+    assert_eq!(after.scheduler().counts().provisioning, 0);
+    after.shutdown().await.unwrap();
 }
