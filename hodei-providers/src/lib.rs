@@ -9,6 +9,8 @@
 //!   provisions workers on demand, reuses or destroys them, and reaps orphans.
 //! - [`control_plane`]: the [`ControlPlane`], the embedded default in one builder: PKI, log
 //!   store, hub listeners and scheduler.
+//! - `kubernetes` (feature `kubernetes`): workers as Kubernetes pods, followed with watches;
+//!   the CA bundle reaches the pod in a ConfigMap, the token in its environment.
 //! - `firecracker` (feature `firecracker`): workers as Firecracker microVMs, through the VMM's
 //!   API on its Unix socket; the registration token reaches the guest through MMDS.
 
@@ -17,6 +19,8 @@ pub mod control_plane;
 pub mod docker;
 #[cfg(feature = "firecracker")]
 pub mod firecracker;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod local;
 pub mod provider;
 pub mod scheduler;
