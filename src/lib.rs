@@ -44,6 +44,7 @@
 //! ([`hodei_agent`]), and the worker providers ([`hodei_providers`]), the heavy ones behind cargo
 //! features.
 
+#[cfg(feature = "workers")]
 pub use hodei_agent as agent;
 pub use hodei_core as core;
 #[cfg(feature = "sled")]
@@ -51,6 +52,7 @@ pub use hodei_core::SledStore;
 pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
 #[cfg(feature = "macros")]
 pub use hodei_macros::{saga, step};
+#[cfg(feature = "workers")]
 pub use hodei_providers as providers;
 
 #[doc(hidden)]

@@ -476,6 +476,10 @@ fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
     fs::rename(&partial, path).map_err(error("renaming into place"))
 }
 
+/// The running jobs' cancel handles by job id, each with where its cancellation reason goes.
+type Cancels = Arc<Mutex<CancelMap>>;
+type CancelMap = HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>;
+
 /// What the agent keeps across sessions: its identity and its jobs.
 struct Worker {
     identity: TlsIdentity,
@@ -484,7 +488,7 @@ struct Worker {
     outboxes: Arc<Outboxes>,
     /// The running jobs' cancel handles, with where the cancellation reason goes; each job's
     /// task removes its own entry when the job is over.
-    cancels: Arc<Mutex<HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>>>,
+    cancels: Cancels,
     /// Aborted when the agent stops, which cancels the jobs (their `RunningJob`s are dropped).
     tasks: JoinSet<()>,
     /// The key of a rotation asked for on the current session, until the hub answers.
@@ -495,7 +499,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>> {
+    fn cancels(&self) -> std::sync::MutexGuard<'_, CancelMap> {
         // Inserts and removes only: a poisoned lock still holds a consistent map.
         self.cancels.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -718,7 +722,7 @@ async fn pump(
 struct JobTask {
     outboxes: Arc<Outboxes>,
     outbox: Arc<Outbox>,
-    cancels: Arc<Mutex<HashMap<String, (CancelHandle, Arc<OnceLock<String>>)>>>,
+    cancels: Cancels,
     reason: Arc<OnceLock<String>>,
 }
 

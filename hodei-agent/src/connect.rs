@@ -88,6 +88,9 @@ pub async fn channel(addr: SocketAddr, tls: Arc<ClientConfig>) -> Result<Channel
             let server_name = server_name.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
+                // gRPC messages are small and latency-bound (an ack, an assignment): Nagle's
+                // algorithm against delayed ACKs cost ~40 ms per exchange.
+                tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, io::Error>(TokioIo::new(tls))
             }

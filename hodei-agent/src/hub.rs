@@ -132,7 +132,9 @@ pub struct HubConfig {
     /// How long the hub waits for any message before it closes the session. Default 30 s: three
     /// intervals, so that one late heartbeat does not cut a worker off.
     pub heartbeat_timeout: Duration,
-    /// Largest log batch the agent sends. Default 256 KiB, well under gRPC's 4 MiB message limit.
+    /// Largest log batch the agent sends. Default 1 MiB (Woodpecker's size): a flood of output
+    /// then costs the hub one fsync per MiB, not per line or per pipe read, and a batch stays
+    /// well under gRPC's 4 MiB message limit. Quiet jobs are bounded by the delay instead.
     pub log_batch_max_bytes: u64,
     /// Longest the agent holds output before sending it. Default 200 ms, so logs read as live.
     pub log_batch_max_delay: Duration,
@@ -147,7 +149,7 @@ impl Default for HubConfig {
         Self {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(30),
-            log_batch_max_bytes: 256 * 1024,
+            log_batch_max_bytes: 1024 * 1024,
             log_batch_max_delay: Duration::from_millis(200),
             worker_wait: Duration::from_secs(30),
         }
@@ -593,6 +595,10 @@ async fn accept(
         let acceptor = acceptor.clone();
         let connections = connections.clone();
         // One handshake per task, so that a slow or silent client does not hold up the others.
+        // As on the agent's side: small latency-bound messages must not wait for Nagle.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
         tokio::spawn(async move {
             let peer = tcp.peer_addr().ok();
             match acceptor.accept(tcp).await {

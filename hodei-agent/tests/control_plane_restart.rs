@@ -20,7 +20,7 @@ use hodei_agent::hub::{Hub, HubConfig};
 use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
 use hodei_agent::logstore::{LogStore, LogStream};
 use hodei_agent::pki::{HubPki, PkiConfig};
-use hodei_core::{Engine, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaRun, SledStore, StepError};
+use hodei_core::{Engine, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaRun, SledStore};
 use tokio::net::TcpListener;
 
 const CHILD_DIR: &str = "HODEI_TEST_CONTROL_PLANE_DIR";
@@ -256,8 +256,10 @@ fn a_job_survives_a_killed_control_plane_and_its_log_has_every_line_once() {
         let store = LogStore::open(dir.join("store")).await.unwrap();
         let mut out = Vec::new();
         loop {
-            let chunk =
-                store.read(&format!("{SAGA}/0#1"), LogStream::Stdout, out.len() as u64, 1 << 20).await.unwrap();
+            let chunk = store
+                .read(&format!("{SAGA}/0#1"), LogStream::Stdout, out.len() as u64, 1 << 20)
+                .await
+                .unwrap();
             if chunk.bytes.is_empty() {
                 break out;
             }

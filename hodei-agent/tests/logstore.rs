@@ -505,7 +505,10 @@ async fn a_finished_job_keeps_its_result_across_a_reopen_and_takes_no_more_outpu
     drop(store);
 
     let store = open(&data, None).await;
-    assert_eq!(store.result("saga-9/0#1").await.expect("result").as_deref(), Some(&b"\x08\x00opaque result"[..]));
+    assert_eq!(
+        store.result("saga-9/0#1").await.expect("result").as_deref(),
+        Some(&b"\x08\x00opaque result"[..])
+    );
     assert!(store.status("saga-9/0#1").await.expect("status").closed, "finishing closes the log");
     let late = store.append("saga-9/0#1", OUT, 5, b"late").await;
     assert!(matches!(late, Err(LogStoreError::Closed { .. })), "{late:?}");

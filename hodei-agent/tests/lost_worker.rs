@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use hodei_agent::hub::HubConfig;
 use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
 use hodei_agent::logstore::LogStream;
-use hodei_core::{
-    Engine, MemoryStore, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaRun, StepError,
-};
+use hodei_core::{Engine, MemoryStore, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaRun};
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use support::{Setup, WORKER, within};
 
