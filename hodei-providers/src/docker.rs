@@ -53,6 +53,8 @@ pub const AGENT_DIR: &str = "/hodei";
 pub const CA_BUNDLE_PATH: &str = "/hodei/ca.pem";
 /// The agent's work directory (key and certificate) inside the container.
 pub const WORK_DIR_PATH: &str = "/hodei/work";
+/// The label that ties a container to one [`DockerConfig::instance`].
+pub const INSTANCE_LABEL: &str = "hodei.dev/instance";
 /// The prefix of every worker container's name.
 pub const CONTAINER_PREFIX: &str = "hodei-";
 
@@ -75,6 +77,10 @@ pub struct DockerConfig {
     pub network_mode: String,
     /// Labels every worker offers to jobs ([`Provider::labels`]).
     pub labels: BTreeMap<String, String>,
+    /// When set, containers carry [`INSTANCE_LABEL`] with this value and [`Provider::list`]
+    /// returns only those: control planes sharing one daemon then never reap each other's
+    /// workers. When unset, every container labelled as Hodei's is listed.
+    pub instance: Option<String>,
     /// How long one API call may take.
     pub api_timeout: Duration,
     /// How many lines of a container's output [`Provider::output`] returns.
@@ -95,6 +101,7 @@ impl Default for DockerConfig {
             image: DEFAULT_IMAGE.to_owned(),
             network_mode: "bridge".to_owned(),
             labels: [("os".to_owned(), "linux".to_owned())].into(),
+            instance: None,
             api_timeout: Duration::from_secs(60),
             log_tail_lines: 100,
             oom_event_wait: Duration::from_secs(2),
@@ -124,6 +131,12 @@ impl DockerConfig {
     /// Offers this label to jobs.
     pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(name.into(), value.into());
+        self
+    }
+
+    /// Tags this provider's containers, and lists only those ([`DockerConfig::instance`]).
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.instance = Some(name.into());
         self
     }
 
@@ -368,10 +381,19 @@ impl DockerProvider {
         Ok(ContainerCreateBody {
             image: Some(image.to_owned()),
             env: Some(env),
-            labels: Some(spec.all_labels().into_iter().collect()),
+            labels: Some(self.labels_for(spec).into_iter().collect()),
             host_config: Some(host_config),
             ..ContainerCreateBody::default()
         })
+    }
+
+    /// The container's labels: the spec's, Hodei's, and the instance's.
+    fn labels_for(&self, spec: &WorkerSpec) -> BTreeMap<String, String> {
+        let mut labels = spec.all_labels();
+        if let Some(instance) = &self.config.instance {
+            labels.insert(INSTANCE_LABEL.to_owned(), instance.clone());
+        }
+        labels
     }
 
     /// Removes a container that failed to provision; a failure here is only logged, the
@@ -441,7 +463,7 @@ impl Provider for DockerProvider {
     async fn provision(&self, spec: &WorkerSpec) -> Result<WorkerInfo, ProviderError> {
         let image = spec.image.as_deref().unwrap_or(&self.config.image);
         let body = self.container_body(spec, image)?;
-        let labels = spec.all_labels();
+        let labels = self.labels_for(spec);
         let docker = self.client().await?;
         let name = container_name(&spec.worker_id);
         let options = CreateContainerOptionsBuilder::new().name(&name).build();
@@ -540,8 +562,12 @@ impl Provider for DockerProvider {
 
     async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError> {
         let docker = self.client().await?;
-        let filters: HashMap<&str, Vec<String>> =
-            [("label", vec![format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")])].into();
+        let mut wanted = vec![format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")];
+        if let Some(instance) = &self.config.instance {
+            wanted.push(format!("{INSTANCE_LABEL}={instance}"));
+        }
+        // Several label filters must all match.
+        let filters: HashMap<&str, Vec<String>> = [("label", wanted)].into();
         let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers = docker
             .list_containers(Some(options))
@@ -754,6 +780,10 @@ mod tests {
         assert!(env.contains(&"HODEI_CA_BUNDLE=/hodei/ca.pem".to_owned()));
         assert!(env.contains(&"HODEI_WORKER_ID=w-1".to_owned()));
         assert_eq!(body.labels.unwrap().get(WORKER_ID_LABEL).map(String::as_str), Some("w-1"));
+        assert!(!provider.labels_for(&spec).contains_key(INSTANCE_LABEL), "no instance, no label");
+        let scoped = DockerProvider::new(DockerConfig::default().instance("ci-7"));
+        let labels = scoped.container_body(&spec, "img").unwrap().labels.unwrap();
+        assert_eq!(labels.get(INSTANCE_LABEL).map(String::as_str), Some("ci-7"));
 
         spec.resources = hodei_agent::jobs::Resources::new(Some(0), None);
         assert!(matches!(provider.container_body(&spec, "img"), Err(ProviderError::InvalidSpec { .. })));

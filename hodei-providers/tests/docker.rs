@@ -8,21 +8,27 @@
 
 #[macro_use]
 mod docker_support;
+mod pipeline;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::query_parameters::{
-    InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    EventsOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
 };
 use docker_support::{Containers, TestHub, shell, unique_worker, within};
+use futures_util::TryStreamExt;
 use hodei_agent::hub::HubError;
-use hodei_agent::jobs::Resources;
+use hodei_agent::jobs::{Job, JobOutcome, MemorySecrets, Resources};
 use hodei_agent::logstore::LogStream;
 use hodei_agent::protocol::v1::job_result::Outcome;
-use hodei_providers::docker::{DockerConfig, DockerProvider, build_command, container_name};
+use hodei_core::RetryPolicy;
+use hodei_providers::docker::{DockerConfig, DockerProvider, INSTANCE_LABEL, build_command, container_name};
 use hodei_providers::{
-    MANAGED_BY_LABEL, MANAGED_BY_VALUE, Provider, ProviderError, SAGA_ID_LABEL, WORKER_ID_LABEL, WorkerSpec,
-    WorkerState,
+    ControlPlane, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Provider, ProviderError, ProviderPolicy, SAGA_ID_LABEL,
+    WORKER_ID_LABEL, WorkerSpec, WorkerState,
 };
 
 /// Containers labelled with this worker id, as the Docker API lists them (stopped ones too).
@@ -228,4 +234,137 @@ async fn a_container_whose_agent_is_refused_exits_with_the_agent_s_error() {
     assert!(!hub.hub.connected_workers().contains_key(&worker));
     within(provider.destroy(&worker)).await.unwrap();
     assert_eq!(containers_of(&provider, &worker).await, 0);
+}
+
+/// A control plane in `data_dir` whose only provider is `provider`.
+async fn control_plane(
+    data_dir: PathBuf,
+    provider: &Arc<DockerProvider>,
+    policy: ProviderPolicy,
+) -> ControlPlane {
+    ControlPlane::builder(data_dir)
+        .hub_config(pipeline::fast_hub())
+        .provider(provider.clone(), policy)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// A pooled `sh -c script` for Docker workers (jobs start with an empty environment).
+fn docker_job(script: &str) -> Job {
+    Job::pooled_command(["/bin/sh", "-c", script]).env("PATH", "/usr/bin:/bin").provider("docker")
+}
+
+/// Containers the engine created with `label` since `since` (unix seconds), from its events.
+async fn created_with(provider: &DockerProvider, label: &str, since: u64) -> usize {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let filters: HashMap<&str, Vec<String>> = [
+        ("type", vec!["container".to_owned()]),
+        ("event", vec!["create".to_owned()]),
+        ("label", vec![label.to_owned()]),
+    ]
+    .into();
+    let options = EventsOptionsBuilder::new()
+        .since(&since.to_string())
+        .until(&format!("{}.{:09}", now.as_secs(), now.subsec_nanos()))
+        .filters(&filters)
+        .build();
+    let events: Vec<_> = provider.client().await.unwrap().events(Some(options)).try_collect().await.unwrap();
+    events.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_s_jobs_run_in_docker_workers_through_the_scheduler_and_leave_nothing() {
+    let provider = Arc::new(require_engine!());
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let saga = unique_worker("saga");
+    let mut containers = Containers::default();
+    containers.guard_label(SAGA_ID_LABEL, &saga);
+    let dir = tempfile::tempdir().unwrap();
+    let control = control_plane(
+        dir.path().join("control"),
+        &provider,
+        ProviderPolicy::new().ephemeral().max_workers(2),
+    )
+    .await;
+    let engine = pipeline::engine(control.dispatcher(Arc::new(MemorySecrets::new()))).await;
+
+    // PID 1 of a worker container is its agent: proof that the job ran in one.
+    let build = docker_job("cat /proc/1/cmdline; echo; echo built");
+    let test = docker_job("echo tested; exit 0");
+    let handle = pipeline::start(&engine, &saga, vec![("build", build), ("test", test)]).await;
+    let outcomes = pipeline::completed(within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap());
+    assert_eq!(outcomes.iter().map(|o| o.exit_code).collect::<Vec<_>>(), [0, 0], "{outcomes:?}");
+    let built = pipeline::stored(control.logs(), &outcomes[0].job_id, LogStream::Stdout).await;
+    assert_eq!(built, "/hodei-agent\0\nbuilt\n");
+    let tested = pipeline::stored(control.logs(), &outcomes[1].job_id, LogStream::Stdout).await;
+    assert_eq!(tested, "tested\n");
+
+    within(control.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    let label = format!("{SAGA_ID_LABEL}={saga}");
+    assert_eq!(created_with(&provider, &label, since).await, 2, "one ephemeral container per job");
+    let filters: HashMap<&str, Vec<String>> = [("label", vec![label])].into();
+    let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+    let left = provider.client().await.unwrap().list_containers(Some(options)).await.unwrap();
+    assert!(left.is_empty(), "nothing left: {left:?}");
+    control.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_new_scheduler_reaps_the_containers_of_sagas_no_longer_live() {
+    // Its own instance: the reaper must not touch the containers of tests running beside it.
+    let instance = unique_worker("reap");
+    let config =
+        DockerConfig::default().network_mode("host").image(docker_support::JOBS_IMAGE).instance(&instance);
+    let Some(_) = docker_support::engine().await else { return };
+    let provider = Arc::new(DockerProvider::connect(config).await.unwrap());
+    let mut containers = Containers::default();
+    containers.guard_label(INSTANCE_LABEL, &instance);
+    let (dead, live) = (format!("{instance}-dead"), format!("{instance}-live"));
+    let dir = tempfile::tempdir().unwrap();
+
+    // The first control plane keeps its workers idle after their jobs.
+    let first = control_plane(
+        dir.path().join("first"),
+        &provider,
+        ProviderPolicy::new().reuse_for(Duration::from_secs(600)),
+    )
+    .await;
+    // No retries: the job lost when its container is reaped must not come back on a new one.
+    let dispatcher = first.dispatcher(Arc::new(MemorySecrets::new())).retry(RetryPolicy::none());
+    let engine = pipeline::engine(dispatcher).await;
+    // When it dies, the dead saga's job is still running and the live saga's worker is idle (a
+    // reused worker serves any saga, so the first must be busy for the second to get its own).
+    let held = pipeline::start(&engine, &dead, vec![("hold", docker_job("echo holding; sleep 1000"))]).await;
+    within(first.scheduler().watch_counts().wait_for(|c| c.leased == 1)).await.unwrap();
+    let handle = pipeline::start(&engine, &live, vec![("one", docker_job("echo one"))]).await;
+    pipeline::completed(within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap());
+    let mut by_saga = BTreeMap::new();
+    for worker in provider.list().await.unwrap() {
+        assert_eq!(worker.state, WorkerState::Running, "{worker:?}");
+        by_saga.insert(worker.labels[SAGA_ID_LABEL].clone(), worker.worker_id);
+    }
+    assert_eq!(by_saga.len(), 2, "{by_saga:?}");
+    // It dies as a killed process does: nothing of it cleans up, and its containers run on.
+    std::mem::forget(held);
+    std::mem::forget(engine);
+    std::mem::forget(first);
+
+    let second = control_plane(
+        dir.path().join("second"),
+        &provider,
+        ProviderPolicy::new().reuse_for(Duration::from_millis(500)),
+    )
+    .await;
+    let report = within(second.scheduler().reap_orphans(|saga| saga == live)).await;
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.destroyed, [by_saga[&dead].clone()]);
+    assert_eq!(report.adopted, [by_saga[&live].clone()]);
+    assert_eq!(provider.state(&by_saga[&dead]).await.unwrap(), WorkerState::Gone);
+    assert_eq!(provider.state(&by_saga[&live]).await.unwrap(), WorkerState::Running);
+
+    // The live saga never claims its adopted worker here: it goes at the claim timeout.
+    within(second.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    assert!(provider.list().await.unwrap().is_empty());
+    second.shutdown().await.unwrap();
 }

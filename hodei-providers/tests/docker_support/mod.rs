@@ -160,25 +160,43 @@ pub fn unique_worker(name: &str) -> String {
     format!("w-{name}-{}-{nanos}", std::process::id())
 }
 
-/// Removes the containers of these workers when dropped, a failed test's included. Synchronous
-/// (the Docker CLI), because a drop cannot await and may run while a panic unwinds.
+/// Removes the containers of these workers, and those with these labels, when dropped, a failed
+/// test's included. Synchronous (the Docker CLI), because a drop cannot await and may run while
+/// a panic unwinds.
 #[derive(Debug, Default)]
-pub struct Containers(Vec<String>);
+pub struct Containers {
+    workers: Vec<String>,
+    labels: Vec<String>,
+}
 
 impl Containers {
     /// Guards the container of `worker_id` and returns the id.
     pub fn guard(&mut self, worker_id: String) -> String {
-        self.0.push(worker_id.clone());
+        self.workers.push(worker_id.clone());
         worker_id
+    }
+
+    /// Guards every container labelled `name=value`, for workers whose ids a scheduler picks.
+    pub fn guard_label(&mut self, name: &str, value: &str) {
+        self.labels.push(format!("{name}={value}"));
     }
 }
 
 impl Drop for Containers {
     fn drop(&mut self) {
-        if self.0.is_empty() {
+        let mut names: Vec<String> = self.workers.iter().map(|id| container_name(id)).collect();
+        for label in &self.labels {
+            let listed = Command::new("docker")
+                .args(["ps", "--all", "--quiet", "--filter"])
+                .arg(format!("label={label}"))
+                .output();
+            if let Ok(listed) = listed {
+                names.extend(String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned));
+            }
+        }
+        if names.is_empty() {
             return;
         }
-        let names: Vec<String> = self.0.iter().map(|id| container_name(id)).collect();
         // Output is dropped: "No such container" for those the test already removed is expected.
         let _ = Command::new("docker").args(["rm", "--force", "--volumes"]).args(&names).output();
     }
