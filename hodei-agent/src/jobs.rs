@@ -289,6 +289,20 @@ pub enum SecretError {
         /// The secret's name.
         name: String,
     },
+    /// The name cannot name a secret of this source (e.g. a path for [`FileSecrets`]).
+    #[error("`{name}` is not a valid secret name")]
+    InvalidName {
+        /// The name.
+        name: String,
+    },
+    /// The secret exists but could not be read.
+    #[error("secret `{name}` could not be read: {reason}")]
+    Unreadable {
+        /// The secret's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The secret is not UTF-8, and the wire carries secrets as strings.
     #[error("secret `{name}` is not UTF-8")]
     NotUtf8 {
@@ -463,6 +477,38 @@ impl PoolError {
 pub trait WorkerPool: Send + Sync + fmt::Debug {
     /// A connected worker for `request`, leased until the lease is released or dropped.
     async fn acquire(&self, request: WorkerRequest) -> Result<WorkerLease, PoolError>;
+}
+
+/// Secrets read from files in a directory (a mounted Kubernetes or Docker secret, say): the
+/// secret `name` is the file `<dir>/<name>`, read when the job is dispatched. A name that is not
+/// a plain file name (empty, `.`, `..`, or with a `/`) is refused, so no name reaches outside
+/// the directory.
+#[derive(Clone, Debug)]
+pub struct FileSecrets {
+    dir: std::path::PathBuf,
+}
+
+impl FileSecrets {
+    /// Secrets from the files in `dir`.
+    pub fn new(dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+}
+
+impl SecretSource for FileSecrets {
+    fn resolve(&self, name: &str) -> Result<Vec<u8>, SecretError> {
+        let plain = !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0']);
+        if !plain {
+            return Err(SecretError::InvalidName { name: name.to_owned() });
+        }
+        match std::fs::read(self.dir.join(name)) {
+            Ok(value) => Ok(value),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SecretError::NotFound { name: name.to_owned() })
+            }
+            Err(e) => Err(SecretError::Unreadable { name: name.to_owned(), reason: e.to_string() }),
+        }
+    }
 }
 
 /// What a saga needs to run remote jobs: the hub, the secret source, and the steps' retry
@@ -703,6 +749,18 @@ mod tests {
         assert!(hub_error("build", &lost).is_retryable());
         assert!(hub_error("build", &HubError::UnknownWorker { worker_id: "w".into() }).is_retryable());
         assert!(!hub_error("build", &HubError::NoLogStore).is_retryable());
+    }
+
+    #[test]
+    fn file_secrets_read_files_by_plain_name_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("registry"), b"tok3n").unwrap();
+        let source = FileSecrets::new(dir.path());
+        assert_eq!(source.resolve("registry").unwrap(), b"tok3n");
+        assert!(matches!(source.resolve("missing"), Err(SecretError::NotFound { .. })));
+        for name in ["", ".", "..", "../etc/passwd", "a/b"] {
+            assert!(matches!(source.resolve(name), Err(SecretError::InvalidName { .. })), "{name:?}");
+        }
     }
 
     #[test]
