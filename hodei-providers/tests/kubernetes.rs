@@ -509,6 +509,52 @@ async fn orphans_are_listed_by_label_and_each_is_reaped() {
     assert_eq!(listed[0].labels[SAGA_ID_LABEL], "nightly/2026 release");
 }
 
+/// At start, the scheduler lists the provider's workers: a live saga's pod is adopted (its saga
+/// id, not a valid label value, comes back whole from the annotation), the rest destroyed.
+#[tokio::test]
+async fn the_scheduler_reaps_orphan_pods_at_start_and_adopts_a_live_sagas() {
+    use std::sync::Arc;
+
+    use hodei_agent::hub::{Hub, HubConfig};
+    use hodei_agent::pki::{HubPki, PkiConfig};
+    use hodei_providers::{ProviderPolicy, Scheduler};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Arc::new(HubPki::open(&dir.path().join("hub"), PkiConfig::default()).unwrap());
+    let hub = Hub::new(pki, HubConfig::default());
+    let (client, mut api) = fake_cluster();
+    let provider = Arc::new(KubernetesProvider::new(client, config()));
+    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    // Idle workers are kept far longer than the test, so that the adopted one is not destroyed
+    // behind the script's back.
+    let scheduler = Scheduler::builder(hub, unused, unused)
+        .provider(provider, ProviderPolicy::new().reuse_for(Duration::from_secs(3600)))
+        .build()
+        .unwrap();
+
+    let mut live = pod("hodei-w-live", "300", running());
+    live["metadata"]["labels"][SAGA_ID_LABEL] = json!("nightly-2026-release-0a1b2c3d");
+    live["metadata"]["annotations"] =
+        json!({SAGA_ID_LABEL: "nightly/2026 release", WORKER_ID_LABEL: "w-live"});
+    let mut dead = pod("hodei-w-dead", "301", running());
+    dead["metadata"]["labels"][SAGA_ID_LABEL] = json!("finished-saga");
+    let script = async {
+        let pods = api.expect(Method::GET, &pods_path()).await;
+        assert_eq!(pods.query.get("labelSelector").map(String::as_str), Some("hodei.dev/managed-by=hodei"));
+        pods.reply(200, list_of("PodList", vec![live, dead]));
+        api.expect(Method::GET, &config_maps_path()).await.reply(200, list_of("ConfigMapList", vec![]));
+        api.answer_destroy("hodei-w-dead").await;
+    };
+    let (report, ()) = tokio::time::timeout(LIMIT, async {
+        tokio::join!(scheduler.reap_orphans(|saga| saga == "nightly/2026 release"), script)
+    })
+    .await
+    .expect("reaped");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.adopted, ["w-live"]);
+    assert_eq!(report.destroyed, ["w-dead"]);
+}
+
 #[tokio::test]
 async fn api_errors_carry_the_api_servers_reason_and_message() {
     let (provider, api) = provider();
