@@ -16,6 +16,17 @@
 //! and deleted with the Pod. A ConfigMap rather than a Secret because nothing in it is secret,
 //! and granting the control plane `create secrets` would be far broader than it needs.
 //!
+//! Whoever may read pods in the namespace may read a token before its agent has used it: the
+//! token is one-time and bound to its worker id, but a namespace of Hodei's own, where only the
+//! control plane reads pods, keeps even that window closed. The control plane's account needs
+//! `create`, `get`, `list`, `watch` and `delete` on `pods`, `get` on `pods/log`, and `create`,
+//! `list` and `delete` on `configmaps` in that namespace, nothing else.
+//!
+//! A pod the scheduler finds no node for fails at once ([`ProviderError::Infrastructure`], which
+//! is retryable, with the scheduler's message), unless
+//! [`KubernetesConfig::wait_while_unschedulable()`] is set for clusters whose autoscaler adds
+//! nodes for pending pods.
+//!
 //! Everything is found again by name (derived from the worker id) or by label
 //! ([`MANAGED_BY_LABEL`]), so no state is kept in this process and orphans are found after a
 //! restart. Label values must be at most 63 characters of `[A-Za-z0-9._-]`: a value that is not
@@ -124,7 +135,7 @@ pub struct KubernetesConfig {
     /// How long a pod may take to be scheduled, pull its image and start its container.
     pub start_timeout: Duration,
     /// Whether a pod the scheduler finds no node for is waited on (until
-    /// [`KubernetesConfig::start_timeout`]) rather than failed at once: for clusters whose
+    /// [`KubernetesConfig::start_timeout()`]) rather than failed at once: for clusters whose
     /// autoscaler adds nodes for pending pods.
     pub wait_while_unschedulable: bool,
     /// The grace period a destroyed pod's agent gets between SIGTERM and SIGKILL.
