@@ -658,10 +658,18 @@ impl KubernetesProvider {
             }
             let seconds = u32::try_from(remaining.as_secs()).unwrap_or(u32::MAX).clamp(1, MAX_WATCH_SECONDS);
             let params = WatchParams::default().fields(&selector).timeout(seconds);
+            // The version is too old to watch from (410 Gone, as the request's status or as an
+            // event): the pod is read as it is now, then watched from there.
+            let mut expired = false;
             let watched = tokio::time::timeout(remaining, async {
-                let mut events = Box::pin(
-                    pods.watch(&params, &version).await.map_err(|e| self.classify("watching the pod", e))?,
-                );
+                let mut events = match pods.watch(&params, &version).await {
+                    Ok(events) => Box::pin(events),
+                    Err(kube::Error::Api(status)) if status.code == 410 => {
+                        expired = true;
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(self.classify("watching the pod", e)),
+                };
                 while let Some(event) =
                     events.try_next().await.map_err(|e| self.classify("watching the pod", e))?
                 {
@@ -677,21 +685,9 @@ impl KubernetesProvider {
                         }
                         WatchEvent::Deleted(_) => return Ok(Some(Followed::Gone)),
                         WatchEvent::Bookmark(bookmark) => version = bookmark.metadata.resource_version,
-                        // The version is too old to watch from: read the pod as it is now.
                         WatchEvent::Error(status) if status.code == 410 => {
-                            return match pods
-                                .get_opt(name)
-                                .await
-                                .map_err(|e| self.classify("reading the pod", e))?
-                            {
-                                None => Ok(Some(Followed::Gone)),
-                                Some(pod) => {
-                                    version = pod.metadata.resource_version.clone().unwrap_or_default();
-                                    let decided = decide(&pod).map(Followed::Decided);
-                                    last = pod;
-                                    Ok(decided)
-                                }
-                            };
+                            expired = true;
+                            return Ok(None);
                         }
                         WatchEvent::Error(status) => {
                             return Err(self.classify("watching the pod", kube::Error::Api(status)));
@@ -707,6 +703,17 @@ impl KubernetesProvider {
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Ok(Followed::TimedOut(Box::new(last))),
+            }
+            if expired {
+                let Some(pod) = pods.get_opt(name).await.map_err(|e| self.classify("reading the pod", e))?
+                else {
+                    return Ok(Followed::Gone);
+                };
+                version = pod.metadata.resource_version.clone().unwrap_or_default();
+                if let Some(decision) = decide(&pod) {
+                    return Ok(Followed::Decided(decision));
+                }
+                last = pod;
             }
         }
     }

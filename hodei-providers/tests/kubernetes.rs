@@ -416,6 +416,38 @@ async fn destroy_resyncs_when_its_watch_version_has_expired() {
 }
 
 #[tokio::test]
+async fn provisioning_resyncs_when_the_watch_request_itself_is_gone() {
+    let (provider, api) = provider();
+    let spec = WorkerSpec::new("w-1", agent_env());
+    let info = scripted(
+        provider,
+        api,
+        async |provider| provider.provision(&spec).await,
+        async |api| {
+            let config_map = api.expect(Method::POST, &config_maps_path()).await;
+            let body = config_map.body.clone();
+            config_map.reply(201, created(body, "100"));
+            let pod_request = api.expect(Method::POST, &pods_path()).await;
+            let body = pod_request.body.clone();
+            pod_request.reply(201, created(body, "101"));
+            let watch = api.expect(Method::GET, &pods_path()).await;
+            assert_watch_of(&watch, "hodei-w-1", "101");
+            watch.reply(410, failure_status(410, "Expired", "too old resource version: 101 (480)", "", ""));
+            // Read as it is now, still pending; then watched from that version.
+            api.expect(Method::GET, &pod_path("hodei-w-1"))
+                .await
+                .reply(200, pod("hodei-w-1", "480", waiting("ContainerCreating", "")));
+            let watch = api.expect(Method::GET, &pods_path()).await;
+            assert_watch_of(&watch, "hodei-w-1", "480");
+            watch.reply_events(&[("MODIFIED", pod("hodei-w-1", "481", running()))]);
+        },
+    )
+    .await
+    .expect("provisioned");
+    assert_eq!(info.state, WorkerState::Running);
+}
+
+#[tokio::test]
 async fn destroying_a_worker_that_is_already_gone_succeeds() {
     let (provider, api) = provider();
     scripted(
