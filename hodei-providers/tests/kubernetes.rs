@@ -13,7 +13,9 @@ use std::time::Duration;
 use hodei_agent::jobs::Resources;
 use hodei_providers::kubernetes::k8s_openapi::api::core::v1::Toleration;
 use hodei_providers::kubernetes::{KubernetesConfig, KubernetesProvider};
-use hodei_providers::{Provider, ProviderError, SAGA_ID_LABEL, WORKER_ID_LABEL, WorkerSpec, WorkerState};
+use hodei_providers::{
+    Provider, ProviderError, SAGA_ID_LABEL, WORKER_ID_LABEL, WorkerInfo, WorkerSpec, WorkerState,
+};
 use http::Method;
 use kubernetes_support::*;
 use serde_json::{Value, json};
@@ -54,6 +56,15 @@ async fn scripted<T>(
     result
 }
 
+/// [`scripted`] for a provision of `spec` with the test configuration.
+async fn provision_scripted(
+    spec: &WorkerSpec,
+    script: impl AsyncFnOnce(&mut FakeApiServer),
+) -> Result<WorkerInfo, ProviderError> {
+    let (provider, api) = provider();
+    scripted(provider, api, async |provider| provider.provision(spec).await, script).await
+}
+
 fn env_of(pod: &Value) -> BTreeMap<String, Value> {
     pod["spec"]["containers"][0]["env"]
         .as_array()
@@ -65,7 +76,6 @@ fn env_of(pod: &Value) -> BTreeMap<String, Value> {
 
 #[tokio::test]
 async fn provision_creates_the_config_map_and_pod_and_watches_until_running() {
-    let (provider, api) = provider();
     let agent = agent_env();
     let mut spec = WorkerSpec::new("w-1", agent.clone());
     spec.saga_id = Some("nightly/2026 release".to_owned());
@@ -82,11 +92,7 @@ async fn provision_creates_the_config_map_and_pod_and_watches_until_running() {
     spec.provider_config.insert("network_mode".to_owned(), "host".to_owned());
     let expected_labels = spec.all_labels();
 
-    let info = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
+    let info = provision_scripted(&spec, async |api| {
             let config_map = api.expect(Method::POST, &config_maps_path()).await;
             let body = config_map.body.clone();
             assert_eq!(body["kind"], "ConfigMap");
@@ -173,8 +179,7 @@ async fn provision_creates_the_config_map_and_pod_and_watches_until_running() {
             let watch = api.expect(Method::GET, &pods_path()).await;
             assert_watch_of(&watch, "hodei-w-1", "102");
             watch.reply_events(&[("MODIFIED", pod("hodei-w-1", "103", running()))]);
-        },
-    )
+    })
     .await
     .expect("provisioned");
     assert_eq!(info.worker_id, "w-1");
@@ -185,21 +190,15 @@ async fn provision_creates_the_config_map_and_pod_and_watches_until_running() {
 
 #[tokio::test]
 async fn an_image_pull_failure_is_image_missing_with_the_kubelet_message_and_is_cleaned_up() {
-    let (provider, api) = provider();
     let spec = WorkerSpec::new("w-img", agent_env());
     let message = "rpc error: code = NotFound desc = failed to pull and unpack image \
                    \"docker.io/library/hodei-agent:test\": not found";
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let pending = pod("hodei-w-img", "102", waiting("ContainerCreating", ""));
-            let failed = pod("hodei-w-img", "103", waiting("ErrImagePull", message));
-            api.answer_start("hodei-w-img", vec![("MODIFIED", pending), ("MODIFIED", failed)]).await;
-            api.answer_destroy("hodei-w-img").await;
-        },
-    )
+    let error = provision_scripted(&spec, async |api| {
+        let pending = pod("hodei-w-img", "102", waiting("ContainerCreating", ""));
+        let failed = pod("hodei-w-img", "103", waiting("ErrImagePull", message));
+        api.answer_start("hodei-w-img", vec![("MODIFIED", pending), ("MODIFIED", failed)]).await;
+        api.answer_destroy("hodei-w-img").await;
+    })
     .await
     .expect_err("the image cannot be pulled");
     match &error {
@@ -214,25 +213,19 @@ async fn an_image_pull_failure_is_image_missing_with_the_kubelet_message_and_is_
 
 #[tokio::test]
 async fn an_invalid_image_name_is_an_invalid_spec() {
-    let (provider, api) = provider();
     let mut spec = WorkerSpec::new("w-bad", agent_env());
     spec.image = Some("Registry/UPPER:case".to_owned());
     let message = "Failed to apply default image tag \"Registry/UPPER:case\": couldn't parse image name";
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let (_, pod_body) = api
-                .answer_start(
-                    "hodei-w-bad",
-                    vec![("MODIFIED", pod("hodei-w-bad", "102", waiting("InvalidImageName", message)))],
-                )
-                .await;
-            assert_eq!(pod_body["spec"]["containers"][0]["image"], "Registry/UPPER:case");
-            api.answer_destroy("hodei-w-bad").await;
-        },
-    )
+    let error = provision_scripted(&spec, async |api| {
+        let (_, pod_body) = api
+            .answer_start(
+                "hodei-w-bad",
+                vec![("MODIFIED", pod("hodei-w-bad", "102", waiting("InvalidImageName", message)))],
+            )
+            .await;
+        assert_eq!(pod_body["spec"]["containers"][0]["image"], "Registry/UPPER:case");
+        api.answer_destroy("hodei-w-bad").await;
+    })
     .await
     .expect_err("the image name is invalid");
     match &error {
@@ -245,31 +238,25 @@ async fn an_invalid_image_name_is_an_invalid_spec() {
 
 #[tokio::test]
 async fn an_unschedulable_pod_fails_with_the_scheduler_message() {
-    let (provider, api) = provider();
     let mut spec = WorkerSpec::new("w-big", agent_env());
     spec.resources = Resources::new(Some(64_000), None);
     let message = "0/3 nodes are available: 3 Insufficient cpu. preemption: 0/3 nodes are available: \
                    3 No preemption victims found for incoming pod.";
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let unschedulable = json!({
-                "phase": "Pending",
-                "conditions": [{
-                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                    "message": message, "lastTransitionTime": "2026-12-01T10:00:01Z",
-                }],
-                "qosClass": "Guaranteed",
-            });
-            let (_, pod_body) = api
-                .answer_start("hodei-w-big", vec![("MODIFIED", pod("hodei-w-big", "102", unschedulable))])
-                .await;
-            assert_eq!(pod_body["spec"]["containers"][0]["resources"]["requests"]["cpu"], "64000m");
-            api.answer_destroy("hodei-w-big").await;
-        },
-    )
+    let error = provision_scripted(&spec, async |api| {
+        let unschedulable = json!({
+            "phase": "Pending",
+            "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": message, "lastTransitionTime": "2026-12-01T10:00:01Z",
+            }],
+            "qosClass": "Guaranteed",
+        });
+        let (_, pod_body) = api
+            .answer_start("hodei-w-big", vec![("MODIFIED", pod("hodei-w-big", "102", unschedulable))])
+            .await;
+        assert_eq!(pod_body["spec"]["containers"][0]["resources"]["requests"]["cpu"], "64000m");
+        api.answer_destroy("hodei-w-big").await;
+    })
     .await
     .expect_err("no node fits");
     match &error {
@@ -311,28 +298,21 @@ async fn with_an_autoscaler_an_unschedulable_pod_is_waited_on() {
 
 #[tokio::test]
 async fn a_crash_loop_is_exited_before_registering_with_its_output() {
-    let (provider, api) = provider();
     let spec = WorkerSpec::new("w-crash", agent_env());
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let mut crashing = waiting(
-                "CrashLoopBackOff",
-                "back-off 10s restarting failed container=agent pod=hodei-w-crash_ci(uid-hodei-w-crash)",
-            );
-            crashing["containerStatuses"][0]["restartCount"] = json!(1);
-            crashing["containerStatuses"][0]["lastState"] = json!({"terminated": {
-                "exitCode": 1, "reason": "Error", "startedAt": "2026-12-01T10:00:03Z",
-                "finishedAt": "2026-12-01T10:00:04Z",
-            }});
-            api.answer_start("hodei-w-crash", vec![("MODIFIED", pod("hodei-w-crash", "102", crashing))])
-                .await;
-            api.answer_logs("hodei-w-crash", "hodei-agent: cannot reach 10.0.0.1:7001\n").await;
-            api.answer_destroy("hodei-w-crash").await;
-        },
-    )
+    let error = provision_scripted(&spec, async |api| {
+        let mut crashing = waiting(
+            "CrashLoopBackOff",
+            "back-off 10s restarting failed container=agent pod=hodei-w-crash_ci(uid-hodei-w-crash)",
+        );
+        crashing["containerStatuses"][0]["restartCount"] = json!(1);
+        crashing["containerStatuses"][0]["lastState"] = json!({"terminated": {
+            "exitCode": 1, "reason": "Error", "startedAt": "2026-12-01T10:00:03Z",
+            "finishedAt": "2026-12-01T10:00:04Z",
+        }});
+        api.answer_start("hodei-w-crash", vec![("MODIFIED", pod("hodei-w-crash", "102", crashing))]).await;
+        api.answer_logs("hodei-w-crash", "hodei-agent: cannot reach 10.0.0.1:7001\n").await;
+        api.answer_destroy("hodei-w-crash").await;
+    })
     .await
     .expect_err("the agent crashes");
     match &error {
@@ -348,23 +328,17 @@ async fn a_crash_loop_is_exited_before_registering_with_its_output() {
 
 #[tokio::test]
 async fn a_container_that_ends_before_running_is_exited_before_registering() {
-    let (provider, api) = provider();
     let spec = WorkerSpec::new("w-exit", agent_env());
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let ended = scheduled_with(
-                "Failed",
-                json!({"terminated": {"exitCode": 2, "reason": "Error", "message": "bad flag",
+    let error = provision_scripted(&spec, async |api| {
+        let ended = scheduled_with(
+            "Failed",
+            json!({"terminated": {"exitCode": 2, "reason": "Error", "message": "bad flag",
                     "startedAt": "2026-12-01T10:00:03Z", "finishedAt": "2026-12-01T10:00:03Z"}}),
-            );
-            api.answer_start("hodei-w-exit", vec![("MODIFIED", pod("hodei-w-exit", "102", ended))]).await;
-            api.answer_logs("hodei-w-exit", "hodei-agent: --session-addr: required\n").await;
-            api.answer_destroy("hodei-w-exit").await;
-        },
-    )
+        );
+        api.answer_start("hodei-w-exit", vec![("MODIFIED", pod("hodei-w-exit", "102", ended))]).await;
+        api.answer_logs("hodei-w-exit", "hodei-agent: --session-addr: required\n").await;
+        api.answer_destroy("hodei-w-exit").await;
+    })
     .await
     .expect_err("the agent exits");
     match &error {
@@ -417,31 +391,20 @@ async fn destroy_resyncs_when_its_watch_version_has_expired() {
 
 #[tokio::test]
 async fn provisioning_resyncs_when_the_watch_request_itself_is_gone() {
-    let (provider, api) = provider();
     let spec = WorkerSpec::new("w-1", agent_env());
-    let info = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            let config_map = api.expect(Method::POST, &config_maps_path()).await;
-            let body = config_map.body.clone();
-            config_map.reply(201, created(body, "100"));
-            let pod_request = api.expect(Method::POST, &pods_path()).await;
-            let body = pod_request.body.clone();
-            pod_request.reply(201, created(body, "101"));
-            let watch = api.expect(Method::GET, &pods_path()).await;
-            assert_watch_of(&watch, "hodei-w-1", "101");
-            watch.reply(410, failure_status(410, "Expired", "too old resource version: 101 (480)", "", ""));
-            // Read as it is now, still pending; then watched from that version.
-            api.expect(Method::GET, &pod_path("hodei-w-1"))
-                .await
-                .reply(200, pod("hodei-w-1", "480", waiting("ContainerCreating", "")));
-            let watch = api.expect(Method::GET, &pods_path()).await;
-            assert_watch_of(&watch, "hodei-w-1", "480");
-            watch.reply_events(&[("MODIFIED", pod("hodei-w-1", "481", running()))]);
-        },
-    )
+    let info = provision_scripted(&spec, async |api| {
+        api.answer_creates().await;
+        let watch = api.expect(Method::GET, &pods_path()).await;
+        assert_watch_of(&watch, "hodei-w-1", "101");
+        watch.reply(410, failure_status(410, "Expired", "too old resource version: 101 (480)", "", ""));
+        // Read as it is now, still pending; then watched from that version.
+        api.expect(Method::GET, &pod_path("hodei-w-1"))
+            .await
+            .reply(200, pod("hodei-w-1", "480", waiting("ContainerCreating", "")));
+        let watch = api.expect(Method::GET, &pods_path()).await;
+        assert_watch_of(&watch, "hodei-w-1", "480");
+        watch.reply_events(&[("MODIFIED", pod("hodei-w-1", "481", running()))]);
+    })
     .await
     .expect("provisioned");
     assert_eq!(info.state, WorkerState::Running);
@@ -629,25 +592,19 @@ async fn api_errors_carry_the_api_servers_reason_and_message() {
 
 #[tokio::test]
 async fn a_worker_id_in_use_is_refused_without_touching_the_other_workers_objects() {
-    let (provider, api) = provider();
     let spec = WorkerSpec::new("w-1", agent_env());
-    let error = scripted(
-        provider,
-        api,
-        async |provider| provider.provision(&spec).await,
-        async |api| {
-            api.expect(Method::POST, &config_maps_path()).await.reply(
+    let error = provision_scripted(&spec, async |api| {
+        api.expect(Method::POST, &config_maps_path()).await.reply(
+            409,
+            failure_status(
                 409,
-                failure_status(
-                    409,
-                    "AlreadyExists",
-                    "configmaps \"hodei-w-1-ca\" already exists",
-                    "hodei-w-1-ca",
-                    "configmaps",
-                ),
-            );
-        },
-    )
+                "AlreadyExists",
+                "configmaps \"hodei-w-1-ca\" already exists",
+                "hodei-w-1-ca",
+                "configmaps",
+            ),
+        );
+    })
     .await
     .expect_err("in use");
     assert!(matches!(&error, ProviderError::InvalidSpec { reason, .. } if reason.contains("already exists")));

@@ -105,15 +105,22 @@ impl FakeApiServer {
     /// Answers the creation of `worker_pod`'s ConfigMap and pod, then one watch of it from the
     /// created version with `events`. Returns the ConfigMap's and the pod's bodies.
     pub async fn answer_start(&mut self, worker_pod: &str, events: Vec<(&str, Value)>) -> (Value, Value) {
+        let bodies = self.answer_creates().await;
+        let watch = self.expect(Method::GET, &pods_path()).await;
+        assert_watch_of(&watch, worker_pod, "101");
+        watch.reply_events(&events);
+        bodies
+    }
+
+    /// Answers the creation of a ConfigMap (version 100) and a pod (version 101). Returns their
+    /// bodies.
+    pub async fn answer_creates(&mut self) -> (Value, Value) {
         let config_map = self.expect(Method::POST, &config_maps_path()).await;
         let config_map_body = config_map.body.clone();
         config_map.reply(201, created(config_map_body.clone(), "100"));
         let pod = self.expect(Method::POST, &pods_path()).await;
         let pod_body = pod.body.clone();
         pod.reply(201, created(pod_body.clone(), "101"));
-        let watch = self.expect(Method::GET, &pods_path()).await;
-        assert_watch_of(&watch, worker_pod, "101");
-        watch.reply_events(&events);
         (config_map_body, pod_body)
     }
 
