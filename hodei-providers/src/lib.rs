@@ -2,13 +2,13 @@
 //!
 //! - [`provider`]: the [`Provider`] trait every kind of worker implements, its spec, states
 //!   and typed errors.
-//! - `docker` (feature `docker`): workers as Docker containers, through the engine's API.
 //! - [`local`]: workers on this machine, in-process or as child processes, over real mutual TLS
 //!   on loopback: the embedded default.
 //! - [`scheduler`]: the [`Scheduler`], which matches jobs to providers, caps and queues them,
 //!   provisions workers on demand, reuses or destroys them, and reaps orphans.
 //! - [`control_plane`]: the [`ControlPlane`], the embedded default in one builder: PKI, log
 //!   store, hub listeners and scheduler.
+//! - `docker` (feature `docker`): workers as Docker containers, through the engine's API.
 //! - `kubernetes` (feature `kubernetes`): workers as Kubernetes pods, followed with watches;
 //!   the CA bundle reaches the pod in a ConfigMap, the token in its environment.
 //! - `firecracker` (feature `firecracker`): workers as Firecracker microVMs, through the VMM's
