@@ -23,7 +23,7 @@ use hodei::{
     SagaDefinition, SagaId, SagaRun, SagaStatus, SledStore, StepContext, StepError,
 };
 use serde::{Deserialize, Serialize};
-use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child};
+use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child, wait_for_parent};
 
 mod support;
 
@@ -87,6 +87,7 @@ fn record_effect(log: &Path, effect: &str) -> std::io::Result<()> {
     let mut file = OpenOptions::new().create(true).append(true).open(log)?;
     file.write_all(format!("{effect}\n").as_bytes())?;
     println!("{EFFECT} {effect}");
+    wait_for_parent();
     Ok(())
 }
 

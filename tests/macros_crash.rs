@@ -12,7 +12,7 @@ use std::time::Duration;
 use hodei::{
     Engine, Event, EventStore, Outcome, SagaContext, SagaId, SledStore, StepContext, StepError, saga, step,
 };
-use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child};
+use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child, wait_for_parent};
 
 const CHILD_ENV: &str = "HODEI_MACRO_CRASH_CHILD";
 const CHILD_TEST: &str = "macro_crash_child_entry_point";
@@ -30,6 +30,7 @@ fn effect(line: String) -> Result<(), StepError> {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(effects_file())?;
     file.write_all(format!("{line}\n").as_bytes())?;
     println!("{EFFECT} {line}");
+    wait_for_parent();
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 //! and [`DONE`] when it has finished its work. The lines are matched with `contains`, because
 //! libtest prints `test <name> ...` without a newline right before the test's own output.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 
@@ -20,18 +20,29 @@ pub enum Run {
     Finished,
 }
 
+/// In the child, after printing an [`EFFECT`] line: waits until the parent has read it and
+/// decided not to kill here, so that a kill lands exactly after the chosen effect however busy
+/// the machine is (a child racing ahead would make the kill points depend on the load).
+pub fn wait_for_parent() {
+    let mut line = String::new();
+    // An error or EOF means the parent is gone; the child then simply goes on.
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
 /// Runs the child test `test` once with `env`. It is killed when it has printed `kill_after`
-/// effect lines (0: as soon as it is ready), unless it finishes first.
+/// effect lines (0: as soon as it is ready), unless it finishes first. After each effect line
+/// it is not killed for, the child is told to go on ([`wait_for_parent`]).
 pub fn run_child(test: &str, env: &[(&str, String)], kill_after: u64) -> Run {
     let mut child = Command::new(std::env::current_exe().expect("test executable"))
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn the child");
     let stdout = child.stdout.take().expect("child stdout");
+    let mut go_on = child.stdin.take();
     let (mut effects, mut kill_sent, mut finished) = (0, false, false);
     // Read to the end even after the kill: a child that finished first must not die of a
     // closed pipe, and its done line decides how it ended.
@@ -49,6 +60,12 @@ pub fn run_child(test: &str, env: &[(&str, String)], kill_after: u64) -> Run {
         if counted && !kill_sent && !finished && effects >= kill_after {
             child.kill().expect("SIGKILL the child");
             kill_sent = true;
+            go_on = None;
+        } else if line.contains(EFFECT)
+            && let Some(stdin) = go_on.as_mut()
+        {
+            // A child that has finished or died no longer reads; that is not an error here.
+            let _ = stdin.write_all(b"\n").and_then(|()| stdin.flush());
         }
     }
     let status = child.wait().expect("wait for the child");
