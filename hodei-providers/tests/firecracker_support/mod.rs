@@ -39,10 +39,11 @@ pub struct Operation {
 }
 
 impl ApiSpec {
-    /// The spec at `HODEI_FC_API_SPEC`, else the workspace's shared reference copy.
+    /// The spec at `HODEI_FC_API_SPEC`, else the copy of Firecracker's own swagger file kept
+    /// beside this module (in the repository, so that any checkout can run the tests).
     pub fn load() -> Self {
         let path = std::env::var_os("HODEI_FC_API_SPEC").map(PathBuf::from).unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/firecracker-api.yaml")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/firecracker_support/firecracker-api.yaml")
         });
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("the Firecracker API spec {}: {e}", path.display()));
