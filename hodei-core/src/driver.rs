@@ -7,21 +7,23 @@
 //! failure) is an [`Interrupt`]: the step that finds it reports it and never returns, and the
 //! driver drops the body, so the wrong code can never run.
 
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::engine::{EngineEvent, EngineEventKind, Inner, LiveSaga};
 use crate::error::{Error, Result};
-use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
-use crate::replay::{Attempts, Replay};
+use crate::event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+use crate::replay::{Attempts, GroupHistory, RecordedOp, Replay, WaitEnd};
 use crate::retry::{RetryPolicy, StepError};
 use crate::saga::{ErasedCompensation, SagaContext, SagaDefinition, StepContext, StepSignals};
 use crate::store::EventStore;
+use crate::timers::Timers;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -31,9 +33,74 @@ fn record_id(state: &Mutex<JournalState>) -> SagaId {
     lock(state).record.id.clone()
 }
 
-/// `saga id/step number`: the key external systems see for a step.
-pub(crate) fn idempotency_key(id: &SagaId, step: u32) -> String {
-    format!("{id}/{step}")
+/// `saga id/operation key`: the key external systems see for a step.
+pub(crate) fn idempotency_key(id: &SagaId, key: &str) -> String {
+    format!("{id}/{key}")
+}
+
+/// Where in the saga's code an operation is called: the top level, or a branch of a group.
+/// Each scope numbers its operations in call order, which makes keys independent of how
+/// concurrent branches interleave.
+#[derive(Debug)]
+pub(crate) struct Scope {
+    prefix: String,
+    next: AtomicU32,
+    /// Set for a branch that the journal says was cancelled when its group was decided: it
+    /// replays what it recorded, and stops (forever) at the first thing it would run live.
+    frozen: bool,
+    /// Told when an operation of this frozen scope, or of one inside it, stops: the groups
+    /// above wait for that before they decide again, so that replay pushes every compensation
+    /// the first run pushed.
+    stopped: Option<(mpsc::UnboundedSender<u32>, u32)>,
+    parent: Option<Arc<Scope>>,
+}
+
+impl Scope {
+    pub fn root() -> Arc<Self> {
+        Arc::new(Self {
+            prefix: String::new(),
+            next: AtomicU32::new(0),
+            frozen: false,
+            stopped: None,
+            parent: None,
+        })
+    }
+
+    /// Branch `branch` of the group at `key` in `parent`.
+    pub fn branch(
+        parent: &Arc<Scope>,
+        key: &str,
+        branch: u32,
+        frozen: bool,
+        stopped: mpsc::UnboundedSender<u32>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            prefix: format!("{key}.{branch}."),
+            next: AtomicU32::new(0),
+            frozen: frozen || parent.frozen,
+            stopped: Some((stopped, branch)),
+            parent: Some(parent.clone()),
+        })
+    }
+
+    fn next_key(&self) -> String {
+        format!("{}{}", self.prefix, self.next.fetch_add(1, Ordering::SeqCst))
+    }
+
+    fn is_root(&self) -> bool {
+        self.parent.is_none()
+    }
+
+    /// Tells every group above that this branch can go no further.
+    fn report_stopped(&self) {
+        let mut scope = Some(self);
+        while let Some(current) = scope {
+            if let Some((tx, branch)) = &current.stopped {
+                let _ = tx.send(*branch);
+            }
+            scope = current.parent.as_deref();
+        }
+    }
 }
 
 /// The only writer of one saga's journal. It numbers events, stamps them, writes them and
@@ -104,9 +171,10 @@ impl Journal {
     }
 
     /// Writes an event and waits until it is on disk.
-    pub async fn append_durable(&self, event: Event) -> Result<()> {
-        self.write(Some(event), None)?;
-        self.store.durable().await
+    pub async fn append_durable(&self, event: Event) -> Result<RecordedEvent> {
+        let recorded = self.write(Some(event), None)?;
+        self.store.durable().await?;
+        recorded.ok_or_else(|| Error::SagaFinished(self.id.clone()))
     }
 
     /// Writes an optional event together with a new status, atomically, and waits until both
@@ -170,16 +238,32 @@ pub(crate) enum Interrupt {
     Storage(String),
 }
 
-/// The signals that can stop a saga from outside.
+/// What reaches a saga from outside: a cancel, the engine's shutdown, and signals.
 #[derive(Debug)]
 pub(crate) struct Control {
     pub cancel: watch::Sender<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
+    /// Signals journaled for this saga, by sequence number: (name, payload). Consumed ones
+    /// stay; [`SagaShared::consumed`] tells them apart.
+    pub inbox: Mutex<BTreeMap<u64, (String, Vec<u8>)>>,
+    /// Bumped after each signal is added to the inbox.
+    pub arrivals: watch::Sender<u64>,
 }
 
 impl Control {
     pub fn new(shutdown: watch::Receiver<bool>) -> Self {
-        Self { cancel: watch::Sender::new(None), shutdown }
+        Self {
+            cancel: watch::Sender::new(None),
+            shutdown,
+            inbox: Mutex::default(),
+            arrivals: watch::Sender::new(0),
+        }
+    }
+
+    /// Adds a journaled signal and wakes the saga's waits.
+    pub fn deliver(&self, seq: u64, name: String, payload: Vec<u8>) {
+        lock(&self.inbox).insert(seq, (name, payload));
+        self.arrivals.send_modify(|n| *n += 1);
     }
 
     fn cancelled(&self) -> Option<String> {
@@ -240,6 +324,8 @@ pub struct RawCompensation {
 /// step completes.
 struct Pending {
     step: u32,
+    /// The step's idempotency key.
+    key: String,
     name: String,
     input: Vec<u8>,
     output: Option<Vec<u8>>,
@@ -249,13 +335,26 @@ struct Pending {
 /// The state a saga body shares with its steps.
 pub(crate) struct SagaShared {
     pub id: SagaId,
+    pub inner: Arc<Inner>,
     journal: Arc<Journal>,
     replay: Replay,
+    /// The number the next live step gets.
     next_step: AtomicU32,
+    /// Per recorded operation (in journal order): whether the code has reached it again.
+    visited: Vec<AtomicBool>,
+    /// The signals taken by some wait, recorded or live.
+    consumed: Mutex<HashSet<u64>>,
     stack: Mutex<Vec<Pending>>,
     interrupt: Mutex<Option<oneshot::Sender<Interrupt>>>,
     control: Arc<Control>,
     max_payload: usize,
+}
+
+/// A group of branches as the driver opened it: its key and what the journal says of it.
+pub(crate) struct OpenGroup {
+    pub key: String,
+    /// The branches that finished, in the order they did, with their errors.
+    pub finished: Vec<(u32, Option<(String, bool)>)>,
 }
 
 /// The result of a retried run: it finished (either way), or something stopped it.
@@ -267,6 +366,7 @@ enum Attempted<T> {
 /// How one retried thing (a step or a compensation) journals its attempts.
 struct AttemptLog<'a, S, F> {
     journal: &'a Journal,
+    timers: &'a Timers,
     control: &'a Control,
     watch_cancel: bool,
     policy: RetryPolicy,
@@ -304,7 +404,7 @@ where
         loop {
             if let Some(due) = history.retry_at {
                 tokio::select! {
-                    _ = tokio::time::sleep(due.remaining()) => {}
+                    _ = self.timers.sleep_until(due) => {}
                     interrupt = self.control.stopped(self.watch_cancel) => return Attempted::Stopped(interrupt),
                 }
             }
@@ -361,14 +461,82 @@ impl SagaShared {
         self.replay.cancel.clone().or_else(|| self.control.cancelled())
     }
 
+    /// The operation the journal records at `key`, marked as reached.
+    fn recorded(&self, key: &str) -> Option<&RecordedOp> {
+        let (position, op) = self.replay.op(key)?;
+        self.visited[*position].store(true, Ordering::Relaxed);
+        Some(op)
+    }
+
+    /// The first recorded operation the code has not reached again, if any.
+    fn unvisited(&self) -> Option<(&str, &'static str)> {
+        let position = self.visited.iter().position(|v| !v.load(Ordering::Relaxed))?;
+        let key = &self.replay.keys[position];
+        Some((key, self.replay.op(key).map_or("an operation", |(_, op)| op.kind())))
+    }
+
+    /// Parks the saga because the code calls another kind of operation at `key`.
+    async fn mismatch<T>(&self, key: &str, now: String, recorded: &RecordedOp) -> T {
+        let reason = format!(
+            "operation {key}: the code now {now}, but the journal recorded {} there",
+            recorded.kind()
+        );
+        self.park(reason).await
+    }
+
+    /// Called before anything runs live (past the journal). Returns only if it may: a frozen
+    /// branch stops here forever, a cancelled saga is interrupted, and a saga whose journal
+    /// says its body already failed is parked.
+    async fn go_live(&self, scope: &Scope, what: &str) {
+        if scope.frozen {
+            scope.report_stopped();
+            return std::future::pending().await;
+        }
+        if let Some(reason) = self.cancel_reason() {
+            return self.suspend(Interrupt::Cancelled(reason)).await;
+        }
+        if self.replay.body_failed.is_some() {
+            let reason = format!(
+                "{what}: the journal says the body failed before reaching it, but the code now goes on"
+            );
+            return self.park(reason).await;
+        }
+    }
+
+    /// Waits for `wait`, unless the saga is cancelled or the engine shuts down first.
+    async fn interruptible<T>(&self, wait: impl Future<Output = T>) -> T {
+        tokio::select! {
+            value = wait => value,
+            why = self.control.stopped(true) => self.suspend(why).await,
+        }
+    }
+
+    async fn durably(&self, event: Event) -> RecordedEvent {
+        match self.journal.append_durable(event).await {
+            Ok(recorded) => recorded,
+            Err(e) => self.suspend(Interrupt::Storage(e.to_string())).await,
+        }
+    }
+
+    async fn staged(&self, event: Event) {
+        if let Err(e) = self.journal.stage(event) {
+            self.suspend(Interrupt::Storage(e.to_string())).await
+        }
+    }
+
     /// Runs one step, or returns its journaled result. Returns the step number with the
     /// encoded output.
-    pub async fn run_step<A, Fut>(&self, spec: &StepSpec, mut attempt: A) -> Result<(u32, Vec<u8>), StepError>
+    pub async fn run_step<A, Fut>(
+        &self,
+        scope: &Scope,
+        spec: &StepSpec,
+        mut attempt: A,
+    ) -> Result<(u32, Vec<u8>), StepError>
     where
         A: FnMut(StepContext, &[u8]) -> Fut,
         Fut: Future<Output = Result<Vec<u8>, StepError>>,
     {
-        let step = self.next_step.fetch_add(1, Ordering::SeqCst);
+        let key = scope.next_key();
         if spec.input.len() > self.max_payload {
             return Err(StepError::terminal(format!(
                 "step `{}`: the input is {} bytes, over the limit of {} bytes",
@@ -377,8 +545,12 @@ impl SagaShared {
                 self.max_payload
             )));
         }
-        let recorded = self.replay.steps.get(step as usize);
-        if let Some(recorded) = recorded {
+        let recorded = match self.recorded(&key) {
+            None => None,
+            Some(RecordedOp::Step(step)) => self.replay.steps.get(step).map(|history| (*step, history)),
+            Some(other) => return self.mismatch(&key, format!("runs step `{}`", spec.name), other).await,
+        };
+        if let Some((step, recorded)) = recorded {
             if recorded.name != spec.name {
                 let reason = format!(
                     "step {step}: the code now calls `{}`, but the journal recorded `{}` there",
@@ -394,10 +566,21 @@ impl SagaShared {
                 return self.park(reason).await;
             }
         }
+        let what = format!("step `{}`", spec.name);
+        let step = match recorded {
+            Some((step, _)) => step,
+            None => {
+                self.go_live(scope, &what).await;
+                self.next_step.fetch_add(1, Ordering::SeqCst)
+            }
+        };
+        // A started step's compensation is pushed even when its completion was never recorded,
+        // so that a side effect that may have happened is undone too.
         let slot = spec.compensation.as_ref().map(|c| {
             let mut stack = lock(&self.stack);
             stack.push(Pending {
                 step,
+                key: idempotency_key(&self.id, &key),
                 name: spec.name.clone(),
                 input: spec.input.clone(),
                 output: None,
@@ -410,7 +593,7 @@ impl SagaShared {
                 lock(&self.stack)[slot].output = Some(output.clone());
             }
         };
-        if let Some(recorded) = recorded {
+        if let Some((_, recorded)) = recorded {
             if let Some(output) = &recorded.completed {
                 set_output(output);
                 return Ok((step, output.clone()));
@@ -419,33 +602,32 @@ impl SagaShared {
                 let e = if *retryable { StepError::retryable(message) } else { StepError::terminal(message) };
                 return Err(e);
             }
+            // Started, never finished: the process stopped in it. It goes on live.
+            self.go_live(scope, &what).await;
         }
 
-        // Past the journal: from here the step runs live.
-        if let Some(reason) = self.cancel_reason() {
-            return self.suspend(Interrupt::Cancelled(reason)).await;
-        }
-        if self.replay.body_failed.is_some() {
-            let reason = format!(
-                "step {step} `{}`: the journal says the body failed before reaching it, but the code now goes on",
-                spec.name
-            );
-            return self.park(reason).await;
-        }
-        let key = idempotency_key(&self.id, step);
-        let what = format!("step `{}`", spec.name);
+        let idempotency = idempotency_key(&self.id, &key);
         let compensable = spec.compensation.is_some();
+        let plain = scope.is_root() && key == step.to_string();
         let log = AttemptLog {
             journal: &self.journal,
+            timers: &self.inner.timers,
             control: &self.control,
             watch_cancel: true,
             policy: spec.retry,
             timeout: spec.timeout,
-            key: &key,
+            key: &idempotency,
             what: &what,
             started: |attempt| match attempt {
-                1 => Event::StepStarted {
+                1 if plain => Event::StepStarted {
                     step,
+                    name: spec.name.clone(),
+                    input: spec.input.clone(),
+                    compensable,
+                },
+                1 => Event::StepStartedAt {
+                    step,
+                    key: key.clone(),
                     name: spec.name.clone(),
                     input: spec.input.clone(),
                     compensable,
@@ -454,7 +636,7 @@ impl SagaShared {
             },
             failed: |attempt, error, retry_at| Event::StepAttemptFailed { step, attempt, error, retry_at },
         };
-        let history = recorded.map(|r| r.attempts.clone()).unwrap_or_default();
+        let history = recorded.map(|(_, r)| r.attempts.clone()).unwrap_or_default();
         let span = tracing::info_span!("step", saga.id = %self.id, step.name = %spec.name, step.index = step);
         let attempted = log
             .run(history, |n| {
@@ -463,7 +645,7 @@ impl SagaShared {
                     step,
                     name: spec.name.clone(),
                     attempt: n,
-                    idempotency_key: key.clone(),
+                    idempotency_key: idempotency.clone(),
                     signals: self.control.signals(),
                 };
                 attempt(ctx, &spec.input)
@@ -486,12 +668,148 @@ impl SagaShared {
             Ok(output) => Event::StepCompleted { step, output: output.clone() },
             Err(e) => Event::StepFailed { step, error: e.message().to_string(), retryable: e.is_retryable() },
         };
-        if let Err(e) = self.journal.stage(event) {
-            return self.suspend(Interrupt::Storage(e.to_string())).await;
-        }
+        self.staged(event).await;
         let output = result?;
         set_output(&output);
         Ok((step, output))
+    }
+
+    /// A durable timer: resolves at `due`, or at the due time the journal recorded for it.
+    pub async fn sleep_until(&self, scope: &Scope, due: Timestamp) {
+        let key = scope.next_key();
+        let due = match self.recorded(&key) {
+            Some(RecordedOp::Timer { fired: true, .. }) => return,
+            Some(RecordedOp::Timer { due, .. }) => {
+                self.go_live(scope, "a timer").await;
+                *due
+            }
+            Some(other) => return self.mismatch(&key, "sets a timer".into(), other).await,
+            None => {
+                self.go_live(scope, "a timer").await;
+                self.durably(Event::TimerStarted { key: key.clone(), due }).await;
+                due
+            }
+        };
+        self.interruptible(self.inner.timers.sleep_until(due)).await;
+        // Staged: if it is lost in a crash, replay waits again for a due time already past.
+        self.staged(Event::TimerFired { key }).await;
+    }
+
+    /// Waits for the next signal named `name` that no other wait took (one received before
+    /// the wait counts), up to `timeout`. Returns its encoded payload, or `None` on timeout.
+    pub async fn wait_signal(&self, scope: &Scope, name: &str, timeout: Option<Duration>) -> Option<Vec<u8>> {
+        let key = scope.next_key();
+        let what = format!("the wait for signal `{name}`");
+        let timeout_at = match self.recorded(&key) {
+            Some(RecordedOp::Wait { name: recorded, timeout_at, end }) if recorded == name => match end {
+                Some(WaitEnd::Consumed(seq)) => {
+                    return self.replay.signals.get(seq).map(|(_, payload)| payload.clone());
+                }
+                Some(WaitEnd::TimedOut) => return None,
+                None => {
+                    self.go_live(scope, &what).await;
+                    *timeout_at
+                }
+            },
+            Some(RecordedOp::Wait { name: recorded, .. }) => {
+                let reason = format!(
+                    "operation {key}: the code now waits for signal `{name}`, but the journal recorded a wait for `{recorded}`"
+                );
+                return self.park(reason).await;
+            }
+            Some(other) => return self.mismatch(&key, format!("waits for signal `{name}`"), other).await,
+            None => {
+                self.go_live(scope, &what).await;
+                let timeout_at = timeout.map(|limit| Timestamp::now().after(limit));
+                let started =
+                    Event::SignalWaitStarted { key: key.clone(), name: name.to_owned(), timeout_at };
+                self.durably(started).await;
+                timeout_at
+            }
+        };
+        let deadline = async {
+            match timeout_at {
+                Some(at) => self.inner.timers.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+        loop {
+            // Subscribed before looking, so that a signal delivered in between wakes us.
+            let mut arrivals = self.control.arrivals.subscribe();
+            if let Some((seq, payload)) = self.take_signal(name) {
+                self.durably(Event::SignalConsumed { key, signal: seq }).await;
+                return Some(payload);
+            }
+            let timed_out = self
+                .interruptible(async {
+                    tokio::select! {
+                        _ = arrivals.changed() => false,
+                        _ = &mut deadline => true,
+                    }
+                })
+                .await;
+            if timed_out {
+                self.durably(Event::SignalWaitTimedOut { key }).await;
+                return None;
+            }
+        }
+    }
+
+    fn take_signal(&self, name: &str) -> Option<(u64, Vec<u8>)> {
+        let inbox = lock(&self.control.inbox);
+        let mut consumed = lock(&self.consumed);
+        let (seq, (_, payload)) =
+            inbox.iter().find(|(seq, (signal, _))| signal == name && !consumed.contains(seq))?;
+        consumed.insert(*seq);
+        Some((*seq, payload.clone()))
+    }
+
+    /// Opens a group of branches: checks it against the journal, or journals its start.
+    pub async fn open_group(&self, scope: &Scope, name: &str, count: u32, mode: JoinMode) -> OpenGroup {
+        let key = scope.next_key();
+        match self.recorded(&key) {
+            Some(RecordedOp::Group(GroupHistory { name: n, count: c, mode: m, finished }))
+                if n == name && *c == count && *m == mode =>
+            {
+                OpenGroup { key, finished: finished.clone() }
+            }
+            Some(RecordedOp::Group(recorded)) => {
+                let reason = format!(
+                    "operation {key}: the code now runs {count} branches in `{name}` ({mode:?}), but the journal recorded {} in `{}` ({:?})",
+                    recorded.count, recorded.name, recorded.mode
+                );
+                self.park(reason).await
+            }
+            Some(other) => self.mismatch(&key, format!("runs the branches `{name}`"), other).await,
+            None => {
+                self.go_live(scope, &format!("the branches `{name}`")).await;
+                self.staged(Event::BranchesStarted { key: key.clone(), name: name.to_owned(), count, mode })
+                    .await;
+                OpenGroup { key, finished: Vec::new() }
+            }
+        }
+    }
+
+    /// Journals a branch's end, in the order branches end.
+    pub async fn branch_finished(&self, key: &str, branch: u32, error: Option<(String, bool)>) {
+        self.staged(Event::BranchFinished { key: key.to_owned(), branch, error }).await
+    }
+
+    /// Makes everything staged durable: a group does this before it cancels the branches it
+    /// no longer needs, so that its decision is on disk before its effects.
+    pub async fn sync(&self) {
+        if let Err(e) = self.journal.sync().await {
+            self.suspend(Interrupt::Storage(e.to_string())).await
+        }
+    }
+
+    /// Parks the saga: a branch replayed to another result than the journal recorded.
+    pub async fn branch_diverged<T>(&self, key: &str, branch: u32, recorded_ok: bool) -> T {
+        let (then, now) = if recorded_ok { ("succeeded", "fails") } else { ("failed", "succeeds") };
+        let reason =
+            format!("branch {branch} of operation {key}: the journal says it {then}, but it now {now}");
+        self.park(reason).await
     }
 }
 
@@ -518,17 +836,23 @@ pub(crate) async fn drive(
         _ => return park(&live, "the journal does not begin with SagaStarted".into()).await,
     };
     let (interrupt_tx, interrupt_rx) = oneshot::channel();
+    for (seq, (name, payload)) in &replay.signals {
+        live.control.deliver(*seq, name.clone(), payload.clone());
+    }
     let shared = Arc::new(SagaShared {
         id: journal.id.clone(),
+        inner: inner.clone(),
         journal: journal.clone(),
+        next_step: AtomicU32::new(replay.next_step),
+        visited: replay.keys.iter().map(|_| AtomicBool::new(false)).collect(),
+        consumed: Mutex::new(replay.consumed_signals().collect()),
         replay,
-        next_step: AtomicU32::new(0),
         stack: Mutex::new(Vec::new()),
         interrupt: Mutex::new(Some(interrupt_tx)),
         control: live.control.clone(),
         max_payload: inner.config.max_payload_bytes,
     });
-    let body = (definition.body)(SagaContext { shared: shared.clone() }, input);
+    let body = (definition.body)(SagaContext { shared: shared.clone(), scope: Scope::root() }, input);
     // A cancel already in the journal is honoured by the steps, once replay has pushed every
     // compensation; only a new one may cut the body short.
     let mut new_cancel = live.control.cancel.subscribe();
@@ -542,14 +866,9 @@ pub(crate) async fn drive(
         result = body => Ending::Body(result),
     };
     let replay = &shared.replay;
-    let consumed = shared.next_step.load(Ordering::SeqCst) as usize;
     let unconsumed = || {
-        (consumed < replay.steps.len()).then(|| {
-            format!(
-                "the body now ends after {consumed} steps, but the journal records {} (next: `{}`)",
-                replay.steps.len(),
-                replay.steps[consumed].name
-            )
+        shared.unvisited().map(|(key, kind)| {
+            format!("the body now ends without reaching operation {key} ({kind}) that the journal records")
         })
     };
     match ending {
@@ -591,7 +910,10 @@ pub(crate) async fn drive(
 /// Runs the compensation stack in reverse order, then records the saga's end.
 async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShared, cause: String) {
     let journal = &live.journal;
-    let stack = std::mem::take(&mut *lock(&shared.stack));
+    let mut stack = std::mem::take(&mut *lock(&shared.stack));
+    // Step numbers follow the order steps first started, in the first run as in replay, while
+    // the stack's order depends on how concurrent branches happened to interleave.
+    stack.sort_by_key(|pending| pending.step);
     if stack.is_empty() {
         return finish(inner, live, Event::SagaFailed { cause: cause.clone() }, SagaStatus::Failed).await;
     }
@@ -609,18 +931,19 @@ async fn compensate(inner: &Arc<Inner>, live: &Arc<LiveSaga>, shared: &SagaShare
             continue;
         }
         let step = pending.step;
-        let key = idempotency_key(&shared.id, step);
+        let key = &pending.key;
         let what = format!("compensation of step `{}`", pending.name);
         let result = match history.failed {
             Some(error) => Attempted::Done(Err(StepError::terminal(error))),
             None => {
                 let log = AttemptLog {
                     journal,
+                    timers: &inner.timers,
                     control: &live.control,
                     watch_cancel: false,
                     policy: pending.spec.retry,
                     timeout: pending.spec.timeout,
-                    key: &key,
+                    key,
                     what: &what,
                     started: |attempt| Event::CompensationStarted { step, attempt },
                     failed: |attempt, error, retry_at| Event::CompensationAttemptFailed {

@@ -10,16 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 use tracing::Instrument;
 
-use crate::codec::decode_payload;
+use crate::codec::{decode_payload, encode_payload};
 use crate::driver::{Control, Journal, drive};
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+use crate::retry::StepError;
 use crate::saga::{Saga, SagaDefinition, SagaRun};
 use crate::store::EventStore;
+use crate::timers::Timers;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -199,12 +202,14 @@ impl EngineBuilder {
             #[cfg(feature = "sled")]
             StoreChoice::DataDir(path) => Arc::new(crate::store::SledStore::open(path)?),
         };
+        let shutdown = watch::Sender::new(false);
         let inner = Arc::new(Inner {
             store,
             registry: RwLock::default(),
             live: Mutex::default(),
             bus: broadcast::Sender::new(self.config.event_buffer.max(1)),
-            shutdown: watch::Sender::new(false),
+            timers: Timers::start(shutdown.subscribe()),
+            shutdown,
             accepting: AtomicBool::new(true),
             drivers: watch::Sender::new(0),
             config: self.config,
@@ -221,7 +226,7 @@ impl EngineBuilder {
 /// The durable saga engine. Cheap to clone; every clone drives the same sagas.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl fmt::Debug for Engine {
@@ -235,6 +240,8 @@ pub(crate) struct Inner {
     registry: RwLock<BTreeMap<String, BTreeMap<u32, SagaDefinition>>>,
     live: Mutex<HashMap<SagaId, Arc<LiveSaga>>>,
     bus: broadcast::Sender<EngineEvent>,
+    /// Every durable wait of every saga, and the one task that wakes them.
+    pub timers: Arc<Timers>,
     shutdown: watch::Sender<bool>,
     accepting: AtomicBool,
     drivers: watch::Sender<usize>,
@@ -324,7 +331,7 @@ impl Inner {
         let history = self.store.history(&id);
         let next = history.as_ref().map_or(0, |h| h.len() as u64);
         let final_event =
-            history.as_ref().ok().and_then(|h| h.last().filter(|r| r.event.is_final()).cloned());
+            history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
         let live = self.new_live(record.clone(), next, final_event.is_some());
         lock(&self.live).insert(id.clone(), live.clone());
         let set_status = |status: SagaStatus| -> Result<()> {
@@ -359,6 +366,21 @@ impl Inner {
             }
         }
     }
+}
+
+/// The first event of a run of `definition`.
+fn saga_started(definition: &SagaDefinition, input: &[u8], at: Timestamp) -> RecordedEvent {
+    let event = Event::SagaStarted {
+        definition: definition.name.clone(),
+        version: definition.version,
+        input: input.to_vec(),
+    };
+    RecordedEvent { seq: 0, at, event }
+}
+
+/// The last event that says where the saga stands: links to other runs may follow it.
+fn last_state(history: &[RecordedEvent]) -> Option<&RecordedEvent> {
+    history.iter().rev().find(|r| !r.event.is_link())
 }
 
 fn final_status(event: &Event) -> SagaStatus {
@@ -429,15 +451,7 @@ impl Engine {
         }
         let now = Timestamp::now();
         let record = SagaRecord::new(run.id.clone(), definition.name.clone(), definition.version, now);
-        let first = RecordedEvent {
-            seq: 0,
-            at: now,
-            event: Event::SagaStarted {
-                definition: definition.name.clone(),
-                version: definition.version,
-                input: run.input.clone(),
-            },
-        };
+        let first = saga_started(&definition, &run.input, now);
         let created = {
             // Held across `create` so that a concurrent start of the same id finds either
             // nothing or a live saga, never a stored one that is not yet live.
@@ -533,13 +547,7 @@ impl Engine {
     /// The request is journaled before this returns, so it survives a crash. A saga that is
     /// parked or waiting for its version is cancelled when it next runs.
     pub async fn cancel(&self, id: &SagaId, reason: impl Into<String>) -> Result<()> {
-        let Some(live) = self.inner.live(id) else {
-            return match self.inner.store.record(id)? {
-                Some(r) if r.status.is_final() => Err(Error::SagaFinished(id.clone())),
-                Some(_) => Err(Error::EngineStopped(id.clone())),
-                None => Err(Error::SagaNotFound(id.clone())),
-            };
-        };
+        let live = self.live_or_why(id)?;
         if live.control.cancel.borrow().is_some() {
             return Ok(());
         }
@@ -547,6 +555,192 @@ impl Engine {
         live.journal.append_durable(Event::CancelRequested { reason: reason.clone() }).await?;
         live.control.cancel.send_replace(Some(reason));
         Ok(())
+    }
+
+    /// Sends a signal to a saga: it is journaled before this returns, and taken by the saga's
+    /// next (or current) wait for `name` (see [`SagaContext::wait_signal`]). A signal sent
+    /// before the saga waits for it is kept until it does.
+    ///
+    /// Fails with [`Error::SagaNotFound`] for an unknown saga, [`Error::SagaFinished`] for a
+    /// finished one, and [`Error::EngineStopped`] for one in flight that this engine does not
+    /// run (it is stopping, or another process holds the saga).
+    ///
+    /// [`SagaContext::wait_signal`]: crate::SagaContext::wait_signal
+    pub async fn signal(&self, id: &SagaId, name: impl Into<String>, payload: &impl Serialize) -> Result<()> {
+        let name = name.into();
+        let payload = encode_payload(payload).map_err(|reason| Error::Codec {
+            action: "encode",
+            what: format!("the payload of signal `{name}`"),
+            reason,
+        })?;
+        if payload.len() > self.inner.config.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                what: format!("the payload of signal `{name}`"),
+                size: payload.len(),
+                limit: self.inner.config.max_payload_bytes,
+            });
+        }
+        let live = self.live_or_why(id)?;
+        let event = Event::SignalReceived { name: name.clone(), payload: payload.clone() };
+        let recorded = live.journal.append_durable(event).await?;
+        live.control.deliver(recorded.seq, name, payload);
+        Ok(())
+    }
+
+    /// The running saga, or the typed reason it cannot take a request.
+    fn live_or_why(&self, id: &SagaId) -> Result<Arc<LiveSaga>> {
+        if let Some(live) = self.inner.live(id) {
+            return Ok(live);
+        }
+        Err(match self.inner.store.record(id)? {
+            Some(r) if r.status.is_final() => Error::SagaFinished(id.clone()),
+            Some(_) => Error::EngineStopped(id.clone()),
+            None => Error::SagaNotFound(id.clone()),
+        })
+    }
+
+    /// Starts a new run `id` of a finished (or failed) saga that reuses the recorded outputs of
+    /// the steps `source` completed before it started step `from_step`, then runs live from
+    /// there. Both journals link to each other: the fork's begins with `ForkedFrom`, and the
+    /// source's gets `Forked` after its end. Timers, signal waits and branches the source
+    /// finished before that point are reused as well; anything unfinished there runs again.
+    pub async fn fork(&self, source: &SagaId, from_step: u32, id: impl Into<String>) -> Result<SagaHandle> {
+        let inner = &self.inner;
+        let id = SagaId::new(id)?;
+        if !inner.accepting.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let fork_error = |reason: String| Error::Fork { saga: source.clone(), reason };
+        let record = self.status(source)?;
+        if !record.status.is_final() {
+            return Err(fork_error(format!(
+                "it is still {}; fork a run that has finished",
+                record.status.kind()
+            )));
+        }
+        let history = self.history(source)?;
+        let Some(Event::SagaStarted { definition, version, input }) = history.first().map(|r| &r.event)
+        else {
+            return Err(fork_error("its journal does not begin with SagaStarted".into()));
+        };
+        let definition = inner
+            .definition(definition, Some(*version))
+            .ok_or_else(|| Error::UnknownSaga { name: definition.clone(), version: Some(*version) })?;
+        let cut = history
+            .iter()
+            .position(|r| r.event.step_start().is_some_and(|(step, _)| step == from_step))
+            .ok_or_else(|| fork_error(format!("it never started a step {from_step}")))?;
+        let now = Timestamp::now();
+        let first = saga_started(&definition, input, now);
+        let mut rest = vec![Event::ForkedFrom { source: source.clone(), step: from_step }];
+        rest.extend(fork_prefix(&history[..cut], 2));
+        let rest: Vec<RecordedEvent> =
+            rest.into_iter().zip(1..).map(|(event, seq)| RecordedEvent { seq, at: now, event }).collect();
+        let fork = SagaRecord::new(id.clone(), definition.name.clone(), definition.version, now);
+        {
+            let _live = lock(&inner.live);
+            if inner.store.create(&fork, &first)?.is_some() {
+                return Err(Error::IdempotencyConflict { id, difference: "an existing run".into() });
+            }
+            inner.store.append(&id, &rest, Some(&fork))?;
+        }
+        let link = RecordedEvent {
+            seq: history.len() as u64,
+            at: now,
+            event: Event::Forked { fork: id.clone(), step: from_step },
+        };
+        inner.store.append(source, &[link], None)?;
+        inner.store.durable().await?;
+        tracing::info!(saga.id = %id, source = %source, step = from_step, "forked");
+        inner.adopt(fork)?;
+        Ok(SagaHandle { id, inner: inner.clone() })
+    }
+
+    /// A child saga's part in its parent's compensation: a running child is cancelled (and so
+    /// compensates itself); a completed child with compensable steps is reopened and
+    /// compensated. Returns once the child has ended again.
+    pub(crate) async fn compensate_child(&self, child: &SagaId, parent: &SagaId) -> Result<(), StepError> {
+        let reason = format!("its parent saga `{parent}` is compensating");
+        let retryable = |e: Error| StepError::retryable(e.to_string());
+        // A cancel can lose the race with the child's completion; then the completed child is
+        // reopened, so two rounds always suffice.
+        for _ in 0..2 {
+            let live = match self.inner.live(child) {
+                Some(live) => live,
+                None => {
+                    let Some(record) = self.inner.store.record(child).map_err(retryable)? else {
+                        return Ok(());
+                    };
+                    match record.status {
+                        SagaStatus::Completed => {
+                            if !self.reopen_to_compensate(&record, &reason).await.map_err(retryable)? {
+                                return Ok(());
+                            }
+                        }
+                        SagaStatus::Compensated | SagaStatus::Failed => return Ok(()),
+                        SagaStatus::CompensationFailed => {
+                            return Err(StepError::terminal(format!(
+                                "child saga `{child}` could not compensate; an operator must finish it"
+                            )));
+                        }
+                        _ => return Err(retryable(Error::EngineStopped(child.clone()))),
+                    }
+                    self.inner.live(child).ok_or_else(|| retryable(Error::EngineStopped(child.clone())))?
+                }
+            };
+            match self.cancel(child, reason.clone()).await {
+                Ok(()) | Err(Error::SagaFinished(_)) => {}
+                Err(e) => return Err(retryable(e)),
+            }
+            let mut finished = live.finished.subscribe();
+            drop(live);
+            let end = finished
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| retryable(Error::EngineStopped(child.clone())))?
+                .as_ref()
+                .map(|e| e.event.clone());
+            match end {
+                Some(Event::SagaCompensated { .. } | Event::SagaFailed { .. }) => return Ok(()),
+                Some(Event::SagaCompensationFailed { error, .. }) => {
+                    return Err(StepError::terminal(format!(
+                        "child saga `{child}` could not compensate: {error}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Err(StepError::retryable(format!("child saga `{child}` did not compensate")))
+    }
+
+    /// Reopens a completed saga so that it compensates: journals a cancel after its end and
+    /// resumes it. Returns `false`, changing nothing, when it has nothing to compensate.
+    async fn reopen_to_compensate(&self, record: &SagaRecord, reason: &str) -> Result<bool> {
+        let inner = &self.inner;
+        let history = inner.store.history(&record.id)?;
+        let compensable = history.iter().any(|r| {
+            matches!(
+                r.event,
+                Event::StepStarted { compensable: true, .. } | Event::StepStartedAt { compensable: true, .. }
+            )
+        });
+        if !compensable {
+            return Ok(false);
+        }
+        let now = Timestamp::now();
+        let mut reopened = record.clone();
+        reopened.status = SagaStatus::Compensating;
+        reopened.updated_at = now;
+        let cancel = RecordedEvent {
+            seq: history.len() as u64,
+            at: now,
+            event: Event::CancelRequested { reason: reason.into() },
+        };
+        inner.store.append(&record.id, &[cancel], Some(&reopened))?;
+        inner.store.durable().await?;
+        tracing::info!(saga.id = %record.id, reason, "reopened to compensate");
+        inner.adopt(reopened)?;
+        Ok(true)
     }
 
     /// Deletes every finished saga that has not changed for `older_than`. Returns their ids.
@@ -633,7 +827,7 @@ impl SagaHandle {
             Some(end) => end,
             None => {
                 let history = self.inner.store.history(&self.id)?;
-                match history.last() {
+                match last_state(&history) {
                     Some(last) if last.event.is_final() => last.clone(),
                     Some(_) => return Err(Error::EngineStopped(self.id.clone())),
                     None => return Err(Error::SagaNotFound(self.id.clone())),
@@ -721,11 +915,61 @@ impl<O: DeserializeOwned> TypedHandle<O> {
 }
 
 fn step_names(history: &[RecordedEvent]) -> HashMap<u32, String> {
-    history
-        .iter()
-        .filter_map(|r| match &r.event {
-            Event::StepStarted { step, name, .. } => Some((*step, name.clone())),
-            _ => None,
-        })
-        .collect()
+    history.iter().filter_map(|r| r.event.step_start().map(|(step, name)| (step, name.to_owned()))).collect()
+}
+
+/// The part of a journal a fork reuses: what finished before the fork point, renumbered from
+/// `first_seq`. Unfinished attempts, failures, cancels and compensations are left out, so the
+/// fork runs them live.
+fn fork_prefix(prefix: &[RecordedEvent], first_seq: u64) -> Vec<Event> {
+    use std::collections::HashSet;
+    let mut completed = HashSet::new();
+    let mut resolved = HashSet::new();
+    for recorded in prefix {
+        match &recorded.event {
+            Event::StepCompleted { step, .. } => {
+                completed.insert(*step);
+            }
+            Event::TimerFired { key }
+            | Event::SignalConsumed { key, .. }
+            | Event::SignalWaitTimedOut { key } => {
+                resolved.insert(key.as_str());
+            }
+            _ => {}
+        }
+    }
+    let mut renumbered = HashMap::new();
+    let mut kept = Vec::new();
+    for recorded in prefix {
+        let keep = match &recorded.event {
+            Event::StepStarted { step, .. }
+            | Event::StepStartedAt { step, .. }
+            | Event::StepCompleted { step, .. } => completed.contains(step),
+            Event::TimerStarted { key, .. }
+            | Event::TimerFired { key }
+            | Event::SignalWaitStarted { key, .. }
+            | Event::SignalConsumed { key, .. }
+            | Event::SignalWaitTimedOut { key } => resolved.contains(key.as_str()),
+            Event::SignalReceived { .. } | Event::BranchesStarted { .. } => true,
+            Event::BranchFinished { error, .. } => error.is_none(),
+            _ => false,
+        };
+        if !keep {
+            continue;
+        }
+        let seq = first_seq + kept.len() as u64;
+        let event = match &recorded.event {
+            Event::SignalReceived { .. } => {
+                renumbered.insert(recorded.seq, seq);
+                recorded.event.clone()
+            }
+            Event::SignalConsumed { key, signal } => match renumbered.get(signal) {
+                Some(signal) => Event::SignalConsumed { key: key.clone(), signal: *signal },
+                None => continue,
+            },
+            other => other.clone(),
+        };
+        kept.push(event);
+    }
+    kept
 }

@@ -109,6 +109,14 @@ pub enum Error {
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// A saga cannot be forked as asked.
+    #[error("cannot fork saga `{saga}`: {reason}")]
+    Fork {
+        /// The run to fork.
+        saga: SagaId,
+        /// Why not.
+        reason: String,
+    },
     /// The engine stopped before the awaited saga finished; it resumes on the next start.
     #[error("the engine stopped before saga `{0}` finished; it resumes on the next start")]
     EngineStopped(SagaId),

@@ -99,8 +99,14 @@ impl Timestamp {
 
 /// One entry of a saga's journal.
 ///
-/// Steps are numbered by the order the saga body calls them, from 0; that number with the
-/// saga id is the step's idempotency key. Payloads are serde values encoded by the engine.
+/// Every durable operation of a saga (a step, a timer, a signal wait, a group of branches) has
+/// an **operation key**: its place in the code. Each scope numbers its operations in the order
+/// it calls them, from 0; the top-level scope's keys are `0`, `1`, ...; branch `b` of the group
+/// with key `k` is the scope `k.b.`, whose operations are `k.b.0`, `k.b.1`, ... Keys do not
+/// depend on the order in which concurrent branches happen to run, which is what keeps replay
+/// deterministic. The saga id with the key is the operation's idempotency key. Steps also have
+/// a number, unique in the saga, that the step and compensation events refer to. Payloads are
+/// serde values encoded by the engine.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Event {
@@ -223,11 +229,128 @@ pub enum Event {
         /// The steps whose compensation never ran (the failed one first).
         undone: Vec<u32>,
     },
-    // Timers, signals, parallel branches and child sagas are appended here (see the
-    // compatibility rule at the top of this module).
+    /// A step began whose key is not simply its number: one inside a branch, or one that
+    /// follows other operations (a timer, a signal wait, a group of branches) in its scope.
+    /// `StepStarted` remains the event of a top-level step whose key is its number.
+    StepStartedAt {
+        /// Step number, unique in the saga: what the other step events name.
+        step: u32,
+        /// The operation key: the step's place in the saga's code (see [`Event`] docs).
+        key: String,
+        /// Step name.
+        name: String,
+        /// The encoded step input.
+        input: Vec<u8>,
+        /// Whether the step has a compensation.
+        compensable: bool,
+    },
+    /// A durable timer was set. After a crash it fires at `due`, not at restart plus its length.
+    TimerStarted {
+        /// The operation key.
+        key: String,
+        /// When it fires.
+        due: Timestamp,
+    },
+    /// The timer fired and the saga moved on.
+    TimerFired {
+        /// The operation key.
+        key: String,
+    },
+    /// A signal arrived. It waits in the saga's inbox until a wait with its name takes it, so a
+    /// signal sent before the saga waits for it is not lost.
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// The encoded payload.
+        payload: Vec<u8>,
+    },
+    /// The saga began waiting for a signal.
+    SignalWaitStarted {
+        /// The operation key.
+        key: String,
+        /// The signal's name.
+        name: String,
+        /// When the wait gives up, if it has a timeout.
+        timeout_at: Option<Timestamp>,
+    },
+    /// The wait took the signal journaled at sequence number `signal`.
+    SignalConsumed {
+        /// The operation key.
+        key: String,
+        /// The sequence number of the `SignalReceived` it took.
+        signal: u64,
+    },
+    /// The wait reached its timeout without a signal.
+    SignalWaitTimedOut {
+        /// The operation key.
+        key: String,
+    },
+    /// A group of branches began to run concurrently.
+    BranchesStarted {
+        /// The operation key; branch `i`'s operations have keys under `key.i.`.
+        key: String,
+        /// The group's name.
+        name: String,
+        /// How many branches.
+        count: u32,
+        /// How the group joins: [`JoinMode`].
+        mode: JoinMode,
+    },
+    /// A branch finished. These are journaled in the order the branches finished, which is
+    /// what replay goes by: it decides the group exactly as the first run did.
+    BranchFinished {
+        /// The group's operation key.
+        key: String,
+        /// The branch's index.
+        branch: u32,
+        /// Its error, with whether it was retryable, if it failed.
+        error: Option<(String, bool)>,
+    },
+    /// This run was forked from another: it reuses that run's recorded steps before `step`.
+    ForkedFrom {
+        /// The original run.
+        source: SagaId,
+        /// The first step this run ran live.
+        step: u32,
+    },
+    /// A fork of this run was started. May follow the final event: it links, it changes
+    /// nothing.
+    Forked {
+        /// The new run.
+        fork: SagaId,
+        /// The step the fork runs live from.
+        step: u32,
+    },
+    // Later events are appended here (see the compatibility rule at the top of this module).
+}
+
+/// How a group of branches joins (see [`Event::BranchesStarted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum JoinMode {
+    /// Every branch must succeed; the first failure cancels the others.
+    All,
+    /// The first branch to finish decides; the others are cancelled.
+    First,
 }
 
 impl Event {
+    /// Whether this event only links to another run, after which the saga's state is unchanged
+    /// (it may follow the final event).
+    pub fn is_link(&self) -> bool {
+        matches!(self, Event::Forked { .. })
+    }
+
+    /// The step number and name, if this event starts a step.
+    pub fn step_start(&self) -> Option<(u32, &str)> {
+        match self {
+            Event::StepStarted { step, name, .. } | Event::StepStartedAt { step, name, .. } => {
+                Some((*step, name))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether this event ends the saga.
     pub fn is_final(&self) -> bool {
         matches!(
@@ -369,6 +492,23 @@ mod tests {
             Event::SagaFailed { cause: "c".into() },
             Event::SagaCompensated { cause: "c".into() },
             Event::SagaCompensationFailed { step: 1, error: "e".into(), undone: vec![1, 0] },
+            Event::StepStartedAt {
+                step: 2,
+                key: "1.0.0".into(),
+                name: "s".into(),
+                input: vec![],
+                compensable: false,
+            },
+            Event::TimerStarted { key: "1".into(), due: Timestamp(9) },
+            Event::TimerFired { key: "1".into() },
+            Event::SignalReceived { name: "approve".into(), payload: vec![1] },
+            Event::SignalWaitStarted { key: "2".into(), name: "approve".into(), timeout_at: None },
+            Event::SignalConsumed { key: "2".into(), signal: 4 },
+            Event::SignalWaitTimedOut { key: "2".into() },
+            Event::BranchesStarted { key: "3".into(), name: "g".into(), count: 2, mode: JoinMode::All },
+            Event::BranchFinished { key: "3".into(), branch: 1, error: None },
+            Event::ForkedFrom { source: SagaId::new("a").unwrap(), step: 2 },
+            Event::Forked { fork: SagaId::new("b").unwrap(), step: 2 },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();

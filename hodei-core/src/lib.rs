@@ -48,18 +48,21 @@ mod driver;
 mod engine;
 mod error;
 mod event;
+mod primitives;
 mod replay;
 mod retry;
 mod saga;
 pub mod store;
 mod timeline;
+mod timers;
 
 pub use engine::{
     Engine, EngineBuilder, EngineConfig, EngineEvent, EngineEventKind, Outcome, SagaFilter, SagaHandle,
     ShutdownReport, StepRef, TypedHandle,
 };
 pub use error::{Error, Result, StorageError};
-pub use event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+pub use event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+pub use primitives::Branch;
 pub use retry::{RetryPolicy, StepError};
 pub use saga::{
     Compensate, CompensationContext, IntoCompensation, NoCompensation, Saga, SagaContext, SagaDefinition,

@@ -1,8 +1,8 @@
 //! What a journal says, indexed for replay: per step, per compensation, and the saga's fate.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::event::{Event, RecordedEvent, Timestamp};
+use crate::event::{Event, JoinMode, RecordedEvent, Timestamp};
 
 /// The attempts of a step or a compensation, as journaled.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -45,58 +45,145 @@ pub(crate) struct CompensationHistory {
     pub failed: Option<String>,
 }
 
+/// How a recorded signal wait ended, if it did.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum WaitEnd {
+    /// It took the signal journaled at this sequence number.
+    Consumed(u64),
+    TimedOut,
+}
+
+/// A group of branches as journaled: its shape and its branches in the order they finished.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct GroupHistory {
+    pub name: String,
+    pub count: u32,
+    pub mode: JoinMode,
+    pub finished: Vec<(u32, Option<(String, bool)>)>,
+}
+
+/// What the journal records at one operation key.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RecordedOp {
+    /// A step, by its number.
+    Step(u32),
+    Timer {
+        due: Timestamp,
+        fired: bool,
+    },
+    Wait {
+        name: String,
+        timeout_at: Option<Timestamp>,
+        end: Option<WaitEnd>,
+    },
+    Group(GroupHistory),
+}
+
+impl RecordedOp {
+    /// What the operation is, for nondeterminism reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecordedOp::Step(_) => "a step",
+            RecordedOp::Timer { .. } => "a timer",
+            RecordedOp::Wait { .. } => "a signal wait",
+            RecordedOp::Group(_) => "a group of branches",
+        }
+    }
+}
+
 /// The journal of one saga, indexed.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Replay {
-    pub steps: Vec<StepHistory>,
+    /// Steps by number.
+    pub steps: HashMap<u32, StepHistory>,
+    /// Every operation by key, with its position in journal order (for reports).
+    pub ops: HashMap<String, (usize, RecordedOp)>,
+    /// Operation keys in journal order.
+    pub keys: Vec<String>,
+    /// Signals received, by sequence number: (name, payload).
+    pub signals: BTreeMap<u64, (String, Vec<u8>)>,
     pub compensations: HashMap<u32, CompensationHistory>,
     pub cancel: Option<String>,
     pub body_failed: Option<String>,
     pub finished: Option<RecordedEvent>,
+    /// The first step number no recorded step has.
+    pub next_step: u32,
 }
 
 impl Replay {
-    /// Indexes a journal. An event that names a step the journal never started means the
-    /// journal is inconsistent; the reason is returned so the saga can be parked.
+    /// Indexes a journal. An event that names a step or operation the journal never started
+    /// means the journal is inconsistent; the reason is returned so the saga can be parked.
     pub fn new(history: &[RecordedEvent]) -> Result<Self, String> {
         let mut replay = Replay::default();
         for recorded in history {
-            let unknown =
-                |step: u32| format!("event {} names step {step}, which never started", recorded.seq);
+            let seq = recorded.seq;
+            let unknown = |step: u32| format!("event {seq} names step {step}, which never started");
+            let unknown_op = |key: &str| format!("event {seq} names operation {key}, which never started");
             match &recorded.event {
-                Event::SagaStarted { .. } => {}
+                Event::SagaStarted { .. } | Event::ForkedFrom { .. } | Event::Forked { .. } => {}
                 Event::StepStarted { step, name, input, .. } => {
-                    if *step as usize != replay.steps.len() {
-                        return Err(format!("event {} starts step {step} out of order", recorded.seq));
-                    }
-                    replay.steps.push(StepHistory {
-                        name: name.clone(),
-                        input: input.clone(),
-                        attempts: Attempts { started: 1, retry_at: None },
-                        completed: None,
-                        failed: None,
-                    });
+                    replay.start_step(seq, *step, step.to_string(), name, input)?
                 }
-                Event::StepRetried { step, attempt } => replay
-                    .steps
-                    .get_mut(*step as usize)
-                    .ok_or_else(|| unknown(*step))?
-                    .attempts
-                    .start(*attempt),
-                Event::StepAttemptFailed { step, retry_at, .. } => replay
-                    .steps
-                    .get_mut(*step as usize)
-                    .ok_or_else(|| unknown(*step))?
-                    .attempts
-                    .fail(*retry_at),
+                Event::StepStartedAt { step, key, name, input, .. } => {
+                    replay.start_step(seq, *step, key.clone(), name, input)?
+                }
+                Event::StepRetried { step, attempt } => {
+                    replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.attempts.start(*attempt)
+                }
+                Event::StepAttemptFailed { step, retry_at, .. } => {
+                    replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.attempts.fail(*retry_at)
+                }
                 Event::StepCompleted { step, output } => {
-                    replay.steps.get_mut(*step as usize).ok_or_else(|| unknown(*step))?.completed =
-                        Some(output.clone())
+                    replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.completed = Some(output.clone())
                 }
                 Event::StepFailed { step, error, retryable } => {
-                    replay.steps.get_mut(*step as usize).ok_or_else(|| unknown(*step))?.failed =
+                    replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.failed =
                         Some((error.clone(), *retryable))
                 }
+                Event::TimerStarted { key, due } => {
+                    replay.start_op(seq, key, RecordedOp::Timer { due: *due, fired: false })?
+                }
+                Event::TimerFired { key } => match replay.op_mut(key) {
+                    Some(RecordedOp::Timer { fired, .. }) => *fired = true,
+                    _ => return Err(unknown_op(key)),
+                },
+                Event::SignalReceived { name, payload } => {
+                    replay.signals.insert(seq, (name.clone(), payload.clone()));
+                }
+                Event::SignalWaitStarted { key, name, timeout_at } => replay.start_op(
+                    seq,
+                    key,
+                    RecordedOp::Wait { name: name.clone(), timeout_at: *timeout_at, end: None },
+                )?,
+                Event::SignalConsumed { key, signal } => {
+                    if !replay.signals.contains_key(signal) {
+                        return Err(format!("event {seq} consumes signal {signal}, which never arrived"));
+                    }
+                    match replay.op_mut(key) {
+                        Some(RecordedOp::Wait { end, .. }) => *end = Some(WaitEnd::Consumed(*signal)),
+                        _ => return Err(unknown_op(key)),
+                    }
+                }
+                Event::SignalWaitTimedOut { key } => match replay.op_mut(key) {
+                    Some(RecordedOp::Wait { end, .. }) => *end = Some(WaitEnd::TimedOut),
+                    _ => return Err(unknown_op(key)),
+                },
+                Event::BranchesStarted { key, name, count, mode } => replay.start_op(
+                    seq,
+                    key,
+                    RecordedOp::Group(GroupHistory {
+                        name: name.clone(),
+                        count: *count,
+                        mode: *mode,
+                        finished: Vec::new(),
+                    }),
+                )?,
+                Event::BranchFinished { key, branch, error } => match replay.op_mut(key) {
+                    Some(RecordedOp::Group(group)) if *branch < group.count => {
+                        group.finished.push((*branch, error.clone()))
+                    }
+                    _ => return Err(unknown_op(key)),
+                },
                 Event::BodyFailed { cause } => replay.body_failed = Some(cause.clone()),
                 Event::CancelRequested { reason } => {
                     replay.cancel.get_or_insert_with(|| reason.clone());
@@ -121,6 +208,58 @@ impl Replay {
         }
         Ok(replay)
     }
+
+    fn start_step(
+        &mut self,
+        seq: u64,
+        step: u32,
+        key: String,
+        name: &str,
+        input: &[u8],
+    ) -> Result<(), String> {
+        if self.steps.contains_key(&step) {
+            return Err(format!("event {seq} starts step {step} a second time"));
+        }
+        self.start_op(seq, &key, RecordedOp::Step(step))?;
+        self.steps.insert(
+            step,
+            StepHistory {
+                name: name.to_owned(),
+                input: input.to_vec(),
+                attempts: Attempts { started: 1, retry_at: None },
+                completed: None,
+                failed: None,
+            },
+        );
+        self.next_step = self.next_step.max(step + 1);
+        Ok(())
+    }
+
+    fn start_op(&mut self, seq: u64, key: &str, op: RecordedOp) -> Result<(), String> {
+        if self.ops.contains_key(key) {
+            return Err(format!("event {seq} starts operation {key} a second time"));
+        }
+        self.ops.insert(key.to_owned(), (self.keys.len(), op));
+        self.keys.push(key.to_owned());
+        Ok(())
+    }
+
+    fn op_mut(&mut self, key: &str) -> Option<&mut RecordedOp> {
+        self.ops.get_mut(key).map(|(_, op)| op)
+    }
+
+    /// The recorded operation at `key`, with its position in journal order.
+    pub fn op(&self, key: &str) -> Option<&(usize, RecordedOp)> {
+        self.ops.get(key)
+    }
+
+    /// The signals some recorded wait took: no live wait may take them again.
+    pub fn consumed_signals(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ops.values().filter_map(|(_, op)| match op {
+            RecordedOp::Wait { end: Some(WaitEnd::Consumed(seq)), .. } => Some(*seq),
+            _ => None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -144,23 +283,69 @@ mod tests {
             ),
         ];
         let replay = Replay::new(&history).unwrap();
-        assert_eq!(replay.steps[0].completed, Some(vec![9]));
-        assert_eq!(replay.steps[1].attempts, Attempts { started: 1, retry_at: Some(Timestamp(99)) });
-        assert!(!replay.steps[1].attempts.interrupted());
+        assert_eq!(replay.steps[&0].completed, Some(vec![9]));
+        assert_eq!(replay.steps[&1].attempts, Attempts { started: 1, retry_at: Some(Timestamp(99)) });
+        assert!(!replay.steps[&1].attempts.interrupted());
 
         let mut more = history.to_vec();
         more.push(at(5, Event::StepRetried { step: 1, attempt: 2 }));
         let replay = Replay::new(&more).unwrap();
-        assert_eq!(replay.steps[1].attempts.started, 2);
-        assert!(replay.steps[1].attempts.interrupted(), "attempt 2 started and never reported");
+        assert_eq!(replay.steps[&1].attempts.started, 2);
+        assert!(replay.steps[&1].attempts.interrupted(), "attempt 2 started and never reported");
     }
 
     #[test]
     fn inconsistent_journals_are_reported() {
         let history = [at(0, Event::StepCompleted { step: 3, output: vec![] })];
         assert!(Replay::new(&history).unwrap_err().contains("step 3"));
-        let history =
-            [at(0, Event::StepStarted { step: 1, name: "x".into(), input: vec![], compensable: false })];
-        assert!(Replay::new(&history).unwrap_err().contains("out of order"));
+        let start = Event::StepStarted { step: 1, name: "x".into(), input: vec![], compensable: false };
+        let history = [at(0, start.clone()), at(1, start)];
+        assert!(Replay::new(&history).unwrap_err().contains("second time"));
+        let history = [at(0, Event::TimerFired { key: "4".into() })];
+        assert!(Replay::new(&history).unwrap_err().contains("operation 4"));
+        let history = [
+            at(0, Event::SignalWaitStarted { key: "0".into(), name: "go".into(), timeout_at: None }),
+            at(1, Event::SignalConsumed { key: "0".into(), signal: 7 }),
+        ];
+        assert!(Replay::new(&history).unwrap_err().contains("never arrived"));
+    }
+
+    #[test]
+    fn branches_are_indexed_by_key_in_finishing_order() {
+        let history = [
+            at(
+                0,
+                Event::BranchesStarted { key: "0".into(), name: "g".into(), count: 2, mode: JoinMode::All },
+            ),
+            at(
+                1,
+                Event::StepStartedAt {
+                    step: 0,
+                    key: "0.1.0".into(),
+                    name: "b".into(),
+                    input: vec![],
+                    compensable: true,
+                },
+            ),
+            at(
+                2,
+                Event::StepStartedAt {
+                    step: 1,
+                    key: "0.0.0".into(),
+                    name: "a".into(),
+                    input: vec![],
+                    compensable: true,
+                },
+            ),
+            at(3, Event::StepCompleted { step: 1, output: vec![] }),
+            at(4, Event::BranchFinished { key: "0".into(), branch: 0, error: None }),
+            at(5, Event::StepFailed { step: 0, error: "e".into(), retryable: false }),
+            at(6, Event::BranchFinished { key: "0".into(), branch: 1, error: Some(("e".into(), false)) }),
+        ];
+        let replay = Replay::new(&history).unwrap();
+        assert_eq!(replay.op("0.0.0").map(|o| &o.1), Some(&RecordedOp::Step(1)));
+        let Some((_, RecordedOp::Group(group))) = replay.op("0") else { panic!("no group") };
+        assert_eq!(group.finished, vec![(0, None), (1, Some(("e".into(), false)))]);
+        assert_eq!(replay.next_step, 2);
     }
 }

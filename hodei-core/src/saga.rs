@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec::{decode_payload, encode_payload};
-use crate::driver::{CompensationSpec, RawCompensation, SagaShared, StepSpec};
+use crate::driver::{CompensationSpec, RawCompensation, SagaShared, Scope, StepSpec};
 use crate::error::{Error, Result};
 use crate::event::SagaId;
 use crate::retry::{RetryPolicy, StepError};
@@ -210,6 +210,8 @@ impl SagaRun {
 #[derive(Clone)]
 pub struct SagaContext {
     pub(crate) shared: Arc<SagaShared>,
+    /// Where this context's operations are numbered: the top level, or one branch.
+    pub(crate) scope: Arc<Scope>,
 }
 
 impl fmt::Debug for SagaContext {
@@ -224,8 +226,8 @@ impl SagaContext {
         &self.shared.id
     }
 
-    /// Starts building a step. Steps are numbered in the order the body calls them; the name
-    /// and input of each must match the journal on replay.
+    /// Starts building a step. Operations are numbered in the order the body (or the branch)
+    /// calls them; the name and input of each step must match the journal on replay.
     pub fn step(&self, name: impl Into<String>) -> StepBuilder<'_, (), NoCompensation> {
         StepBuilder {
             ctx: self,
@@ -484,7 +486,7 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
             StepSpec { name: self.name, input, retry: self.retry, timeout: self.timeout, compensation };
         let body = &body;
         let (step, output) = shared
-            .run_step(&spec, move |step_ctx: StepContext, input: &[u8]| {
+            .run_step(&self.ctx.scope, &spec, move |step_ctx: StepContext, input: &[u8]| {
                 let started = decode_payload::<I>(input).map(|input| body(step_ctx, input));
                 async move {
                     let output = started

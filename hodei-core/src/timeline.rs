@@ -21,8 +21,8 @@ impl fmt::Display for Timeline<'_> {
         let start = self.0.first().map_or(0, |r| r.at.0);
         let mut names = HashMap::new();
         for recorded in self.0 {
-            if let Event::StepStarted { step, name, .. } = &recorded.event {
-                names.insert(*step, name.as_str());
+            if let Some((step, name)) = recorded.event.step_start() {
+                names.insert(step, name);
             }
             let name = |step: &u32| names.get(step).map_or_else(|| format!("step {step}"), |n| n.to_string());
             let line = match &recorded.event {
@@ -30,6 +30,31 @@ impl fmt::Display for Timeline<'_> {
                     format!("saga started ({definition} v{version})")
                 }
                 Event::StepStarted { step, .. } => format!("{} started", name(step)),
+                Event::StepStartedAt { step, key, .. } => format!("{} started (at {key})", name(step)),
+                Event::TimerStarted { key, due } => {
+                    format!("timer {key} set for +{} ms", due.0.saturating_sub(start))
+                }
+                Event::TimerFired { key } => format!("timer {key} fired"),
+                Event::SignalReceived { name, .. } => format!("signal `{name}` received"),
+                Event::SignalWaitStarted { name, timeout_at: None, .. } => {
+                    format!("waiting for signal `{name}`")
+                }
+                Event::SignalWaitStarted { name, timeout_at: Some(at), .. } => {
+                    format!("waiting for signal `{name}` until +{} ms", at.0.saturating_sub(start))
+                }
+                Event::SignalConsumed { signal, .. } => format!("took the signal of #{signal}"),
+                Event::SignalWaitTimedOut { key } => format!("wait {key} timed out"),
+                Event::BranchesStarted { name, count, mode, .. } => {
+                    format!("{count} branches of `{name}` started ({mode:?})")
+                }
+                Event::BranchFinished { key, branch, error: None } => {
+                    format!("branch {key}.{branch} finished")
+                }
+                Event::BranchFinished { key, branch, error: Some((error, _)) } => {
+                    format!("branch {key}.{branch} failed: {error}")
+                }
+                Event::ForkedFrom { source, step } => format!("forked from `{source}` at step {step}"),
+                Event::Forked { fork, step } => format!("forked into `{fork}` from step {step}"),
                 Event::StepRetried { step, attempt } => format!("{} attempt {attempt} started", name(step)),
                 Event::StepAttemptFailed { step, attempt, error, .. } => {
                     format!("{} attempt {attempt} failed: {error} (retry due)", name(step))

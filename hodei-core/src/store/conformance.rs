@@ -77,6 +77,18 @@ async fn a_final_record_leaves_the_in_flight_index(store: &dyn EventStore) {
     assert!(!store.in_flight().unwrap().iter().any(|r| r.id == id));
     assert_eq!(store.record(&id).unwrap().map(|r| r.status), Some(SagaStatus::Compensated));
     assert!(store.records().unwrap().iter().any(|r| r.id == id));
+
+    // Reopened (a completed child whose parent compensates): in flight again, then final.
+    record.status = SagaStatus::Compensating;
+    store
+        .append(&id, &[event(2, Event::CancelRequested { reason: "parent".into() })], Some(&record))
+        .unwrap();
+    store.durable().await.unwrap();
+    assert!(store.in_flight().unwrap().iter().any(|r| r.id == id), "a reopened saga is in flight");
+    assert_eq!(store.history(&id).unwrap().len(), 3);
+    record.status = SagaStatus::Compensated;
+    store.append(&id, &[event(3, Event::SagaCompensated { cause: "c".into() })], Some(&record)).unwrap();
+    assert!(!store.in_flight().unwrap().iter().any(|r| r.id == id));
 }
 
 fn remove_deletes_everything(store: &dyn EventStore) {

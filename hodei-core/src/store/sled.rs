@@ -202,7 +202,17 @@ impl EventStore for SledStore {
         }
         let next = match shard.get(id) {
             Some(next) => *next,
-            None => self.read_journal(id)?.len() as u64,
+            None => {
+                if record.is_some_and(|r| !r.status.is_final()) {
+                    // A finished journal reopened (a completed child saga whose parent
+                    // compensates): indexed before its next event, as `create` does, so that
+                    // it is never in flight unindexed.
+                    self.in_flight
+                        .insert(id.as_str().as_bytes(), &[])
+                        .map_err(storage("reopening a saga"))?;
+                }
+                self.read_journal(id)?.len() as u64
+            }
         };
         // Sequence 0 is written by `create` alone.
         if next == 0 {

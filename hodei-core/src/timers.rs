@@ -1,0 +1,159 @@
+//! The engine's due-time index: every durable wait (a timer, a signal wait's timeout, a retry's
+//! backoff) of every saga sits in one ordered map, and one scheduler task sleeps until the
+//! nearest due time. Thousands of sleeping sagas cost one parked task and one map entry each:
+//! nothing polls.
+//!
+//! The index lives in memory. What makes a timer durable is its journaled due time: on
+//! recovery every saga in flight replays, and its wait re-enters the index with the due time
+//! from its journal, so it fires at the original time, not at restart plus its length.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::event::Timestamp;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The due-time index and the wake-up of its scheduler.
+#[derive(Debug, Default)]
+pub(crate) struct Timers {
+    /// (due, arrival number) → who to wake. The arrival number keeps equal due times apart.
+    due: Mutex<Index>,
+    /// Woken when a new entry becomes the nearest one.
+    earlier: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<(Timestamp, u64), oneshot::Sender<()>>,
+    next: u64,
+}
+
+/// Removes a wait's entry when the wait is dropped before it fires (a cancelled saga, a signal
+/// that came first), so the index holds only live waits.
+struct Entry<'a> {
+    timers: &'a Timers,
+    key: (Timestamp, u64),
+}
+
+impl Drop for Entry<'_> {
+    fn drop(&mut self) {
+        lock(&self.timers.due).entries.remove(&self.key);
+    }
+}
+
+impl Timers {
+    /// Starts the scheduler task; it ends when the engine shuts down.
+    pub fn start(shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        let timers = Arc::new(Self::default());
+        tokio::spawn(timers.clone().schedule(shutdown));
+        timers
+    }
+
+    /// Resolves at `due` (wall-clock), or at once if it has passed.
+    pub async fn sleep_until(&self, due: Timestamp) {
+        if due <= Timestamp::now() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let (key, nearest) = {
+            let mut index = lock(&self.due);
+            let key = (due, index.next);
+            index.next += 1;
+            index.entries.insert(key, tx);
+            (key, index.entries.first_key_value().is_some_and(|(first, _)| *first == key))
+        };
+        let _entry = Entry { timers: self, key };
+        if nearest {
+            self.earlier.notify_one();
+        }
+        // An error means the scheduler is gone (the engine shut down): the saga is being
+        // suspended, so the wait simply never ends.
+        if rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// How many waits the index holds.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        lock(&self.due).entries.len()
+    }
+
+    async fn schedule(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let nearest = {
+                let mut index = lock(&self.due);
+                let now = Timestamp::now();
+                while let Some(entry) = index.entries.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    let _ = entry.remove().send(());
+                }
+                index.entries.first_key_value().map(|(key, _)| key.0)
+            };
+            let sleep = async {
+                match nearest {
+                    Some(due) => tokio::time::sleep(due.remaining()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.earlier.notified() => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_fire_in_due_order_and_dropped_waits_leave_the_index() {
+        let (_stop, shutdown) = watch::channel(false);
+        let timers = Timers::start(shutdown);
+        let now = Timestamp::now();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (label, ms) in [("late", 120u64), ("early", 40), ("middle", 80)] {
+            let (timers, tx) = (timers.clone(), tx.clone());
+            tokio::spawn(async move {
+                timers.sleep_until(now.after(Duration::from_millis(ms))).await;
+                let _ = tx.send((label, Timestamp::now()));
+            });
+        }
+        let dropped = {
+            let timers = timers.clone();
+            tokio::spawn(async move { timers.sleep_until(now.after(Duration::from_secs(3600))).await })
+        };
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let (label, at) = rx.recv().await.unwrap();
+            order.push(label);
+            assert!(at >= now, "fired before it was due");
+        }
+        assert_eq!(order, ["early", "middle", "late"]);
+        dropped.abort();
+        let _ = dropped.await;
+        assert_eq!(timers.len(), 0, "an aborted wait must leave the index");
+    }
+
+    #[tokio::test]
+    async fn a_past_due_time_resolves_at_once() {
+        let (_stop, shutdown) = watch::channel(false);
+        let timers = Timers::start(shutdown);
+        let started = Instant::now();
+        timers.sleep_until(Timestamp(0)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(timers.len(), 0);
+    }
+}
