@@ -59,8 +59,8 @@ pub use hodei_providers as providers;
 pub use hodei_core::__private;
 pub use hodei_core::store;
 pub use hodei_core::{
-    CompensationContext, Engine, EngineBuilder, EngineConfig, EngineEvent, EngineEventKind, Error, Event,
-    EventStore, MemoryStore, Outcome, RecordedEvent, RetryPolicy, SagaContext, SagaDefinition, SagaFilter,
-    SagaHandle, SagaId, SagaRecord, SagaRun, SagaStatus, ShutdownReport, StepContext, StepError, StepRef,
-    StepStop, Timeline, Timestamp,
+    Branch, CompensationContext, Engine, EngineBuilder, EngineConfig, EngineEvent, EngineEventKind, Error,
+    Event, EventStore, JoinMode, MemoryStore, Outcome, RecordedEvent, RetryPolicy, SagaContext,
+    SagaDefinition, SagaFilter, SagaHandle, SagaId, SagaRecord, SagaRun, SagaStatus, ShutdownReport,
+    StepContext, StepError, StepRef, StepStop, Timeline, Timestamp,
 };

@@ -274,6 +274,17 @@ impl Control {
         StepSignals { cancel: self.cancel.subscribe(), shutdown: self.shutdown.clone() }
     }
 
+    /// Resolves with the reason once a cancel is requested.
+    async fn cancel_requested(&self) -> String {
+        let mut cancel = self.cancel.subscribe();
+        let reason = cancel.wait_for(Option::is_some).await.ok().and_then(|reason| reason.clone());
+        match reason {
+            Some(reason) => reason,
+            // The sender lives as long as the saga: never, in practice.
+            None => std::future::pending().await,
+        }
+    }
+
     fn shutting_down(&self) -> bool {
         *self.shutdown.borrow()
     }
@@ -419,12 +430,26 @@ where
                 return Attempted::Stopped(Interrupt::Storage(e.to_string()));
             }
             history = Attempts { started: n, retry_at: None };
-            let running = attempt(n);
-            let result = match self.timeout {
-                None => running.await,
-                Some(limit) => tokio::time::timeout(limit, running).await.unwrap_or_else(|_| {
-                    Err(StepError::retryable(format!("{} timed out after {limit:?}", self.what)))
-                }),
+            let running = async {
+                match self.timeout {
+                    None => attempt(n).await,
+                    Some(limit) => tokio::time::timeout(limit, attempt(n)).await.unwrap_or_else(|_| {
+                        Err(StepError::retryable(format!("{} timed out after {limit:?}", self.what)))
+                    }),
+                }
+            };
+            // A running attempt is cut off by a cancel (its body is dropped, which is how a
+            // remote job learns it is cancelled), but not by shutdown: shutdown lets running
+            // steps finish up to its deadline.
+            let result = if self.watch_cancel {
+                tokio::select! {
+                    result = running => result,
+                    reason = self.control.cancel_requested() => {
+                        return Attempted::Stopped(Interrupt::Cancelled(reason));
+                    }
+                }
+            } else {
+                running.await
             };
             match result {
                 Ok(value) => return Attempted::Done(Ok(value)),
@@ -853,16 +878,12 @@ pub(crate) async fn drive(
         max_payload: inner.config.max_payload_bytes,
     });
     let body = (definition.body)(SagaContext { shared: shared.clone(), scope: Scope::root() }, input);
-    // A cancel already in the journal is honoured by the steps, once replay has pushed every
-    // compensation; only a new one may cut the body short.
-    let mut new_cancel = live.control.cancel.subscribe();
-    new_cancel.mark_unchanged();
+    // A cancel never cuts the body short from here: replay must first push the compensation
+    // of every recorded step. Whatever runs live (an attempt, a timer, a wait) watches for the
+    // cancel itself and reports it through the interrupt.
     let ending = tokio::select! {
         biased;
         Ok(why) = interrupt_rx => Ending::Interrupted(why),
-        Ok(reason) = new_cancel.wait_for(Option::is_some) => {
-            Ending::Interrupted(Interrupt::Cancelled(reason.clone().unwrap_or_default()))
-        }
         result = body => Ending::Body(result),
     };
     let replay = &shared.replay;

@@ -740,6 +740,10 @@ impl Engine {
         inner.store.durable().await?;
         tracing::info!(saga.id = %record.id, reason, "reopened to compensate");
         inner.adopt(reopened)?;
+        if let Some(live) = inner.live(&record.id) {
+            // The cancel is journaled already; this keeps `cancel` from journaling it twice.
+            live.control.cancel.send_replace(Some(reason.into()));
+        }
         Ok(true)
     }
 
