@@ -55,6 +55,21 @@ async fn undoable(ctx: &SagaContext, effects: &Effects, name: &str) -> Result<()
         .await
 }
 
+/// Starts a run, waits until it has set `timers` timers, and shuts the engine down: the run is
+/// left asleep in its journal, as a crash would leave it.
+async fn start_then_stop_asleep(engine: &Engine, run: SagaRun, timers: usize) {
+    let mut journal = engine.subscribe();
+    engine.start(run).await.unwrap();
+    let mut set = 0;
+    while set < timers {
+        if let hodei::EngineEventKind::Journaled(r) = journal.recv().await.unwrap().kind {
+            set += matches!(r.event, Event::TimerStarted { .. }) as usize;
+        }
+    }
+    let report = engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(report.in_flight.len(), 1, "{report:?}");
+}
+
 fn events(engine: &Engine, saga: &str) -> Vec<Event> {
     engine.history(&id(saga)).unwrap().into_iter().map(|r| r.event).collect()
 }
@@ -492,15 +507,7 @@ async fn a_saga_whose_branch_structure_changed_is_parked_with_a_clear_error() {
         })
     };
     let engine = engine_with(store.clone(), [with_branches(2)]).await;
-    let mut journal = engine.subscribe();
-    engine.start(SagaRun::new("shape", "shape-1", &()).unwrap()).await.unwrap();
-    let mut timers = 0;
-    while timers < 2 {
-        if let hodei::EngineEventKind::Journaled(r) = journal.recv().await.unwrap().kind {
-            timers += matches!(r.event, Event::TimerStarted { .. }) as usize;
-        }
-    }
-    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    start_then_stop_asleep(&engine, SagaRun::new("shape", "shape-1", &()).unwrap(), 2).await;
 
     let engine = engine_with(store, [with_branches(3)]).await;
     let mut statuses = engine.subscribe();
@@ -513,4 +520,44 @@ async fn a_saga_whose_branch_structure_changed_is_parked_with_a_clear_error() {
         }
     };
     assert!(reason.contains("3 branches") && reason.contains("recorded 2"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_right_after_a_restart_compensates_every_branch_replay_recorded() {
+    let store = Arc::new(MemoryStore::new());
+    let effects = Effects::default();
+    let definition = |effects: &Effects| {
+        let e = effects.clone();
+        saga("parallel-deploy", 1, move |ctx: SagaContext, ()| {
+            let effects = e.clone();
+            async move {
+                let branches = ["eu", "us", "ap"]
+                    .into_iter()
+                    .map(|region| {
+                        let effects = effects.clone();
+                        Branch::new(move |ctx: SagaContext| async move {
+                            undoable(&ctx, &effects, &format!("deploy {region}")).await?;
+                            ctx.sleep(Duration::from_secs(3600)).await;
+                            Ok::<_, StepError>(())
+                        })
+                    })
+                    .collect();
+                ctx.all("regions", branches).await?;
+                Ok::<_, StepError>(())
+            }
+        })
+    };
+    let engine = engine_with(store.clone(), [definition(&effects)]).await;
+    start_then_stop_asleep(&engine, SagaRun::new("parallel-deploy", "pd", &()).unwrap(), 3).await;
+    assert_eq!(effects.take().len(), 3);
+
+    // The cancel lands before the resumed saga has replayed: its branches replay in their own
+    // tasks, and every one of their recorded steps must still be compensated.
+    let engine = engine_with(store, [definition(&effects)]).await;
+    engine.cancel(&id("pd"), "rollout halted").await.unwrap();
+    let outcome = engine.handle(&id("pd")).unwrap().outcome::<()>().await.unwrap();
+    assert!(matches!(outcome, Outcome::Compensated { .. }), "{outcome:?}");
+    let mut undone = effects.take();
+    undone.sort();
+    assert_eq!(undone, ["undo deploy ap", "undo deploy eu", "undo deploy us"]);
 }

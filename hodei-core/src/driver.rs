@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -353,6 +353,11 @@ pub(crate) struct SagaShared {
     next_step: AtomicU32,
     /// Per recorded operation (in journal order): whether the code has reached it again.
     visited: Vec<AtomicBool>,
+    /// How many recorded operations the code has not reached again.
+    unreached: AtomicUsize,
+    /// Set once the code has reached every recorded operation: from then on the compensation
+    /// stack holds every step the journal says started.
+    replayed: watch::Sender<bool>,
     /// The signals taken by some wait, recorded or live.
     consumed: Mutex<HashSet<u64>>,
     stack: Mutex<Vec<Pending>>,
@@ -489,7 +494,11 @@ impl SagaShared {
     /// The operation the journal records at `key`, marked as reached.
     fn recorded(&self, key: &str) -> Option<&RecordedOp> {
         let (position, op) = self.replay.op(key)?;
-        self.visited[*position].store(true, Ordering::Relaxed);
+        if !self.visited[*position].swap(true, Ordering::SeqCst)
+            && self.unreached.fetch_sub(1, Ordering::SeqCst) == 1
+        {
+            self.replayed.send_replace(true);
+        }
         Some(op)
     }
 
@@ -838,6 +847,11 @@ impl SagaShared {
     }
 }
 
+/// How long a cancelled body may go on replaying to push the compensations it recorded. Replay
+/// runs no live code and takes microseconds per operation; this bounds only a journal whose
+/// code no longer reaches it.
+const REPLAY_GRACE: Duration = Duration::from_secs(5);
+
 /// How the body ended.
 enum Ending {
     Body(Result<Vec<u8>, StepError>),
@@ -870,6 +884,8 @@ pub(crate) async fn drive(
         journal: journal.clone(),
         next_step: AtomicU32::new(replay.next_step),
         visited: replay.keys.iter().map(|_| AtomicBool::new(false)).collect(),
+        unreached: AtomicUsize::new(replay.keys.len()),
+        replayed: watch::Sender::new(replay.keys.is_empty()),
         consumed: Mutex::new(replay.consumed_signals().collect()),
         replay,
         stack: Mutex::new(Vec::new()),
@@ -878,14 +894,33 @@ pub(crate) async fn drive(
         max_payload: inner.config.max_payload_bytes,
     });
     let body = (definition.body)(SagaContext { shared: shared.clone(), scope: Scope::root() }, input);
-    // A cancel never cuts the body short from here: replay must first push the compensation
-    // of every recorded step. Whatever runs live (an attempt, a timer, a wait) watches for the
-    // cancel itself and reports it through the interrupt.
+    // A cancel already in the journal is honoured by the operations once replay reaches them;
+    // a new one also cuts off a body blocked elsewhere. Either way the body is dropped only
+    // after replay has pushed the compensation of every recorded step: concurrent branches
+    // replay in their own tasks, and one may see the cancel before another has caught up.
+    let mut body = std::pin::pin!(body);
+    let mut interrupt_rx = interrupt_rx;
+    let mut new_cancel = live.control.cancel.subscribe();
+    new_cancel.mark_unchanged();
     let ending = tokio::select! {
         biased;
-        Ok(why) = interrupt_rx => Ending::Interrupted(why),
-        result = body => Ending::Body(result),
+        Ok(why) = &mut interrupt_rx => Ending::Interrupted(why),
+        Ok(reason) = new_cancel.wait_for(Option::is_some) => {
+            Ending::Interrupted(Interrupt::Cancelled(reason.clone().unwrap_or_default()))
+        }
+        result = &mut body => Ending::Body(result),
     };
+    if matches!(ending, Ending::Interrupted(Interrupt::Cancelled(_))) {
+        let mut replayed = shared.replayed.subscribe();
+        tokio::select! {
+            _ = replayed.wait_for(|done| *done) => {}
+            // Whatever the body does now, it can no longer end the saga: the cancel decides.
+            _ = &mut body => {}
+            () = tokio::time::sleep(REPLAY_GRACE) => {
+                tracing::warn!(unreached = ?shared.unvisited(), "cancelled before replay reached every recorded operation");
+            }
+        }
+    }
     let replay = &shared.replay;
     let unconsumed = || {
         shared.unvisited().map(|(key, kind)| {
@@ -1019,8 +1054,9 @@ async fn finish(inner: &Arc<Inner>, live: &Arc<LiveSaga>, event: Event, status: 
     match live.journal.transition(Some(event), status).await {
         Ok(recorded) => {
             tracing::info!(status = live.journal.record().status.kind(), "saga finished");
-            live.finished.send_replace(recorded.map(Arc::new));
+            // Forgotten first, so that whoever the outcome wakes finds the saga finished.
             inner.forget(&live.journal.id);
+            live.finished.send_replace(recorded.map(Arc::new));
         }
         Err(e) => park(live, unwritable(&e)).await,
     }

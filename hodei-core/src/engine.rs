@@ -548,6 +548,9 @@ impl Engine {
     /// parked or waiting for its version is cancelled when it next runs.
     pub async fn cancel(&self, id: &SagaId, reason: impl Into<String>) -> Result<()> {
         let live = self.live_or_why(id)?;
+        if live.journal.record().status.is_final() {
+            return Err(Error::SagaFinished(id.clone()));
+        }
         if live.control.cancel.borrow().is_some() {
             return Ok(());
         }
