@@ -141,8 +141,8 @@ async fn ci(ctx: SagaContext, pipeline: Pipeline) -> Result<String, StepError> {
 
     let suites = SUITES.iter().map(|s| s.to_string()).collect();
     let (matrix_artifact, matrix_fail) = (artifact.clone(), fail.clone());
-    // The branch's context is named `ctx` like the saga's: `#[saga]` lists a step in `SHAPE`
-    // only when it is called with `&ctx` under the saga context's name.
+    // Each suite's step takes the context of its own branch (this `ctx` shadows the saga's):
+    // that is what journals it under the branch.
     let passed = ctx
         .matrix("tests", suites, PARALLEL_SUITES, move |ctx, suite| {
             let (artifact, fail) = (matrix_artifact.clone(), matrix_fail.clone());
