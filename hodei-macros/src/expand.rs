@@ -126,17 +126,24 @@ pub fn saga(args: TokenStream, item: TokenStream) -> TokenStream {
         errors
             .at(extra.span(), "a #[saga] takes its context and one input; put several values in one struct");
     }
-    let calls = sig.context.as_ref().map(|ctx| step_calls(ctx, &function.block)).unwrap_or_default();
-    let mut seen: Vec<String> = Vec::new();
-    for call in &calls {
-        let text = quote!(#call).to_string();
-        if seen.contains(&text) {
+    let found = sig.context.as_ref().map(|ctx| step_calls(ctx, &function.block)).unwrap_or_default();
+    // A step may appear once per scope: branches run the same step each under its own key, but
+    // two calls in one scope are two steps that would share a name.
+    let mut seen: Vec<(String, usize)> = Vec::new();
+    let mut calls: Vec<&syn::Path> = Vec::new();
+    for call in &found {
+        let path = &call.path;
+        let text = quote!(#path).to_string();
+        if seen.contains(&(text.clone(), call.scope)) {
             errors.at(
-                call.span(),
+                path.span(),
                 format!("step `{text}` is called twice in this saga; steps need distinct names"),
             );
         }
-        seen.push(text);
+        if !seen.iter().any(|(t, _)| *t == text) {
+            calls.push(path);
+        }
+        seen.push((text, call.scope));
     }
     let (Some(context), Some(output), true) = (&sig.context, &sig.output, errors.is_empty()) else {
         let errors = errors.into_compile_errors();
@@ -241,29 +248,107 @@ impl<'a> Item<'a> {
     }
 }
 
-/// The paths of the functions the body calls with `&ctx` first: its step calls, in source
-/// order.
-fn step_calls(context: &syn::PatType, block: &syn::Block) -> Vec<syn::Path> {
+/// A step call found in a saga body: the step's path, and the scope it was called in (0 for
+/// the body itself, then one per branch closure).
+struct StepCall {
+    path: syn::Path,
+    scope: usize,
+}
+
+/// The functions the body calls with a saga context first: its step calls, in source order.
+///
+/// A context is the saga's own parameter, or the first parameter of a branch closure: one
+/// typed `SagaContext`, or one passed to `Branch::new` or as a `matrix` branch. Macro
+/// invocations whose arguments parse as expressions (`vec![...]`, `join!(...)`) are read too.
+fn step_calls(context: &syn::PatType, block: &syn::Block) -> Vec<StepCall> {
     let Pat::Ident(ctx) = &*context.pat else { return Vec::new() };
-    struct Calls<'a> {
-        ctx: &'a syn::Ident,
-        found: Vec<syn::Path>,
+    struct Calls {
+        contexts: Vec<(syn::Ident, usize)>,
+        scopes: usize,
+        found: Vec<StepCall>,
     }
-    impl<'ast> Visit<'ast> for Calls<'_> {
+    fn first_param(closure: &syn::ExprClosure) -> Option<(&syn::Ident, Option<&syn::Type>)> {
+        match closure.inputs.first()? {
+            Pat::Ident(p) => Some((&p.ident, None)),
+            Pat::Type(t) => match &*t.pat {
+                Pat::Ident(p) => Some((&p.ident, Some(&*t.ty))),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    fn is_saga_context(ty: &syn::Type) -> bool {
+        matches!(ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "SagaContext"))
+    }
+    impl Calls {
+        /// Visits a closure; `branch` says it is known to be a branch from the call it is
+        /// passed to, so its first parameter is a context even without a type.
+        fn closure(&mut self, closure: &syn::ExprClosure, branch: bool) {
+            let context = first_param(closure)
+                .filter(|(_, ty)| branch || ty.is_some_and(is_saga_context))
+                .map(|(ident, _)| ident.clone());
+            match context {
+                Some(ident) => {
+                    self.scopes += 1;
+                    self.contexts.push((ident, self.scopes));
+                    syn::visit::visit_expr_closure(self, closure);
+                    self.contexts.pop();
+                }
+                None => syn::visit::visit_expr_closure(self, closure),
+            }
+        }
+        fn branch_args<'a>(&mut self, args: impl IntoIterator<Item = &'a Expr>) {
+            for arg in args {
+                match arg {
+                    Expr::Closure(closure) => self.closure(closure, true),
+                    other => self.visit_expr(other),
+                }
+            }
+        }
+    }
+    impl<'ast> Visit<'ast> for Calls {
         fn visit_expr_call(&mut self, call: &'ast syn::ExprCall) {
             if let (Expr::Path(callee), Some(Expr::Reference(first))) = (&*call.func, call.args.first())
                 && let Expr::Path(arg) = &*first.expr
-                && arg.path.is_ident(self.ctx)
                 && callee.qself.is_none()
+                && let Some((_, scope)) = self.contexts.iter().rev().find(|(c, _)| arg.path.is_ident(c))
             {
-                self.found.push(callee.path.clone());
+                self.found.push(StepCall { path: callee.path.clone(), scope: *scope });
             }
-            syn::visit::visit_expr_call(self, call);
+            let branch_new = matches!(&*call.func, Expr::Path(callee)
+                if callee.path.segments.len() >= 2
+                    && callee.path.segments.iter().rev().nth(1).is_some_and(|s| s.ident == "Branch")
+                    && callee.path.segments.last().is_some_and(|s| s.ident == "new"));
+            if branch_new {
+                self.visit_expr(&call.func);
+                self.branch_args(&call.args);
+            } else {
+                syn::visit::visit_expr_call(self, call);
+            }
         }
-        // Closures and nested items have scopes of their own.
+        fn visit_expr_method_call(&mut self, call: &'ast syn::ExprMethodCall) {
+            if call.method == "matrix" {
+                self.visit_expr(&call.receiver);
+                self.branch_args(&call.args);
+            } else {
+                syn::visit::visit_expr_method_call(self, call);
+            }
+        }
+        fn visit_expr_closure(&mut self, closure: &'ast syn::ExprClosure) {
+            self.closure(closure, false);
+        }
+        fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+            use syn::punctuated::Punctuated;
+            if let Ok(args) = mac.parse_body_with(Punctuated::<Expr, syn::Token![,]>::parse_terminated) {
+                for arg in &args {
+                    self.visit_expr(arg);
+                }
+            }
+        }
+        // Nested items have scopes of their own.
         fn visit_item(&mut self, _: &'ast syn::Item) {}
     }
-    let mut calls = Calls { ctx: &ctx.ident, found: Vec::new() };
+    let mut calls = Calls { contexts: vec![(ctx.ident.clone(), 0)], scopes: 0, found: Vec::new() };
     calls.visit_block(block);
     calls.found
 }
