@@ -224,14 +224,15 @@ impl SagaContext {
                 let task = running.spawn((run.run)(ctx).in_current_span());
                 indices.insert(task.id(), branch);
             }
-            if unreplayed == 0 && frozen.is_empty() {
-                if let Some(decision) = decide(mode, count, &order) {
-                    if staged && !running.is_empty() {
-                        shared.sync().await;
-                    }
-                    running.shutdown().await;
-                    return Ok(Joined { decision, results });
+            if unreplayed == 0
+                && frozen.is_empty()
+                && let Some(decision) = decide(mode, count, &order)
+            {
+                if staged && !running.is_empty() {
+                    shared.sync().await;
                 }
+                running.shutdown().await;
+                return Ok(Joined { decision, results });
             }
             tokio::select! {
                 joined = running.join_next_with_id() => {
