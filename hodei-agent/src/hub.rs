@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::logstore::{LogStore, LogStoreError, LogStream};
+use crate::logstore::{LogStatus, LogStore, LogStoreError, LogStream};
 use crate::pki::{HubPki, PkiError, TlsIdentity, check_peer_worker_id};
 use crate::protocol::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
 use crate::protocol::v1::{
@@ -178,6 +178,12 @@ impl HubConfig {
         self
     }
 }
+
+/// The HTTP/2 flow-control windows of the hub's connections, per stream and per connection
+/// (see [`serve`]).
+const H2_WINDOW: u32 = 2 * crate::agent::MAX_HELD_BYTES as u32;
+/// The largest HTTP/2 frame the hub accepts.
+const H2_MAX_FRAME: u32 = 256 * 1024;
 
 /// One connected worker in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -489,7 +495,14 @@ impl Hub {
             stopped: stopped.clone(),
         };
         let tls = self.pki.mtls_server_config(identity);
-        serve("session", listener, tls, ControlPlaneServer::new(service), (shutdown, stopped))
+        // A batch is at most what Welcome announces, plus its framing; gRPC's 4 MiB default
+        // stays the floor so that other messages keep their room.
+        let max_message = usize::try_from(self.config.log_batch_max_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 * 1024)
+            .max(4 * 1024 * 1024);
+        let server = ControlPlaneServer::new(service).max_decoding_message_size(max_message);
+        serve("session", listener, tls, server, (shutdown, stopped))
     }
 }
 
@@ -563,7 +576,16 @@ fn serve(
     let (connections, incoming) = mpsc::channel::<io::Result<TlsStream<TcpStream>>>(16);
     tokio::spawn(accept(listener, acceptor, connections, stopped.clone()));
     let mut stop = stopped;
-    let task = tokio::spawn(Server::builder().add_service(service).serve_with_incoming_shutdown(
+    // The agent streams logs to the hub: hyper's 1 MiB windows would let it send one batch and
+    // then wait for the hub to read it. With windows above the agent's own limit of
+    // unacknowledged output, flow control never holds it back before that limit does, and the
+    // hub's memory per session stays bounded by them. Frames larger than HTTP/2's 16 KiB
+    // default cut the per-frame work of a batch sixteenfold.
+    let mut server = Server::builder()
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
+        .max_frame_size(H2_MAX_FRAME);
+    let task = tokio::spawn(server.add_service(service).serve_with_incoming_shutdown(
         ReceiverStream::new(incoming),
         async move {
             // An error means the sender is gone, which is a shutdown too.
@@ -730,15 +752,7 @@ impl ControlPlane for SessionService {
                     tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
                     Status::internal("the control plane cannot read its log store")
                 })?;
-                for (stream, wire) in
-                    [(LogStream::Stdout, OutputStream::Stdout), (LogStream::Stderr, OutputStream::Stderr)]
-                {
-                    resume.push(LogAck {
-                        job_id: job.job_id.clone(),
-                        stream: wire.into(),
-                        stored: status.stream(stream).end,
-                    });
-                }
+                resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
             }
         }
         let agent_jobs = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
@@ -761,6 +775,9 @@ impl ControlPlane for SessionService {
             outbound,
             commands: command_rx,
             logs: self.logs.clone(),
+            unsynced: BTreeMap::new(),
+            unsynced_bytes: 0,
+            syncing: None,
             pki: self.pki.clone(),
             metrics: self.metrics.clone(),
             peer: peer.to_vec(),
@@ -781,11 +798,35 @@ struct PendingJob {
     log_error: Option<LogStoreError>,
 }
 
+/// Log bytes a session may have written and not yet seen synced before it stops reading the
+/// agent's stream until the sync in flight returns. Above the agent's own window
+/// ([`crate::agent::MAX_HELD_BYTES`]), so an agent that keeps to it is never held up here; it
+/// bounds what an agent that does not can make the hub write without syncing.
+const MAX_UNSYNCED_BYTES: usize = 4 * crate::agent::MAX_HELD_BYTES;
+
+/// Which streams of a job were written since the last sync started: [stdout, stderr].
+type Unsynced = BTreeMap<String, [bool; 2]>;
+
+/// What a sync returns: each job it covered, the streams to acknowledge, the outcome.
+type SyncOutcome = Vec<(String, [bool; 2], Result<LogStatus, LogStoreError>)>;
+
+/// A session's sync in flight: a task of its own, so that it runs while the session task
+/// writes, and the jobs it covers, to be synced again should the task fail.
+struct Syncing {
+    task: JoinHandle<SyncOutcome>,
+    jobs: Unsynced,
+}
+
 /// One session's state, owned by its task.
 struct SessionTask {
     outbound: mpsc::Sender<Result<HubMessage, Status>>,
     commands: mpsc::Receiver<SessionCommand>,
     logs: Option<Arc<LogStore>>,
+    /// Written, not yet covered by a sync: acknowledged once one covering them returns.
+    unsynced: Unsynced,
+    unsynced_bytes: usize,
+    /// At most one at a time: writes go on while it runs, and the next one covers them all.
+    syncing: Option<Syncing>,
     pki: Arc<HubPki>,
     metrics: Arc<Metrics>,
     /// The agent's certificate (DER), which a rotation request must present.
@@ -826,7 +867,17 @@ impl SessionTask {
                     }
                     continue;
                 }
-                received = tokio::time::timeout(timeout, inbound.message()) => received,
+                synced = in_flight(&mut self.syncing), if self.syncing.is_some() => {
+                    let synced = self.sync_ended(synced);
+                    if self.synced(synced).await.is_break() {
+                        break;
+                    }
+                    self.start_sync();
+                    continue;
+                }
+                // Not while the sync in flight leaves too much written and unsynced.
+                received = tokio::time::timeout(timeout, inbound.message()),
+                    if self.syncing.is_none() || self.unsynced_bytes < MAX_UNSYNCED_BYTES => received,
             };
             let worker = self.guard.worker_id.as_str();
             let kind = match message {
@@ -848,6 +899,15 @@ impl SessionTask {
             if self.message(kind).await.is_break() {
                 break;
             }
+            self.start_sync();
+        }
+        // What was written is made durable and acknowledged as far as the stream still goes,
+        // so that the agent's next session resends less.
+        while self.syncing.is_some() {
+            let ended = in_flight(&mut self.syncing).await;
+            let outcome = self.sync_ended(ended);
+            let _ = self.synced(outcome).await;
+            self.start_sync();
         }
         if !self.jobs.is_empty() {
             tracing::warn!(worker = %self.guard.worker_id, jobs = self.jobs.len(), "session ended with jobs running");
@@ -950,27 +1010,90 @@ impl SessionTask {
         }
     }
 
-    /// Stores a batch and acknowledges what the store made durable. A batch that cannot be
-    /// stored is not acknowledged, so that the agent keeps it (once it can resend).
+    /// Writes a batch; the next sync makes it durable and acknowledges it (group commit: see
+    /// [`SessionTask::start_sync`]). A batch that cannot be stored is not acknowledged, so that
+    /// the agent keeps it (once it can resend).
     async fn log(&mut self, batch: v1::LogBatch) -> Flow {
         let Some(logs) = &self.logs else { return Flow::Continue(()) };
         let Some(stream) = log_stream(batch.stream()) else {
             tracing::warn!(worker = %self.guard.worker_id, job = %batch.job_id, "log batch without a stream ignored");
             return Flow::Continue(());
         };
-        match logs.append(&batch.job_id, stream, batch.offset, &batch.data).await {
-            Ok(ack) => {
-                let ack = LogAck { job_id: batch.job_id, stream: batch.stream, stored: ack.offset };
-                self.send(hub_message::Kind::LogAck(ack)).await
+        let len = batch.data.len();
+        match logs.write(&batch.job_id, stream, batch.offset, batch.data).await {
+            Ok(()) => {
+                self.unsynced.entry(batch.job_id).or_default()[stream_index(stream)] = true;
+                self.unsynced_bytes = self.unsynced_bytes.saturating_add(len);
             }
-            Err(error) => {
-                tracing::warn!(worker = %self.guard.worker_id, job = %batch.job_id, %error, "log batch not stored");
-                if let Some(job) = self.jobs.get_mut(&batch.job_id) {
-                    job.log_error.get_or_insert(error);
+            Err(error) => self.log_failed(&batch.job_id, error),
+        }
+        Flow::Continue(())
+    }
+
+    fn log_failed(&mut self, job_id: &str, error: LogStoreError) {
+        tracing::warn!(worker = %self.guard.worker_id, job = %job_id, %error, "log batch not stored");
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.log_error.get_or_insert(error);
+        }
+    }
+
+    /// Starts syncing every job written to since the last sync started, unless one is in
+    /// flight: that one's end starts the next. So a lone batch is synced at once, and a flood
+    /// of batches costs one fsync per whatever arrived during the previous one, while the
+    /// agent's stream is read on meanwhile.
+    fn start_sync(&mut self) {
+        if self.syncing.is_some() || self.unsynced.is_empty() {
+            return;
+        }
+        let Some(logs) = self.logs.clone() else { return };
+        let jobs = std::mem::take(&mut self.unsynced);
+        self.unsynced_bytes = 0;
+        let covered = jobs.clone();
+        let task = tokio::spawn(async move {
+            let mut outcomes = Vec::with_capacity(covered.len());
+            for (job_id, streams) in covered {
+                let outcome = logs.sync(&job_id).await;
+                outcomes.push((job_id, streams, outcome));
+            }
+            outcomes
+        });
+        self.syncing = Some(Syncing { task, jobs });
+    }
+
+    /// Takes the ended sync out; if its task failed, what it covered is due again.
+    fn sync_ended(&mut self, ended: Result<SyncOutcome, tokio::task::JoinError>) -> SyncOutcome {
+        let jobs = self.syncing.take().map(|syncing| syncing.jobs).unwrap_or_default();
+        ended.unwrap_or_else(|error| {
+            tracing::error!(worker = %self.guard.worker_id, %error, "log sync task failed; syncing again");
+            for (job_id, streams) in jobs {
+                let due = self.unsynced.entry(job_id).or_default();
+                for (due, written) in due.iter_mut().zip(streams) {
+                    *due |= written;
                 }
-                Flow::Continue(())
+            }
+            Vec::new()
+        })
+    }
+
+    /// Acknowledges what a sync made durable.
+    async fn synced(&mut self, outcomes: SyncOutcome) -> Flow {
+        for (job_id, streams, outcome) in outcomes {
+            match outcome {
+                Ok(status) => {
+                    for (stream, written) in LogStream::ALL.into_iter().zip(streams) {
+                        if written && self.acknowledge(&job_id, stream, &status).await.is_break() {
+                            return Flow::Break(());
+                        }
+                    }
+                }
+                Err(error) => self.log_failed(&job_id, error),
             }
         }
+        Flow::Continue(())
+    }
+
+    async fn acknowledge(&self, job_id: &str, stream: LogStream, status: &LogStatus) -> Flow {
+        self.send(hub_message::Kind::LogAck(log_ack(job_id, stream, status))).await
     }
 
     /// Stores the result and closes the job's log, acknowledges the result, then hands it to
@@ -982,10 +1105,24 @@ impl SessionTask {
         let job_id = result.job_id.clone();
         self.agent_jobs.remove(&job_id);
         self.metrics.map().remove(&job_id);
+        // Closing syncs what was written, so the log is durable before the result is stored,
+        // and it is acknowledged before the result, so that the agent can forget the job.
+        self.unsynced.remove(&job_id);
         let stored = match &self.logs {
-            Some(logs) => logs.finish(&job_id, &result.encode_to_vec()).await,
-            None => Ok(()),
+            Some(logs) => match logs.finish(&job_id, &result.encode_to_vec()).await {
+                Ok(()) => logs.status(&job_id).await,
+                Err(error) => Err(error),
+            },
+            None => Ok(LogStatus::default()),
         };
+        if let Ok(status) = &stored {
+            for stream in LogStream::ALL {
+                if self.acknowledge(&job_id, stream, status).await.is_break() {
+                    return Flow::Break(());
+                }
+            }
+        }
+        let stored = stored.map(drop);
         let job = self.jobs.remove(&job_id);
         self.aliases.retain(|_, attached| *attached != job_id);
         if let Err(error) = &stored {
@@ -1073,6 +1210,31 @@ async fn read_result(logs: &LogStore, job_id: &str) -> Result<Option<v1::JobResu
 
 fn unix_ms(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).ok().and_then(|d| i64::try_from(d.as_millis()).ok()).unwrap_or(i64::MAX)
+}
+
+/// The end of the sync in flight, or never.
+async fn in_flight(syncing: &mut Option<Syncing>) -> Result<SyncOutcome, tokio::task::JoinError> {
+    match syncing {
+        Some(syncing) => (&mut syncing.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn stream_index(stream: LogStream) -> usize {
+    match stream {
+        LogStream::Stdout => 0,
+        LogStream::Stderr => 1,
+    }
+}
+
+/// The acknowledgement of `stream` up to where `status` (durable, as the store reports it)
+/// has it: for a session's acks and for `Welcome`'s resume alike.
+fn log_ack(job_id: &str, stream: LogStream, status: &LogStatus) -> LogAck {
+    let wire = match stream {
+        LogStream::Stdout => OutputStream::Stdout,
+        LogStream::Stderr => OutputStream::Stderr,
+    };
+    LogAck { job_id: job_id.to_owned(), stream: wire.into(), stored: status.stream(stream).end }
 }
 
 /// The store's stream for a wire stream; `None` for an unspecified one.

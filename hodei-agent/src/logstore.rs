@@ -25,12 +25,19 @@
 //! # Offsets and durability
 //!
 //! The length of a stream's file *is* its stored offset: there is no index to disagree with
-//! it. An append writes, then `sync_data`s, and only then returns its [`Ack`], so an
-//! acknowledged offset survives a crash of the process or of the machine. Each append that
-//! writes costs one fsync; there is no group commit across appends, because the agent already
-//! batches output (and holds back while unacknowledged) and one job's log has one writer, so
-//! grouping would only add latency to the same number of bytes. Appends that write nothing
-//! (a resend the store already has, output past the cap) do not sync.
+//! it. Only bytes that were `sync_data`ed are acknowledged, so an acknowledged offset survives
+//! a crash of the process or of the machine; readers and followers see only those bytes too.
+//!
+//! Writing and syncing are separate so that one fsync covers many batches (group commit):
+//! [`LogStore::write`] puts a batch in the file and returns before it is durable, and
+//! [`LogStore::sync`] makes everything written to a job's log so far durable and returns the
+//! offsets that may now be acknowledged. The fsync runs outside the job's lock, so writes go on
+//! while it runs and the next sync covers them: the hub keeps one sync in flight per session
+//! and starts the next as soon as it returns, so a flood of output costs one fsync per
+//! however many batches arrived meanwhile, and a lone batch is synced at once.
+//! [`LogStore::append`] is both in one call. [`LogStore::finish`] and [`LogStore::close`] sync
+//! what was written before they record the end. Calls that write nothing (a resend the store
+//! already has, output past the cap) leave nothing to sync.
 //!
 //! # The cap and its marker
 //!
@@ -45,8 +52,8 @@
 //! file records where the stream was cut, and every read that reaches that point gets the
 //! marker appended, on a line of its own, exactly once:
 //! `[hodei: stdout truncated at N bytes; M further bytes dropped]` (with `so far` while the
-//! job is running). The truncation point is made durable before any offset past it is
-//! acknowledged. The dropped count is persisted at the cut and at [`LogStore::close`]; after a
+//! job is running). The bytes below the cut, then the truncation point, are made durable
+//! before any offset past it is acknowledged. The dropped count is persisted at the cut and at [`LogStore::close`]; after a
 //! crash in between, the agent's next offset restores it, because past the cap an offset
 //! beyond the end is not a gap but more dropped output.
 //!
@@ -72,13 +79,17 @@
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
-use std::io::{self, SeekFrom};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as SyncMutex, PoisonError};
 
+/// The shared byte buffers [`LogStore::write`] takes (the `bytes` crate's, as prost decodes
+/// log batches into), re-exported so that callers need no dependency of their own for it.
+pub use prost::bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::fs::{self, File, OpenOptions};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::fs::{self, File};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, MutexGuard, watch};
 
 /// The default per-stream cap: 64 MiB (see the module documentation for why).
@@ -378,7 +389,8 @@ impl LogStore {
         &self.config
     }
 
-    /// Appends a batch of `stream` that starts at stream offset `offset`.
+    /// Appends a batch of `stream` that starts at stream offset `offset`, and makes the
+    /// stream durable: [`LogStore::write`] and a sync of that stream in one call, under one lock.
     ///
     /// Bytes the stream already has are compared and skipped; a batch past the end is a
     /// [`LogStoreError::Gap`] (except past the cap, where the bytes are dropped anyway).
@@ -389,12 +401,94 @@ impl LogStore {
         offset: u64,
         bytes: &[u8],
     ) -> Result<Ack, LogStoreError> {
+        let bytes = Bytes::copy_from_slice(bytes);
         let handle = self.job(job)?;
         let result = async {
             let mut state = handle.lock().await?;
-            let result = self.append_locked(job, &handle, &mut state, stream, offset, bytes).await;
+            let mut result = self.write_locked(job, &handle, &mut state, stream, offset, &bytes).await;
+            if result.is_ok() {
+                result = sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await;
+            }
+            handle.publish(&state);
+            result.map(|()| state.stream_mut(stream).ack())
+        }
+        .await;
+        self.release_if_closed(job, &handle);
+        result
+    }
+
+    /// Writes a batch of `stream` that starts at stream offset `offset`, without making it
+    /// durable: nothing of it is acknowledged, nor seen by readers, before a
+    /// [`LogStore::sync`] (or [`LogStore::append`], [`LogStore::close`]) covers it.
+    ///
+    /// The bytes are written as they are, without a copy. Overlaps and gaps are handled as by
+    /// [`LogStore::append`].
+    pub async fn write(
+        &self,
+        job: &str,
+        stream: LogStream,
+        offset: u64,
+        bytes: Bytes,
+    ) -> Result<(), LogStoreError> {
+        let handle = self.job(job)?;
+        let result = async {
+            let mut state = handle.lock().await?;
+            let result = self.write_locked(job, &handle, &mut state, stream, offset, &bytes).await;
             handle.publish(&state);
             result
+        }
+        .await;
+        self.release_if_closed(job, &handle);
+        result
+    }
+
+    /// Makes everything written to the job's log so far durable, and returns where its streams
+    /// stand: each stream's `end` is the offset that may be acknowledged.
+    ///
+    /// The fsync runs without holding the job's lock, so writes go on meanwhile; they are left
+    /// for the next sync. If an fsync fails, the stream is cut back to what was durable before
+    /// (the kernel may have dropped the pages it failed to write), so that those bytes are
+    /// written again, not trusted.
+    pub async fn sync(&self, job: &str) -> Result<LogStatus, LogStoreError> {
+        let handle = self.job(job)?;
+        let result = async {
+            let mut due = Vec::new();
+            {
+                let mut state = handle.lock().await?;
+                for stream in LogStream::ALL {
+                    let s = state.stream_mut(stream);
+                    if s.synced >= s.stored {
+                        continue;
+                    }
+                    match &s.file {
+                        Some(file) => due.push((stream, Arc::clone(file), s.stored, s.generation)),
+                        // A failed write dropped the writer: reopening reconciles and syncs.
+                        None => sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await?,
+                    }
+                }
+                handle.publish(&state);
+            }
+            for (stream, file, upto, generation) in due {
+                let synced = blocking({
+                    let file = Arc::clone(&file);
+                    move || file.sync_data()
+                })
+                .await;
+                let mut state = handle.lock().await?;
+                let s = state.stream_mut(stream);
+                // A file cut or replaced meanwhile is not what this fsync covered.
+                if s.generation == generation {
+                    match synced {
+                        Ok(()) => s.mark_synced(upto),
+                        Err(error) => {
+                            s.roll_back(&file).await;
+                            return Err(io_error("syncing", &handle.dir.join(stream.file_name()))(error));
+                        }
+                    }
+                }
+                handle.publish(&state);
+            }
+            Ok(handle.lock().await?.status())
         }
         .await;
         self.release_if_closed(job, &handle);
@@ -438,6 +532,10 @@ impl LogStore {
             let mut state = handle.lock().await?;
             // A job without output still gets its directory, so that its end is recorded.
             state.ensure_dir(&handle.dir, &self.logs_dir).await?;
+            // The log is complete before its end or result is recorded.
+            for stream in LogStream::ALL {
+                sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await?;
+            }
             if let Some(result) = result {
                 let mut record = Vec::with_capacity(result.len() + 1);
                 record.push(RESULT_FORMAT);
@@ -547,15 +645,15 @@ impl LogStore {
         Ok((dir, status))
     }
 
-    async fn append_locked(
+    async fn write_locked(
         &self,
         id: &str,
         handle: &Job,
         state: &mut JobState,
         stream: LogStream,
         offset: u64,
-        bytes: &[u8],
-    ) -> Result<Ack, LogStoreError> {
+        bytes: &Bytes,
+    ) -> Result<(), LogStoreError> {
         if state.closed {
             return Err(LogStoreError::Closed { job: id.to_owned() });
         }
@@ -563,23 +661,24 @@ impl LogStore {
             u64::try_from(bytes.len()).ok().and_then(|len| offset.checked_add(len)).ok_or_else(|| {
                 LogStoreError::OffsetOverflow { job: id.to_owned(), stream, offset, len: bytes.len() }
             })?;
-        let mut file = state.open_writer(&handle.dir, &self.logs_dir, stream).await?;
+        let file = state.open_writer(&handle.dir, &self.logs_dir, stream).await?;
         let batch = Batch { job: id, stream, offset, end: batch_end, bytes };
-        let result = self.write_batch(&handle.dir, state, &mut file, &batch).await;
+        let result = self.write_batch(&handle.dir, state, &file, &batch).await;
         let s = state.stream_mut(stream);
         if let Err(LogStoreError::Io { .. }) = &result {
-            // The file may hold part of a write that was not synced: cut it back to what is
-            // stored, and drop the writer so that the next append reconciles with the file
-            // whatever this fails to cut.
+            // The file may hold part of a write: cut it back to what was written before, and
+            // drop the writer so that the next append reconciles with the file whatever this
+            // fails to cut.
             let stored = s.stored;
-            let rolled_back = async {
-                if file.metadata().await?.len() > stored {
-                    file.set_len(stored).await?;
-                    file.sync_data().await?;
+            let rolled_back = blocking(move || {
+                if file.metadata()?.len() > stored {
+                    file.set_len(stored)?;
+                    file.sync_data()?;
                 }
-                Ok::<_, io::Error>(())
-            }
+                Ok(())
+            })
             .await;
+            s.generation += 1;
             if let Err(error) = rolled_back {
                 tracing::warn!(job = id, %stream, %error, "could not cut a failed append back");
             }
@@ -593,9 +692,9 @@ impl LogStore {
         &self,
         dir: &Path,
         state: &mut JobState,
-        file: &mut File,
+        file: &Arc<std::fs::File>,
         batch: &Batch<'_>,
-    ) -> Result<Ack, LogStoreError> {
+    ) -> Result<(), LogStoreError> {
         let record = state.record();
         let path = dir.join(batch.stream.file_name());
         let s = state.stream_mut(batch.stream);
@@ -611,15 +710,26 @@ impl LogStore {
         if s.truncated {
             s.end = s.end.max(batch.end);
         } else if batch.end > s.end {
-            let fresh = batch.slice(s.end, batch.end);
             let room = self.config.max_stream_bytes.saturating_sub(s.stored);
-            let keep = fresh.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            if let Some(kept) = fresh.get(..keep).filter(|k| !k.is_empty()) {
-                write_at(file, s.stored, kept).await.map_err(io_error("writing", &path))?;
-                s.stored += kept.len() as u64;
+            let keep_end = batch.end.min(s.end.saturating_add(room));
+            let kept = batch.range(s.end, keep_end);
+            if !kept.is_empty() {
+                let (file, at, len) = (Arc::clone(file), s.stored, kept.len() as u64);
+                blocking(move || file.write_all_at(&kept, at)).await.map_err(io_error("writing", &path))?;
+                s.stored += len;
                 s.end = s.stored;
             }
-            if keep < fresh.len() {
+            if keep_end < batch.end {
+                // What is kept is durable before the cut is recorded: a crash after the record
+                // must not leave a hole below the cut that the agent is told to skip.
+                let synced = s.stored;
+                blocking({
+                    let file = Arc::clone(file);
+                    move || file.sync_data()
+                })
+                .await
+                .map_err(io_error("syncing", &path))?;
+                s.mark_synced(synced);
                 let cut = Cut { at: s.stored, end: batch.end };
                 write_state(dir, &record.with_cut(batch.stream, Some(cut))).await?;
                 tracing::warn!(
@@ -632,23 +742,53 @@ impl LogStore {
                 s.end = batch.end;
             }
         }
-        s.acked = s.stored;
-        Ok(Ack { offset: s.end, truncated: s.truncated })
+        Ok(())
     }
+}
+
+/// Makes what `stream` has written durable, holding the job's lock: for appends and the close.
+async fn sync_locked(
+    dir: &Path,
+    logs_dir: &Path,
+    state: &mut JobState,
+    stream: LogStream,
+) -> Result<(), LogStoreError> {
+    let s = state.stream_mut(stream);
+    if s.synced >= s.stored {
+        return Ok(());
+    }
+    // Opening a writer syncs the file, so a stream without one is durable once it has one.
+    let reopened = s.file.is_none();
+    let file = state.open_writer(dir, logs_dir, stream).await?;
+    let s = state.stream_mut(stream);
+    if !reopened {
+        let synced = blocking({
+            let file = Arc::clone(&file);
+            move || file.sync_data()
+        })
+        .await;
+        if let Err(error) = synced {
+            s.roll_back(&file).await;
+            return Err(io_error("syncing", &dir.join(stream.file_name()))(error));
+        }
+    }
+    s.mark_synced(s.stored);
+    s.file = Some(file);
+    Ok(())
 }
 
 /// Compares a batch with the stored bytes it overlaps, and cuts a torn tail of zeros that it
 /// contradicts.
 async fn check_overlap(
-    file: &mut File,
+    file: &Arc<std::fs::File>,
     path: &Path,
     s: &mut StreamState,
     batch: &Batch<'_>,
 ) -> Result<(), LogStoreError> {
     // The agent resends from offsets it had acknowledged, so everything below one was synced
-    // by some run of this store.
+    // by some run of this store; a batch that continues the stream starts past what is synced.
     if batch.offset <= s.stored {
-        s.acked = s.acked.max(batch.offset);
+        s.acked = s.acked.max(batch.offset.min(s.synced));
     }
     if batch.offset >= s.stored {
         return Ok(());
@@ -668,31 +808,43 @@ async fn check_overlap(
         return Err(LogStoreError::Mismatch { job: batch.job.to_owned(), stream: batch.stream, offset: at });
     }
     tracing::warn!(job = batch.job, stream = %batch.stream, at, "cutting a torn tail of zeros the resend contradicts");
-    async {
-        file.set_len(at).await?;
-        file.sync_data().await
-    }
+    let cut = Arc::clone(file);
+    blocking(move || {
+        cut.set_len(at)?;
+        cut.sync_data()
+    })
     .await
     .map_err(io_error("cutting", path))?;
+    s.generation += 1;
     s.stored = at;
     s.end = at;
+    s.synced = s.synced.min(at);
     Ok(())
 }
 
-/// One append's arguments.
+/// One write's arguments.
 struct Batch<'a> {
     job: &'a str,
     stream: LogStream,
     offset: u64,
     end: u64,
-    bytes: &'a [u8],
+    bytes: &'a Bytes,
 }
 
 impl Batch<'_> {
+    fn index(&self, at: u64) -> usize {
+        usize::try_from(at.max(self.offset).min(self.end) - self.offset).unwrap_or(0)
+    }
+
     /// The batch's bytes between two stream offsets (clamped to the batch).
     fn slice(&self, from: u64, to: u64) -> &[u8] {
-        let index = |at: u64| usize::try_from(at.max(self.offset).min(self.end) - self.offset).unwrap_or(0);
-        self.bytes.get(index(from)..index(to)).unwrap_or_default()
+        self.bytes.get(self.index(from)..self.index(to)).unwrap_or_default()
+    }
+
+    /// The same as [`Batch::slice`], sharing the batch's buffer instead of borrowing it.
+    fn range(&self, from: u64, to: u64) -> Bytes {
+        let (from, to) = (self.index(from), self.index(to));
+        if from < to { self.bytes.slice(from..to) } else { Bytes::new() }
     }
 }
 
@@ -741,8 +893,10 @@ struct JobState {
 
 #[derive(Debug, Default)]
 struct StreamState {
-    /// The file's length: every byte below is synced.
+    /// The file's length: every byte below is written, not necessarily synced.
     stored: u64,
+    /// Every byte below is synced: what may be acknowledged and read.
+    synced: u64,
     /// `stored`, plus the bytes dropped once truncated.
     end: u64,
     truncated: bool,
@@ -750,8 +904,39 @@ struct StreamState {
     /// disk, or left by a failed write) a resend may replace a torn tail of zeros.
     acked: u64,
     /// The writer, opened at the first append of this run; `None` after a failed write so
-    /// that the next append reconciles with the file.
-    file: Option<File>,
+    /// that the next append reconciles with the file. Shared with syncs in flight.
+    file: Option<Arc<std::fs::File>>,
+    /// Bumped whenever the file is cut or its writer dropped, so that a sync that started
+    /// before does not vouch for what is there now.
+    generation: u64,
+}
+
+impl StreamState {
+    /// What an acknowledgement may carry: the synced bytes, and past the cap the dropped ones
+    /// counted after them (the cut is durable, and nothing is written past it).
+    fn ack(&self) -> Ack {
+        let offset = if self.truncated && self.synced == self.stored { self.end } else { self.synced };
+        Ack { offset, truncated: self.truncated }
+    }
+
+    fn mark_synced(&mut self, upto: u64) {
+        self.synced = self.synced.max(upto.min(self.stored));
+        self.acked = self.acked.max(self.synced);
+    }
+
+    /// After a failed fsync: forgets what was not durable before, and the writer.
+    async fn roll_back(&mut self, file: &Arc<std::fs::File>) {
+        self.generation += 1;
+        self.file = None;
+        let (file, synced) = (Arc::clone(file), self.synced);
+        if let Err(error) = blocking(move || file.set_len(synced)).await {
+            tracing::warn!(%error, "could not cut an unsynced tail back after a failed sync");
+        }
+        self.stored = self.synced;
+        if !self.truncated {
+            self.end = self.stored;
+        }
+    }
 }
 
 impl JobState {
@@ -767,7 +952,10 @@ impl JobState {
                 Err(e) => return Err(io_error("reading the length of", &path)(e)),
             };
             let s = state.stream_mut(stream);
+            // Trusted as in the module documentation: each writer syncs the file it opens
+            // before anything is acknowledged over it.
             s.stored = stored;
+            s.synced = stored;
             s.end = stored;
             if let Some(cut) = record.cut(stream) {
                 if cut.at != stored {
@@ -788,8 +976,10 @@ impl JobState {
         }
     }
 
+    /// What readers see: only synced bytes.
     fn status(&self) -> LogStatus {
-        let view = |s: &StreamState| StreamStatus { end: s.end, stored: s.stored, truncated: s.truncated };
+        let view =
+            |s: &StreamState| StreamStatus { end: s.ack().offset, stored: s.synced, truncated: s.truncated };
         LogStatus { stdout: view(&self.stdout), stderr: view(&self.stderr), closed: self.closed }
     }
 
@@ -816,25 +1006,29 @@ impl JobState {
         dir: &Path,
         logs_dir: &Path,
         stream: LogStream,
-    ) -> Result<File, LogStoreError> {
+    ) -> Result<Arc<std::fs::File>, LogStoreError> {
         if let Some(file) = self.stream_mut(stream).file.take() {
             return Ok(file);
         }
         self.ensure_dir(dir, logs_dir).await?;
         let path = dir.join(stream.file_name());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .await
-            .map_err(io_error("opening", &path))?;
+        let open_path = path.clone();
         // What is in the file may only be in the page cache (the last run died between a
         // write and its sync); it must be on disk before an ack covers it.
-        file.sync_data().await.map_err(io_error("syncing", &path))?;
+        let (file, len) = blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&open_path)?;
+            file.sync_data()?;
+            let len = file.metadata()?.len();
+            Ok((file, len))
+        })
+        .await
+        .map_err(io_error("opening", &path))?;
         sync_dir(dir).await?;
-        let len = file.metadata().await.map_err(io_error("reading the length of", &path))?.len();
         let s = self.stream_mut(stream);
         if len != s.stored {
             tracing::debug!(path = %path.display(), len, stored = s.stored, "log file length reconciled");
@@ -842,7 +1036,9 @@ impl JobState {
             s.end = if s.truncated { s.end.max(len) } else { len };
             s.acked = s.acked.min(len);
         }
-        Ok(file)
+        s.synced = len;
+        s.generation += 1;
+        Ok(Arc::new(file))
     }
 }
 
@@ -850,7 +1046,7 @@ impl JobState {
 #[derive(Debug)]
 struct StreamReader {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<Arc<std::fs::File>>,
 }
 
 impl StreamReader {
@@ -868,7 +1064,11 @@ impl StreamReader {
             let file = match &mut self.file {
                 Some(file) => file,
                 None => {
-                    self.file.insert(File::open(&self.path).await.map_err(io_error("opening", &self.path))?)
+                    let path = self.path.clone();
+                    let file = blocking(move || std::fs::File::open(path))
+                        .await
+                        .map_err(io_error("opening", &self.path))?;
+                    self.file.insert(Arc::new(file))
                 }
             };
             bytes = read_at(file, from, len).await.map_err(io_error("reading", &self.path))?;
@@ -1071,15 +1271,25 @@ async fn lock_dir(logs_dir: PathBuf) -> Result<std::fs::File, LogStoreError> {
     .map_err(|e| io_error("locking", &join_path)(io::Error::other(e)))?
 }
 
-async fn read_at(file: &mut File, at: u64, len: u64) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(len).map_err(io::Error::other)?;
-    let mut buf = vec![0; len];
-    file.seek(SeekFrom::Start(at)).await?;
-    file.read_exact(&mut buf).await?;
-    Ok(buf)
+/// Runs blocking file work off the reactor threads. The `std` file API takes the bytes where
+/// they are (positional reads and writes, no seek); tokio's file would copy every write into a
+/// buffer of its own first.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
-async fn is_zeros(file: &mut File, from: u64, to: u64) -> io::Result<bool> {
+async fn read_at(file: &Arc<std::fs::File>, at: u64, len: u64) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(io::Error::other)?;
+    let file = Arc::clone(file);
+    blocking(move || {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, at)?;
+        Ok(buf)
+    })
+    .await
+}
+
+async fn is_zeros(file: &Arc<std::fs::File>, from: u64, to: u64) -> io::Result<bool> {
     let mut at = from;
     while at < to {
         let piece = (to - at).min(FOLLOW_CHUNK as u64);
@@ -1089,14 +1299,6 @@ async fn is_zeros(file: &mut File, from: u64, to: u64) -> io::Result<bool> {
         at += piece;
     }
     Ok(true)
-}
-
-async fn write_at(file: &mut File, at: u64, bytes: &[u8]) -> io::Result<()> {
-    file.seek(SeekFrom::Start(at)).await?;
-    file.write_all(bytes).await?;
-    // Surfaces the error of tokio's background write before the sync is trusted.
-    file.flush().await?;
-    file.sync_data().await
 }
 
 fn is_plain(byte: u8) -> bool {
@@ -1206,8 +1408,11 @@ mod tests {
 
     #[test]
     fn batch_slices_clamp_to_the_batch() {
-        let batch = Batch { job: "j", stream: LogStream::Stdout, offset: 10, end: 14, bytes: b"abcd" };
+        let bytes = Bytes::from_static(b"abcd");
+        let batch = Batch { job: "j", stream: LogStream::Stdout, offset: 10, end: 14, bytes: &bytes };
         assert_eq!(batch.slice(12, 20), b"cd");
+        assert_eq!(batch.range(12, 20), &b"cd"[..]);
+        assert!(batch.range(14, 20).is_empty());
         assert_eq!(batch.slice(0, 11), b"a");
         assert_eq!(batch.slice(14, 14), b"");
     }

@@ -130,7 +130,7 @@ mod tests {
             job_id: "saga-7/3".into(),
             stream: v1::OutputStream::Stderr as i32,
             offset: 65_536,
-            data: vec![0xFF, 0x00, b'\n'],
+            data: vec![0xFF, 0x00, b'\n'].into(),
         };
         let message = v1::AgentMessage { kind: Some(v1::agent_message::Kind::Log(batch.clone())) };
         let decoded = v1::AgentMessage::decode(message.encode_to_vec().as_slice()).unwrap();

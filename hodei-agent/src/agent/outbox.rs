@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use prost::bytes::Bytes;
 use tokio::sync::{Notify, watch};
 
 use crate::protocol::v1;
@@ -28,15 +29,16 @@ pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
 struct Pending {
     /// Everything below this offset is stored by the hub.
     acked: u64,
-    /// Contiguous chunks from `acked` on, each with its starting offset.
-    chunks: VecDeque<(u64, Vec<u8>)>,
+    /// Contiguous chunks from `acked` on, each with its starting offset. Shared buffers, so
+    /// that the batches sent out of them are views, not copies.
+    chunks: VecDeque<(u64, Bytes)>,
     /// The offset after the last byte produced.
     end: u64,
     held: usize,
 }
 
 impl Pending {
-    fn push(&mut self, offset: u64, data: Vec<u8>) {
+    fn push(&mut self, offset: u64, data: Bytes) {
         // The runner numbers its batches contiguously; anything else is a bug upstream, and
         // keeping the offsets the runner gave keeps the hub's gap check meaningful.
         debug_assert_eq!(offset, self.end, "runner batches are contiguous");
@@ -60,7 +62,8 @@ impl Pending {
             } else {
                 if *offset < stored {
                     let cut = usize::try_from(stored - *offset).unwrap_or(data.len());
-                    data.drain(..cut);
+                    // The view moves on; the buffer is freed once no batch in flight holds it.
+                    *data = data.slice(cut..);
                     self.held -= cut;
                     *offset = stored;
                 }
@@ -70,15 +73,18 @@ impl Pending {
     }
 
     /// The output from `from` on, as batches of at most `max_bytes`.
-    fn unsent(&self, from: u64, max_bytes: usize, out: &mut Vec<(u64, Vec<u8>)>) {
+    fn unsent(&self, from: u64, max_bytes: usize, out: &mut Vec<(u64, Bytes)>) {
+        let max_bytes = max_bytes.max(1);
         for (offset, data) in &self.chunks {
             let chunk_end = *offset + data.len() as u64;
             if chunk_end <= from {
                 continue;
             }
-            let skip = usize::try_from(from.saturating_sub(*offset)).unwrap_or(data.len());
-            for (i, piece) in data[skip..].chunks(max_bytes.max(1)).enumerate() {
-                out.push((offset + (skip + i * max_bytes.max(1)) as u64, piece.to_vec()));
+            let mut at = usize::try_from(from.saturating_sub(*offset)).unwrap_or(data.len());
+            while at < data.len() {
+                let end = data.len().min(at + max_bytes);
+                out.push((offset + at as u64, data.slice(at..end)));
+                at = end;
             }
         }
     }
@@ -149,9 +155,9 @@ impl Outbox {
         &self.job_id
     }
 
-    /// Keeps a batch of the job's output.
+    /// Keeps a batch of the job's output (its buffer, without a copy).
     pub fn push(&self, stream: Stream, offset: u64, data: Vec<u8>) {
-        self.state().stream(stream).push(offset, data);
+        self.state().stream(stream).push(offset, Bytes::from(data));
     }
 
     /// Keeps the newest metrics sample.
@@ -346,7 +352,7 @@ mod tests {
     use super::*;
 
     fn data(out: &Unsent) -> Vec<(u64, Vec<u8>)> {
-        out.logs.iter().map(|b| (b.offset, b.data.clone())).collect()
+        out.logs.iter().map(|b| (b.offset, b.data.to_vec())).collect()
     }
 
     #[test]
@@ -358,7 +364,7 @@ mod tests {
         let mut first = outbox.cursor();
         let sent = outbox.take_unsent(&mut first, 4);
         assert_eq!(sent.accepted.as_ref().map(|a| a.pid), Some(7));
-        let bytes: Vec<u8> = sent.logs.iter().flat_map(|b| b.data.clone()).collect();
+        let bytes: Vec<u8> = sent.logs.iter().flat_map(|b| b.data.to_vec()).collect();
         assert_eq!(bytes, b"hello world");
         assert!(sent.logs.iter().all(|b| b.data.len() <= 4));
         assert!(outbox.take_unsent(&mut first, 4).logs.is_empty(), "nothing twice on one session");

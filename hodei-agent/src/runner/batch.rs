@@ -215,6 +215,11 @@ impl Pump {
             let sent = match event {
                 Event::Read(Ok(0)) => break,
                 Event::Read(Ok(n)) => {
+                    if n == buf.len() {
+                        // A full read means a flood: the batch gets its whole size at once, so
+                        // that it is not copied again each time it would double.
+                        out.data.reserve(out.max_bytes.saturating_sub(out.data.len()) + n);
+                    }
                     self.masker.feed(&buf[..n], &mut out.data);
                     out.held.set(self.masker.pending_len() + out.data.len());
                     out.send_full(self.masker.pending_len()).await
