@@ -1,0 +1,174 @@
+//! The durable primitives of issue 7, each against its baseline in the same run, on sled with
+//! durability on (what they cost is journal writes and fsyncs):
+//!
+//! - **Fan-out/join**: one saga whose body runs `ctx.all` over 1,000 branches of one no-op step
+//!   each, against one saga running the same 1,000 no-op steps one after another. The branches'
+//!   step starts are journaled concurrently and share group commits; the sequence pays one
+//!   durable write per step. Reported: both times and the speed-up.
+//! - **Timer**: one saga of N `ctx.sleep(Duration::ZERO)`, against one saga of N no-op steps.
+//!   A zero sleep is still a journaled timer (`SagaShared::sleep_until`): `TimerStarted` is
+//!   written and flushed before the wait, the wait then finds its due time passed and returns
+//!   without a round trip through the scheduler, and `TimerFired` is staged for the next
+//!   write. So this is the bookkeeping of a durable timer (one durable write and one staged
+//!   event, like a step's start and completion) without any time spent waiting. Reported:
+//!   the cost per operation of each and their ratio.
+//!
+//! Run: `cargo bench --bench primitives`. Knobs: `HODEI_BENCH_SCALE` multiplies the branch
+//! and operation counts (1,000 each), `HODEI_BENCH_ROUNDS` (default 5) sets the rounds, and
+//! `HODEI_BENCH_ONLY=fanout,timer` runs only the named parts. Each round opens a fresh engine
+//! and runs both sides on it, in alternating order from round to round, and its ratio is
+//! taken within the round, so that load from other tenants of the machine hits both sides
+//! alike. The medians of the rounds are reported; the ratios are the headline.
+
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Table, knob, median, scaled, sled_engine, thousands};
+use hodei::{Branch, Engine, Outcome, SagaContext, SagaDefinition, SagaRun, StepError};
+
+fn main() {
+    let rt = common::runtime();
+    rt.block_on(async {
+        println!("## hodei durable primitives (sled, durability on)");
+        let rounds = knob("HODEI_BENCH_ROUNDS", 5).max(1);
+        if common::selected("fanout") {
+            fanout(rounds).await;
+        }
+        if common::selected("timer") {
+            timer(rounds).await;
+        }
+    });
+}
+
+/// The unit of work on both sides of every figure: a step that does nothing, so that what is
+/// measured is the engine's journaling.
+async fn noop_step(ctx: &SagaContext) -> Result<(), StepError> {
+    ctx.step("noop").run(|_, (): ()| async { Ok::<_, StepError>(()) }).await
+}
+
+/// `count` no-op steps as the branches of one `ctx.all`, then the join.
+fn fanout_saga() -> SagaDefinition {
+    SagaDefinition::new("fanout", 1, |ctx: SagaContext, count: usize| async move {
+        let branches =
+            (0..count).map(|_| Branch::new(|ctx: SagaContext| async move { noop_step(&ctx).await }));
+        let joined = ctx.all("fanout", branches.collect()).await?;
+        Ok(joined.len())
+    })
+}
+
+/// The same `count` no-op steps, one after another.
+fn sequence_saga() -> SagaDefinition {
+    SagaDefinition::new("sequence", 1, |ctx: SagaContext, count: usize| async move {
+        for _ in 0..count {
+            noop_step(&ctx).await?;
+        }
+        Ok(count)
+    })
+}
+
+/// `count` durable timers whose due time has already come.
+fn zero_timers_saga() -> SagaDefinition {
+    SagaDefinition::new("zero-timers", 1, |ctx: SagaContext, count: usize| async move {
+        for _ in 0..count {
+            ctx.sleep(Duration::ZERO).await;
+        }
+        Ok(count)
+    })
+}
+
+/// Runs one saga of `definition` over `count` operations to completion and returns its wall
+/// time, from the start call to the outcome. A saga that did not complete all of them is a
+/// failed benchmark, not a figure.
+async fn timed_saga(engine: &Engine, definition: &str, id: String, count: usize) -> Duration {
+    let started = Instant::now();
+    let run = SagaRun::new(definition, id, &count).expect("a valid saga run");
+    let handle = engine.start(run).await.expect("starting a saga");
+    match handle.outcome::<usize>().await.expect("awaiting a saga") {
+        Outcome::Completed(done) if done == count => started.elapsed(),
+        other => panic!("saga {} ended with {other:?}", handle.id()),
+    }
+}
+
+/// Round medians of two sides measured on the same engines, and of their ratio.
+struct Paired {
+    a: f64,
+    b: f64,
+    a_over_b: f64,
+}
+
+impl Paired {
+    /// A table row: the figure's name, each side shown by `show` (of its seconds), and `ratio`.
+    fn row(&self, table: &Table, figure: &str, show: impl Fn(f64) -> String, ratio: String) {
+        table.row(&[figure.into(), show(self.a), show(self.b), ratio]);
+    }
+}
+
+/// `rounds` rounds, each on a fresh sled engine in a temporary directory holding both
+/// definitions: a warm-up saga of each side (so the timed runs find sled's trees and caches
+/// warm), then one timed saga of each, `a` first in even rounds and `b` first in odd ones.
+/// Returns the medians of each side's seconds and of the per-round ratio a / b.
+async fn paired(rounds: usize, definitions: [SagaDefinition; 2], count: usize) -> Paired {
+    let [a_name, b_name] = [definitions[0].name().to_owned(), definitions[1].name().to_owned()];
+    let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        let engine = sled_engine(dir.path(), definitions.clone()).await;
+        let run = async |side: &str, id: String| timed_saga(&engine, side, id, count).await;
+        run(&a_name, format!("warm-a-{round}")).await;
+        run(&b_name, format!("warm-b-{round}")).await;
+        let (ta, tb) = if round % 2 == 0 {
+            let ta = run(&a_name, format!("a-{round}")).await;
+            (ta, run(&b_name, format!("b-{round}")).await)
+        } else {
+            let tb = run(&b_name, format!("b-{round}")).await;
+            (run(&a_name, format!("a-{round}")).await, tb)
+        };
+        engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
+        a.push(ta.as_secs_f64());
+        b.push(tb.as_secs_f64());
+        ratios.push(ta.as_secs_f64() / tb.as_secs_f64());
+    }
+    Paired { a: median(a), b: median(b), a_over_b: median(ratios) }
+}
+
+/// A table of `paired` figures: both sides and their ratio, each the median of the rounds.
+fn paired_table(title: &str, rounds: usize, [a, b, ratio]: [&str; 3]) -> Table {
+    let ratio = format!("{ratio} (median of the rounds' ratios)");
+    Table::new(&format!("{title} (median of {rounds} rounds)"), &["figure", a, b, &ratio])
+}
+
+fn millis(secs: f64) -> String {
+    format!("{:.1} ms", secs * 1e3)
+}
+
+fn micros(secs: f64) -> String {
+    format!("{:.0} µs", secs * 1e6)
+}
+
+async fn fanout(rounds: usize) {
+    let count = scaled(1_000);
+    let figures = paired(rounds, [fanout_saga(), sequence_saga()], count).await;
+    let title = format!(
+        "Fan-out: one saga, {} no-op steps as `ctx.all` branches then the join, against the same steps in sequence",
+        thousands(count as f64)
+    );
+    let table = paired_table(&title, rounds, ["fan-out + join", "sequence", "speed-up (sequence / fan-out)"]);
+    figures.row(&table, "saga wall time", millis, format!("{:.1}x", 1.0 / figures.a_over_b));
+    figures.row(&table, "steps per second", |secs| thousands(count as f64 / secs), String::new());
+}
+
+async fn timer(rounds: usize) {
+    let count = scaled(1_000);
+    let figures = paired(rounds, [zero_timers_saga(), sequence_saga()], count).await;
+    let title = format!(
+        "Timer: one saga of {} `ctx.sleep(Duration::ZERO)` (journaled timers, already due) against one of as many no-op steps",
+        thousands(count as f64)
+    );
+    let table = paired_table(&title, rounds, ["durable timer", "no-op step", "timer / step"]);
+    let per_op = |secs: f64| micros(secs / count as f64);
+    figures.row(&table, "per operation", per_op, format!("{:.2}x", figures.a_over_b));
+    figures.row(&table, "saga wall time", millis, String::new());
+}
