@@ -754,7 +754,8 @@ impl SagaShared {
             Some(other) => return self.mismatch(&key, format!("waits for signal `{name}`"), other).await,
             None => {
                 self.go_live(scope, &what).await;
-                let timeout_at = timeout.map(|limit| Timestamp::now().after(limit));
+                let timeout_at =
+                    timeout.map(|limit| Timestamp::at_or_after(std::time::SystemTime::now() + limit));
                 let started =
                     Event::SignalWaitStarted { key: key.clone(), name: name.to_owned(), timeout_at };
                 self.durably(started).await;

@@ -91,6 +91,13 @@ impl Timestamp {
         Self(self.0.saturating_add(d.as_millis() as u64))
     }
 
+    /// The first millisecond at or after `time`: a wait until it never ends early.
+    pub fn at_or_after(time: SystemTime) -> Self {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let millis = since.as_millis() + u128::from(!since.subsec_nanos().is_multiple_of(1_000_000));
+        Self(u64::try_from(millis).unwrap_or(u64::MAX))
+    }
+
     /// How long from now until this time; zero if it has passed.
     pub fn remaining(self) -> Duration {
         Duration::from_millis(self.0.saturating_sub(Self::now().0))

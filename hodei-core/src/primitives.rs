@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -81,13 +81,17 @@ impl SagaContext {
     /// at the original due time, not at restart plus `duration`. Thousands of sleeping sagas
     /// cost no CPU: one engine-wide scheduler waits for the nearest due time.
     pub async fn sleep(&self, duration: Duration) {
-        self.shared.sleep_until(&self.scope, Timestamp::now().after(duration)).await
+        // Rounded up to the journal's millisecond: a sleep never ends early.
+        let due = match duration.is_zero() {
+            true => Timestamp::now(),
+            false => Timestamp::at_or_after(SystemTime::now() + duration),
+        };
+        self.shared.sleep_until(&self.scope, due).await
     }
 
     /// Sleeps durably until the wall-clock time `at` (at once if it has passed).
     pub async fn sleep_until(&self, at: SystemTime) {
-        let millis = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
-        self.shared.sleep_until(&self.scope, Timestamp(u64::try_from(millis).unwrap_or(u64::MAX))).await
+        self.shared.sleep_until(&self.scope, Timestamp::at_or_after(at)).await
     }
 
     /// Waits for the signal `name` (see [`Engine::signal`]) and returns its payload. A signal

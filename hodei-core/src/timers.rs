@@ -114,7 +114,7 @@ impl Timers {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::{Duration, Instant, UNIX_EPOCH};
 
     use super::*;
 
@@ -145,6 +145,14 @@ mod tests {
         dropped.abort();
         let _ = dropped.await;
         assert_eq!(timers.len(), 0, "an aborted wait must leave the index");
+    }
+
+    #[test]
+    fn due_times_round_up_to_the_next_millisecond() {
+        let base = UNIX_EPOCH + Duration::from_millis(1_000);
+        assert_eq!(Timestamp::at_or_after(base), Timestamp(1_000));
+        assert_eq!(Timestamp::at_or_after(base + Duration::from_nanos(1)), Timestamp(1_001));
+        assert_eq!(Timestamp::at_or_after(base + Duration::from_micros(999)), Timestamp(1_001));
     }
 
     #[tokio::test]
