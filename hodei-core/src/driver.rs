@@ -866,6 +866,7 @@ pub(crate) async fn drive(
     definition: SagaDefinition,
     history: Vec<RecordedEvent>,
 ) {
+    let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
     let journal = live.journal.clone();
     let replay = match Replay::new(&history) {
         Ok(replay) => replay,

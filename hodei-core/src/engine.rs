@@ -212,13 +212,17 @@ impl EngineBuilder {
             shutdown,
             accepting: AtomicBool::new(true),
             drivers: watch::Sender::new(0),
+            recovered: watch::Sender::new(false),
             config: self.config,
         });
         for definition in self.definitions {
             inner.add_definition(definition)?;
         }
         let engine = Engine { inner };
-        engine.recover()?;
+        let recovered = engine.recover();
+        // Also on failure: the drivers already spawned must not wait forever.
+        engine.inner.recovered.send_replace(true);
+        recovered?;
         Ok(engine)
     }
 }
@@ -245,6 +249,9 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     accepting: AtomicBool,
     drivers: watch::Sender<usize>,
+    /// Set once recovery has adopted every saga in flight: drivers wait for it, so that a
+    /// resumed parent finds its resumed children (recovery adopts in id order).
+    pub recovered: watch::Sender<bool>,
     pub config: EngineConfig,
 }
 
@@ -333,6 +340,16 @@ impl Inner {
         let final_event =
             history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
         let live = self.new_live(record.clone(), next, final_event.is_some());
+        let journaled_cancel = history.as_ref().ok().and_then(|h| {
+            h.iter().find_map(|r| match &r.event {
+                Event::CancelRequested { reason } => Some(reason.clone()),
+                _ => None,
+            })
+        });
+        if let Some(reason) = journaled_cancel {
+            // Known to the control too, so that a later cancel is not journaled twice.
+            live.control.cancel.send_replace(Some(reason));
+        }
         lock(&self.live).insert(id.clone(), live.clone());
         let set_status = |status: SagaStatus| -> Result<()> {
             if live.journal.record().status != status {
@@ -743,10 +760,6 @@ impl Engine {
         inner.store.durable().await?;
         tracing::info!(saga.id = %record.id, reason, "reopened to compensate");
         inner.adopt(reopened)?;
-        if let Some(live) = inner.live(&record.id) {
-            // The cancel is journaled already; this keeps `cancel` from journaling it twice.
-            live.control.cancel.send_replace(Some(reason.into()));
-        }
         Ok(true)
     }
 

@@ -21,7 +21,7 @@ use crate::driver::Scope;
 use crate::engine::{Engine, Outcome};
 use crate::error::Error;
 use crate::event::{JoinMode, SagaId, Timestamp};
-use crate::retry::StepError;
+use crate::retry::{RetryPolicy, StepError};
 use crate::saga::{BoxFuture, CompensationContext, Saga, SagaContext, SagaRun};
 
 /// One branch of a group run by [`SagaContext::all`] or [`SagaContext::first`]: an async
@@ -292,9 +292,14 @@ impl SagaContext {
             version: run.version,
             input: run.input.clone(),
         };
+        // Re-attaching to a child is idempotent, so a restart while the child runs (or
+        // compensates) must not use up attempts, as it does for a step that may have killed its
+        // process: only the child's own end decides, and only storage errors are retried.
+        let reattach = RetryPolicy::attempts(u32::MAX).max_backoff(Duration::from_secs(30));
         self.step(format!("child {}", run.definition))
             .input(input)
-            .compensate(move |c: CompensationContext<ChildRun, O>| {
+            .retry(reattach)
+            .compensate_retrying(reattach, move |c: CompensationContext<ChildRun, O>| {
                 let engine = compensating.clone();
                 async move { engine.compensate_child(&c.input.id, &c.saga_id).await }
             })
