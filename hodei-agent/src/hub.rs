@@ -7,8 +7,9 @@
 //! other verifier can be configured by mistake.
 //!
 //! Sessions serve the handshake, heartbeats and jobs: [`Hub::run_job`] assigns a job on a
-//! worker's session, stores its output in the hub's [`LogStore`] (acknowledging each batch
-//! with the offset the store made durable) and resolves with the worker's result. Each session
+//! worker's session, stores its output in the hub's [`LogStore`] (acknowledging batches with
+//! the offsets a sync made durable; one sync covers every batch that arrived while the previous
+//! one ran) and resolves with the worker's result. Each session
 //! task owns its jobs' state; callers reach it through a command channel, so nothing is shared
 //! between sessions but the registry. There is no resume yet: a session that ends fails its
 //! jobs with [`HubError::WorkerLost`], and the caller decides whether to run them again.
@@ -133,8 +134,10 @@ pub struct HubConfig {
     /// intervals, so that one late heartbeat does not cut a worker off.
     pub heartbeat_timeout: Duration,
     /// Largest log batch the agent sends. Default 1 MiB (Woodpecker's size): a flood of output
-    /// then costs the hub one fsync per MiB, not per line or per pipe read, and a batch stays
-    /// well under gRPC's 4 MiB message limit. Quiet jobs are bounded by the delay instead.
+    /// then costs the hub one message, one write and one decode per MiB, not per line or per
+    /// pipe read, and a batch stays well under gRPC's 4 MiB message limit; the fsyncs are
+    /// grouped across batches anyway (see [`LogStore::sync`]), and larger batches measured no
+    /// faster. Quiet jobs are bounded by the delay instead.
     pub log_batch_max_bytes: u64,
     /// Longest the agent holds output before sending it. Default 200 ms, so logs read as live.
     pub log_batch_max_delay: Duration,
@@ -802,7 +805,7 @@ struct PendingJob {
 /// agent's stream until the sync in flight returns. Above the agent's own window
 /// ([`crate::agent::MAX_HELD_BYTES`]), so an agent that keeps to it is never held up here; it
 /// bounds what an agent that does not can make the hub write without syncing.
-const MAX_UNSYNCED_BYTES: usize = 4 * crate::agent::MAX_HELD_BYTES;
+const MAX_UNSYNCED_BYTES: usize = 2 * crate::agent::MAX_HELD_BYTES;
 
 /// Which streams of a job were written since the last sync started: [stdout, stderr].
 type Unsynced = BTreeMap<String, [bool; 2]>;

@@ -20,9 +20,13 @@ use tokio::sync::{Notify, watch};
 use crate::protocol::v1;
 use crate::runner::Stream;
 
-/// The most unacknowledged output one job may hold before it is paused: sixteen of the hub's
-/// default 256 KiB batches, enough to keep a loopback or LAN link busy while acks travel.
-pub const MAX_HELD_BYTES: usize = 4 * 1024 * 1024;
+/// The most unacknowledged output one job may hold before it is paused: 16 MiB, sixteen of the
+/// hub's default 1 MiB batches. The hub acknowledges a batch only once an fsync covers it, and
+/// one fsync of a few MiB takes 10-25 ms on a virtual disk; at a few hundred MB/s the job
+/// produces that many MiB meanwhile, so the window must hold them, or the agent stops sending
+/// during every sync (at 4 MiB it did). It is also the bound on the agent's memory for a job's
+/// output while the hub is slow or away.
+pub const MAX_HELD_BYTES: usize = 16 * 1024 * 1024;
 
 /// One stream's output not yet acknowledged.
 #[derive(Debug, Default)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use prost::bytes::BufMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
@@ -199,7 +200,12 @@ impl Pump {
             held: Held { gauge: Arc::clone(&self.gauge), mine: 0 },
         };
         let max_delay = self.limits.max_delay();
-        let mut buf = vec![0u8; self.limits.read_size()];
+        // Without secrets the output is the input: it is read straight into the batch instead
+        // of into `buf` and copied from there by the masker.
+        let direct = self.masker.max_pattern_len() == 0;
+        let mut buf = vec![0u8; if direct { 0 } else { self.limits.read_size() }];
+        let read_size = self.limits.read_size();
+        let mut flooding = false;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut left_open = false;
@@ -208,19 +214,22 @@ impl Pump {
             // the deadline only ever cuts off a pipe that is open but idle.
             let event = tokio::select! {
                 biased;
-                r = reader.read(&mut buf) => Event::Read(r),
+                r = read_chunk(&mut reader, &mut buf, direct.then_some((&mut out, read_size, flooding))) => {
+                    Event::Read(r)
+                }
                 () = &mut timer, if out.deadline.is_some() => Event::Timer,
                 _ = self.drain_deadline.wait_for(|cut| *cut) => Event::Deadline,
             };
             let sent = match event {
                 Event::Read(Ok(0)) => break,
                 Event::Read(Ok(n)) => {
-                    if n == buf.len() {
-                        // A full read means a flood: the batch gets its whole size at once, so
-                        // that it is not copied again each time it would double.
-                        out.data.reserve(out.max_bytes.saturating_sub(out.data.len()) + n);
+                    flooding = n >= read_size.min(out.max_bytes);
+                    if !direct {
+                        if flooding {
+                            out.reserve_batch(n);
+                        }
+                        self.masker.feed(&buf[..n], &mut out.data);
                     }
-                    self.masker.feed(&buf[..n], &mut out.data);
                     out.held.set(self.masker.pending_len() + out.data.len());
                     out.send_full(self.masker.pending_len()).await
                 }
@@ -270,6 +279,24 @@ impl Pump {
     }
 }
 
+/// Reads the next chunk of output: into `buf` for the masker, or with `direct` (the batch, the
+/// read size, whether the last read was full) straight into the batch, at most up to its size
+/// so that a full batch leaves no remainder to copy out.
+async fn read_chunk<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+    direct: Option<(&mut Outbox, usize, bool)>,
+) -> std::io::Result<usize> {
+    let Some((out, read_size, flooding)) = direct else { return reader.read(buf).await };
+    let room = out.max_bytes.saturating_sub(out.data.len()).clamp(1, read_size);
+    if flooding {
+        out.reserve_batch(room);
+    } else {
+        out.data.reserve(room);
+    }
+    reader.read_buf(&mut (&mut out.data).limit(room)).await
+}
+
 /// The batch being filled, and the stream offset it starts at.
 struct Outbox {
     stream: Stream,
@@ -283,6 +310,12 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Sizes the batch for all of a flood at once (`more` bytes coming now, more after), so
+    /// that it is not copied again each time it would double.
+    fn reserve_batch(&mut self, more: usize) {
+        self.data.reserve(self.max_bytes.saturating_sub(self.data.len()).max(more));
+    }
+
     /// Sends every full batch, leaving the partial remainder.
     async fn send_full(&mut self, pending: usize) -> Result<(), SinkClosed> {
         while self.data.len() >= self.max_bytes {
