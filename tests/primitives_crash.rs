@@ -9,7 +9,8 @@
 //! every attempt that ran was journaled first and ran once, and the finished round has the
 //! reference's outcome and journal shape. Each scenario then checks what its primitive promises.
 //!
-//! Replay a failure with `HODEI_PRIMITIVES_CRASH_SEED=<seed> cargo test --test primitives_crash`.
+//! Replay a failure with `HODEI_PRIMITIVES_CRASH_SEED=<seed> cargo test --no-default-features
+//! --features sled,macros --test primitives_crash`.
 #![cfg(unix)]
 
 mod support;
@@ -44,11 +45,11 @@ const CHILD_DEADLINE: Duration = Duration::from_secs(20);
 /// A round that needs this many runs is not making progress.
 const MAX_RUNS_PER_ROUND: u32 = 60;
 
-const TIMER: Duration = Duration::from_millis(400);
+const TIMER: Duration = Duration::from_secs(1);
 /// How late a timer may fire after its due time, or after the restart that found it due: a
-/// timer restarted from zero would be [`TIMER`] late. The rest is scheduling on a busy machine
-/// (a few ms usually, 170 seen under load).
-const TIMER_SLACK_MS: u64 = 300;
+/// timer restarted from zero would be up to [`TIMER`] late. The rest is scheduling on a busy
+/// machine: a few ms usually, 305 seen with 2 cores shared by several builds.
+const TIMER_SLACK_MS: u64 = 600;
 const CANCEL_TIMER: Duration = Duration::from_secs(60);
 const CANCEL_REASON: &str = "an operator aborts";
 const FANOUT_BRANCHES: u32 = 4;
@@ -137,7 +138,7 @@ fn policy() -> RetryPolicy {
 enum Fails {
     Never,
     Always,
-    /// Until the fork switch of this round (the step's input) is on.
+    /// Until the fork switch of this round is on.
     UnlessFixed(u32),
 }
 
@@ -251,7 +252,10 @@ fn definitions() -> Vec<SagaDefinition> {
                             // of their steps is on the compensation stack, and its own second
                             // step never starts.
                             let mut others = done.subscribe();
-                            let _ = others.wait_for(|n| *n == FANOUT_BRANCHES - 1).await;
+                            others
+                                .wait_for(|n| *n == FANOUT_BRANCHES - 1)
+                                .await
+                                .map_err(|e| StepError::terminal(e.to_string()))?;
                             return tracked(&ctx, &format!("b{b}-s0"), String::new(), Fails::Always).await;
                         }
                         let first = plain(&ctx, &format!("b{b}-s0")).await?;
@@ -574,6 +578,72 @@ fn silent_steps(history: &[RecordedEvent]) -> HashSet<u32> {
         .collect()
 }
 
+/// Held by the parent while a child runs and while it reads a store. The tests of this file run
+/// in parallel in one process: a child spawned by one test is forked with a copy of every file
+/// the process has open, another test's store lock included, and holds that lock until it
+/// execs, which on a busy machine can outlast the store's drop and fail the next opener with
+/// `Locked` (seen). With this, the process never forks while it has a store open.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it changes nothing for the others.
+    ALONE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// [`run_child`] of [`CHILD_TEST`], with no store open in this process.
+fn run_alone(env: &[(&str, String)], kill_after: u64) -> Run {
+    let _alone = alone();
+    run_child(CHILD_TEST, env, kill_after)
+}
+
+/// A store opened by the parent, with no child running (see [`ALONE`]).
+struct ParentStore {
+    // Declared first, dropped first: the store closes before the next child may start.
+    store: SledStore,
+    _alone: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for ParentStore {
+    type Target = SledStore;
+    fn deref(&self) -> &SledStore {
+        &self.store
+    }
+}
+
+/// The store of a child's directory, opened by the parent while no child runs.
+fn open_store(root: &Path, when: &str) -> ParentStore {
+    let alone = alone();
+    let store = SledStore::open(db_dir(root)).unwrap_or_else(|e| {
+        panic!(
+            "open the store {when}: {e}; this process is {}, the processes holding its files: {:?}",
+            std::process::id(),
+            holders(&db_dir(root))
+        )
+    });
+    ParentStore { store, _alone: alone }
+}
+
+/// The processes with a file under `dir` open, from `/proc`: who holds a lock that should be
+/// free.
+fn holders(dir: &Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return vec!["no /proc".into()] };
+    let mut found = Vec::new();
+    for proc in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else { continue };
+        let open: Vec<PathBuf> = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter(|t| t.starts_with(dir))
+            .collect();
+        if !open.is_empty() {
+            let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            found.push(format!("pid {} ({cmdline}): {open:?}", proc.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
 /// The step a fork runs live from (0 for a saga that is not a fork): its journal copies its
 /// source's steps before it.
 fn forked_at(history: &[RecordedEvent]) -> u32 {
@@ -590,7 +660,7 @@ fn forked_at(history: &[RecordedEvent]) -> u32 {
 /// has run so far. None of them may run again.
 fn settled(root: &Path, sagas: &[String]) -> HashMap<Key, usize> {
     let counts = count(&read_effects(root));
-    let store = SledStore::open(db_dir(root)).expect("open the store between runs");
+    let store = open_store(root, "between runs");
     let mut settled = HashMap::new();
     for saga in sagas {
         let history = store.history(&id(saga)).expect("history");
@@ -825,7 +895,7 @@ type Round = BTreeMap<&'static str, SagaReport>;
 
 fn report_round(root: &Path, scenario: &str, round: u32) -> Round {
     let effects = read_effects(root);
-    let store = SledStore::open(db_dir(root)).expect("open the store after the round");
+    let store = open_store(root, "after the round");
     roles(scenario)
         .iter()
         .map(|role| {
@@ -912,7 +982,7 @@ fn exercise(scenario: &str, rounds: u32, max_lines: u64, first_kill: Option<u64>
     let began = Instant::now();
 
     let reference_dir = tempfile::tempdir().expect("temp dir");
-    let run = run_child(CHILD_TEST, &child_env(reference_dir.path(), scenario, 0), u64::MAX);
+    let run = run_alone(&child_env(reference_dir.path(), scenario, 0), u64::MAX);
     assert_eq!(run, Run::Finished, "{scenario}: the reference run");
     let reference = report_round(reference_dir.path(), scenario, 0);
 
@@ -930,7 +1000,7 @@ fn exercise(scenario: &str, rounds: u32, max_lines: u64, first_kill: Option<u64>
                 Some(line) if round == 0 && round_runs == 0 => line,
                 _ => rng.below(max_lines + 1),
             };
-            let run = run_child(CHILD_TEST, &child_env(root, scenario, round), kill_after);
+            let run = run_alone(&child_env(root, scenario, round), kill_after);
             runs += 1;
             round_runs += 1;
             check_settled_did_not_rerun(root, &settled);
@@ -1029,7 +1099,9 @@ fn timer_fires_at_its_original_due_time_across_kills() {
         assert_eq!(report.count(|e| matches!(e, Event::TimerFired { .. })), 1, "{journal}");
         let due = dues[0];
         let set = timestamp_of(report, |e| matches!(e, Event::TimerStarted { .. }));
-        assert!(due.0 >= set.0 + TIMER.as_millis() as u64, "due {due:?} set at {set:?}");
+        // Due a timer length after it was set (its due time is taken just before the write).
+        let length = due.0.abs_diff(set.0 + TIMER.as_millis() as u64);
+        assert!(length <= TIMER_SLACK_MS, "due {due:?}, set at {set:?}; journal:\n{journal}");
         let fired = timestamp_of(report, |e| matches!(e, Event::TimerFired { .. }));
         assert!(
             fired >= due,
@@ -1107,7 +1179,10 @@ fn signal_is_taken_exactly_once_across_kills() {
         assert_eq!(completed, names(&["request", "apply"]), "the payload applied once:\n{journal}");
     }
     let sent = read_lines(&sent_log(exercised.dir.path()));
-    assert_eq!(sent.len(), exercised.rounds.len(), "one signal sent per round: {sent:?}");
+    // At most once each: a kill may land between `signal` returning and this note, and the
+    // journal (one `SignalReceived`, checked above) is what counts.
+    let distinct: HashSet<&String> = sent.iter().collect();
+    assert_eq!(distinct.len(), sent.len(), "a signal was sent again after it was journaled: {sent:?}");
     let kept = exercised.restarted_between(
         "signal",
         |e| matches!(e, Event::SignalReceived { .. }),
@@ -1422,10 +1497,10 @@ fn reproduce(scenario: &str, kills: u32) -> (String, Vec<RecordedEvent>) {
         env.push((RUN_ENV, run.to_string()));
         env.push((LAST_RUN_ENV, last.to_string()));
         let expected = if last { Run::Finished } else { Run::Killed };
-        assert_eq!(run_child(CHILD_TEST, &env, if last { u64::MAX } else { 1 }), expected, "run {run}");
+        assert_eq!(run_alone(&env, if last { u64::MAX } else { 1 }), expected, "run {run}");
     }
     let outcome = std::fs::read_to_string(outcome_file(root, scenario)).expect("the outcome");
-    let history = SledStore::open(db_dir(root)).expect("store").history(&id(scenario)).expect("history");
+    let history = open_store(root, "after the last run").history(&id(scenario)).expect("history");
     (outcome, history)
 }
 
