@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hodei_agent::logstore::{LogFollower, LogStore, LogStoreConfig, LogStoreError, LogStream};
+use hodei_agent::logstore::{Bytes, LogFollower, LogStore, LogStoreConfig, LogStoreError, LogStream};
 
 const OUT: LogStream = LogStream::Stdout;
 const ERR: LogStream = LogStream::Stderr;
@@ -386,6 +386,39 @@ async fn reopening_after_a_drop_continues_at_the_right_offsets() {
         "expected a mismatch: {result:?}"
     );
     assert_eq!(read_all(&store, "saga-7/2", ERR, 64).await, b"first run, stderr; second");
+}
+
+#[tokio::test]
+async fn written_bytes_are_read_and_acknowledged_only_once_a_sync_covers_them() {
+    let (_dir, data, store) = fresh(None).await;
+    let mut follower = store.follow("j", OUT, 0).await.expect("follow");
+    store.write("j", OUT, 0, Bytes::from_static(b"hello ")).await.expect("write");
+    store.write("j", OUT, 6, Bytes::from_static(b"world")).await.expect("write");
+    store.write("j", ERR, 0, Bytes::from_static(b"oops")).await.expect("write");
+    let status = store.status("j").await.expect("status");
+    assert_eq!((status.stdout.end, status.stderr.end), (0, 0), "nothing is durable yet");
+    assert!(store.read("j", OUT, 0, 64).await.expect("read").bytes.is_empty());
+    // The stream goes on from where it was written, not from where it is durable.
+    let result = store.write("j", OUT, 12, Bytes::from_static(b"!")).await;
+    assert!(matches!(result, Err(LogStoreError::Gap { expected: 11, .. })), "expected a gap: {result:?}");
+
+    let status = store.sync("j").await.expect("sync");
+    assert_eq!((status.stdout.end, status.stderr.end), (11, 4));
+    assert_eq!(store.status("j").await.expect("status"), status);
+    let chunk = follower.next().await.expect("a chunk").expect("readable");
+    assert_eq!((chunk.offset, chunk.bytes.as_slice()), (0, &b"hello world"[..]));
+    assert_eq!(read_all(&store, "j", ERR, 64).await, b"oops");
+
+    // A new session resends from the last ack over bytes written and not yet synced: they are
+    // compared, not doubled. Closing syncs what is left.
+    store.write("j", OUT, 11, Bytes::from_static(b"; more")).await.expect("write");
+    store.write("j", OUT, 11, Bytes::from_static(b"; more, again")).await.expect("overlapping write");
+    store.close("j").await.expect("close");
+    assert_eq!(store.status("j").await.expect("status").stdout.end, 24);
+    drop(follower);
+    drop(store);
+    let store = open(&data, None).await;
+    assert_eq!(read_all(&store, "j", OUT, 5).await, b"hello world; more, again");
 }
 
 /// The state of a store that crashed after acknowledging `acked` and then part-wrote `tail`.
