@@ -1376,7 +1376,7 @@ fn fork_runs_live_from_its_step_across_kills() {
     assert!(during > 0, "no kill landed while a fork ran");
 }
 
-// ---- Reproductions of hodei-core bugs the crash tests above found ----
+// ---- Regression tests for the hodei-core bugs the crash tests above found ----
 //
 // Deterministic: the child process waits until the journal shows the attempt a restart is to
 // cut off, then offers the parent its only kill point. Bodies held at [`GATE`] wait until the
@@ -1509,20 +1509,20 @@ fn reproduce(scenario: &str, kills: u32) -> (String, Vec<RecordedEvent>) {
     (outcome, history)
 }
 
-/// CORE BUG REPRODUCTION (fails until hodei-core is fixed): a parent's child-saga step counted
-/// every restart while its child ran as one of its attempts, under the default policy of 3 that
-/// `ctx.child` gives no way to change. After three restarts the parent failed ("interrupted by
-/// a restart in attempt 3, its last") and compensated, though its child is durable and
-/// completes: without the restarts it ends `Completed(7)`.
+/// Regression test for a hodei-core bug these tests found (fixed in 43d1832): a parent's
+/// child-saga step counted every restart while its child ran as one of its attempts, under the
+/// default policy of 3 that `ctx.child` gave no way to change. After three restarts the parent
+/// failed ("interrupted by a restart in attempt 3, its last") and compensated, though its child
+/// is durable and completes: without the restarts it ends `Completed(7)`.
 #[test]
 fn child_step_outlives_restarts_while_its_child_runs() {
     let (outcome, history) = reproduce("restart-child-run", 3);
     assert_eq!(outcome, "Completed(7)", "journal:\n{}", format_journal(&history));
 }
 
-/// CORE BUG REPRODUCTION (fails until hodei-core is fixed): the same for the compensation of a
-/// child-saga step: each restart while the child compensated used up one of the 3 default
-/// attempts of the parent's `compensate_child`, and after three the parent ended
+/// Regression test for a hodei-core bug these tests found (fixed in 43d1832): the same for the
+/// compensation of a child-saga step: each restart while the child compensated used up one of
+/// the 3 default attempts of the parent's `compensate_child`, and after three the parent ended
 /// `CompensationFailed` (the crash test above also saw it so after two, when the restarted
 /// parent asked for its child before recovery had resumed it and got "the engine stopped before
 /// saga ... finished"). Without restarts: `Compensated`.
@@ -1532,8 +1532,8 @@ fn child_compensation_outlives_restarts() {
     assert_eq!(outcome, "Compensated { cause: \"refused\" }", "journal:\n{}", format_journal(&history));
 }
 
-/// CORE BUG REPRODUCTION (fails until hodei-core is fixed): a saga resumed after a restart
-/// forgot the cancel its journal holds (its control's cancel started empty), so
+/// Regression test for a hodei-core bug these tests found (fixed in 43d1832): a saga resumed
+/// after a restart forgot the cancel its journal holds (its control's cancel started empty), so
 /// `Engine::cancel` on it journaled a second `CancelRequested`. The child-saga crash test saw
 /// one more per restart during a child's compensation, since the parent's `compensate_child`
 /// cancels the child again.
