@@ -11,9 +11,6 @@
 #![cfg(unix)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +20,10 @@ use hodei::{
     SagaDefinition, SagaId, SagaRun, SagaStatus, SledStore, StepContext, StepError,
 };
 use serde::{Deserialize, Serialize};
-use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child, wait_for_parent};
+use support::crash::{
+    DONE, EFFECT, Key, Kind, READY, Run, XorShift, append_line, check_attempts, check_not_rerun, count,
+    format_journal, read_lines, run_child, wait_for_parent,
+};
 
 mod support;
 
@@ -84,8 +84,7 @@ fn policy() -> RetryPolicy {
 /// not interleave), then tells the parent on stdout. The order matters: a line the parent has
 /// counted on stdout is always in the file already.
 fn record_effect(log: &Path, effect: &str) -> std::io::Result<()> {
-    let mut file = OpenOptions::new().create(true).append(true).open(log)?;
-    file.write_all(format!("{effect}\n").as_bytes())?;
+    append_line(log, effect)?;
     println!("{EFFECT} {effect}");
     wait_for_parent();
     Ok(())
@@ -176,12 +175,6 @@ async fn crash_child_entry_point() {
     println!("{DONE} {round}");
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Kind {
-    Step,
-    Comp,
-}
-
 /// One line of the effect log.
 #[derive(Clone, Debug)]
 struct Effect {
@@ -193,16 +186,15 @@ struct Effect {
     output: Option<u64>,
 }
 
-type Key = (Kind, String, u32);
+impl Effect {
+    fn key(&self) -> Key {
+        (self.kind, self.saga.clone(), self.step)
+    }
+}
 
 fn read_effects(root: &Path) -> Vec<Effect> {
-    let text = match std::fs::read_to_string(effect_log(root)) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => panic!("reading the effect log: {e}"),
-    };
-    assert!(text.is_empty() || text.ends_with('\n'), "torn effect line: {:?}", text.lines().last());
-    text.lines()
+    read_lines(&effect_log(root))
+        .iter()
         .map(|line| parse_effect(line).unwrap_or_else(|| panic!("malformed effect line {line:?}")))
         .collect()
 }
@@ -226,19 +218,8 @@ fn parse_effect(line: &str) -> Option<Effect> {
     })
 }
 
-fn count(effects: &[Effect]) -> HashMap<Key, usize> {
-    let mut counts = HashMap::new();
-    for e in effects {
-        *counts.entry((e.kind, e.saga.clone(), e.step)).or_default() += 1;
-    }
-    counts
-}
-
-fn format_journal(history: &[RecordedEvent]) -> String {
-    history.iter().fold(String::new(), |mut out, r| {
-        let _ = writeln!(out, "  {:>3} {:?}", r.seq, r.event);
-        out
-    })
+fn count_effects(effects: &[Effect]) -> HashMap<Key, usize> {
+    count(effects.iter().map(Effect::key))
 }
 
 fn journal_of(root: &Path, saga: &str) -> String {
@@ -249,7 +230,7 @@ fn journal_of(root: &Path, saga: &str) -> String {
 /// The steps and compensations of one round whose end the journal records, with how often each
 /// has run so far. None of them may run again.
 fn settled(root: &Path, round: u32) -> HashMap<Key, usize> {
-    let counts = count(&read_effects(root));
+    let counts = count_effects(&read_effects(root));
     let store = SledStore::open(db_dir(root)).expect("open the store between runs");
     let mut settled = HashMap::new();
     for index in 0..SAGAS_PER_ROUND {
@@ -276,29 +257,13 @@ fn settled(root: &Path, round: u32) -> HashMap<Key, usize> {
 }
 
 fn check_settled_did_not_rerun(root: &Path, settled: &HashMap<Key, usize>) {
-    let counts = count(&read_effects(root));
-    for (key, before) in settled {
-        let now = counts.get(key).copied().unwrap_or(0);
-        assert_eq!(
-            now,
-            *before,
-            "{key:?} ran again after its end was recorded; journal:\n{}",
-            journal_of(root, &key.1)
-        );
-    }
+    check_not_rerun(&count_effects(&read_effects(root)), settled, |saga| journal_of(root, saga));
 }
 
-/// The attempts of one step or compensation that ran, in file order, against those the journal
-/// started. An attempt is journaled before it runs, so none may run twice, none may run
-/// unjournaled, and the recorded end belongs to the last one journaled, which must have run.
-fn check_attempts(what: &str, ran: &[u32], journaled: &[u32], history: &str) {
+/// See [`check_attempts`]; here every saga has finished, so each checked thing must have run.
+fn check_finished_attempts(what: &str, ran: &[u32], journaled: &[u32], history: &str) {
     assert!(!ran.is_empty(), "{what} never ran; journal:\n{history}");
-    assert!(ran.windows(2).all(|w| w[0] < w[1]), "{what} ran attempts {ran:?}; journal:\n{history}");
-    assert!(
-        ran.iter().all(|a| journaled.contains(a)),
-        "{what} ran attempts {ran:?}, journaled {journaled:?}; journal:\n{history}"
-    );
-    assert_eq!(ran.last(), journaled.iter().max(), "{what}: last attempt; journal:\n{history}");
+    check_attempts(what, ran, journaled, true, history);
 }
 
 /// Checks one finished saga against its plan, its journal and the effect lines it left.
@@ -343,7 +308,7 @@ fn check_saga(saga: &str, plan: Plan, status: &SagaStatus, history: &[RecordedEv
         effects.iter().filter(|e| e.kind == kind && e.step == step).map(|e| e.attempt).collect()
     };
     for (step, journaled) in &step_attempts {
-        check_attempts(&format!("{saga} step {step}"), &ran(Kind::Step, *step), journaled, &journal);
+        check_finished_attempts(&format!("{saga} step {step}"), &ran(Kind::Step, *step), journaled, &journal);
     }
     let comps: Vec<&&Effect> = effects.iter().filter(|e| e.kind == Kind::Comp).collect();
     if plan.fail_at.is_none() {
@@ -354,7 +319,12 @@ fn check_saga(saga: &str, plan: Plan, status: &SagaStatus, history: &[RecordedEv
     let started: Vec<u32> = step_attempts.keys().rev().copied().collect();
     assert_eq!(compensated, started, "{saga}: compensations recorded out of order; journal:\n{journal}");
     for (step, journaled) in &comp_attempts {
-        check_attempts(&format!("{saga} compensation {step}"), &ran(Kind::Comp, *step), journaled, &journal);
+        check_finished_attempts(
+            &format!("{saga} compensation {step}"),
+            &ran(Kind::Comp, *step),
+            journaled,
+            &journal,
+        );
     }
     assert_eq!(
         comp_attempts.keys().copied().collect::<Vec<_>>(),
@@ -430,7 +400,7 @@ fn sagas_survive_repeated_sigkill() {
     }
     // Lines beyond one per step or compensation are attempts a kill cut off before their end
     // was recorded: without them the kills would never have landed where it matters.
-    let reruns = effects.len() - count(&effects).len();
+    let reruns = effects.len() - count_effects(&effects).len();
     println!(
         "{kills} kills, {runs} child runs, {round} rounds, {} sagas, {} effects ({reruns} re-runs) in {:.1?}",
         finished_rounds.len(),

@@ -21,8 +21,6 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +31,10 @@ use hodei::{
     SagaContext, SagaDefinition, SagaId, SagaRun, SagaStatus, SledStore, StepContext, StepError, Timestamp,
 };
 use serde::{Deserialize, Serialize};
-use support::crash::{DONE, EFFECT, READY, Run, XorShift, run_child, wait_for_parent};
+use support::crash::{
+    DONE, EFFECT, Key, Kind, READY, Run, XorShift, append_line, check_attempts, check_not_rerun, count,
+    format_journal, read_lines, run_child, wait_for_parent,
+};
 use tokio::sync::{broadcast, watch};
 
 /// Set in the child only: the directory holding its database and its side files.
@@ -100,22 +101,6 @@ fn saga_id(role: &str, round: u32) -> String {
 
 fn id(saga: &str) -> SagaId {
     SagaId::new(saga).expect("saga id")
-}
-
-fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
-    // One write with O_APPEND: lines of concurrent steps do not interleave.
-    OpenOptions::new().create(true).append(true).open(path)?.write_all(format!("{line}\n").as_bytes())
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            assert!(text.is_empty() || text.ends_with('\n'), "torn line in {}", path.display());
-            text.lines().map(str::to_owned).collect()
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => panic!("reading {}: {e}", path.display()),
-    }
 }
 
 /// Appends a side effect, then reports it to the parent, which may kill the process here. The
@@ -506,12 +491,6 @@ async fn primitives_crash_child() {
 
 // ---- The parent side ----
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Kind {
-    Step,
-    Comp,
-}
-
 /// One line of the effect log.
 #[derive(Clone, Debug)]
 struct Effect {
@@ -546,21 +525,8 @@ fn read_effects(root: &Path) -> Vec<Effect> {
         .collect()
 }
 
-type Key = (Kind, String, u32);
-
-fn count(effects: &[Effect]) -> HashMap<Key, usize> {
-    let mut counts = HashMap::new();
-    for e in effects {
-        *counts.entry((e.kind, e.saga.clone(), e.step)).or_default() += 1;
-    }
-    counts
-}
-
-fn format_journal(history: &[RecordedEvent]) -> String {
-    history.iter().fold(String::new(), |mut out, r| {
-        let _ = writeln!(out, "  {:>3} {:>13} {:?}", r.seq, r.at.0, r.event);
-        out
-    })
+fn count_effects(effects: &[Effect]) -> HashMap<Key, usize> {
+    count(effects.iter().map(|e| (e.kind, e.saga.clone(), e.step)))
 }
 
 fn step_names(history: &[RecordedEvent]) -> HashMap<u32, String> {
@@ -664,7 +630,7 @@ fn forked_at(history: &[RecordedEvent]) -> u32 {
 /// The steps and compensations whose end the journals of `sagas` record, with how often each
 /// has run so far. None of them may run again.
 fn settled(root: &Path, sagas: &[String]) -> HashMap<Key, usize> {
-    let counts = count(&read_effects(root));
+    let counts = count_effects(&read_effects(root));
     let store = open_store(root, "between runs");
     let mut settled = HashMap::new();
     for saga in sagas {
@@ -695,11 +661,10 @@ fn settled(root: &Path, sagas: &[String]) -> HashMap<Key, usize> {
 }
 
 fn check_settled_did_not_rerun(root: &Path, settled: &HashMap<Key, usize>) {
-    let counts = count(&read_effects(root));
-    for (key, before) in settled {
-        let now = counts.get(key).copied().unwrap_or(0);
-        assert_eq!(now, *before, "{key:?} ran again after its end was recorded");
-    }
+    check_not_rerun(&count_effects(&read_effects(root)), settled, |saga| {
+        let store = open_store(root, "reading a journal");
+        format_journal(&store.history(&id(saga)).unwrap_or_default())
+    });
 }
 
 /// What one saga of a finished round left.
@@ -804,20 +769,6 @@ fn shape(report: &SagaReport) -> Vec<String> {
         .collect();
     shape.sort();
     shape
-}
-
-/// The attempts of one step or compensation that ran, in file order, against those the journal
-/// started: journaled before it runs, none may run twice or unjournaled, and the recorded end
-/// belongs to the last one journaled.
-fn check_attempts(what: &str, ran: &[u32], journaled: &[u32], finished: bool, journal: &str) {
-    assert!(ran.windows(2).all(|w| w[0] < w[1]), "{what} ran attempts {ran:?}; journal:\n{journal}");
-    assert!(
-        ran.iter().all(|a| journaled.contains(a)),
-        "{what} ran attempts {ran:?}, journaled {journaled:?}; journal:\n{journal}"
-    );
-    if finished {
-        assert_eq!(ran.last(), journaled.iter().max(), "{what}: last attempt; journal:\n{journal}");
-    }
 }
 
 /// What every primitive promises of a finished saga, whatever the kills did.
@@ -1046,7 +997,7 @@ fn exercise(scenario: &str, rounds: u32, max_lines: u64, first_kill: Option<u64>
         let lines = effects.iter().filter(|e| e.saga == report.saga).count();
         assert_eq!(lines, report.effects.len(), "{} ran after its round", report.saga);
     }
-    let reruns = effects.len() - count(&effects).len();
+    let reruns = effects.len() - count_effects(&effects).len();
     println!(
         "{scenario}: {kills} kills in {runs} child runs over {rounds} rounds, {} effects ({reruns} re-run attempts) in {:.1?}",
         effects.len(),

@@ -5,9 +5,15 @@
 //! and [`DONE`] when it has finished its work. The lines are matched with `contains`, because
 //! libtest prints `test <name> ...` without a newline right before the test's own output.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+use hodei::RecordedEvent;
 
 pub const READY: &str = "hodei-crash: ready";
 pub const EFFECT: &str = "hodei-crash: effect";
@@ -87,5 +93,82 @@ impl XorShift {
         x ^= x << 17;
         self.0 = x;
         x % bound
+    }
+}
+
+/// What an effect line reports: a step body or a compensation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Step,
+    Comp,
+}
+
+/// An effect's identity: what ran, in which saga, for which step.
+pub type Key = (Kind, String, u32);
+
+/// How often each key ran.
+pub fn count(keys: impl IntoIterator<Item = Key>) -> HashMap<Key, usize> {
+    let mut counts = HashMap::new();
+    for key in keys {
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+/// Appends one line with a single O_APPEND write, so that lines of concurrent steps never
+/// interleave.
+pub fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    OpenOptions::new().create(true).append(true).open(path)?.write_all(format!("{line}\n").as_bytes())
+}
+
+/// The lines of a file written by [`append_line`]; none if it does not exist. A torn last line
+/// fails the test: an effect must be written whole before it is reported.
+pub fn read_lines(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            assert!(text.is_empty() || text.ends_with('\n'), "torn line in {}", path.display());
+            text.lines().map(str::to_owned).collect()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("reading {}: {e}", path.display()),
+    }
+}
+
+/// A journal, one event a line with its time, for failure messages.
+pub fn format_journal(history: &[RecordedEvent]) -> String {
+    history.iter().fold(String::new(), |mut out, r| {
+        let _ = writeln!(out, "  {:>3} {:>13} {:?}", r.seq, r.at.0, r.event);
+        out
+    })
+}
+
+/// Nothing whose end a journal recorded (`settled`, with how often it had run then) ran again.
+pub fn check_not_rerun(
+    counts: &HashMap<Key, usize>,
+    settled: &HashMap<Key, usize>,
+    journal: impl Fn(&str) -> String,
+) {
+    for (key, before) in settled {
+        let now = counts.get(key).copied().unwrap_or(0);
+        assert_eq!(
+            now,
+            *before,
+            "{key:?} ran again after its end was recorded; journal:\n{}",
+            journal(&key.1)
+        );
+    }
+}
+
+/// The attempts of one step or compensation that ran, in file order, against those the journal
+/// started. An attempt is journaled before it runs, so none may run twice or unjournaled; once
+/// the thing has `finished`, its recorded end belongs to the last attempt journaled, which ran.
+pub fn check_attempts(what: &str, ran: &[u32], journaled: &[u32], finished: bool, journal: &str) {
+    assert!(ran.windows(2).all(|w| w[0] < w[1]), "{what} ran attempts {ran:?}; journal:\n{journal}");
+    assert!(
+        ran.iter().all(|a| journaled.contains(a)),
+        "{what} ran attempts {ran:?}, journaled {journaled:?}; journal:\n{journal}"
+    );
+    if finished {
+        assert_eq!(ran.last(), journaled.iter().max(), "{what}: last attempt; journal:\n{journal}");
     }
 }
