@@ -906,11 +906,16 @@ impl SessionTask {
         }
         // What was written is made durable and acknowledged as far as the stream still goes,
         // so that the agent's next session resends less.
-        while self.syncing.is_some() {
+        // The sync in flight, then one for what it left; no more, so that a store that keeps
+        // failing cannot hold the session's end up.
+        for _ in 0..2 {
+            self.start_sync();
+            if self.syncing.is_none() {
+                break;
+            }
             let ended = in_flight(&mut self.syncing).await;
             let outcome = self.sync_ended(ended);
             let _ = self.synced(outcome).await;
-            self.start_sync();
         }
         if !self.jobs.is_empty() {
             tracing::warn!(worker = %self.guard.worker_id, jobs = self.jobs.len(), "session ended with jobs running");
