@@ -35,10 +35,12 @@ async fn drain(mut reader: impl AsyncRead + Unpin) -> usize {
     }
 }
 
-/// Streams `bytes` over one TLS connection on loopback as fast as it goes: the client writes
-/// 64 KiB at a time, the server reads to the end. Returns the time from connecting to the last
-/// byte read.
-pub async fn tls_stream(server: Arc<ServerConfig>, client: Arc<ClientConfig>, bytes: usize) -> Duration {
+/// A TLS connection on loopback with the given configurations: the client's end, and the
+/// server's task, which reads to the end and returns how many bytes came and when the last did.
+async fn tls_connection(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, tokio::task::JoinHandle<(usize, Instant)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a loopback port");
     let addr = listener.local_addr().expect("the bound address");
     let acceptor = TlsAcceptor::from(server);
@@ -48,9 +50,29 @@ pub async fn tls_stream(server: Arc<ServerConfig>, client: Arc<ClientConfig>, by
         let received = drain(tls).await;
         (received, Instant::now())
     });
-    let started = Instant::now();
     let tcp = TcpStream::connect(addr).await.expect("connecting");
-    let mut tls = TlsConnector::from(client).connect(loopback_name(), tcp).await.expect("the handshake");
+    let tls = TlsConnector::from(client).connect(loopback_name(), tcp).await.expect("the handshake");
+    (tls, receiver)
+}
+
+/// Closes the client's end and waits for the server to have read `bytes`; returns when it had.
+async fn finish(
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    receiver: tokio::task::JoinHandle<(usize, Instant)>,
+    bytes: usize,
+) -> Instant {
+    tls.shutdown().await.expect("closing the stream");
+    let (received, finished) = within("the raw TLS stream", receiver).await.expect("the receiving task");
+    assert_eq!(received, bytes, "the raw stream must deliver every byte");
+    finished
+}
+
+/// Streams `bytes` over one TLS connection on loopback as fast as it goes: the client writes
+/// 64 KiB at a time, the server reads to the end. Returns the time from connecting to the last
+/// byte read.
+pub async fn tls_stream(server: Arc<ServerConfig>, client: Arc<ClientConfig>, bytes: usize) -> Duration {
+    let started = Instant::now();
+    let (mut tls, receiver) = tls_connection(server, client).await;
     let chunk = vec![0u8; CHUNK];
     let mut left = bytes;
     while left > 0 {
@@ -58,10 +80,35 @@ pub async fn tls_stream(server: Arc<ServerConfig>, client: Arc<ClientConfig>, by
         tls.write_all(&chunk[..n]).await.expect("writing");
         left -= n;
     }
-    tls.shutdown().await.expect("closing the stream");
-    let (received, finished) = within("the raw TLS stream", receiver).await.expect("the receiving task");
-    assert_eq!(received, bytes, "the raw stream must deliver every byte");
-    finished - started
+    finish(tls, receiver, bytes).await - started
+}
+
+/// The job's stdout copied straight into one raw TLS stream, 64 KiB at a time: the least any
+/// agent must do to move a job's output to another process over TLS on the same two cores,
+/// with none of hodei's runner, protocol or storage. Returns the time and the bytes moved.
+pub async fn job_over_tls(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    command: &[&str],
+) -> (Duration, usize) {
+    let started = Instant::now();
+    let (mut tls, receiver) = tls_connection(server, client).await;
+    let mut child = spawn_piped(command);
+    let mut stdout = child.stdout.take().expect("a piped stdout");
+    let mut buf = vec![0u8; CHUNK];
+    let mut moved = 0;
+    loop {
+        match stdout.read(&mut buf).await.expect("reading the job's stdout") {
+            0 => break,
+            n => {
+                tls.write_all(&buf[..n]).await.expect("writing");
+                moved += n;
+            }
+        }
+    }
+    let status = child.wait().await.expect("reaping the command");
+    assert!(status.success(), "{command:?} ended with {status}");
+    (finish(tls, receiver, moved).await - started, moved)
 }
 
 /// One TCP connect and TLS handshake with `client` to `addr`, complete on the client's side.
@@ -78,7 +125,17 @@ pub async fn handshake(addr: SocketAddr, client: Arc<ClientConfig>) -> Duration 
 /// job costs with no runner, agent or hub around it. Returns the time and the bytes read.
 pub async fn pipe_read(command: &[&str]) -> (Duration, usize) {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(command[0])
+    let mut child = spawn_piped(command);
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let read = drain(stdout).await;
+    let status = child.wait().await.expect("reaping the command");
+    assert!(status.success(), "{command:?} ended with {status}");
+    (started.elapsed(), read)
+}
+
+/// Spawns `command` with only its stdout piped.
+fn spawn_piped(command: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(command[0])
         .args(&command[1..])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -86,12 +143,7 @@ pub async fn pipe_read(command: &[&str]) -> (Duration, usize) {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawning the command");
-    let stdout = child.stdout.take().expect("a piped stdout");
-    let read = drain(stdout).await;
-    let status = child.wait().await.expect("reaping the command");
-    assert!(status.success(), "{command:?} ended with {status}");
-    (started.elapsed(), read)
+        .expect("spawning the command")
 }
 
 /// Nanoseconds since the epoch, as `date +%s%N` prints them.
