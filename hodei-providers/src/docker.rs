@@ -529,6 +529,11 @@ impl Provider for DockerProvider {
         })
     }
 
+    /// On the engine's own wait API: no polling.
+    async fn exited(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        self.wait_exit(worker_id).await
+    }
+
     async fn output(&self, worker_id: &str) -> Result<String, ProviderError> {
         let docker = self.client().await?;
         let tail = self.config.log_tail_lines.to_string();

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use hodei_agent::agent::{self, BackoffPolicy, Command, Settings};
 use hodei_agent::pki::validate_worker_id;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::provider::{Provider, ProviderError, WorkerInfo, WorkerSpec, WorkerState};
@@ -97,8 +97,62 @@ struct LocalWorker {
 
 #[derive(Debug)]
 enum Running {
-    Task { stop: Option<oneshot::Sender<()>>, task: JoinHandle<()> },
-    Child { child: tokio::process::Child, pid: u32 },
+    Task {
+        stop: Option<oneshot::Sender<()>>,
+        task: JoinHandle<()>,
+    },
+    /// A child process, owned by its waiter task ([`wait_child`]); dropping `commands` drops
+    /// the process handle there.
+    Child {
+        pid: u32,
+        commands: mpsc::Sender<ChildCommand>,
+    },
+}
+
+/// What the waiter of a child-process worker is asked to do. The waiter owns the process handle
+/// and is the only one to reap it, so while it runs a command the child is not reaped and its
+/// pid cannot have been reused.
+#[derive(Debug)]
+enum ChildCommand {
+    /// SIGTERM, unless it has exited.
+    Terminate(oneshot::Sender<()>),
+    /// SIGKILL.
+    Kill(oneshot::Sender<io::Result<()>>),
+}
+
+/// Waits for a child-process worker to exit and reports how (the provider's exit event), and
+/// signals it when asked. Ends when the child exits, or when the provider is dropped: dropping
+/// the handle then kills the child if `kill_on_drop` says so, and leaves it running otherwise.
+async fn wait_child(
+    mut child: tokio::process::Child,
+    pid: u32,
+    mut commands: mpsc::Receiver<ChildCommand>,
+    report: watch::Sender<Option<WorkerState>>,
+) {
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let state = match status {
+                    Ok(status) => exit_state(status),
+                    Err(e) => WorkerState::Exited { code: None, reason: Some(format!("waiting for it failed: {e}")) },
+                };
+                report.send_replace(Some(state));
+                return;
+            }
+            command = commands.recv() => match command {
+                Some(ChildCommand::Terminate(done)) => {
+                    if matches!(child.try_wait(), Ok(None)) {
+                        signal(pid, "TERM").await;
+                    }
+                    let _ = done.send(());
+                }
+                Some(ChildCommand::Kill(done)) => {
+                    let _ = done.send(child.start_kill());
+                }
+                None => return,
+            }
+        }
+    }
 }
 
 impl LocalProvider {
@@ -206,7 +260,7 @@ impl LocalProvider {
         Ok(self.root.join(worker_id))
     }
 
-    /// Starts the agent; for in-process agents, also how its task ended, once it has.
+    /// Starts the agent; also how it ended, once it has.
     async fn start(
         &self,
         spec: &WorkerSpec,
@@ -276,8 +330,9 @@ impl LocalProvider {
                     }
                 })?;
                 let pid = child.id().ok_or_else(|| self.error("the agent exited at once"))?;
-                drop(report);
-                Running::Child { child, pid }
+                let (commands, received) = mpsc::channel(4);
+                tokio::spawn(wait_child(child, pid, received, report));
+                Running::Child { pid, commands }
             }
         };
         Ok((running, ended))
@@ -358,13 +413,18 @@ impl Provider for LocalProvider {
             Running::Task { task, .. } if task.is_finished() => {
                 WorkerState::Exited { code: None, reason: Some("the agent's task ended".to_owned()) }
             }
-            Running::Task { .. } => WorkerState::Running,
-            Running::Child { child, .. } => match child.try_wait() {
-                Ok(None) => WorkerState::Running,
-                Ok(Some(status)) => exit_state(status),
-                Err(e) => return Err(self.error(format!("waiting for worker `{worker_id}`: {e}"))),
-            },
+            Running::Task { .. } | Running::Child { .. } => WorkerState::Running,
         })
+    }
+
+    /// On the worker's own end: the child's exit, or the in-process agent's task ending.
+    async fn exited(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        let Some(worker) = self.lock().get(worker_id).cloned() else {
+            // Not started by this provider (an orphan of an earlier control plane): not our
+            // child, so there is no exit event to wait on.
+            return crate::provider::poll_until_exited(self, worker_id).await;
+        };
+        Ok(ended(&worker.ended).await)
     }
 
     async fn output(&self, worker_id: &str) -> Result<String, ProviderError> {
@@ -457,19 +517,26 @@ impl LocalProvider {
                 }
                 Ok(())
             }
-            Running::Child { child, pid } => {
-                if child.try_wait().map_err(|e| self.error(e))?.is_some() {
+            Running::Child { commands, .. } => {
+                if worker.ended.borrow().is_some() {
                     return Ok(());
                 }
-                signal(*pid, "TERM").await;
-                match tokio::time::timeout(self.stop_grace, child.wait()).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(self.error(format!("waiting for worker `{worker_id}`: {e}"))),
-                    // It ignored SIGTERM: kill() is SIGKILL and waits for it.
-                    Err(_) => {
-                        child.kill().await.map_err(|e| self.error(format!("killing `{worker_id}`: {e}")))
-                    }
+                let (done, sent) = oneshot::channel();
+                if commands.send(ChildCommand::Terminate(done)).await.is_ok() {
+                    let _ = sent.await;
                 }
+                if tokio::time::timeout(self.stop_grace, ended(&worker.ended)).await.is_ok() {
+                    return Ok(());
+                }
+                // It ignored SIGTERM.
+                let (done, killed) = oneshot::channel();
+                if commands.send(ChildCommand::Kill(done)).await.is_ok()
+                    && let Ok(Err(e)) = killed.await
+                {
+                    return Err(self.error(format!("killing `{worker_id}`: {e}")));
+                }
+                ended(&worker.ended).await;
+                Ok(())
             }
         }
     }
@@ -507,6 +574,14 @@ impl Drop for LocalProvider {
             }
         }
     }
+}
+
+/// Resolves with how a worker this provider started ended; [`WorkerState::Gone`] if whatever
+/// watched it is gone without saying (an aborted task).
+async fn ended(ended: &watch::Receiver<Option<WorkerState>>) -> WorkerState {
+    let mut ended = ended.clone();
+    let state = ended.wait_for(Option::is_some).await.ok().and_then(|state| state.clone());
+    state.unwrap_or(WorkerState::Gone)
 }
 
 fn exit_state(status: std::process::ExitStatus) -> WorkerState {

@@ -256,6 +256,24 @@ impl ProviderError {
     }
 }
 
+/// How often [`Provider::exited`]'s default asks a provider without an exit event for a
+/// worker's state.
+pub const EXIT_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Waits for a worker's end by asking `provider` for its state every [`EXIT_CHECK_INTERVAL`]:
+/// [`Provider::exited`] for a provider without an exit event.
+pub async fn poll_until_exited<P: Provider + ?Sized>(
+    provider: &P,
+    worker_id: &str,
+) -> Result<WorkerState, ProviderError> {
+    loop {
+        match provider.state(worker_id).await? {
+            state @ (WorkerState::Exited { .. } | WorkerState::Gone) => return Ok(state),
+            _ => tokio::time::sleep(EXIT_CHECK_INTERVAL).await,
+        }
+    }
+}
+
 /// A kind of worker: local processes, containers, pods, microVMs.
 ///
 /// Implementations must be idempotent where the scheduler relies on it: destroying a worker
@@ -278,6 +296,15 @@ pub trait Provider: Send + Sync + fmt::Debug {
 
     /// The worker's current state.
     async fn state(&self, worker_id: &str) -> Result<WorkerState, ProviderError>;
+
+    /// Resolves once the worker has ended, with its state then ([`WorkerState::Exited`] or
+    /// [`WorkerState::Gone`]). The scheduler waits on it while a worker registers, to fail at
+    /// once on a worker that died. Providers with an exit event (a child process's exit,
+    /// Docker's wait API) override it; this default asks [`state`](Self::state) every
+    /// [`EXIT_CHECK_INTERVAL`].
+    async fn exited(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        poll_until_exited(self, worker_id).await
+    }
 
     /// The last of the worker's own output (the agent's stderr), for error messages.
     async fn output(&self, worker_id: &str) -> Result<String, ProviderError>;

@@ -45,11 +45,6 @@ use tokio::task::JoinHandle;
 
 use crate::provider::{AgentEnv, Provider, ProviderError, SAGA_ID_LABEL, WorkerSpec, WorkerState};
 
-/// How often a provisioning worker's state is asked of its provider, to notice that it exited
-/// before registering. The [`Provider`] trait reports state on request only; registration
-/// itself is an event from the hub and is not polled.
-const STATE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-
 /// What the scheduler does with a worker once its job is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -837,19 +832,24 @@ impl Inner {
     ) -> Result<(), PoolError> {
         let provider = slot.provider.as_ref();
         let deadline = slot.policy.registration_deadline;
+        // Registration is an event from the hub; an early exit is one from the provider.
         let exited = async {
-            let mut checks = tokio::time::interval(STATE_CHECK_INTERVAL);
             loop {
-                checks.tick().await;
-                match provider.state(worker_id).await {
+                match provider.exited(worker_id).await {
                     Ok(WorkerState::Exited { code, reason }) => {
                         let code =
                             code.map_or_else(|| "no exit code".to_owned(), |c| format!("exit code {c}"));
                         return reason.map_or(code.clone(), |reason| format!("{code}: {reason}"));
                     }
                     Ok(WorkerState::Gone) => return "it is gone".to_owned(),
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(worker = worker_id, error = %e, "worker state unknown"),
+                    // Not an end, whatever a provider's `exited` returned: ask again later.
+                    Ok(_) => tokio::time::sleep(crate::provider::EXIT_CHECK_INTERVAL).await,
+                    Err(e) => {
+                        // The provider cannot tell now (its API is down, say): the registration
+                        // deadline still bounds the wait.
+                        tracing::debug!(worker = worker_id, error = %e, "worker state unknown");
+                        tokio::time::sleep(crate::provider::EXIT_CHECK_INTERVAL).await;
+                    }
                 }
             }
         };

@@ -239,6 +239,9 @@ impl Provider for Misconfigured {
     async fn state(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
         self.local.state(worker_id).await
     }
+    async fn exited(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
+        self.local.exited(worker_id).await
+    }
     async fn output(&self, worker_id: &str) -> Result<String, ProviderError> {
         self.local.output(worker_id).await
     }
@@ -292,6 +295,23 @@ async fn a_child_worker_that_exits_before_registering_fails_at_once_with_its_std
     assert!(cause.contains("exited before registering (exit code 2)"), "{cause}");
     assert!(cause.contains("--ca-bundle (HODEI_CA_BUNDLE)"), "{cause}");
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_workers_exit_is_an_event_with_its_status_and_destroy_then_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlPlane::builder(dir.path().join("data")).start().await.unwrap();
+    let local = LocalProvider::child_process(dir.path().join("workers"), agent_binary());
+    // A CA bundle that is not one: the agent exits with status 2 before dialling.
+    let mut spec = spec_for(&control, "exits", "saga-1");
+    spec.agent.ca_bundle_pem = "not a certificate".to_owned();
+    local.provision(&spec).await.unwrap();
+    let ended = within(local.exited("exits")).await.unwrap();
+    assert_eq!(ended, WorkerState::Exited { code: Some(2), reason: None });
+    assert_eq!(local.state("exits").await.unwrap(), ended, "state agrees with the event");
+    local.destroy("exits").await.unwrap();
+    assert_eq!(local.state("exits").await.unwrap(), WorkerState::Gone);
+    control.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
