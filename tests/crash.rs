@@ -22,7 +22,7 @@ use hodei::{
 use serde::{Deserialize, Serialize};
 use support::crash::{
     DONE, EFFECT, Key, Kind, READY, Run, XorShift, append_line, check_attempts, check_not_rerun, count,
-    format_journal, read_lines, run_child, wait_for_parent,
+    format_journal, read_lines, run_child, settle, wait_for_parent,
 };
 
 mod support;
@@ -236,22 +236,7 @@ fn settled(root: &Path, round: u32) -> HashMap<Key, usize> {
     for index in 0..SAGAS_PER_ROUND {
         let saga = saga_id(round, index);
         let history = store.history(&SagaId::new(saga.clone()).expect("id")).expect("history");
-        for recorded in &history {
-            let key = match recorded.event {
-                Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } => {
-                    (Kind::Step, saga.clone(), step)
-                }
-                Event::CompensationCompleted { step } => (Kind::Comp, saga.clone(), step),
-                _ => continue,
-            };
-            let ran = counts.get(&key).copied().unwrap_or(0);
-            assert!(
-                ran > 0,
-                "{key:?} is recorded as finished but never ran; journal:\n{}",
-                format_journal(&history)
-            );
-            settled.insert(key, ran);
-        }
+        settle(&saga, &history, &counts, |_| false, &mut settled);
     }
     settled
 }

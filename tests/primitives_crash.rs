@@ -33,7 +33,7 @@ use hodei::{
 use serde::{Deserialize, Serialize};
 use support::crash::{
     DONE, EFFECT, Key, Kind, READY, Run, XorShift, append_line, check_attempts, check_not_rerun, count,
-    format_journal, read_lines, run_child, wait_for_parent,
+    format_journal, read_lines, run_child, settle, wait_for_parent,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -636,26 +636,7 @@ fn settled(root: &Path, sagas: &[String]) -> HashMap<Key, usize> {
     for saga in sagas {
         let history = store.history(&id(saga)).expect("history");
         let silent = silent_steps(&history);
-        for recorded in &history {
-            let key = match recorded.event {
-                Event::StepCompleted { step, .. } | Event::StepFailed { step, .. }
-                    if !silent.contains(&step) =>
-                {
-                    (Kind::Step, saga.clone(), step)
-                }
-                Event::CompensationCompleted { step } if !silent.contains(&step) => {
-                    (Kind::Comp, saga.clone(), step)
-                }
-                _ => continue,
-            };
-            let ran = counts.get(&key).copied().unwrap_or(0);
-            assert!(
-                ran > 0,
-                "{key:?} is recorded as finished but never ran; journal:\n{}",
-                format_journal(&history)
-            );
-            settled.insert(key, ran);
-        }
+        settle(saga, &history, &counts, |step| silent.contains(&step), &mut settled);
     }
     settled
 }

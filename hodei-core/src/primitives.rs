@@ -126,12 +126,7 @@ impl SagaContext {
         name: &str,
         branches: Vec<Branch<T>>,
     ) -> Result<Vec<T>, StepError> {
-        let count = branches.len();
-        let mut results = self.join(name, JoinMode::All, usize::MAX, branches).await?;
-        match results.decision {
-            Decision::Failed(branch) => Err(results.take_err(branch)),
-            _ => (0..count as u32).map(|branch| results.take_ok(branch)).collect(),
-        }
+        self.join(name, JoinMode::All, usize::MAX, branches).await?.outputs()
     }
 
     /// Runs the branches concurrently; the first to finish decides, and the others are
@@ -172,7 +167,6 @@ impl SagaContext {
         Fut: Future<Output = Result<T, StepError>> + Send + 'static,
     {
         let branch = Arc::new(branch);
-        let count = params.len();
         let branches = params
             .into_iter()
             .map(|param| {
@@ -180,11 +174,7 @@ impl SagaContext {
                 Branch::new(move |ctx| branch(ctx, param))
             })
             .collect();
-        let mut results = self.join(name, JoinMode::All, limit.max(1), branches).await?;
-        match results.decision {
-            Decision::Failed(branch) => Err(results.take_err(branch)),
-            _ => (0..count as u32).map(|branch| results.take_ok(branch)).collect(),
-        }
+        self.join(name, JoinMode::All, limit.max(1), branches).await?.outputs()
     }
 
     /// Runs a group of branches and returns each one's result with the group's decision.
@@ -377,14 +367,17 @@ struct Joined<T> {
 }
 
 impl<T> Joined<T> {
-    fn take_ok(&mut self, branch: u32) -> Result<T, StepError> {
-        self.results[branch as usize].take().unwrap_or_else(|| Err(missing(branch)))
-    }
-
-    fn take_err(&mut self, branch: u32) -> StepError {
-        match self.results[branch as usize].take() {
-            Some(Err(e)) => e,
-            _ => missing(branch),
+    /// An `All` group's outputs in branch order, or the error of the branch that decided it.
+    fn outputs(mut self) -> Result<Vec<T>, StepError> {
+        if let Decision::Failed(branch) = self.decision {
+            return match self.results[branch as usize].take() {
+                Some(Err(e)) => Err(e),
+                _ => Err(missing(branch)),
+            };
         }
+        (0..)
+            .zip(self.results)
+            .map(|(branch, result)| result.unwrap_or_else(|| Err(missing(branch))))
+            .collect()
     }
 }

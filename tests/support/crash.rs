@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use hodei::RecordedEvent;
+use hodei::{Event, RecordedEvent};
 
 pub const READY: &str = "hodei-crash: ready";
 pub const EFFECT: &str = "hodei-crash: effect";
@@ -170,5 +170,33 @@ pub fn check_attempts(what: &str, ran: &[u32], journaled: &[u32], finished: bool
     );
     if finished {
         assert_eq!(ran.last(), journaled.iter().max(), "{what}: last attempt; journal:\n{journal}");
+    }
+}
+
+/// Adds to `settled` each step and compensation of `saga` whose end `history` records, with how
+/// often it has run so far (`counts`): none of them may run again. Each must have run at least
+/// once; `silent` steps leave no effect lines and are skipped.
+pub fn settle(
+    saga: &str,
+    history: &[RecordedEvent],
+    counts: &HashMap<Key, usize>,
+    silent: impl Fn(u32) -> bool,
+    settled: &mut HashMap<Key, usize>,
+) {
+    for recorded in history {
+        let key = match recorded.event {
+            Event::StepCompleted { step, .. } | Event::StepFailed { step, .. } if !silent(step) => {
+                (Kind::Step, saga.to_owned(), step)
+            }
+            Event::CompensationCompleted { step } if !silent(step) => (Kind::Comp, saga.to_owned(), step),
+            _ => continue,
+        };
+        let ran = counts.get(&key).copied().unwrap_or(0);
+        assert!(
+            ran > 0,
+            "{key:?} is recorded as finished but never ran; journal:\n{}",
+            format_journal(history)
+        );
+        settled.insert(key, ran);
     }
 }
