@@ -10,7 +10,7 @@
 //!   against bare TLS handshakes with the same listeners.
 //!
 //! Run: `cargo bench --bench agent`. Knobs: `HODEI_BENCH_SCALE` multiplies the default volumes
-//! and repetitions; `HODEI_BENCH_THROUGHPUT_MIB` (default 256), `HODEI_BENCH_MEMORY_MIB`
+//! and repetitions (a fraction shrinks them, to at least 1 MiB, line or repetition each); `HODEI_BENCH_THROUGHPUT_MIB` (default 256), `HODEI_BENCH_MEMORY_MIB`
 //! (default 1024), `HODEI_BENCH_LINES` (default 100,000) and `HODEI_BENCH_LATENCY_REPS`
 //! (default 50) set them outright; `HODEI_BENCH_ROUNDS` (default 3) sets the throughput rounds;
 //! `HODEI_BENCH_ONLY=throughput,messages,memory,latency` runs only the named parts;
@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 
 use common::{Table, knob, median, scaled, thousands};
 use harness::{HubSetup, job, proc_status_kib, run_checked_job, within};
-use hodei::agent::hub::HubConfig;
-use hodei::agent::logstore::{Bytes, LogStatus, LogStore, LogStoreConfig, LogStoreError, LogStream};
 use hodei::agent::pki::agent_client_config;
 use hodei::agent::runner::{BatchLimits, BufferStats, JobRunner, JobSpec, RunnerConfig, Secrets};
+use hodei::server::hub::HubConfig;
+use hodei::server::logstore::{Bytes, LogStatus, LogStore, LogStoreConfig, LogStoreError, LogStream};
 use tokio::sync::{mpsc, watch};
 
 fn main() -> ExitCode {
@@ -359,6 +359,7 @@ async fn memory() {
         buffer.peak / 1024,
         buffer.bound / 1024
     );
+    assert!(buffer.peak <= buffer.bound, "the runner held more output than its bound");
 }
 
 /// The value below which `q` of the values lie (nearest rank).

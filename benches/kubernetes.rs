@@ -12,10 +12,15 @@
 //! The fake is a plain HTTP/1.1 responder on loopback rather than kube's `tower-test` mock (a
 //! dev-dependency of hodei-providers only): both sides pay the same transport, so the ratio is
 //! the provider's own work. Real figures (scheduling, image pull, container start) need a real
-//! cluster: `HODEI_K8S_TEST=1 cargo test -p hodei-providers --features kubernetes --test
-//! kubernetes real_cluster_end_to_end -- --nocapture` prints them.
+//! cluster: `HODEI_K8S_HUB_HOST=<ip> cargo test -p hodei-providers --features kubernetes --test
+//! kubernetes -- --ignored --nocapture real_cluster_end_to_end` prints them.
 //!
-//! `cargo bench --bench kubernetes --features kubernetes`.
+//! `cargo bench --bench kubernetes --features kubernetes`. `HODEI_BENCH_SCALE` multiplies the
+//! 300 runs of each (at least 1).
+
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -215,7 +220,8 @@ async fn main() {
 
     let (mut provisions, mut raw_provisions, mut destroys, mut raw_destroys) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    let runs = common::scaled(RUNS);
+    for _ in 0..runs {
         provisions
             .push(timed(async { provider.provision(&spec).await.map(drop).expect("provisioned") }).await);
         raw_provisions.push(timed(raw_provision(&client, &seen)).await);
@@ -227,7 +233,7 @@ async fn main() {
     {
         let (provider_median, raw_median) = (median(provider_runs), median(raw_runs));
         println!(
-            "{what}: provider median {:.0} us, the same 3 requests raw {:.0} us, ratio {:.2}x ({RUNS} runs each)",
+            "{what}: provider median {:.0} us, the same 3 requests raw {:.0} us, ratio {:.2}x ({runs} runs each)",
             us(provider_median),
             us(raw_median),
             provider_median.as_secs_f64() / raw_median.as_secs_f64()

@@ -5,7 +5,14 @@
 //! and each form's median round is reported, so that drift on a shared machine hits both
 //! alike. Target: macro time / builder time <= 1.05.
 //!
-//! `cargo bench --bench macros` (`HODEI_BENCH_SAGAS=20000` for longer rounds).
+//! `cargo bench --bench macros`. Knobs: `HODEI_BENCH_SAGAS` (default 5,000 times
+//! `HODEI_BENCH_SCALE`, e.g. 20000 for longer rounds) sets the sagas of a round (the warm-up
+//! rounds are 500 sagas times the scale); `HODEI_BENCH_ROUNDS` (default 10) sets the rounds
+//! of each form.
+
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -71,7 +78,8 @@ fn median(mut times: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let sagas: usize = std::env::var("HODEI_BENCH_SAGAS").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000);
+    let sagas = common::knob("HODEI_BENCH_SAGAS", common::scaled(5_000)).max(1);
+    let rounds = common::knob("HODEI_BENCH_ROUNDS", 10).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         let engine = Engine::builder()
@@ -82,10 +90,11 @@ fn main() {
             .await
             .expect("engine");
         // Warm both paths (allocator, caches) before measuring.
-        round(&engine, true, 0, 500).await;
-        round(&engine, false, 1, 500).await;
+        let warm = common::scaled(500);
+        round(&engine, true, 0, warm).await;
+        round(&engine, false, 1, warm).await;
         let (mut macro_times, mut builder_times) = (Vec::new(), Vec::new());
-        for r in 0..10 {
+        for r in 0..rounds {
             let macro_first = r % 2 == 0;
             let first = round(&engine, macro_first, 2 + 2 * r, sagas).await;
             let second = round(&engine, !macro_first, 3 + 2 * r, sagas).await;
@@ -98,7 +107,7 @@ fn main() {
         println!("| figure | macros | builder | ratio (target <= 1.05) |");
         println!("|---|---|---|---|");
         println!(
-            "| {sagas} sagas x {STEPS} steps, in-memory store, median of 10 rounds | {:.1} ms ({:.0} steps/s) | {:.1} ms ({:.0} steps/s) | {:.3} |",
+            "| {sagas} sagas x {STEPS} steps, in-memory store, median of {rounds} rounds | {:.1} ms ({:.0} steps/s) | {:.1} ms ({:.0} steps/s) | {:.3} |",
             m.as_secs_f64() * 1e3,
             steps / m.as_secs_f64(),
             b.as_secs_f64() * 1e3,

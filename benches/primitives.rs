@@ -12,10 +12,15 @@
 //!   write. So this is the bookkeeping of a durable timer (one durable write and one staged
 //!   event, like a step's start and completion) without any time spent waiting. Reported:
 //!   the cost per operation of each and their ratio.
+//! - **Sleep**: one saga of N `ctx.sleep(1 ms)`, against one saga whose body takes as many
+//!   `tokio::time::sleep(1 ms)` naps, unjournaled. Here every timer goes through the engine's
+//!   scheduler (`timers.rs`): journaled, indexed, woken by the scheduler task, then staged as
+//!   fired. Reported: the time per sleep of each and their ratio, what durability adds to a
+//!   short wait. How late timers wake when 10,000 are due at once is `benches/timers.rs`.
 //!
 //! Run: `cargo bench --bench primitives`. Knobs: `HODEI_BENCH_SCALE` multiplies the branch
-//! and operation counts (1,000 each), `HODEI_BENCH_ROUNDS` (default 5) sets the rounds, and
-//! `HODEI_BENCH_ONLY=fanout,timer` runs only the named parts. Each round opens a fresh engine
+//! and operation counts (1,000 each, 200 sleeps; a fraction shrinks them, at least 1 each), `HODEI_BENCH_ROUNDS` (default 5) sets the rounds, and
+//! `HODEI_BENCH_ONLY=fanout,timer,sleep` runs only the named parts. Each round opens a fresh engine
 //! and runs both sides on it twice, in the order a, b, b, a, and its ratio is taken within
 //! the round, so that load from other tenants of the machine hits both sides alike. The
 //! medians of the rounds are reported; the ratios are the headline.
@@ -39,6 +44,9 @@ fn main() {
         }
         if common::selected("timer") {
             timer(rounds).await;
+        }
+        if common::selected("sleep") {
+            sleep(rounds).await;
         }
     });
 }
@@ -74,6 +82,30 @@ fn zero_timers_saga() -> SagaDefinition {
     SagaDefinition::new("zero-timers", 1, |ctx: SagaContext, count: usize| async move {
         for _ in 0..count {
             ctx.sleep(Duration::ZERO).await;
+        }
+        Ok(count)
+    })
+}
+
+/// The nap of the sleep figure: short enough that a run stays brief, long enough that no
+/// sleep is due before the engine's scheduler sees it.
+const NAP: Duration = Duration::from_millis(1);
+
+/// `count` durable timers of `NAP` each, one after another.
+fn durable_naps_saga() -> SagaDefinition {
+    SagaDefinition::new("durable-naps", 1, |ctx: SagaContext, count: usize| async move {
+        for _ in 0..count {
+            ctx.sleep(NAP).await;
+        }
+        Ok(count)
+    })
+}
+
+/// The same naps as tokio sleeps the journal never hears of: the floor of waiting `NAP`.
+fn bare_naps_saga() -> SagaDefinition {
+    SagaDefinition::new("bare-naps", 1, |_ctx: SagaContext, count: usize| async move {
+        for _ in 0..count {
+            tokio::time::sleep(NAP).await;
         }
         Ok(count)
     })
@@ -161,12 +193,35 @@ async fn fanout(rounds: usize) {
 
 async fn timer(rounds: usize) {
     let count = scaled(1_000);
-    let figures = paired(rounds, [zero_timers_saga(), sequence_saga()], count).await;
     let title = format!(
         "Timer: one saga of {} `ctx.sleep(Duration::ZERO)` (journaled timers, already due) against one of as many no-op steps",
         thousands(count as f64)
     );
-    let table = paired_table(&title, rounds, ["durable timer", "no-op step", "timer / step"]);
+    let headers = ["durable timer", "no-op step", "timer / step"];
+    per_operation(rounds, [zero_timers_saga(), sequence_saga()], count, &title, headers).await;
+}
+
+async fn sleep(rounds: usize) {
+    let count = scaled(200);
+    let title = format!(
+        "Sleep: one saga of {} `ctx.sleep(1 ms)` (journaled, woken by the scheduler) against as many unjournaled `tokio::time::sleep(1 ms)`",
+        thousands(count as f64)
+    );
+    let headers = ["durable sleep", "tokio sleep", "durable / tokio"];
+    per_operation(rounds, [durable_naps_saga(), bare_naps_saga()], count, &title, headers).await;
+}
+
+/// A `paired` figure read per operation: the cost of one of `count` on each side, their
+/// ratio, and the saga wall times.
+async fn per_operation(
+    rounds: usize,
+    definitions: [SagaDefinition; 2],
+    count: usize,
+    title: &str,
+    headers: [&str; 3],
+) {
+    let figures = paired(rounds, definitions, count).await;
+    let table = paired_table(title, rounds, headers);
     let per_op = |secs: f64| micros(secs / count as f64);
     figures.row(&table, "per operation", per_op, format!("{:.2}x", figures.a_over_b));
     figures.row(&table, "saga wall time", millis, String::new());

@@ -10,10 +10,16 @@
 //!   the fake `firecracker`, against spawning that same fake and making the raw requests.
 //!
 //! Runs alternate, so that both sides see the same load. Real boot times need a KVM host:
-//! `HODEI_FIRECRACKER_TEST=1 HODEI_FC_KERNEL=... HODEI_FC_ROOTFS=... cargo test -p
-//! hodei-providers --features firecracker --test firecracker -- --nocapture` prints them.
+//! `HODEI_FC_KERNEL=... HODEI_FC_ROOTFS=... cargo test -p hodei-providers --features
+//! firecracker --test firecracker -- --ignored --nocapture a_real_firecracker` prints them.
 //!
-//! `cargo bench --bench providers --features firecracker`
+//! `cargo bench --bench providers --features firecracker`. `HODEI_BENCH_SCALE` multiplies the
+//! runs (2,000 sequences after 100 unmeasured, 40 provisions; at least 1 each).
+
+#[cfg(feature = "firecracker")]
+#[path = "common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 #[cfg(feature = "firecracker")]
 fn main() {
@@ -230,12 +236,13 @@ mod bench {
         let socket = dir.path().join("api.socket");
         let _stop = serve(&socket);
         let requests = raw_requests();
-        for _ in 0..100 {
+        for _ in 0..super::common::scaled(100) {
             client_sequence(&socket).await;
             raw_sequence(&socket, &requests).await;
         }
-        let (mut client, mut raw) = (Vec::with_capacity(SEQUENCES), Vec::with_capacity(SEQUENCES));
-        for _ in 0..SEQUENCES {
+        let runs = super::common::scaled(SEQUENCES);
+        let (mut client, mut raw) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        for _ in 0..runs {
             let started = Instant::now();
             client_sequence(&socket).await;
             client.push(started.elapsed());
@@ -244,9 +251,7 @@ mod bench {
             raw.push(started.elapsed());
         }
         let (client, raw) = (median(client), median(raw));
-        println!(
-            "firecracker boot sequence, 8 requests on one connection, in-process fake, {SEQUENCES} runs:"
-        );
+        println!("firecracker boot sequence, 8 requests on one connection, in-process fake, {runs} runs:");
         println!("  FirecrackerClient  median {:>8.1} us", us(client));
         println!("  raw UnixStream     median {:>8.1} us", us(raw));
         println!("  ratio              {:>8.2}x", client.as_secs_f64() / raw.as_secs_f64());
@@ -267,7 +272,8 @@ mod bench {
         let provider = FirecrackerProvider::new(config);
         let requests = raw_requests();
         let (mut provision, mut bare) = (Vec::new(), Vec::new());
-        for run in 0..PROVISIONS {
+        let runs = super::common::scaled(PROVISIONS);
+        for run in 0..runs {
             let worker = format!("bench-{run}");
             let started = Instant::now();
             provider.provision(&spec(&worker)).await.expect("provision");
@@ -283,7 +289,7 @@ mod bench {
             shut_down(&socket, &mut child).await;
         }
         let (provision, bare) = (median(provision), median(bare));
-        println!("provision against a fake VMM process (this binary re-executed), {PROVISIONS} runs:");
+        println!("provision against a fake VMM process (this binary re-executed), {runs} runs:");
         println!("  FirecrackerProvider::provision  median {:>8.2} ms", us(provision) / 1e3);
         println!("  spawn + socket wait + raw reqs  median {:>8.2} ms", us(bare) / 1e3);
         println!("  ratio                           {:>8.2}x", provision.as_secs_f64() / bare.as_secs_f64());

@@ -16,14 +16,16 @@
 //! `deploy-staging`, `deploy-production` or `verify`. Pipelines are numbered `ci-1`, `ci-2`, ...;
 //! a new one starts only once the last has finished, so a run while one waits at the gate
 //! reports it instead of starting another. `--run <id>` picks the pipeline `--approve` approves
-//! (the latest by default).
+//! (the latest by default). A data directory that lost acknowledged writes (a damaged disk) is
+//! refused; `--accept-data-loss` opens it anyway, with whatever is left.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use hodei::{
     CompensationContext, Engine, EngineEvent, Error, Event, Outcome, RecordedEvent, SagaContext, SagaFilter,
-    SagaId, SagaRecord, SagaStatus, StepContext, StepError, Timeline, Timestamp, saga, step,
+    SagaId, SagaRecord, SagaStatus, SledOptions, SledStore, StepContext, StepError, Timeline, Timestamp,
+    saga, step,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -176,6 +178,7 @@ enum Mode {
 struct Args {
     mode: Mode,
     fail: Option<String>,
+    accept_data_loss: bool,
 }
 
 /// A command-line mistake: reported with exit status 2.
@@ -192,7 +195,7 @@ impl std::error::Error for Usage {}
 
 fn parse_args() -> Result<Args, Usage> {
     let mut args = std::env::args().skip(1);
-    let (mut fail, mut approve, mut run, mut auto) = (None, None, None, false);
+    let (mut fail, mut approve, mut run, mut auto, mut accept_data_loss) = (None, None, None, false, false);
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| args.next().ok_or_else(|| Usage(format!("{flag} needs a value")));
         match arg.as_str() {
@@ -203,9 +206,10 @@ fn parse_args() -> Result<Args, Usage> {
                 run = Some(SagaId::new(id).map_err(|e| Usage(format!("--run: {e}")))?);
             }
             "--auto-approve" => auto = true,
+            "--accept-data-loss" => accept_data_loss = true,
             other => {
                 return Err(Usage(format!(
-                    "unknown argument `{other}`; use --fail <step>, --auto-approve, --approve <name> [--run <id>]"
+                    "unknown argument `{other}`; use --fail <step>, --auto-approve, --approve <name> [--run <id>], --accept-data-loss"
                 )));
             }
         }
@@ -227,7 +231,7 @@ fn parse_args() -> Result<Args, Usage> {
         (None, true) => Mode::AutoApprove,
         (None, false) => Mode::ToGate,
     };
-    Ok(Args { mode, fail })
+    Ok(Args { mode, fail, accept_data_loss })
 }
 
 /// The number of a pipeline id `ci-<n>`.
@@ -365,7 +369,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("  the `test` step runs once per suite ({}), {PARALLEL_SUITES} at a time", SUITES.join(", "));
     println!("  `deploy-production` waits for the `{APPROVE}` signal");
 
-    let engine = Engine::builder().data_dir(DATA_DIR).register(ci::definition()).start().await?;
+    let store =
+        SledStore::open_with(DATA_DIR, SledOptions::default().accept_data_loss(args.accept_data_loss))?;
+    let engine = Engine::builder().store(store).register(ci::definition()).start().await?;
     // Subscribed before anything starts, so that no change of the followed saga is missed.
     let mut events = engine.subscribe();
     let code = match args.mode {

@@ -18,14 +18,15 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, ExitCode};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hodei::agent::jobs::{Job, JobDispatcher, MemorySecrets, RemoteJobs, Resources};
-use hodei::agent::logstore::{LogStore, LogStoreError, LogStream};
+use hodei::jobs::{Job, MemorySecrets, RemoteJobs, Resources};
+use hodei::providers::Provider;
 use hodei::providers::docker::{DockerConfig, DockerProvider, INSTANCE_LABEL};
-use hodei::providers::{ControlPlane, Provider, ProviderPolicy};
-use hodei::{Engine, Event, Outcome, SagaContext, SledStore, StepContext, StepError, Timeline, saga, step};
+use hodei::server::ProviderPolicy;
+use hodei::server::logstore::{LogStore, LogStoreError, LogStream};
+use hodei::{ControlPlane, Event, Node, Outcome, SagaContext, StepContext, StepError, Timeline, saga, step};
 
 /// Where the control plane keeps its CA, the jobs' logs and the saga journal.
 const DATA_DIR: &str = "hodei-data-docker";
@@ -40,12 +41,6 @@ struct Release {
     version: String,
 }
 
-/// How the saga's jobs reach the control plane, set once at start: a saga's body only gets its
-/// context and its journaled input.
-static JOBS: OnceLock<JobDispatcher> = OnceLock::new();
-/// The control plane's log store, where the digest step reads the build's output.
-static LOGS: OnceLock<Arc<LogStore>> = OnceLock::new();
-
 /// The checkout every job starts with: its container has nothing of the jobs before it.
 const CHECKOUT: &str = r#"
 WS=/tmp/ws
@@ -59,16 +54,15 @@ cp "$WS/src/app.sh" "$WS/dist/app" && chmod +x "$WS/dist/app"
 echo "artifact dist/app sha256 $(sha256sum "$WS/dist/app" | cut -d' ' -f1)"
 "#;
 
-// Secrets arrive on stdin as `NAME=<base64>` lines that `sh -s` reads as assignments.
+// Each secret is a shell variable holding its value (set from stdin, never exported).
 const TEST: &str = r#"
 got=$(sha256sum "$WS/dist/app" | cut -d' ' -f1)
 [ "$got" = "$ARTIFACT_SHA256" ] || { echo "artifact $got is not the build's $ARTIFACT_SHA256" >&2; exit 1; }
 echo "testing the build's artifact sha256 $got"
-TOKEN=$(printf %s "$REGISTRY_TOKEN" | base64 -d)
 out=$("$WS/dist/app" "$VERSION")
 [ "$out" = "checkout-api $VERSION says hello" ] || { echo "unexpected output: $out" >&2; exit 1; }
 echo "1 test passed: $out"
-echo "logging in to the registry with $TOKEN"
+echo "logging in to the registry with $REGISTRY_TOKEN"
 # The limits the job runs under, as the kernel enforces them.
 if [ -r /sys/fs/cgroup/memory.max ]; then
     echo "limits (cgroup v2): cpu.max $(cat /sys/fs/cgroup/cpu.max), memory.max $(cat /sys/fs/cgroup/memory.max)" >&2
@@ -80,7 +74,7 @@ fi
 
 /// A job running the checkout and then `script` with `/bin/sh` in a fresh container.
 fn shell(release: &Release, script: &str) -> Job {
-    Job::pooled_script(["/bin/sh", "-s"], format!("set -e\n{CHECKOUT}{script}"))
+    Job::pooled_script(["/bin/sh"], format!("set -e\n{CHECKOUT}{script}"))
         .env("PATH", "/usr/bin:/bin")
         .env("VERSION", &release.version)
         .timeout(Duration::from_secs(60))
@@ -101,9 +95,10 @@ async fn stored_log(logs: &LogStore, job: &str, stream: LogStream) -> Result<Str
 /// The digest the build job printed, read from its stored stdout. A step, so that it is
 /// journaled: a resumed saga hands the test job the digest of the build it already ran.
 #[step(name = "artifact-digest")]
-async fn artifact_digest(_ctx: StepContext, build_job: String) -> Result<String, StepError> {
-    let logs = LOGS.get().ok_or_else(|| StepError::terminal("the log store is not set"))?;
-    let stdout = stored_log(logs, &build_job, LogStream::Stdout)
+async fn artifact_digest(ctx: StepContext, build_job: String) -> Result<String, StepError> {
+    // The control plane's log store: the node shares it with every step.
+    let logs = ctx.resource::<LogStore>().map_err(|e| StepError::terminal(e.to_string()))?;
+    let stdout = stored_log(&logs, &build_job, LogStream::Stdout)
         .await
         .map_err(|e| StepError::retryable(format!("reading the log of {build_job}: {e}")))?;
     stdout
@@ -122,16 +117,15 @@ async fn publish(_ctx: StepContext, artifact: (Release, String)) -> Result<Strin
 
 #[saga]
 async fn pipeline(ctx: SagaContext, release: Release) -> Result<String, StepError> {
-    let jobs = JOBS.get().ok_or_else(|| StepError::terminal("the job dispatcher is not set"))?;
-    ctx.run_job(jobs, "checkout", shell(&release, r#"echo "checked out $VERSION into $WS""#)).await?;
-    let build = ctx.run_job(jobs, "build", shell(&release, BUILD)).await?;
+    ctx.run_job("checkout", shell(&release, r#"echo "checked out $VERSION into $WS""#)).await?;
+    let build = ctx.run_job("build", shell(&release, BUILD)).await?;
     let digest = artifact_digest(&ctx, build.job_id).await?;
     // The build again, then the test: the container has nothing of the build's.
     let test = shell(&release, &format!("{BUILD}{TEST}"))
         .env("ARTIFACT_SHA256", &digest)
         .secret("REGISTRY_TOKEN", "registry-token")
         .resources(Resources::new(Some(500), Some(64 << 20)));
-    ctx.run_job(jobs, "test", test).await?;
+    ctx.run_job("test", test).await?;
     publish(&ctx, (release, digest)).await
 }
 
@@ -159,25 +153,23 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
     };
 
-    let control = ControlPlane::builder(DATA_DIR)
-        .provider(docker.clone(), ProviderPolicy::new().ephemeral().max_workers(2))
+    let node = Node::builder(DATA_DIR)
+        .control_plane(|control| {
+            control.provider(docker.clone(), ProviderPolicy::new().ephemeral().max_workers(2))
+        })
+        .register(pipeline::definition())
+        .secrets(MemorySecrets::new().insert("registry-token", "rt-9f3c51d7e2a4"))
         .start()
         .await?;
-    let secrets = MemorySecrets::new().insert("registry-token", "rt-9f3c51d7e2a4");
-    JOBS.set(control.dispatcher(Arc::new(secrets))).map_err(|_| anyhow::anyhow!("dispatcher set twice"))?;
-    LOGS.set(control.logs().clone()).map_err(|_| anyhow::anyhow!("log store set twice"))?;
-    let journal = Arc::new(SledStore::open(DATA_DIR)?);
-    let reaped = control.reap_orphans(journal.as_ref()).await?;
-    if !reaped.destroyed.is_empty() {
-        println!("reaped {} container(s) left by an earlier run", reaped.destroyed.len());
+    if !node.reaped().destroyed.is_empty() {
+        println!("reaped {} container(s) left by an earlier run", node.reaped().destroyed.len());
     }
-    let engine = Engine::builder().store(journal).register(pipeline::definition()).start().await?;
 
     let id = format!("pipeline-{}", hodei::Timestamp::now().0);
     let input = Release { service: "checkout-api".into(), version: "v2.4.0".into() };
     let started = unix_now();
     println!("starting saga {id} on Docker, image {image}");
-    let run = pipeline::start(&engine, &id, &input).await?;
+    let run = pipeline::start(node.engine(), &id, &input).await?;
     let succeeded = match run.outcome().await? {
         Outcome::Completed(message) => {
             println!("completed: {message}");
@@ -196,14 +188,13 @@ async fn run() -> anyhow::Result<ExitCode> {
         }
     };
 
-    let history = engine.history(run.id())?;
+    let history = node.engine().history(run.id())?;
     if succeeded {
-        print_job_logs(&control, &id, &history).await?;
+        print_job_logs(node.control_plane(), &id, &history).await?;
         println!("\ntimeline of {id} (journal in ./{DATA_DIR}):");
         print!("{}", Timeline(&history));
     }
-    engine.shutdown(Duration::from_secs(5)).await?;
-    control.shutdown().await?;
+    node.shutdown(Duration::from_secs(5)).await?;
 
     let containers = containers_since(&started)?;
     let left = docker.list().await?;

@@ -5,25 +5,20 @@
 //! the local provider starts on demand: a real `hodei-agent` (in this process) that registers
 //! with the embedded control plane over gRPC and mutual TLS on loopback, runs the job, and is
 //! destroyed after it. The jobs share a workspace directory; the test job receives a registry
-//! token as a secret, which is masked in its log. Then the deploy runs, and the smoke test
-//! fails for good, so the deploy is compensated. Each job's stored log and the saga's journal
-//! are printed.
+//! token as a secret, which is masked in its log. Then the deploy job runs, with a rollback
+//! job as its compensation, and the smoke test fails for good, so the deploy is rolled back.
+//! Each job's stored log and the saga's journal are printed.
 //!
 //! ```text
 //! cargo run --example quickstart                   # the smoke test fails: watch the rollback
 //! HODEI_SMOKE=pass cargo run --example quickstart  # everything passes
 //! ```
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hodei::agent::jobs::{Job, JobDispatcher, MemorySecrets, RemoteJobs};
-use hodei::agent::logstore::LogStream;
-use hodei::providers::ControlPlane;
-use hodei::{
-    CompensationContext, Engine, Event, Outcome, SagaContext, SledStore, StepContext, StepError, Timeline,
-    saga, step,
-};
+use hodei::jobs::{Job, MemorySecrets, RemoteJobs, saga_jobs};
+use hodei::server::logstore::LogStream;
+use hodei::{Node, Outcome, SagaContext, StepContext, StepError, Timeline, saga, step};
 
 #[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
 struct Release {
@@ -34,13 +29,9 @@ struct Release {
     smoke_passes: bool,
 }
 
-/// How the saga's jobs reach the control plane. A saga's body only gets its context and its
-/// (journaled) input, so the dispatcher, which holds live connections, is set once at start.
-static JOBS: OnceLock<JobDispatcher> = OnceLock::new();
-
 /// A job running `script` with `/bin/sh` on a pooled worker, in `release`'s workspace.
 fn shell(release: &Release, script: &str) -> Job {
-    Job::pooled_script(["/bin/sh", "-s"], script)
+    Job::pooled_script(["/bin/sh"], script)
         .env("PATH", "/usr/bin:/bin")
         .env("WS", &release.workspace)
         .env("VERSION", &release.version)
@@ -59,25 +50,24 @@ cp "$WS/src/app.sh" "$WS/dist/app" && chmod +x "$WS/dist/app"
 echo "built dist/app, sha256 $(sha256sum "$WS/dist/app" | cut -c1-12)"
 "#;
 
-// Secrets arrive on stdin as `NAME=<base64>` lines that `sh -s` reads as assignments.
+// Each secret is a shell variable holding its value (set from stdin, never exported).
 const TEST: &str = r#"
-TOKEN=$(printf %s "$REGISTRY_TOKEN" | base64 -d)
 out=$("$WS/dist/app" "$VERSION")
 [ "$out" = "checkout-api $VERSION says hello" ] || { echo "unexpected output: $out" >&2; exit 1; }
 echo "1 test passed: $out"
-echo "logging in to the registry with $TOKEN"
+echo "logging in to the registry with $REGISTRY_TOKEN"
 echo "test results in $WS/report" >&2
 "#;
 
-#[step(timeout = "30s", compensate = roll_back)]
-async fn deploy(_ctx: StepContext, release: Release) -> Result<String, StepError> {
-    Ok(format!("deployment of {}:{}", release.service, release.version))
-}
+const DEPLOY: &str = r#"
+mkdir -p "$WS/live" && cp "$WS/dist/app" "$WS/live/app"
+echo "deployed checkout-api $VERSION to $WS/live"
+"#;
 
-async fn roll_back(c: CompensationContext<Release, String>) -> Result<(), StepError> {
-    println!("  ↩ rolling back {:?} (idempotency key {})", c.output, c.idempotency_key);
-    Ok(())
-}
+const ROLL_BACK: &str = r#"
+rm -f "$WS/live/app"
+echo "rolled back checkout-api $VERSION: $WS/live is empty again"
+"#;
 
 #[step(name = "smoke-test", retry(max_attempts = 1))]
 async fn smoke_test(_ctx: StepContext, passes: bool) -> Result<String, StepError> {
@@ -89,31 +79,29 @@ async fn smoke_test(_ctx: StepContext, passes: bool) -> Result<String, StepError
 
 #[saga]
 async fn release(ctx: SagaContext, release: Release) -> Result<String, StepError> {
-    let jobs = JOBS.get().ok_or_else(|| StepError::terminal("the job dispatcher is not set"))?;
-    ctx.run_job(jobs, "checkout", shell(&release, CHECKOUT)).await?;
-    ctx.run_job(jobs, "build", shell(&release, BUILD)).await?;
-    ctx.run_job(jobs, "test", shell(&release, TEST).secret("REGISTRY_TOKEN", "registry-token")).await?;
-    deploy(&ctx, release.clone()).await?;
+    ctx.run_job("checkout", shell(&release, CHECKOUT)).await?;
+    ctx.run_job("build", shell(&release, BUILD)).await?;
+    ctx.run_job("test", shell(&release, TEST).secret("REGISTRY_TOKEN", "registry-token")).await?;
+    // If a later step fails for good, the rollback job undoes the deploy.
+    ctx.job("deploy", shell(&release, DEPLOY)).rollback(shell(&release, ROLL_BACK)).run().await?;
     smoke_test(&ctx, release.smoke_passes).await?;
     Ok(format!("{} {} is live", release.service, release.version))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // The control plane: the hub's CA and listeners on loopback, the log store, and a scheduler
-    // whose default provider starts in-process local workers.
-    let control = ControlPlane::builder("hodei-data").start().await?;
-    let secrets = MemorySecrets::new().insert("registry-token", "rt-9f3c51d7e2a4");
-    JOBS.set(control.dispatcher(Arc::new(secrets))).map_err(|_| anyhow::anyhow!("dispatcher set twice"))?;
-    // The sled event log, shared with the engine: it says which sagas an earlier, interrupted
-    // run left in flight. Their workers are kept for them, and every other leftover destroyed,
-    // before the engine resumes them.
-    let journal = Arc::new(SledStore::open("hodei-data")?);
-    let reaped = control.reap_orphans(journal.as_ref()).await?;
-    if !reaped.destroyed.is_empty() {
-        println!("reaped {} worker(s) left by an earlier run", reaped.destroyed.len());
+    // The sled journal, the control plane (its CA and listeners on loopback, the jobs' logs, a
+    // scheduler that starts in-process local workers) and the engine, all in ./hodei-data.
+    // Workers an earlier, interrupted run left are kept for its sagas still in flight, the
+    // others destroyed, before the engine resumes those sagas.
+    let node = Node::builder("hodei-data")
+        .register(release::definition())
+        .secrets(MemorySecrets::new().insert("registry-token", "rt-9f3c51d7e2a4"))
+        .start()
+        .await?;
+    if !node.reaped().destroyed.is_empty() {
+        println!("reaped {} worker(s) left by an earlier run", node.reaped().destroyed.len());
     }
-    let engine = Engine::builder().store(journal).register(release::definition()).start().await?;
 
     // The id is the idempotency key: a new one per run of this example.
     let id = format!("release-{}", hodei::Timestamp::now().0);
@@ -125,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         smoke_passes: std::env::var("HODEI_SMOKE").is_ok_and(|v| v == "pass"),
     };
     println!("starting saga {id}");
-    let run = release::start(&engine, &id, &input).await?;
+    let run = release::start(node.engine(), &id, &input).await?;
 
     match run.outcome().await? {
         Outcome::Completed(message) => println!("completed: {message}"),
@@ -133,28 +121,22 @@ async fn main() -> anyhow::Result<()> {
         other => println!("{other:?}"),
     }
 
-    let history = engine.history(run.id())?;
+    let history = node.engine().history(run.id())?;
     println!("\njob logs (stored by the control plane in ./hodei-data/logs):");
-    let stored = control.logs().jobs().await?;
-    for event in &history {
-        let Event::StepStarted { step, name, .. } = &event.event else { continue };
-        // A job's log is kept per attempt, as `saga id/step#attempt`.
-        let attempts = format!("{id}/{step}#");
-        for job in stored.iter().filter(|job| job.starts_with(&attempts)) {
-            println!("  {name} ({job})");
-            for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let log = control.logs().read(job, stream, 0, 64 * 1024).await?;
-                for line in String::from_utf8_lossy(&log.bytes).lines() {
-                    println!("    {stream}| {line}");
-                }
+    // Every attempt of every job, by step: its id is `saga id/operation key#attempt`.
+    for job in saga_jobs(node.control_plane().hub(), run.id(), &history).await? {
+        println!("  {} ({})", job.name, job.job_id);
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            let log = node.control_plane().logs().read(&job.job_id, stream, 0, 64 * 1024).await?;
+            for line in String::from_utf8_lossy(&log.bytes).lines() {
+                println!("    {stream}| {line}");
             }
         }
     }
     println!("\ntimeline of {id} (journal in ./hodei-data):");
     print!("{}", Timeline(&history));
 
-    engine.shutdown(Duration::from_secs(5)).await?;
-    control.shutdown().await?;
+    node.shutdown(Duration::from_secs(5)).await?;
     let _ = std::fs::remove_dir_all(&workspace);
     Ok(())
 }

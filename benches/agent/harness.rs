@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hodei::agent::agent::{self, AgentError, Command, Settings};
-use hodei::agent::hub::{Hub, HubConfig, Listening};
-use hodei::agent::logstore::{LogStore, LogStoreConfig, LogStream};
-use hodei::agent::pki::{AgentKey, HubPki, PkiConfig, TlsIdentity};
+use hodei::agent::pki::AgentKey;
 use hodei::agent::protocol::v1;
+use hodei::server::hub::{Hub, HubConfig, Listening};
+use hodei::server::logstore::{LogStore, LogStoreConfig, LogStream};
+use hodei::server::pki::{HubPki, PkiConfig, TlsIdentity};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdin};

@@ -37,9 +37,21 @@ pub fn knob(name: &str, default: usize) -> usize {
     }
 }
 
-/// `default` scaled by `HODEI_BENCH_SCALE` (a multiplier, default 1), at least 1.
+/// `HODEI_BENCH_SCALE`: a positive multiplier of the benches' counts, volumes and repetitions,
+/// default 1. A fraction shrinks them: CI runs every bench at 0.01 so that none rots.
+pub fn scale() -> f64 {
+    match std::env::var("HODEI_BENCH_SCALE") {
+        Ok(v) => match v.parse::<f64>() {
+            Ok(scale) if scale.is_finite() && scale > 0.0 => scale,
+            _ => panic!("HODEI_BENCH_SCALE={v} is not a positive number"),
+        },
+        Err(_) => 1.0,
+    }
+}
+
+/// `default` times `HODEI_BENCH_SCALE`, rounded, and at least 1.
 pub fn scaled(default: usize) -> usize {
-    (default * knob("HODEI_BENCH_SCALE", 1)).max(1)
+    ((default as f64 * scale()).round() as usize).max(1)
 }
 
 /// Whether the part `name` is to run: all of them, unless `HODEI_BENCH_ONLY` lists some.

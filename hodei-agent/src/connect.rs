@@ -140,6 +140,7 @@ pub fn hello(worker_id: &str) -> Hello {
         worker_id: worker_id.to_owned(),
         jobs: Vec::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_held_bytes: crate::agent::MAX_HELD_BYTES as u64,
     }
 }
 

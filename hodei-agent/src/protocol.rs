@@ -15,7 +15,18 @@ pub mod v1 {
 use v1::ProtocolVersion;
 
 /// The protocol this build speaks.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+
+/// The per-job bound on unacknowledged output that a peer of protocol 1.0, which does not
+/// negotiate it, keeps to.
+pub const PROTOCOL_1_0_MAX_HELD_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The bound on unacknowledged output per job that a session uses: the smaller of what each side
+/// offers, a side that offers 0 (protocol 1.0) offering [`PROTOCOL_1_0_MAX_HELD_BYTES`].
+pub fn negotiate_max_held_bytes(ours: u64, theirs: u64) -> u64 {
+    let theirs = if theirs == 0 { PROTOCOL_1_0_MAX_HELD_BYTES } else { theirs };
+    ours.min(theirs)
+}
 
 /// An agent whose protocol this control plane cannot speak.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,7 +98,7 @@ impl From<VersionMismatch> for tonic::Status {
 
 /// Now as Unix milliseconds, as heartbeats carry it; 0 for a clock before 1970 (a heartbeat's
 /// time is informational, so a wrong clock must not fail the session).
-pub(crate) fn now_unix_ms() -> i64 {
+pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
@@ -95,9 +106,89 @@ pub(crate) fn now_unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What a redacted value prints as.
+const REDACTED: &str = "<redacted>";
+
+/// Secret values by name, printed with their names only.
+struct RedactedMap<'a>(&'a std::collections::HashMap<String, String>);
+
+impl fmt::Debug for RedactedMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.0.keys().collect();
+        names.sort();
+        f.debug_map().entries(names.into_iter().map(|name| (name, REDACTED))).finish()
+    }
+}
+
+impl fmt::Debug for v1::JobSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobSpec")
+            .field("job_id", &self.job_id)
+            .field("command", &self.command)
+            .field("script_len", &self.script.len())
+            .field("interpreter", &self.interpreter)
+            .field("env", &self.env)
+            .field("inherit_env", &self.inherit_env)
+            .field("working_dir", &self.working_dir)
+            .field("secrets", &RedactedMap(&self.secrets))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("cancel_grace_ms", &self.cancel_grace_ms)
+            .field("resources", &self.resources)
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::RegisterRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("protocol", &self.protocol)
+            .field("worker_id", &self.worker_id)
+            .field("token", &REDACTED)
+            .field("csr_pem", &self.csr_pem)
+            .field("agent_version", &self.agent_version)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_bytes_bound_is_the_smaller_offer() {
+        assert_eq!(negotiate_max_held_bytes(8 << 20, 2 << 20), 2 << 20);
+        assert_eq!(negotiate_max_held_bytes(1 << 20, 16 << 20), 1 << 20);
+        // A 1.0 peer sends nothing and holds 8 MiB.
+        assert_eq!(negotiate_max_held_bytes(16 << 20, 0), PROTOCOL_1_0_MAX_HELD_BYTES);
+        assert_eq!(negotiate_max_held_bytes(1 << 20, 0), 1 << 20);
+    }
+
+    #[test]
+    fn secret_values_print_redacted() {
+        let spec = v1::JobSpec {
+            job_id: "release-1/2#1".into(),
+            script: "echo $TOKEN".into(),
+            secrets: [("TOKEN".to_owned(), "tk-4f1c-secret-value".to_owned())].into(),
+            ..Default::default()
+        };
+        let assign = v1::HubMessage {
+            kind: Some(v1::hub_message::Kind::Assign(v1::AssignJob { spec: Some(spec.clone()) })),
+        };
+        for printed in [format!("{spec:?}"), format!("{assign:#?}")] {
+            assert!(!printed.contains("tk-4f1c-secret-value"), "{printed}");
+            assert!(!printed.contains("echo $TOKEN"), "the script may embed secrets too: {printed}");
+            assert!(printed.contains("TOKEN") && printed.contains(REDACTED), "{printed}");
+            assert!(printed.contains("release-1/2#1"), "{printed}");
+        }
+        let register = v1::RegisterRequest {
+            worker_id: "w-1".into(),
+            token: "hrt_0123.secret-part".into(),
+            ..Default::default()
+        };
+        let printed = format!("{register:?}");
+        assert!(!printed.contains("secret-part") && printed.contains("w-1"), "{printed}");
+    }
 
     fn v(major: u32, minor: u32) -> ProtocolVersion {
         ProtocolVersion { major, minor }

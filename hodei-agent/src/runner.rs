@@ -7,20 +7,34 @@
 //! # Secrets on stdin
 //!
 //! Secret values never go into the job's argv or environment, where other local users and
-//! `/proc/<pid>/environ` can read them (a spec that puts one there is refused). The job's stdin
-//! carries them, then is closed:
+//! `/proc/<pid>/environ` can read them (a spec that puts one there is refused), nor to disk.
+//! The job's stdin, a pipe the runner writes and then closes, carries them.
+//!
+//! A script for a POSIX shell ([`Invocation::Script`] with `sh`, `bash`, `dash`, ...) runs as
+//! `<shell> <args> /dev/stdin` and reads, as shell code:
+//!
+//! ```text
+//! NAME1='value 1'                  one assignment per secret, in name order: the value's bytes
+//! NAME2='it'\''s'                  in single quotes, a quote as '\'' (newlines, $, \ as they are)
+//! exec 0</dev/null                 the script's commands read /dev/null, not the script
+//! <script bytes>
+//! ```
+//!
+//! so `$NAME1` holds the value, ready to use (`docker login --password "$TOKEN"`), never
+//! exported unless the script exports it. A shell variable cannot hold a NUL byte, so a secret
+//! with one is refused for a shell script. The shell reads the script through a descriptor of
+//! its own, so a command in it that reads stdin (`cat`, `docker login --password-stdin`) gets
+//! end-of-file, not the rest of the script.
+//!
+//! Any other program ([`Invocation::Command`], or a script for another interpreter, which
+//! follows the header on stdin) reads this header, lines up to a blank one:
 //!
 //! ```text
 //! NAME1=<base64 of value 1>\n      one line per secret, in name order, standard padded base64
 //! NAME2=<base64 of value 2>\n
 //! \n                               a blank line ends the header (it is there with no secrets)
-//! <script bytes>                   Invocation::Script only
+//! <script bytes>                   a non-shell Invocation::Script only
 //! ```
-//!
-//! Names match `[A-Za-z_][A-Za-z0-9_]*` and base64 needs no quoting, so for `/bin/sh -s` the
-//! header is itself shell: each line sets a (non-exported) shell variable to the encoded value,
-//! and the script decodes what it needs, e.g. `TOKEN=$(printf %s "$TOKEN" | base64 -d)`. A
-//! [`Invocation::Command`] program reads lines up to the blank one.
 //!
 //! # Output
 //!
@@ -45,10 +59,12 @@
 //! delegates the memory controller, `/proc/<pid>` of the main process otherwise.
 
 mod batch;
+mod encoding;
 mod error;
 mod mask;
 mod metrics;
 mod process;
+mod sentinel;
 mod spec;
 
 use std::os::unix::process::ExitStatusExt;
@@ -85,6 +101,10 @@ pub struct RunnerConfig {
     pub sample_interval: Duration,
     /// Whether and where jobs get a cgroup.
     pub cgroup: CgroupMode,
+    /// Whether a job's processes are killed when this process dies, by a watcher outside it
+    /// (`/bin/sh`): for an agent that runs inside another program, whose death would otherwise
+    /// orphan its jobs. A job whose watcher cannot start fails to start.
+    pub jobs_die_with_process: bool,
 }
 
 impl Default for RunnerConfig {
@@ -93,6 +113,7 @@ impl Default for RunnerConfig {
             batch: BatchLimits::default(),
             sample_interval: DEFAULT_SAMPLE_INTERVAL,
             cgroup: CgroupMode::Auto,
+            jobs_die_with_process: false,
         }
     }
 }
@@ -116,6 +137,13 @@ impl RunnerConfig {
     #[must_use]
     pub fn cgroup(mut self, mode: CgroupMode) -> Self {
         self.cgroup = mode;
+        self
+    }
+
+    /// Sets whether jobs die with this process ([`RunnerConfig::jobs_die_with_process`]).
+    #[must_use]
+    pub fn jobs_die_with_process(mut self, die: bool) -> Self {
+        self.jobs_die_with_process = die;
         self
     }
 }
@@ -254,11 +282,11 @@ impl JobRunner {
         tokio::runtime::Handle::try_current().map_err(|_| RunnerError::NoRuntime)?;
         spec.validate(&secrets)?;
         let masker = Masker::new(&secrets)?;
-        let stdin_payload = secrets.stdin_payload(spec.script_bytes());
+        let stdin_payload = spec.stdin_payload(&secrets);
         drop(secrets);
 
         let mut command = command(&spec);
-        let cgroup_parent = metrics::usable_parent(&self.config.cgroup);
+        let cgroup_parent = self.config.cgroup.usable_parent();
 
         let started = Instant::now();
         let spawn_failed = |source| RunnerError::Spawn {
@@ -275,7 +303,19 @@ impl JobRunner {
         else {
             return Err(spawn_failed(std::io::Error::other("the new process has no pid or pipes")));
         };
-        let guard = GroupGuard::new(pgid);
+        let sentinel = match self.config.jobs_die_with_process.then(|| sentinel::Sentinel::watch(pgid)) {
+            None => None,
+            Some(Ok(sentinel)) => Some(sentinel),
+            Some(Err(source)) => {
+                signal_group(pgid, Signal::KILL);
+                return Err(RunnerError::Spawn {
+                    program: "/bin/sh (the watcher that kills the job if this process dies)".to_owned(),
+                    working_dir: None,
+                    source,
+                });
+            }
+        };
+        let guard = GroupGuard::new(pgid, sentinel);
 
         let source = match cgroup_parent.map(|parent| metrics::create_job_cgroup(&parent, pid)) {
             Some(Ok(path)) => MetricsSource::Cgroup { path },
@@ -340,7 +380,7 @@ impl JobRunner {
 fn command(spec: &JobSpec) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(spec.program());
     command
-        .args(spec.args())
+        .args(spec.process_args())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -546,6 +586,7 @@ impl Supervisor {
         if let MetricsSource::Cgroup { path } = self.meter.source() {
             metrics::kill_job_cgroup(path).await;
         }
+        self.guard.release_sentinel().await;
         let status = self
             .child
             .wait()

@@ -5,8 +5,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use hodei_agent::runner::{
-    BatchLimits, CgroupMode, Exit, JobResult, JobRunner, JobSpec, LogBatch, Masker, MetricsSource, Outcome,
-    RunnerConfig, RunnerError, RunningJob, Secrets, Stream,
+    BatchLimits, CgroupMode, Exit, JobResult, JobRunner, JobSpec, LogBatch, Masker, MetricsSample,
+    MetricsSource, MetricsSummary, Outcome, RunnerConfig, RunnerError, RunningJob, Secrets, Stream,
 };
 use tokio::sync::mpsc;
 
@@ -119,42 +119,133 @@ fn parse_pid(text: &[u8]) -> u32 {
 // Spec and secrets
 
 #[tokio::test]
-async fn secrets_arrive_on_stdin_in_the_documented_format_and_nowhere_else() {
+async fn secrets_reach_a_shell_script_as_its_variables_and_nowhere_else() {
     let token: &[u8] = b"tok\x01en\xff with spaces\n2nd line";
+    let dir = tempfile::tempdir().unwrap();
+    let hold = dir.path().join("hold");
+    assert!(std::process::Command::new("mkfifo").arg(&hold).status().unwrap().success());
     let (tx, mut rx) = mpsc::channel(4);
-    // The header lines are shell assignments of the base64 values; the script decodes one and
-    // prints it as hex, which the masker does not touch, so the exact bytes can be compared.
-    let script = "printf %s \"$TOKEN\" | base64 -d | od -An -tx1 | tr -d ' \\n'; echo\n\
-                  echo \"names=$(set | grep -c '^A_FIRST=\\|^TOKEN=')\"\n\
-                  echo ready\n\
-                  exec sleep 1000\n";
-    let spec = JobSpec::script(SH, ["-s"], script).env("VISIBLE", "plain").grace(GRACE);
+    // The header lines are shell assignments of the values; the script prints one as hex,
+    // which the masker does not touch, so the exact bytes can be compared.
+    let script = format!(
+        "printf %s \"$TOKEN\" | od -An -tx1 | tr -d ' \\n'; echo\n\
+         echo \"names=$(set | grep -c '^A_FIRST=\\|^TOKEN=')\"\n\
+         echo ready\n\
+         exec cat '{}'\n",
+        hold.display()
+    );
+    let spec = JobSpec::script(SH, NO_ARGS, script).env("VISIBLE", "plain").grace(GRACE);
     let job = runner()
         .start(spec, secrets(&[("TOKEN", token), ("A_FIRST", b"first-secret-value")]), tx, None)
         .unwrap();
     let mut out = Output::default();
     bounded("ready", out.until(&mut rx, "ready")).await;
+    // `cat` opens the FIFO only once the exec is over: before, /proc shows the shell, and
+    // during it, nothing.
+    let opened = {
+        let hold = hold.clone();
+        tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(hold))
+    };
+    let writer = bounded("the exec", opened).await.unwrap().unwrap();
 
     let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(text.lines().next(), Some(hex.as_str()), "decoded TOKEN, in {text:?}");
+    assert_eq!(text.lines().next(), Some(hex.as_str()), "TOKEN's bytes, in {text:?}");
     assert!(text.contains("names=2"), "both header lines became variables: {text:?}");
 
-    // `exec sleep` keeps the pid: this is the job's own argv and environment.
+    // `exec cat` keeps the pid: this is the job's own argv and environment.
     let environ = std::fs::read(format!("/proc/{}/environ", job.pid())).unwrap();
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", job.pid())).unwrap();
     // The spec's variable, and PWD, which the shell sets itself: nothing of the agent's.
     let mut vars: Vec<&[u8]> = environ.split(|&b| b == 0).filter(|v| !v.is_empty()).collect();
     vars.retain(|v| !v.starts_with(b"PWD="));
     assert_eq!(vars, [&b"VISIBLE=plain"[..]], "{}", String::from_utf8_lossy(&environ));
-    assert_eq!(cmdline, b"sleep\x001000\x00");
+    assert_eq!(cmdline, format!("cat\0{}\0", hold.display()).as_bytes());
     for needle in [&b"first-secret"[..], b"tok\x01en", b"TOKEN"] {
         assert!(!contains(&environ, needle) && !contains(&cmdline, needle));
     }
 
     job.cancel();
     let (_, result) = finish(job, &mut rx, out).await;
+    drop(writer);
     assert_eq!(result.outcome, Outcome::Cancelled);
+}
+
+/// Each secret reaches a shell script byte for byte, whatever it holds: quotes, newlines, `$`,
+/// backslashes, backquotes, bytes that are no UTF-8.
+#[tokio::test]
+async fn every_byte_of_a_secret_reaches_a_shell_script_as_it_is() {
+    let values: [(&str, &[u8]); 6] = [
+        ("QUOTES", b"it's \"quoted\" ''"),
+        ("NEWLINES", b"\nfirst\nsecond\n\n"),
+        ("DOLLARS", b"$HOME ${PATH} $(id) $1"),
+        ("BACKSLASHES", b"\\n \\ \\' \\\\"),
+        ("BACKQUOTES", b"`id` `"),
+        ("BINARY", b"\x01\xfe\xff\x7f"),
+    ];
+    let script: String = values
+        .iter()
+        .map(|(name, _)| {
+            format!("printf '%s=' {name}; printf %s \"${name}\" | od -An -tx1 | tr -d ' \\n'; echo\n")
+        })
+        .collect();
+    let pairs: Vec<(&str, &[u8])> = values.to_vec();
+    let (out, result) = run(&runner(), JobSpec::script(SH, NO_ARGS, script), secrets(&pairs)).await;
+    assert_eq!(result.exit, Exit::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: String = values
+        .iter()
+        .map(|(name, value)| {
+            format!("{name}={}\n", value.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        })
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+}
+
+/// A command in a shell script that reads stdin gets end-of-file: not the rest of the script,
+/// not the secrets.
+#[tokio::test]
+async fn a_command_reading_stdin_in_a_shell_script_gets_nothing_and_the_script_goes_on() {
+    let script = "echo before\nprintf 'read: %s|' \"$(cat | od -An -c)\"; echo\necho after\necho last\n";
+    let (out, result) =
+        run(&runner(), JobSpec::script(SH, NO_ARGS, script), secrets(&[("TOKEN", b"t0ken")])).await;
+    assert_eq!(result.exit, Exit::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "before\nread: |\nafter\nlast\n");
+}
+
+/// A program that is not a shell reads the documented header on stdin: `NAME=<base64>` lines
+/// up to a blank one.
+#[tokio::test]
+async fn a_program_reads_the_secret_header_on_stdin() {
+    // Printed as hex: the masker would hide the base64 of the value in plain text.
+    let read = "while IFS= read -r line && [ -n \"$line\" ]; do printf %s \"$line\" | od -An -tx1 | tr -d ' \\n'; echo; done";
+    let spec = JobSpec::command(SH, ["-c", read]).grace(GRACE);
+    let (out, result) = run(&runner(), spec, secrets(&[("B", b"second-value"), ("A", b"first-value")])).await;
+    assert_eq!(result.exit, Exit::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n{}\n", hex("A=Zmlyc3QtdmFsdWU="), hex("B=c2Vjb25kLXZhbHVl"))
+    );
+}
+
+#[test]
+fn a_shell_script_cannot_take_a_secret_with_a_nul_byte_or_read_commands_from_stdin() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _entered = rt.enter();
+    let (tx, _rx) = mpsc::channel(1);
+    let nul =
+        runner().start(JobSpec::script(SH, NO_ARGS, "true"), secrets(&[("T", b"a\0b")]), tx.clone(), None);
+    assert!(
+        matches!(&nul, Err(RunnerError::InvalidSpec { reason }) if reason.contains("`T` holds a NUL byte")),
+        "{:?}",
+        nul.err()
+    );
+    let dash_s = runner().start(JobSpec::script(SH, ["-s"], "true"), Secrets::new(), tx, None);
+    assert!(
+        matches!(&dash_s, Err(RunnerError::InvalidSpec { reason }) if reason.contains("takes no `-s`")),
+        "{:?}",
+        dash_s.err()
+    );
 }
 
 #[test]
@@ -285,13 +376,17 @@ async fn a_slow_sink_stalls_the_job_with_bounded_memory_and_loses_nothing() {
     let bound = job.buffer_stats().bound;
     assert!(bound < 512 * 1024, "the bound itself is small: {bound}");
 
-    // Nothing is received for a while: a window in which the job must not get far, not a
-    // synchronisation. Without backpressure the runner would take all of its output meanwhile.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing is taken until the sink is full, so that from then on the runner has to stop
+    // reading. Polled: a channel tells no one when it fills up.
+    bounded("the sink fills up", async {
+        while rx.len() < rx.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     assert!(is_running(job.pid()), "the job cannot finish while its output is not taken");
     let stalled = job.buffer_stats();
     assert!(stalled.held <= bound && stalled.peak <= bound, "{stalled:?}");
-    assert_eq!(rx.len(), 2, "the sink is full");
 
     let monitor = job.buffer_monitor();
     let (out, result) = finish(job, &mut rx, Output::default()).await;
@@ -415,22 +510,22 @@ fn bytes_that_cannot_start_a_secret_are_not_held_back() {
 async fn a_job_printing_its_secrets_shows_only_masks() {
     let value = "s3cr3t-Value/42";
     let multi = "first-line-of-it\nsecond-line-too";
-    // The script reaches the secrets only through the stdin header, like a real job.
-    let script = "T=$(printf %s \"$TOKEN\" | base64 -d)\n\
-                  M=$(printf %s \"$MULTI\" | base64 -d)\n\
+    // The script reaches the secrets only as the variables its stdin set, like a real job.
+    let script = "T=$TOKEN\n\
+                  M=$MULTI\n\
                   echo \"whole: $T\"\n\
                   printf 'split: %s' \"${T%%-*}\"; printf '%s\\n' \"-${T#*-}\"\n\
-                  echo \"base64: $TOKEN and $(printf %s \"$T\" | base64)\"\n\
+                  echo \"base64: $(printf %s \"$T\" | base64)\"\n\
                   echo \"stderr: $T\" >&2\n\
                   printf 'multi: %s\\n' \"$M\"\n\
                   echo 'url: s3cr3t-Value%2F42'\n";
-    let spec = JobSpec::script(SH, ["-s"], script).grace(GRACE);
+    let spec = JobSpec::script(SH, NO_ARGS, script).grace(GRACE);
     let s = secrets(&[("TOKEN", value.as_bytes()), ("MULTI", multi.as_bytes())]);
     let (out, result) = run(&runner(), spec, s).await;
     assert_eq!(result.exit, Exit::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8(out.stdout.clone()).unwrap(),
-        "whole: ***\nsplit: ***\nbase64: *** and ***\nmulti: ***\nurl: ***\n"
+        "whole: ***\nsplit: ***\nbase64: ***\nmulti: ***\nurl: ***\n"
     );
     assert_eq!(out.stderr, b"stderr: ***\n");
     for leak in [value, "s3cr3t", "first-line", "second-line", "czNjcjN0"] {
@@ -490,13 +585,16 @@ async fn dropping_the_running_job_cancels_it() {
 
 #[tokio::test]
 async fn a_job_past_its_timeout_is_timed_out() {
-    let spec = sh("echo started; sleep 1000").timeout(Duration::from_millis(300));
+    // Silent: anything it printed would race with the timeout, which starts with the process.
+    let timeout = Duration::from_millis(300);
+    let spec = sh("exec sleep 1000").timeout(timeout);
     let started = tokio::time::Instant::now();
     let (out, result) = run(&runner(), spec, Secrets::new()).await;
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    let waited = started.elapsed();
+    assert!(waited >= timeout, "stopped after {waited:?}, before its timeout");
     assert_eq!(result.outcome, Outcome::TimedOut);
     assert_eq!(result.exit, Exit::Signal(15));
-    assert_eq!(out.stdout, b"started\n");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
 }
 
 #[tokio::test]
@@ -507,27 +605,47 @@ async fn what_a_finished_job_left_running_is_killed() {
     assert!(!is_running(leftover), "background process {leftover} outlived the job");
 }
 
-#[tokio::test]
-async fn pipes_held_by_an_escaped_process_are_cut_after_the_grace_period() {
+/// Runs a job whose grandchild leaves the job's process group with `setsid` and keeps the
+/// job's pipes open, under `mode`. Returns the job's result, the escaped process killed.
+async fn job_with_an_escaped_grandchild(mode: CgroupMode) -> JobResult {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("escaped");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    // setsid leaves the job's process group, so the group kill misses it (a cgroup would not).
     // The main process ends only once the escaped one has printed its pid and opened the FIFO.
     let script = format!(
         "setsid sh -c 'echo $$; echo > \"$0\"; exec sleep 1000' '{fifo}' & read x < '{fifo}'; echo main-done",
         fifo = fifo.display()
     );
-    let (out, result) = run(&runner(), sh(&script), Secrets::new()).await;
+    let batch = BatchLimits { max_bytes: 64 * 1024, max_delay: Duration::from_millis(10) };
+    let runner = JobRunner::new(RunnerConfig::default().batch(batch).cgroup(mode));
+    let (out, result) = run(&runner, sh(&script), Secrets::new()).await;
     let escaped = parse_pid(&out.stdout);
-    let cgroup = matches!(result.metrics.source, MetricsSource::Cgroup { .. });
     if is_running(escaped) {
         let pid = rustix::process::Pid::from_raw(escaped.try_into().unwrap()).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
     }
     assert!(contains(&out.stdout, b"main-done"));
     assert_eq!(result.exit, Exit::Code(0));
-    assert_eq!(result.pipes_held_open, !cgroup, "{result:?}");
+    result
+}
+
+/// Every machine: without a cgroup the group kill misses the escaped process, so its pipes
+/// are cut after the grace period, and the result says so.
+#[tokio::test]
+async fn pipes_held_by_an_escaped_process_are_cut_after_the_grace_period() {
+    let result = job_with_an_escaped_grandchild(CgroupMode::Off).await;
+    assert!(matches!(result.metrics.source, MetricsSource::Proc { .. }), "{result:?}");
+    assert!(result.pipes_held_open, "{result:?}");
+}
+
+/// Machines with a delegated cgroup v2 only: the cgroup kill takes the escaped process too,
+/// so no pipe is left held open.
+#[tokio::test]
+#[ignore = "needs a cgroup v2 delegated to the test with the memory controller on for children (CI's machines run cgroup v1): HODEI_CGROUP_PARENT=<dir> cargo test -p hodei-agent --test runner -- --ignored cgroup"]
+async fn cgroup_kill_takes_a_process_that_escaped_the_process_group() {
+    let result = job_with_an_escaped_grandchild(usable_cgroup()).await;
+    assert!(matches!(result.metrics.source, MetricsSource::Cgroup { .. }), "{result:?}");
+    assert!(!result.pipes_held_open, "{result:?}");
 }
 
 #[tokio::test]
@@ -543,37 +661,51 @@ async fn a_closed_sink_stops_the_job() {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-#[tokio::test]
-async fn metrics_summary_of_a_job_holding_memory() {
+/// The cgroup the opt-in cgroup tests run under: `HODEI_CGROUP_PARENT` if set, else the
+/// test's own cgroup. Fails by name where neither is usable.
+fn usable_cgroup() -> CgroupMode {
+    let mode = match std::env::var_os("HODEI_CGROUP_PARENT") {
+        Some(dir) => CgroupMode::Under(dir.into()),
+        None => CgroupMode::Auto,
+    };
+    assert!(
+        mode.usable_parent().is_some(),
+        "no usable cgroup v2 for {mode:?}: name a delegated directory whose cgroup.subtree_control has memory in HODEI_CGROUP_PARENT"
+    );
+    mode
+}
+
+/// What the runner measured of a job that holds 20 MB in its shell, under `mode`: the source
+/// the job announced when it started, its summary, and the samples sent meanwhile. Checks what
+/// holds for every source.
+async fn metrics_of_a_job_holding_memory(
+    mode: CgroupMode,
+) -> (RunningJobSource, MetricsSummary, Vec<MetricsSample>) {
     let config = RunnerConfig::default()
         .batch(BatchLimits { max_bytes: 4096, max_delay: Duration::from_millis(10) })
-        .sample_interval(Duration::from_millis(20));
+        .sample_interval(Duration::from_millis(20))
+        .cgroup(mode);
     let (tx, mut rx) = mpsc::channel(4);
     let (mtx, mut mrx) = mpsc::channel(64);
     // The shell itself holds 20 MB in a variable, so even the /proc fallback, which sees only
     // the main process, sees it.
     let script = "x=$(head -c 20000000 /dev/zero | tr '\\0' a); echo ready; sleep 1000";
     let job = JobRunner::new(config).start(sh(script), Secrets::new(), tx, Some(mtx)).unwrap();
-    let source = job.metrics_source().clone();
-    match &source {
-        MetricsSource::Cgroup { path } => assert!(path.join("cgroup.procs").is_file()),
-        MetricsSource::Proc { pid } => assert_eq!(*pid, job.pid()),
-        other => panic!("unknown source {other:?}"),
+    let source = RunningJobSource { source: job.metrics_source().clone(), pid: job.pid() };
+    if let MetricsSource::Cgroup { path } = &source.source {
+        // Checked while the job runs: the directory goes with the job.
+        assert!(path.join("cgroup.procs").is_file(), "{path:?}");
     }
     let mut out = Output::default();
     bounded("ready", out.until(&mut rx, "ready")).await;
     job.cancel();
     let metrics = finish(job, &mut rx, out).await.1.metrics;
-    assert_eq!(metrics.source, source);
+    assert_eq!(metrics.source, source.source);
     assert!(metrics.wall > Duration::ZERO);
     let peak = metrics.peak_memory_bytes.expect("a reading was taken before the job was stopped");
     assert!(peak >= 20_000_000, "peak {peak}");
     assert!(peak < 4_000_000_000, "peak {peak}");
     assert!(metrics.cpu <= metrics.wall * 4, "{metrics:?}");
-    if let MetricsSource::Cgroup { path } = &source {
-        assert!(!path.exists(), "the job's cgroup was removed");
-    }
-
     let mut samples = Vec::new();
     while let Ok(sample) = mrx.try_recv() {
         samples.push(sample);
@@ -583,6 +715,33 @@ async fn metrics_summary_of_a_job_holding_memory() {
         samples.windows(2).all(|w| w[0].cpu <= w[1].cpu && w[0].peak_memory_bytes <= w[1].peak_memory_bytes)
     );
     assert!(samples.iter().any(|s| s.peak_memory_bytes >= 20_000_000), "{samples:?}");
+    (source, metrics, samples)
+}
+
+/// The source a job announced at its start, and its pid.
+struct RunningJobSource {
+    source: MetricsSource,
+    pid: u32,
+}
+
+/// Every machine: with cgroups off the job's main process is read through `/proc`.
+#[tokio::test]
+async fn proc_metrics_of_a_job_holding_memory() {
+    let (started, metrics, _) = metrics_of_a_job_holding_memory(CgroupMode::Off).await;
+    assert_eq!(started.source, MetricsSource::Proc { pid: started.pid });
+    assert_eq!(metrics.source, MetricsSource::Proc { pid: started.pid });
+}
+
+/// Machines with a delegated cgroup v2 only: the job gets a cgroup of its own, read for the
+/// whole job, and removed when the job ends.
+#[tokio::test]
+#[ignore = "needs a cgroup v2 delegated to the test with the memory controller on for children (CI's machines run cgroup v1): HODEI_CGROUP_PARENT=<dir> cargo test -p hodei-agent --test runner -- --ignored cgroup"]
+async fn cgroup_metrics_of_a_job_holding_memory() {
+    let (started, _, _) = metrics_of_a_job_holding_memory(usable_cgroup()).await;
+    let MetricsSource::Cgroup { path } = &started.source else {
+        panic!("a usable cgroup v2, and the job was measured by {:?}", started.source)
+    };
+    assert!(!path.exists(), "the job's cgroup was removed");
 }
 
 #[tokio::test]

@@ -21,6 +21,21 @@ pub enum Error {
         /// What the lock file says about its holder, if anything.
         holder: Option<String>,
     },
+    /// The data directory lost writes that were acknowledged as durable, or a file the store
+    /// needs to tell that is damaged. The store does not open and writes nothing more there:
+    /// restore the directory from a backup, or open it with
+    /// `SledOptions::accept_data_loss` to go on with what is left.
+    #[error(
+        "data directory {path} is damaged: {damage}; lost: {lost}. Restore it from a backup, or open it accepting the loss"
+    )]
+    Damaged {
+        /// The data directory.
+        path: PathBuf,
+        /// What is damaged.
+        damage: String,
+        /// What acknowledged data is missing, as far as the store can tell.
+        lost: String,
+    },
     /// The storage backend failed (I/O, or sled itself).
     #[error("storage failed while {operation}: {source}")]
     Storage {
@@ -120,6 +135,19 @@ pub enum Error {
     /// The engine stopped before the awaited saga finished; it resumes on the next start.
     #[error("the engine stopped before saga `{0}` finished; it resumes on the next start")]
     EngineStopped(SagaId),
+    /// A saga, step or compensation asked for a resource of a type that was not registered
+    /// (see [`EngineBuilder::resource`](crate::EngineBuilder::resource)).
+    #[error("no resource of type `{type_name}` is registered with the engine")]
+    MissingResource {
+        /// The type asked for, as [`std::any::type_name`] spells it.
+        type_name: &'static str,
+    },
+    /// Two resources of one type were registered with an engine, which holds one per type.
+    #[error("a resource of type `{type_name}` is registered twice")]
+    DuplicateResource {
+        /// The type, as [`std::any::type_name`] spells it.
+        type_name: &'static str,
+    },
 }
 
 fn holder_suffix(holder: &Option<String>) -> String {

@@ -328,6 +328,15 @@ pub enum Event {
         /// The step the fork runs live from.
         step: u32,
     },
+    /// A running step was stopped because its saga was cancelled, or its branch was cancelled
+    /// by its group's decision (a failure under `all`, a winner under `first`): its end. It is
+    /// never run again; its compensation runs with `output: None`.
+    StepCancelled {
+        /// Step number.
+        step: u32,
+        /// Why it was stopped.
+        reason: String,
+    },
     // Later events are appended here (see the compatibility rule at the top of this module).
 }
 
@@ -516,6 +525,7 @@ mod tests {
             Event::BranchFinished { key: "3".into(), branch: 1, error: None },
             Event::ForkedFrom { source: SagaId::new("a").unwrap(), step: 2 },
             Event::Forked { fork: SagaId::new("b").unwrap(), step: 2 },
+            Event::StepCancelled { step: 3, reason: "r".into() },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();

@@ -17,12 +17,12 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::codec::decode_payload;
-use crate::driver::Scope;
+use crate::driver::{BoxFuture, Scope};
 use crate::engine::{Engine, Outcome};
 use crate::error::Error;
 use crate::event::{JoinMode, SagaId, Timestamp};
 use crate::retry::{RetryPolicy, StepError};
-use crate::saga::{BoxFuture, CompensationContext, Saga, SagaContext, SagaRun};
+use crate::saga::{CompensationContext, Saga, SagaContext, SagaRun};
 
 /// One branch of a group run by [`SagaContext::all`] or [`SagaContext::first`]: an async
 /// function of its own context, whose steps, timers and waits are journaled under the branch.
@@ -54,6 +54,10 @@ enum Decision {
     Failed(u32),
     Won(u32),
 }
+
+/// How long a group waits for the branches it cancelled to stop: each running step is bounded
+/// by its own cancel grace; this bounds a branch that reaches no operation at all.
+const BRANCH_WIND_DOWN_LIMIT: Duration = Duration::from_secs(60);
 
 fn decide(mode: JoinMode, count: u32, order: &[(u32, bool)]) -> Option<Decision> {
     match mode {
@@ -204,6 +208,7 @@ impl SagaContext {
         let mut results: Vec<Option<Result<T, StepError>>> = (0..count).map(|_| None).collect();
         let mut unreplayed = listed.len();
         let mut staged = false;
+        let mut scopes = HashMap::new();
         loop {
             while running.len() < limit {
                 let Some((branch, run)) = waiting.pop_front() else { break };
@@ -214,6 +219,7 @@ impl SagaContext {
                     frozen.contains(&branch),
                     stopped_tx.clone(),
                 );
+                scopes.insert(branch, scope.clone());
                 let ctx = SagaContext { shared: shared.clone(), scope };
                 let task = running.spawn((run.run)(ctx).in_current_span());
                 indices.insert(task.id(), branch);
@@ -222,8 +228,34 @@ impl SagaContext {
                 && frozen.is_empty()
                 && let Some(decision) = decide(mode, count, &order)
             {
-                if staged && !running.is_empty() {
+                // The decision is durable before its effects: the branches it cancels, and the
+                // body that sees the group's result (for `first`, which branch won; for `all`,
+                // which failure came first, is only in these events).
+                if staged {
                     shared.sync().await;
+                }
+                // The branches still running are cancelled, not dropped: each running step
+                // journals its end and winds down (a job is cancelled and waited for), and each
+                // branch stops before it would start anything more.
+                let reason = match decision {
+                    Decision::Failed(branch) => format!("branch {branch} of `{name}` failed"),
+                    Decision::Won(branch) => format!("branch {branch} of `{name}` finished first"),
+                    Decision::AllSucceeded => format!("`{name}` is decided"),
+                };
+                let cancelled: Vec<Arc<Scope>> =
+                    indices.values().filter_map(|branch| scopes.get(branch).cloned()).collect();
+                for scope in &cancelled {
+                    scope.cancel(&reason);
+                }
+                // A branch with no step at work is dropped at once; the others once their steps
+                // have journaled their ends and wound down.
+                let wound_down = async {
+                    for scope in &cancelled {
+                        scope.idle().await;
+                    }
+                };
+                if tokio::time::timeout(BRANCH_WIND_DOWN_LIMIT, wound_down).await.is_err() {
+                    tracing::warn!(group = %name, "cancelled branches still at work; dropping them");
                 }
                 running.shutdown().await;
                 return Ok(Joined { decision, results });
@@ -274,7 +306,7 @@ impl SagaContext {
     where
         O: Serialize + DeserializeOwned + Send + 'static,
     {
-        let engine = Engine { inner: self.shared.inner.clone() };
+        let engine = Engine::hosting(&self.shared.host);
         let compensating = engine.clone();
         let input = ChildRun {
             id: run.id.clone(),

@@ -36,6 +36,8 @@ pub(crate) struct StepHistory {
     pub attempts: Attempts,
     pub completed: Option<Vec<u8>>,
     pub failed: Option<(String, bool)>,
+    /// Stopped by a cancel of its saga or its branch.
+    pub cancelled: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -140,6 +142,9 @@ impl Replay {
                     replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.failed =
                         Some((error.clone(), *retryable))
                 }
+                Event::StepCancelled { step, reason } => {
+                    replay.steps.get_mut(step).ok_or_else(|| unknown(*step))?.cancelled = Some(reason.clone())
+                }
                 Event::TimerStarted { key, due } => {
                     replay.start_op(seq, key, RecordedOp::Timer { due: *due, fired: false })?
                 }
@@ -229,6 +234,7 @@ impl Replay {
                 attempts: Attempts { started: 1, retry_at: None },
                 completed: None,
                 failed: None,
+                cancelled: None,
             },
         );
         self.next_step = self.next_step.max(step + 1);

@@ -61,6 +61,7 @@ impl fmt::Display for Timeline<'_> {
                 }
                 Event::StepCompleted { step, .. } => format!("{} completed", name(step)),
                 Event::StepFailed { step, error, .. } => format!("{} failed for good: {error}", name(step)),
+                Event::StepCancelled { step, reason } => format!("{} stopped: {reason}", name(step)),
                 Event::BodyFailed { cause } => format!("saga failed: {cause}; compensating"),
                 Event::CancelRequested { reason } => format!("cancel requested: {reason}; compensating"),
                 Event::CompensationStarted { step, attempt } => match attempt {

@@ -8,15 +8,12 @@
 //! from its journal, so it fires at the original time, not at restart plus its length.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot, watch};
 
 use crate::event::Timestamp;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock::lock;
 
 /// The due-time index and the wake-up of its scheduler.
 #[derive(Debug, Default)]
@@ -114,34 +111,64 @@ impl Timers {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant, UNIX_EPOCH};
+    use std::future::{Future, poll_fn};
+    use std::pin::{Pin, pin};
+    use std::task::Poll;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
+
+    type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     #[tokio::test]
     async fn waits_fire_in_due_order_and_dropped_waits_leave_the_index() {
         let (_stop, shutdown) = watch::channel(false);
         let timers = Timers::start(shutdown);
-        let now = Timestamp::now();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for (label, ms) in [("late", 120u64), ("early", 40), ("middle", 80)] {
+        let now = Timestamp::now();
+        let mut waits: Vec<Wait> = Vec::new();
+        for (label, ms) in [("late", 300u64), ("early", 100), ("middle", 200)] {
             let (timers, tx) = (timers.clone(), tx.clone());
-            tokio::spawn(async move {
-                timers.sleep_until(now.after(Duration::from_millis(ms))).await;
-                let _ = tx.send((label, Timestamp::now()));
-            });
+            let due = now.after(Duration::from_millis(ms));
+            waits.push(Box::pin(async move {
+                timers.sleep_until(due).await;
+                let woke = Timestamp::now();
+                // The scheduler takes due entries off the index in due order before it wakes
+                // them, so no earlier wait may still be in it, whichever task runs first.
+                let earlier_waiting = lock(&timers.due).entries.keys().filter(|(d, _)| *d < due).count();
+                let _ = tx.send((label, due, woke, earlier_waiting));
+            }));
         }
-        let dropped = {
+        let dropped: Wait = {
             let timers = timers.clone();
-            tokio::spawn(async move { timers.sleep_until(now.after(Duration::from_secs(3600))).await })
+            Box::pin(async move { timers.sleep_until(now.after(Duration::from_secs(3600))).await })
         };
-        let mut order = Vec::new();
-        for _ in 0..3 {
-            let (label, at) = rx.recv().await.unwrap();
-            order.push(label);
-            assert!(at >= now, "fired before it was due");
+        waits.push(dropped);
+        // Every wait enters the index here, before this task lets the scheduler or any other
+        // task run, and well before the first is due: which fires first is then up to their
+        // due times alone, not to when each got to register.
+        poll_fn(|cx| {
+            for wait in &mut waits {
+                assert!(wait.as_mut().poll(cx).is_pending(), "a wait was due before it was registered");
+            }
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(timers.len(), 4, "every wait is in the index before the first is due");
+        let dropped = tokio::spawn(waits.pop().unwrap());
+        for wait in waits {
+            tokio::spawn(wait);
         }
-        assert_eq!(order, ["early", "middle", "late"]);
+        let mut fired = Vec::new();
+        for _ in 0..3 {
+            let (label, due, woke, earlier_waiting) = rx.recv().await.unwrap();
+            assert!(woke >= due, "{label} woke at {woke:?}, before it was due at {due:?}");
+            assert_eq!(earlier_waiting, 0, "{label} fired while an earlier wait was still waiting");
+            fired.push(label);
+        }
+        fired.sort_unstable();
+        assert_eq!(fired, ["early", "late", "middle"], "each wait fires once");
+        assert_eq!(timers.len(), 1, "fired waits leave the index");
         dropped.abort();
         let _ = dropped.await;
         assert_eq!(timers.len(), 0, "an aborted wait must leave the index");
@@ -159,9 +186,10 @@ mod tests {
     async fn a_past_due_time_resolves_at_once() {
         let (_stop, shutdown) = watch::channel(false);
         let timers = Timers::start(shutdown);
-        let started = Instant::now();
-        timers.sleep_until(Timestamp(0)).await;
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // At once: on its first poll, without entering the index or waiting for the scheduler.
+        let mut wait = pin!(timers.sleep_until(Timestamp(0)));
+        let first_poll = poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
+        assert!(first_poll.is_ready(), "a past due time must not wait");
         assert_eq!(timers.len(), 0);
     }
 }

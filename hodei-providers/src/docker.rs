@@ -9,7 +9,7 @@
 //!
 //! The agent is the container's main process: when it ends the container ends, and a job killed
 //! by the kernel for exceeding the worker's memory limit shows as Docker's `OOMKilled`
-//! ([`DockerProvider::job_end_reason`]).
+//! ([`Provider::job_end_reason`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -85,7 +85,7 @@ pub struct DockerConfig {
     pub api_timeout: Duration,
     /// How many lines of a container's output [`Provider::output`] returns.
     pub log_tail_lines: usize,
-    /// How long [`DockerProvider::job_end_reason`] waits for the engine to report an OOM kill
+    /// How long [`Provider::job_end_reason`] waits for the engine to report an OOM kill
     /// of a job that died of SIGKILL.
     pub oom_event_wait: Duration,
 }
@@ -224,7 +224,7 @@ impl DockerProvider {
     /// The engine hears of the OOM kill on its own path, which may be slower than the agent's
     /// report of the job's end: for a SIGKILL, its `oom` event is awaited for up to
     /// [`DockerConfig::oom_event_wait`].
-    pub async fn job_end_reason(
+    async fn oom_end_reason(
         &self,
         worker_id: &str,
         result: &v1::JobResult,
@@ -565,6 +565,14 @@ impl Provider for DockerProvider {
         }
     }
 
+    async fn job_end_reason(
+        &self,
+        worker_id: &str,
+        result: &v1::JobResult,
+    ) -> Result<Option<String>, ProviderError> {
+        self.oom_end_reason(worker_id, result).await
+    }
+
     async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError> {
         let docker = self.client().await?;
         let mut wanted = vec![format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")];
@@ -774,7 +782,7 @@ mod tests {
         let provider = DockerProvider::new(DockerConfig::default().socket("/nonexistent"));
         let agent = crate::AgentEnv::new("127.0.0.1:1", "127.0.0.1:2", "token", "pem");
         let mut spec = WorkerSpec::new("w-1", agent);
-        spec.resources = hodei_agent::jobs::Resources::new(Some(500), Some(64 << 20));
+        spec.resources = crate::Resources::new(Some(500), Some(64 << 20));
         spec.provider_config.insert(NETWORK_MODE_KEY.to_owned(), "host".to_owned());
         let body = provider.container_body(&spec, "img").unwrap();
         let host = body.host_config.unwrap();
@@ -790,9 +798,9 @@ mod tests {
         let labels = scoped.container_body(&spec, "img").unwrap().labels.unwrap();
         assert_eq!(labels.get(INSTANCE_LABEL).map(String::as_str), Some("ci-7"));
 
-        spec.resources = hodei_agent::jobs::Resources::new(Some(0), None);
+        spec.resources = crate::Resources::new(Some(0), None);
         assert!(matches!(provider.container_body(&spec, "img"), Err(ProviderError::InvalidSpec { .. })));
-        spec.resources = hodei_agent::jobs::Resources::new(None, Some(u64::MAX));
+        spec.resources = crate::Resources::new(None, Some(u64::MAX));
         assert!(matches!(provider.container_body(&spec, "img"), Err(ProviderError::InvalidSpec { .. })));
     }
 }

@@ -9,21 +9,28 @@
 //!   variables (the token never in argv, which other users can read in `/proc`), its stdout and
 //!   stderr go to a file in the worker's directory (what [`Provider::output`] returns), and
 //!   destroying it sends SIGTERM, then SIGKILL after a grace period. The worker outlives the
-//!   control plane unless [`LocalProvider::kill_on_drop`] says otherwise: its record, with its
-//!   pid, lets a restarted control plane list it and reap or adopt it. Before signalling such a
-//!   pid, the provider checks `/proc/<pid>/cmdline` for the agent binary and the worker's own
-//!   work directory, so that a pid the system reused is never killed.
+//!   control plane unless [`LocalProvider::kill_on_drop`] says otherwise: its record lets a
+//!   restarted control plane list it and reap or adopt it. Before signalling a process it did
+//!   not start, the provider checks `/proc/<pid>/cmdline` for the agent binary and the worker's
+//!   own `--work-dir=` argument, so that a pid the system reused is never killed.
 //!
 //! Every worker has a directory `<root>/<worker id>/` holding the CA bundle, the agent's key and
-//! certificate (`agent/`), its output (`agent.log`) and its record (`worker`: pid, program and
-//! labels, written whole then renamed into place). A child-process agent runs in that
-//! directory, so its jobs do too unless they set one.
+//! certificate (`agent/`), its output (`agent.log`) and its record (`worker`: program, the
+//! agent's `--work-dir=` argument, labels and pid, written whole then renamed into place). A
+//! child-process agent runs in that directory, so its jobs do too unless they set one.
+//!
+//! The record is written before the agent starts, then again with its pid, so that a control
+//! plane killed at any point leaves nothing a later one cannot find: a record without a pid
+//! belongs to an agent that may or may not have started, which is looked for by its command
+//! line among the system's processes; a directory without a record holds nothing but what
+//! provisioning wrote before it, and no process (its agent would be found the same way if it
+//! had one).
 //!
 //! Local workers cannot enforce cpu or memory limits: [`WorkerSpec::resources`] is ignored.
 //! The agent puts each job in a cgroup of its own when it may, but only to measure it; a job
 //! can use the whole machine. Use a container or VM provider where limits matter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -43,10 +50,15 @@ use crate::provider::{Provider, ProviderError, WorkerInfo, WorkerSpec, WorkerSta
 const OUTPUT_TAIL_BYTES: u64 = 16 * 1024;
 /// The file describing a worker in its directory.
 const WORKER_FILE: &str = "worker";
+/// The record being written, renamed to [`WORKER_FILE`] once whole.
+const WORKER_FILE_PARTIAL: &str = "worker.partial";
 /// The agent's own output.
 const OUTPUT_FILE: &str = "agent.log";
 const CA_FILE: &str = "ca.pem";
 const AGENT_DIR: &str = "agent";
+/// Everything provisioning may leave in a worker's directory: one holding nothing else and no
+/// record is a worker whose provisioning was cut short.
+const PROVISIONING_FILES: [&str; 4] = [WORKER_FILE_PARTIAL, OUTPUT_FILE, CA_FILE, AGENT_DIR];
 
 /// How the local provider starts agents.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,6 +83,8 @@ pub struct LocalProvider {
     stop_grace: Duration,
     kill_on_drop: bool,
     workers: Mutex<HashMap<String, Arc<LocalWorker>>>,
+    /// Workers being provisioned, not yet in `workers`: their directories are not orphans.
+    provisioning: Mutex<HashSet<String>>,
 }
 
 impl fmt::Debug for LocalProvider {
@@ -173,6 +187,7 @@ impl LocalProvider {
             stop_grace: Duration::from_secs(5),
             kill_on_drop: false,
             workers: Mutex::new(HashMap::new()),
+            provisioning: Mutex::new(HashSet::new()),
         }
     }
 
@@ -286,6 +301,11 @@ impl LocalProvider {
                     }
                 };
                 settings.backoff = self.backoff;
+                // An in-process agent dies with this process; its jobs must not outlive it, or a
+                // retry after the restart would run beside them.
+                settings.jobs_die_with_process = true;
+                // Its status lines are this program's tracing events, not lines on its stderr.
+                settings.status_to_stderr = false;
                 let (stop, stopped) = oneshot::channel::<()>();
                 let task = tokio::spawn(async move {
                     let result = agent::run(settings, async move {
@@ -317,6 +337,7 @@ impl LocalProvider {
                     .stdout(log)
                     .stderr(log_too)
                     .kill_on_drop(self.kill_on_drop);
+                tracing::debug!(worker = %spec.worker_id, "starting the agent process");
                 let child = command.spawn().map_err(|e| {
                     let reason = format!("cannot start {}: {e}", program.display());
                     if e.kind() == io::ErrorKind::NotFound {
@@ -330,6 +351,7 @@ impl LocalProvider {
                     }
                 })?;
                 let pid = child.id().ok_or_else(|| self.error("the agent exited at once"))?;
+                tracing::debug!(worker = %spec.worker_id, pid, "agent process started");
                 let (commands, received) = mpsc::channel(4);
                 tokio::spawn(wait_child(child, pid, received, report));
                 Running::Child { pid, commands }
@@ -353,16 +375,39 @@ impl Provider for LocalProvider {
         self.labels.clone()
     }
 
+    /// The worker is recorded before its agent starts (without a pid) and again after (with
+    /// it): whenever this control plane dies, the agent, if it started, can be found and
+    /// reaped by the next one (see the [module documentation](self)).
     async fn provision(&self, spec: &WorkerSpec) -> Result<WorkerInfo, ProviderError> {
         let dir = self.worker_dir(&spec.worker_id)?;
-        if self.lock().contains_key(&spec.worker_id) || tokio::fs::try_exists(&dir).await.unwrap_or(true) {
-            return Err(ProviderError::InvalidSpec {
-                provider: self.name().to_owned(),
-                reason: format!("worker `{}` already exists", spec.worker_id),
-            });
+        let exists = || ProviderError::InvalidSpec {
+            provider: self.name().to_owned(),
+            reason: format!("worker `{}` already exists", spec.worker_id),
+        };
+        let Some(_provisioning) = Provisioning::start(self, &spec.worker_id) else { return Err(exists()) };
+        tokio::fs::create_dir_all(&self.root).await.map_err(self.io_error("creating", &self.root))?;
+        match tokio::fs::create_dir(&dir).await {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+            Err(e) => return Err(self.io_error("creating", &dir)(e)),
+            Ok(()) => {}
         }
-        tokio::fs::create_dir_all(&dir).await.map_err(self.io_error("creating", &dir))?;
         let labels = spec.all_labels();
+        let mut record = WorkerRecord {
+            pid: None,
+            program: match &self.launch {
+                Launch::ChildProcess { program } => Some(program.display().to_string()),
+                Launch::InProcess => None,
+            },
+            work_dir: match &self.launch {
+                Launch::ChildProcess { .. } => Some(work_dir_flag(&dir)),
+                Launch::InProcess => None,
+            },
+            labels: labels.clone(),
+        };
+        if let Err(e) = write_record(&dir, &record).await {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(self.error(format!("writing the record of `{}`: {e}", spec.worker_id)));
+        }
         let started = self.start(spec, &dir).await;
         let (running, ended) = match started {
             Ok(started) => started,
@@ -371,27 +416,19 @@ impl Provider for LocalProvider {
                 return Err(e);
             }
         };
-        let record = WorkerRecord {
-            pid: match &running {
-                Running::Child { pid, .. } => Some(*pid),
-                Running::Task { .. } => None,
-            },
-            program: match &self.launch {
-                Launch::ChildProcess { program } => Some(program.display().to_string()),
-                Launch::InProcess => None,
-            },
-            labels: labels.clone(),
+        record.pid = match &running {
+            Running::Child { pid, .. } => Some(*pid),
+            Running::Task { .. } => None,
         };
-        let file = dir.join(WORKER_FILE);
         let worker = Arc::new(LocalWorker { dir, labels: labels.clone(), running: running.into(), ended });
         self.lock().insert(spec.worker_id.clone(), worker.clone());
-        // Written after the start, since it records the pid; written whole then renamed, so a
-        // crash never leaves half a record for the next start to misread.
-        let partial = file.with_extension("partial");
-        let written = tokio::fs::write(&partial, record.encode()).await;
-        if let Err(e) = written.and(tokio::fs::rename(&partial, &file).await) {
+        // Again with the pid, which lets a later control plane signal the agent without looking
+        // for it. Written whole then renamed, so a crash never leaves half a record.
+        if record.pid.is_some()
+            && let Err(e) = write_record(&worker.dir, &record).await
+        {
             let _ = self.destroy(&spec.worker_id).await;
-            return Err(self.error(format!("writing {}: {e}", file.display())));
+            return Err(self.error(format!("writing the record of `{}`: {e}", spec.worker_id)));
         }
         let handle = record.pid.map_or_else(|| worker.dir.display().to_string(), |pid| pid.to_string());
         Ok(WorkerInfo::new(spec.worker_id.clone(), handle, labels, WorkerState::Running))
@@ -400,7 +437,7 @@ impl Provider for LocalProvider {
     async fn state(&self, worker_id: &str) -> Result<WorkerState, ProviderError> {
         let Some(worker) = self.lock().get(worker_id).cloned() else {
             let dir = self.worker_dir(worker_id)?;
-            return Ok(match read_record(&dir).await {
+            return Ok(match self.orphan_record(worker_id, &dir).await {
                 Some(record) => record.state(),
                 None => WorkerState::Gone,
             });
@@ -460,9 +497,9 @@ impl Provider for LocalProvider {
         match worker {
             Some(worker) => self.stop(worker_id, &worker).await?,
             None => {
-                // Not started by this provider: a worker of an earlier control plane, found by
-                // its record.
-                if let Some(record) = read_record(&dir).await {
+                // Not started by this provider, or started but not recorded in memory (its
+                // provisioning was cut short): a worker found by its record.
+                if let Some(record) = self.orphan_record(worker_id, &dir).await {
                     self.stop_orphan(&dir, &record).await?;
                 }
             }
@@ -488,15 +525,20 @@ impl Provider for LocalProvider {
         };
         while let Some(entry) = entries.next_entry().await.map_err(self.io_error("listing", &self.root))? {
             let Some(id) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            // Workers this provider holds, or is provisioning, are not orphans. Looked up now, not
+            // in `known`: one may have been provisioned since. In this order, since provisioning
+            // ends after the worker is held.
             if known.iter().any(|(known, _)| *known == id) || self.worker_dir(&id).is_err() {
                 continue;
             }
-            // Directories without a record are not workers (or were never fully provisioned,
-            // and hold no process).
-            if let Some(record) = read_record(&entry.path()).await {
-                let handle = record.pid.map_or_else(|| entry.path().display().to_string(), |p| p.to_string());
-                let state = record.state();
-                workers.push(WorkerInfo::new(id, handle, record.labels, state));
+            let held = self.lock().contains_key(&id);
+            if held || self.provisioning.lock().unwrap_or_else(PoisonError::into_inner).contains(&id) {
+                continue;
+            }
+            if let Some(record) = self.orphan_record(&id, &entry.path()).await {
+                let pid = record.agent_pid();
+                let handle = pid.map_or_else(|| entry.path().display().to_string(), |p| p.to_string());
+                workers.push(WorkerInfo::new(id, handle, record.labels.clone(), WorkerRecord::state_of(pid)));
             }
         }
         Ok(workers)
@@ -541,12 +583,10 @@ impl LocalProvider {
         }
     }
 
-    /// Stops a process this provider did not start, if it is still the worker's agent.
+    /// Stops a process this provider did not start (or lost track of), if it is still the
+    /// worker's agent.
     async fn stop_orphan(&self, dir: &Path, record: &WorkerRecord) -> Result<(), ProviderError> {
-        let Some(pid) = record.pid else { return Ok(()) };
-        if !record.is_alive_agent(pid) {
-            return Ok(());
-        }
+        let Some(pid) = record.agent_pid() else { return Ok(()) };
         signal(pid, "TERM").await;
         if !wait_for_exit(pid, self.stop_grace).await && record.is_alive_agent(pid) {
             signal(pid, "KILL").await;
@@ -558,6 +598,70 @@ impl LocalProvider {
         }
         Ok(())
     }
+
+    /// The record of a worker this provider does not hold in memory, from its directory: the
+    /// `worker` file, or for a directory holding nothing but what provisioning writes before it
+    /// (provisioning was cut short before the record was whole), what the record would have
+    /// said. `None`: not a worker (no such directory, an unreadable record, other files).
+    async fn orphan_record(&self, worker_id: &str, dir: &Path) -> Option<WorkerRecord> {
+        match tokio::fs::read_to_string(dir.join(WORKER_FILE)).await {
+            Ok(text) => {
+                let record = WorkerRecord::decode(&text);
+                if record.is_none() {
+                    tracing::warn!(dir = %dir.display(), "a worker record this version cannot read: left alone");
+                }
+                return record;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => return None,
+        }
+        let mut entries = tokio::fs::read_dir(dir).await.ok()?;
+        while let Some(entry) = entries.next_entry().await.ok()? {
+            if !PROVISIONING_FILES.iter().any(|name| entry.file_name() == *name) {
+                return None;
+            }
+        }
+        let (program, work_dir) = match &self.launch {
+            Launch::ChildProcess { program } => {
+                (Some(program.display().to_string()), Some(work_dir_flag(dir)))
+            }
+            Launch::InProcess => (None, None),
+        };
+        let labels = [(crate::provider::WORKER_ID_LABEL.to_owned(), worker_id.to_owned())].into();
+        Some(WorkerRecord { pid: None, program, work_dir, labels })
+    }
+}
+
+/// Marks a worker as being provisioned for as long as it lives.
+struct Provisioning<'a> {
+    provider: &'a LocalProvider,
+    worker_id: String,
+}
+
+impl<'a> Provisioning<'a> {
+    /// `None` if the worker exists or is being provisioned already. (Its directory, created
+    /// next, is what keeps two provisions of one id apart for good.)
+    fn start(provider: &'a LocalProvider, worker_id: &str) -> Option<Self> {
+        let held = provider.lock().contains_key(worker_id);
+        let mut provisioning = provider.provisioning.lock().unwrap_or_else(PoisonError::into_inner);
+        if held || !provisioning.insert(worker_id.to_owned()) {
+            return None;
+        }
+        Some(Self { provider, worker_id: worker_id.to_owned() })
+    }
+}
+
+impl Drop for Provisioning<'_> {
+    fn drop(&mut self) {
+        self.provider.provisioning.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.worker_id);
+    }
+}
+
+/// Writes `record` as `dir`'s record: whole, then renamed into place.
+async fn write_record(dir: &Path, record: &WorkerRecord) -> io::Result<()> {
+    let partial = dir.join(WORKER_FILE_PARTIAL);
+    tokio::fs::write(&partial, record.encode()).await?;
+    tokio::fs::rename(&partial, dir.join(WORKER_FILE)).await
 }
 
 impl Drop for LocalProvider {
@@ -642,8 +746,14 @@ fn tail(path: &Path, max: u64) -> io::Result<String> {
 /// What the `worker` file records, so that a later control plane finds the worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct WorkerRecord {
+    /// The agent's process, once started (child processes only).
     pid: Option<u32>,
+    /// The agent binary (child processes only).
     program: Option<String>,
+    /// The `--work-dir=` argument the agent is started with, exactly: it tells the worker's
+    /// agent apart from every other process, with or without a pid. Records of earlier
+    /// versions have none.
+    work_dir: Option<String>,
     labels: BTreeMap<String, String>,
 }
 
@@ -658,6 +768,9 @@ impl WorkerRecord {
         if let Some(program) = &self.program {
             text.push_str(&format!("program\t{}\n", escape(program)));
         }
+        if let Some(work_dir) = &self.work_dir {
+            text.push_str(&format!("work-dir\t{}\n", escape(work_dir)));
+        }
         for (name, value) in &self.labels {
             text.push_str(&format!("label\t{}\t{}\n", escape(name), escape(value)));
         }
@@ -665,12 +778,13 @@ impl WorkerRecord {
     }
 
     fn decode(text: &str) -> Option<Self> {
-        let mut record = Self { pid: None, program: None, labels: BTreeMap::new() };
+        let mut record = Self { pid: None, program: None, work_dir: None, labels: BTreeMap::new() };
         for line in text.lines() {
             let mut fields = line.split('\t');
             match (fields.next()?, fields.next(), fields.next()) {
                 ("pid", Some(pid), None) => record.pid = Some(pid.parse().ok()?),
                 ("program", Some(program), None) => record.program = Some(unescape(program)?),
+                ("work-dir", Some(work_dir), None) => record.work_dir = Some(unescape(work_dir)?),
                 ("label", Some(name), Some(value)) => {
                     record.labels.insert(unescape(name)?, unescape(value)?);
                 }
@@ -680,35 +794,57 @@ impl WorkerRecord {
         Some(record)
     }
 
-    /// Whether `pid` still runs this worker's agent: the program and the work-dir marker must
-    /// both be in its command line, so a pid reused by another process is never signalled.
+    /// Whether `pid` runs this worker's agent: the program must be its command line's first
+    /// word and the worker's `--work-dir=` argument one of the others (for records without it,
+    /// one ending in this worker's directory), so a pid reused by another process is never
+    /// signalled.
     fn is_alive_agent(&self, pid: u32) -> bool {
         let Some(program) = &self.program else { return false };
-        let Some(worker_id) = self.labels.get(crate::provider::WORKER_ID_LABEL) else { return false };
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let marker_suffix = format!("/{worker_id}/{AGENT_DIR}");
-        args.first().is_some_and(|arg0| *arg0 == program.as_bytes())
-            && args
-                .iter()
-                .any(|arg| arg.starts_with(b"--work-dir=") && arg.ends_with(marker_suffix.as_bytes()))
-            && process_running(pid)
+        let mut args = cmdline.split(|b| *b == 0);
+        if args.next() != Some(program.as_bytes()) {
+            return false;
+        }
+        let marked = match &self.work_dir {
+            Some(work_dir) => args.any(|arg| arg == work_dir.as_bytes()),
+            None => {
+                let Some(worker_id) = self.labels.get(crate::provider::WORKER_ID_LABEL) else { return false };
+                let suffix = format!("/{worker_id}/{AGENT_DIR}");
+                args.any(|arg| arg.starts_with(b"--work-dir=") && arg.ends_with(suffix.as_bytes()))
+            }
+        };
+        marked && process_running(pid)
+    }
+
+    /// The process running this worker's agent, if one does: the recorded pid, if it still is
+    /// the agent; without one (provisioning was cut short around the agent's start, which may
+    /// or may not have happened), the process whose command line is the agent's with this
+    /// worker's exact `--work-dir=` argument.
+    fn agent_pid(&self) -> Option<u32> {
+        if let Some(pid) = self.pid {
+            return self.is_alive_agent(pid).then_some(pid);
+        }
+        self.work_dir.as_ref()?;
+        let processes = std::fs::read_dir("/proc").ok()?;
+        processes
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| self.is_alive_agent(*pid))
     }
 
     fn state(&self) -> WorkerState {
-        match self.pid {
-            Some(pid) if self.is_alive_agent(pid) => WorkerState::Running,
-            _ => WorkerState::Exited {
+        Self::state_of(self.agent_pid())
+    }
+
+    /// The state of a worker whose agent runs as `pid`, or runs nowhere.
+    fn state_of(pid: Option<u32>) -> WorkerState {
+        match pid {
+            Some(_) => WorkerState::Running,
+            None => WorkerState::Exited {
                 code: None,
                 reason: Some("not running: left by an earlier control plane".to_owned()),
             },
         }
     }
-}
-
-async fn read_record(dir: &Path) -> Option<WorkerRecord> {
-    let text = tokio::fs::read_to_string(dir.join(WORKER_FILE)).await.ok()?;
-    WorkerRecord::decode(&text)
 }
 
 fn escape(text: &str) -> String {
@@ -748,13 +884,20 @@ mod tests {
         let record = WorkerRecord {
             pid: Some(42),
             program: Some("/opt/hodei agent/bin".to_owned()),
+            work_dir: Some("--work-dir=/var/lib/hodei\tworkers/w-1/agent".to_owned()),
             labels: [
                 ("hodei.dev/saga-id".to_owned(), "release\tv1\n100%".to_owned()),
                 ("empty".to_owned(), String::new()),
             ]
             .into(),
         };
-        assert_eq!(WorkerRecord::decode(&record.encode()), Some(record));
+        assert_eq!(WorkerRecord::decode(&record.encode()), Some(record.clone()));
+        // Written before the agent starts: no pid yet.
+        let before_start = WorkerRecord { pid: None, ..record };
+        assert_eq!(WorkerRecord::decode(&before_start.encode()), Some(before_start));
+        // A record of an earlier version, without the work-dir argument.
+        let earlier = WorkerRecord::decode("pid\t7\nprogram\t/bin/agent\n").unwrap();
+        assert_eq!((earlier.pid, earlier.work_dir), (Some(7), None));
         assert_eq!(WorkerRecord::decode("pid\tnot-a-number\n"), None);
         assert_eq!(WorkerRecord::decode("what\tever\n"), None);
     }
@@ -776,10 +919,15 @@ mod tests {
         let record = WorkerRecord {
             pid: Some(std::process::id()),
             program: Some("/nonexistent/hodei-agent".to_owned()),
+            work_dir: Some("--work-dir=/nonexistent/w-1/agent".to_owned()),
             labels: [(crate::provider::WORKER_ID_LABEL.to_owned(), "w-1".to_owned())].into(),
         };
         // This test process is alive, but it is not that worker's agent.
         assert!(!record.is_alive_agent(std::process::id()));
         assert!(matches!(record.state(), WorkerState::Exited { .. }));
+        // Nor is any process found by its command line.
+        let unstarted = WorkerRecord { pid: None, ..record };
+        assert_eq!(unstarted.agent_pid(), None);
+        assert!(matches!(unstarted.state(), WorkerState::Exited { .. }));
     }
 }

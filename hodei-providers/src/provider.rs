@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use hodei_agent::jobs::Resources;
+use crate::Resources;
 
 /// The label every worker Hodei manages carries, so that orphans can be found by it.
 pub const MANAGED_BY_LABEL: &str = "hodei.dev/managed-by";
@@ -314,4 +314,16 @@ pub trait Provider: Send + Sync + fmt::Debug {
 
     /// Every worker this provider manages (labelled as Hodei's), so that orphans can be reaped.
     async fn list(&self) -> Result<Vec<WorkerInfo>, ProviderError>;
+
+    /// Why a job on the worker ended, when the worker knows better than the job's result (a
+    /// SIGKILL that was the OOM killer's, say). `None` when the result says all there is, which
+    /// is what providers that know nothing more return.
+    async fn job_end_reason(
+        &self,
+        worker_id: &str,
+        result: &hodei_agent::protocol::v1::JobResult,
+    ) -> Result<Option<String>, ProviderError> {
+        let _ = (worker_id, result);
+        Ok(None)
+    }
 }

@@ -20,16 +20,17 @@ use bollard::query_parameters::{
 };
 use docker_support::{Containers, TestHub, shell, unique_worker, within};
 use futures_util::TryStreamExt;
-use hodei_agent::hub::HubError;
-use hodei_agent::jobs::{Job, JobOutcome, MemorySecrets, Resources};
-use hodei_agent::logstore::LogStream;
 use hodei_agent::protocol::v1::job_result::Outcome;
 use hodei_core::RetryPolicy;
 use hodei_providers::docker::{DockerConfig, DockerProvider, INSTANCE_LABEL, build_command, container_name};
 use hodei_providers::{
-    ControlPlane, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Provider, ProviderError, ProviderPolicy, SAGA_ID_LABEL,
-    WORKER_ID_LABEL, WorkerSpec, WorkerState,
+    MANAGED_BY_LABEL, MANAGED_BY_VALUE, Provider, ProviderError, SAGA_ID_LABEL, WORKER_ID_LABEL, WorkerSpec,
+    WorkerState,
 };
+use hodei_server::hub::HubError;
+use hodei_server::jobs::{Job, JobOutcome, MemorySecrets, Resources};
+use hodei_server::logstore::LogStream;
+use hodei_server::{ControlPlane, ProviderPolicy};
 
 /// Containers labelled with this worker id, as the Docker API lists them (stopped ones too).
 async fn containers_of(provider: &DockerProvider, worker_id: &str) -> usize {
@@ -133,6 +134,29 @@ async fn a_job_over_its_memory_limit_ends_as_out_of_memory() {
     assert_eq!(after.outcome, Some(Outcome::ExitCode(0)), "{after:?}");
     assert_eq!(provider.job_end_reason(&worker, &after).await.unwrap(), None);
     within(provider.destroy(&worker)).await.unwrap();
+}
+
+/// Through the scheduler, the step's error says what the result alone cannot: the SIGKILL
+/// was the OOM killer's, for going over the worker's memory limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_job_over_its_memory_limit_fails_its_step_as_out_of_memory() {
+    let provider = Arc::new(require_engine!());
+    let saga = unique_worker("oom-saga");
+    let mut containers = Containers::default();
+    containers.guard_label(SAGA_ID_LABEL, &saga);
+    let dir = tempfile::tempdir().unwrap();
+    let control =
+        control_plane(dir.path().join("control"), &provider, ProviderPolicy::new().ephemeral()).await;
+    let dispatcher = control.dispatcher(Arc::new(MemorySecrets::new())).retry(RetryPolicy::none());
+    let engine = pipeline::engine(dispatcher).await;
+    let grow = docker_job("echo growing; x=0123456789abcdef; while :; do x=$x$x; done")
+        .resources(Resources::new(None, Some(64 << 20)));
+    let handle = pipeline::start(&engine, &saga, vec![("grow", grow)]).await;
+    let cause = pipeline::failure(within(handle.outcome::<Vec<JobOutcome>>()).await.unwrap());
+    assert!(cause.contains("was killed by signal 9: out of memory"), "{cause}");
+    assert!(cause.contains("67108864 bytes"), "{cause}");
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    control.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,6 +374,15 @@ async fn after_a_restart_a_new_scheduler_reaps_the_containers_of_sagas_no_longer
     std::mem::forget(engine);
     std::mem::forget(first);
 
+    // The restarted control plane is the same one to its workers: the same CA, and its record
+    // of the workers it certified (the forgotten first still holds its log store's lock, so the
+    // second cannot open the whole directory in this process).
+    let pki = hodei_server::pki::pki_dir(&dir.path().join("second"));
+    std::fs::create_dir_all(&pki).unwrap();
+    for file in std::fs::read_dir(hodei_server::pki::pki_dir(&dir.path().join("first"))).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), pki.join(file.file_name())).unwrap();
+    }
     let second = control_plane(
         dir.path().join("second"),
         &provider,

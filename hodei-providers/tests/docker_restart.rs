@@ -16,19 +16,35 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use docker_support::{Containers, JOBS_IMAGE};
-use hodei_agent::jobs::{Job, JobOutcome, MemorySecrets, RemoteJobs};
-use hodei_agent::logstore::LogStream;
 use hodei_core::{Engine, Outcome, RetryPolicy, SagaContext, SagaDefinition, SagaRun, SledStore};
-use hodei_providers::docker::INSTANCE_LABEL;
 use hodei_providers::docker::{DockerConfig, DockerProvider};
-use hodei_providers::scheduler::ProviderPolicy;
-use hodei_providers::{AgentEnv, ControlPlane, Provider, WorkerSpec};
+use hodei_providers::docker::{INSTANCE_LABEL, container_name};
+use hodei_providers::{AgentEnv, Provider, WorkerSpec};
+use hodei_server::ControlPlane;
+use hodei_server::jobs::{Job, JobOutcome, MemorySecrets, RemoteJobs};
+use hodei_server::logstore::LogStream;
+use hodei_server::scheduler::ProviderPolicy;
 
 const CHILD_DIR: &str = "HODEI_TEST_DOCKER_CP_DIR";
 const CHILD_INSTANCE: &str = "HODEI_TEST_DOCKER_INSTANCE";
 const READY: &str = "hodei-test: job running";
+const LEASED: &str = "hodei-test: worker leased";
 const OUTCOME: &str = "hodei-test: outcome";
 const SAGA: &str = "docker-restart";
+/// Where the job leaves its pid in its container: the agent's directory is writable to any user.
+const JOB_PID_FILE: &str = "/hodei/job.pid";
+
+/// Runs until the test sends it SIGUSR1, so that it spans the kill and the restart however
+/// long they take. The jobs image has `sh`, `sleep` and `cat`; `kill` and `wait` are built in.
+fn job_script() -> String {
+    format!(
+        "trap 'kill $!; echo finished; exit 0' USR1\n\
+         sleep 1000 &\n\
+         echo $$ > {JOB_PID_FILE}\n\
+         echo started\n\
+         wait\n"
+    )
+}
 
 fn docker_config(instance: &str) -> DockerConfig {
     DockerConfig::default().network_mode("host").image(JOBS_IMAGE).instance(instance)
@@ -54,14 +70,19 @@ async fn docker_control_plane_process() {
     let jobs = control_plane
         .dispatcher(Arc::new(MemorySecrets::new()))
         .retry(RetryPolicy::attempts(10).initial_backoff(Duration::from_millis(200)));
-    // Long enough to span the kill and the restart; its end needs no test to wait on it.
-    let job = Job::pooled_script(["/bin/sh", "-s"], "echo started\nsleep 4\necho finished\n");
+    let job = Job::pooled_script(["/bin/sh"], job_script());
     let definition = SagaDefinition::new("pipeline", 1, move |ctx: SagaContext, (): ()| {
         let (jobs, job) = (jobs.clone(), job.clone());
-        async move { ctx.run_job(&jobs, "build", job).await }
+        async move { ctx.run_job_on(&jobs, "build", job).await }
     });
     let engine = Engine::builder().store(store).register(definition).start().await.unwrap();
     let handle = engine.start(SagaRun::new("pipeline", SAGA, &()).unwrap()).await.unwrap();
+    // After the restart, the step holds the adopted worker from when it re-attaches to the job
+    // until the job ends, which only the test's signal makes it do.
+    let mut counts = control_plane.scheduler().watch_counts();
+    if counts.wait_for(|c| c.leased > 0).await.is_ok() {
+        println!("{LEASED}");
+    }
     let mut follower =
         control_plane.logs().follow(&format!("{SAGA}/0#1"), LogStream::Stdout, 0).await.unwrap();
     if let Some(chunk) = follower.next().await {
@@ -155,14 +176,28 @@ async fn a_killed_control_plane_adopts_its_live_sagas_container_and_reaps_the_ot
     let listed: Vec<String> = ours.list().await.unwrap().into_iter().map(|w| w.worker_id).collect();
     assert_eq!(listed.len(), 2, "the live saga's worker and the stale one: {listed:?}");
 
+    let live = listed.iter().find(|id| *id != "w-stale-restart").unwrap().clone();
+
     let (second, stdout) = spawn_control_plane(tmp.path(), &instance);
     reaper.0.push(second);
+    let (leased, stdout) = line_containing(stdout, LEASED).await;
+    assert!(leased.is_some(), "the restarted control plane never leased the worker");
+    // Only now may the job end: the resumed step holds the worker the job runs on.
+    let signalled = docker_support::within(
+        tokio::process::Command::new("docker")
+            .args(["exec", &container_name(&live), "/bin/sh", "-c"])
+            .arg(format!("read pid < {JOB_PID_FILE} && kill -USR1 \"$pid\""))
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(signalled.status.success(), "signalling the job: {}", String::from_utf8_lossy(&signalled.stderr));
     let (outcome, _stdout) = line_containing(stdout, OUTCOME).await;
     assert_eq!(outcome.as_deref(), Some(format!("{OUTCOME} completed {SAGA}/0#1").as_str()), "re-attached");
     reaper.0[0].wait().unwrap();
     drop(reaper);
 
-    let logs = hodei_agent::logstore::LogStore::open(tmp.path()).await.unwrap();
+    let logs = hodei_server::logstore::LogStore::open(tmp.path()).await.unwrap();
     let chunk = logs.read(&format!("{SAGA}/0#1"), LogStream::Stdout, 0, 1 << 16).await.unwrap();
     assert_eq!(chunk.bytes, b"started\nfinished\n", "one run, every line once");
     let left = ours.list().await.unwrap();

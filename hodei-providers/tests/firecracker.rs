@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use firecracker_support::{ApiSpec, FakeFirecracker, FakeOptions, Recorded};
-use hodei_agent::jobs::Resources;
 use hodei_providers::firecracker::{
     Action, ApiError, BootSource, Drive, FirecrackerClient, FirecrackerConfig, FirecrackerProvider,
     MachineConfig, MmdsConfig, NetworkInterface, TapDevice,
@@ -21,6 +20,7 @@ use hodei_providers::firecracker::{
 use hodei_providers::{
     AgentEnv, MANAGED_BY_LABEL, Provider, ProviderError, WORKER_ID_LABEL, WorkerSpec, WorkerState,
 };
+use hodei_server::jobs::Resources;
 use serde_json::json;
 
 const CHILD_TEST: &str = "fake_firecracker_vmm";
@@ -97,7 +97,8 @@ impl Host {
             .rootfs(self.path("rootfs.ext4"))
             .tap(TapDevice::Existing { default_name: Some(TAP.to_owned()) })
             .state_dir(self.path("state"))
-            .api_timeout(Duration::from_secs(30))
+            // The fake VMM is this test binary, which a busy machine may be slow to start.
+            .api_timeout(Duration::from_secs(60))
             .shutdown_timeout(Duration::from_secs(60))
     }
 
@@ -210,15 +211,16 @@ async fn provision_boots_the_vm_with_spec_conformant_requests_in_order() {
 #[tokio::test]
 async fn destroy_asks_the_guest_to_shut_down_then_removes_the_socket() {
     let host = Host::new();
-    let provider = FirecrackerProvider::new(host.config());
+    // Never reached: were the guest not to go down on Ctrl-Alt-Del, the test would hang instead.
+    let provider = FirecrackerProvider::new(host.config().shutdown_timeout(Duration::from_secs(3600)));
     let info = provider.provision(&spec("w-stop")).await.expect("provision");
     let socket = host.socket("w-stop");
     assert!(socket.exists());
 
-    let started = Instant::now();
-    provider.destroy("w-stop").await.expect("destroy");
-    // The guest went down on Ctrl-Alt-Del: far inside the 60 s after which it would be killed.
-    assert!(started.elapsed() < Duration::from_secs(30), "destroy took {:?}", started.elapsed());
+    tokio::time::timeout(Duration::from_secs(60), provider.destroy("w-stop"))
+        .await
+        .expect("hung: the guest did not shut down on Ctrl-Alt-Del")
+        .expect("destroy");
     let last = host.requests().pop().expect("requests");
     assert_eq!((last.method.as_str(), last.path.as_str(), last.status), ("PUT", "/actions", 204));
     assert_eq!(last.body, Some(json!({ "action_type": "SendCtrlAltDel" })));
@@ -519,19 +521,14 @@ async fn the_client_surfaces_the_vmms_fault_message_and_boot_rules() {
     assert!(matches!(gone, ApiError::Connect { .. }), "{gone:?}");
 }
 
-/// Boots a real guest when `HODEI_FIRECRACKER_TEST=1`, `HODEI_FC_KERNEL` and `HODEI_FC_ROOTFS`
-/// are set (and optionally `HODEI_FC_BINARY`, `HODEI_FC_TAP`), on a host with `/dev/kvm`.
+/// Boots a real guest, on a host with `/dev/kvm`: `HODEI_FC_KERNEL` and `HODEI_FC_ROOTFS` (and
+/// optionally `HODEI_FC_BINARY`, `HODEI_FC_TAP`). Ignored unless asked for, so that it is
+/// counted as ignored, never as passed; asked for, a missing piece fails it.
 #[tokio::test]
-async fn a_real_firecracker_boots_and_shuts_down_when_enabled() {
-    let enabled = std::env::var("HODEI_FIRECRACKER_TEST").as_deref() == Ok("1");
-    let (Ok(kernel), Ok(rootfs), true) =
-        (std::env::var("HODEI_FC_KERNEL"), std::env::var("HODEI_FC_ROOTFS"), enabled)
-    else {
-        println!(
-            "skipped: set HODEI_FIRECRACKER_TEST=1, HODEI_FC_KERNEL and HODEI_FC_ROOTFS to boot a real microVM"
-        );
-        return;
-    };
+#[ignore = "needs /dev/kvm: HODEI_FC_KERNEL=vmlinux HODEI_FC_ROOTFS=rootfs.ext4 cargo test -p hodei-providers --features firecracker --test firecracker -- --ignored a_real_firecracker"]
+async fn a_real_firecracker_boots_and_shuts_down() {
+    let kernel = std::env::var("HODEI_FC_KERNEL").expect("HODEI_FC_KERNEL: a guest kernel");
+    let rootfs = std::env::var("HODEI_FC_ROOTFS").expect("HODEI_FC_ROOTFS: a root filesystem with the agent");
     let state = tempfile::tempdir().expect("a temp dir");
     let config = FirecrackerConfig::new(kernel)
         .firecracker_binary(std::env::var("HODEI_FC_BINARY").unwrap_or_else(|_| "firecracker".to_owned()))

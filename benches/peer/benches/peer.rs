@@ -2,8 +2,10 @@
 //! sagas (orchestrations) of 10 no-op steps (activities) with 100-byte outputs, in a closed loop
 //! at several concurrencies, each engine on a fresh file-backed store in a temporary directory.
 //!
-//! Run: `cargo bench --manifest-path benches/peer/Cargo.toml`. Knobs: `HODEI_BENCH_SCALE`
-//! multiplies the saga counts; `DUROXIDE_ORCH_CONCURRENCY`, `DUROXIDE_WORKER_CONCURRENCY` and
+//! Run: `cargo bench --manifest-path benches/peer/Cargo.toml`. Each concurrency runs
+//! `HODEI_BENCH_ROUNDS` rounds (default 3), each a fresh store for both engines, in alternating
+//! order (hodei first in even rounds); the table gives the medians and the median of the
+//! rounds' ratios. Knobs: `HODEI_BENCH_SCALE` multiplies the saga counts; `DUROXIDE_ORCH_CONCURRENCY`, `DUROXIDE_WORKER_CONCURRENCY` and
 //! `DUROXIDE_POLL_MS` override duroxide's runtime settings below.
 //!
 //! duroxide's configuration, chosen to be fair to it:
@@ -29,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Table, closed_loop, knob, noop_saga, noop_sagas, rate, scaled, sled_engine, thousands};
+use common::{Table, closed_loop, knob, median, noop_saga, noop_sagas, rate, scaled, sled_engine, thousands};
 use duroxide::providers::sqlite::SqliteProvider;
 use duroxide::runtime::registry::ActivityRegistry;
 use duroxide::runtime::{ObservabilityConfig, Runtime, RuntimeOptions};
@@ -68,9 +70,10 @@ fn main() {
     rt.block_on(async {
         println!("## hodei vs duroxide: sagas of {} no-op steps, closed loop", common::STEPS);
         let settings = DuroxideSettings::from_env();
+        let rounds = knob("HODEI_BENCH_ROUNDS", 3).max(1);
         let table = Table::new(
             &format!(
-                "Completed sagas per second (duroxide: SQLite file, {} orchestration / {} activity dispatchers, {} ms poll)",
+                "Completed sagas per second, median of {rounds} rounds (duroxide: SQLite file, {} orchestration / {} activity dispatchers, {} ms poll)",
                 settings.orchestrations,
                 settings.activities,
                 settings.poll.as_millis()
@@ -85,16 +88,30 @@ fn main() {
             ],
         );
         for (concurrency, hodei_sagas, duroxide_sagas) in [(1, 100, 20), (16, 800, 100), (64, 2_000, 200)] {
-            let ours = hodei(concurrency, scaled(hodei_sagas)).await;
+            let (mut ours, mut theirs, mut ratios, mut failed) = (Vec::new(), Vec::new(), Vec::new(), 0);
             let warned = warnings();
-            let theirs = duroxide(&settings, concurrency, scaled(duroxide_sagas)).await;
+            for round in 0..rounds {
+                let hodei_rate = async || hodei(concurrency, scaled(hodei_sagas)).await;
+                let duroxide_run = async || duroxide(&settings, concurrency, scaled(duroxide_sagas)).await;
+                let (hodei_rate, duroxide_run) = if round % 2 == 0 {
+                    let h = hodei_rate().await;
+                    (h, duroxide_run().await)
+                } else {
+                    let d = duroxide_run().await;
+                    (hodei_rate().await, d)
+                };
+                ours.push(hodei_rate);
+                theirs.push(duroxide_run.per_second);
+                ratios.push(hodei_rate / duroxide_run.per_second);
+                failed += duroxide_run.failed;
+            }
             table.row(&[
                 concurrency.to_string(),
-                thousands(ours),
-                format!("{:.1}", theirs.per_second),
-                format!("{:.0}x", ours / theirs.per_second),
+                thousands(median(ours)),
+                format!("{:.1}", median(theirs)),
+                format!("{:.0}x", median(ratios)),
                 ">= 10x".into(),
-                format!("{} / {}", theirs.failed, warnings() - warned),
+                format!("{failed} / {}", warnings() - warned),
             ]);
         }
     });

@@ -7,11 +7,13 @@
 //! further), so no byte is lost or sent twice into the store. The result stays until the hub
 //! acknowledges it.
 //!
-//! Memory is bounded per job ([`MAX_HELD_BYTES`]): a job whose output the hub has not
+//! Memory is bounded per job ([`MAX_HELD_BYTES`], or less if the hub asks for less in
+//! `Welcome`): a job whose output the hub has not
 //! acknowledged stops being read ([`Outbox::wait_for_room`]), the runner's channel fills, and
 //! the runner stops reading the child's pipes, so the child blocks on its writes.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::bytes::Bytes;
@@ -123,6 +125,8 @@ pub struct Outbox {
     job_id: String,
     state: Mutex<State>,
     room: Notify,
+    /// The session's bound on held output, shared by every outbox.
+    max_held: Arc<AtomicUsize>,
 }
 
 /// Where one session stands in sending one job's outbox.
@@ -185,7 +189,8 @@ impl Outbox {
         self.room.notify_waiters();
     }
 
-    /// Waits until the job holds less than [`MAX_HELD_BYTES`] of unacknowledged output.
+    /// Waits until the job holds less unacknowledged output than the bound the session
+    /// negotiated ([`MAX_HELD_BYTES`] at most).
     pub async fn wait_for_room(&self) {
         loop {
             let notified = self.room.notified();
@@ -194,7 +199,7 @@ impl Outbox {
             notified.as_mut().enable();
             {
                 let state = self.state();
-                if state.stdout.held + state.stderr.held < MAX_HELD_BYTES {
+                if state.stdout.held + state.stderr.held < self.max_held.load(Ordering::Relaxed) {
                     return;
                 }
             }
@@ -276,13 +281,18 @@ impl Outbox {
 #[derive(Debug)]
 pub struct Outboxes {
     jobs: Mutex<BTreeMap<String, Arc<Outbox>>>,
+    max_held: Arc<AtomicUsize>,
     /// Bumped on every change a session must act on (new output, a result, a new job).
     changed: watch::Sender<u64>,
 }
 
 impl Default for Outboxes {
     fn default() -> Self {
-        Self { jobs: Mutex::new(BTreeMap::new()), changed: watch::Sender::new(0) }
+        Self {
+            jobs: Mutex::new(BTreeMap::new()),
+            max_held: Arc::new(AtomicUsize::new(MAX_HELD_BYTES)),
+            changed: watch::Sender::new(0),
+        }
     }
 }
 
@@ -299,12 +309,25 @@ impl Outboxes {
             return None;
         }
         let state = State { pid, running: true, ..State::default() };
-        let outbox =
-            Arc::new(Outbox { job_id: job_id.to_owned(), state: Mutex::new(state), room: Notify::new() });
+        let outbox = Arc::new(Outbox {
+            job_id: job_id.to_owned(),
+            state: Mutex::new(state),
+            room: Notify::new(),
+            max_held: self.max_held.clone(),
+        });
         jobs.insert(job_id.to_owned(), outbox.clone());
         drop(jobs);
         self.notify();
         Some(outbox)
+    }
+
+    /// Sets the bound on each job's held output, as a session's `Welcome` negotiated it: at most
+    /// [`MAX_HELD_BYTES`]. Paused jobs re-check it, so a larger bound resumes them at once.
+    pub fn set_max_held(&self, bytes: usize) {
+        self.max_held.store(bytes.clamp(1, MAX_HELD_BYTES), Ordering::Relaxed);
+        for outbox in self.jobs().values() {
+            outbox.room.notify_waiters();
+        }
     }
 
     /// Whether the agent holds `job_id`.
@@ -426,5 +449,25 @@ mod tests {
         assert!(!waiting.is_finished(), "no room until an ack");
         outbox.ack(Stream::Stdout, 1);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_negotiated_bound_pauses_a_job_below_the_agent_s_own() {
+        let boxes = Outboxes::default();
+        boxes.set_max_held(1024);
+        let outbox = boxes.open("j", 1).unwrap();
+        outbox.push(Stream::Stdout, 0, vec![b'x'; 1024]);
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "1 KiB held: the hub's bound is reached");
+        // A later session's Welcome allows more: the paused job goes on without an ack.
+        boxes.set_max_held(4096);
+        tokio::time::timeout(std::time::Duration::from_secs(60), waiting).await.expect("hung").unwrap();
+        // Never above the agent's own bound, whatever the hub says.
+        boxes.set_max_held(usize::MAX);
+        assert_eq!(boxes.max_held.load(Ordering::Relaxed), MAX_HELD_BYTES);
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
-use super::ca::WORKER_URI_PREFIX;
+use super::certificate::WORKER_URI_PREFIX;
 use super::{PkiError, Result, TlsIdentity, WorkerCertificate, validate_worker_id};
 
 /// The agent's private key (ECDSA P-256), made on the worker so that it never travels.

@@ -1,7 +1,7 @@
 //! The rustls configurations of the hub's listeners and of the agent.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
@@ -57,7 +57,7 @@ fn tls_error(e: rustls::Error) -> PkiError {
 }
 
 /// Every certificate in `pem`; at least one, or an error naming `what`.
-pub(super) fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>> {
+pub fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>> {
     let certs = rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid_pem(what, e.to_string()))?;
@@ -67,7 +67,7 @@ pub(super) fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<Certifica
     Ok(certs)
 }
 
-pub(super) fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore> {
+pub fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertStore> {
     let mut store = RootCertStore::empty();
     for root in roots {
         store.add(root.clone()).map_err(|e| invalid_pem("CA certificate", e.to_string()))?;
@@ -76,8 +76,24 @@ pub(super) fn root_store(roots: &[CertificateDer<'static>]) -> Result<RootCertSt
 }
 
 /// The ring provider, passed explicitly so that nothing depends on a process-wide default.
-pub(super) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// One instance serves every configuration and verifier, and [`super::random_bytes`].
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static RING: LazyLock<Arc<CryptoProvider>> = LazyLock::new(|| Arc::new(ring_provider()));
+    RING.clone()
+}
+
+/// rustls's *ring* provider, the only place that names it. From rustls 0.23.48 on,
+/// `crypto::ring::default_provider` is deprecated ("no support for post-quantum algorithms")
+/// with no *ring* successor in 0.23 (rustls's own docs still point *ring* users to it; the
+/// separate `rustls-ring` crate is for rustls 0.24). The alternative it steers to is aws-lc-rs,
+/// which this crate keeps out on purpose (see its Cargo.toml), so the trade-off is accepted
+/// here, once. `allow`, not `expect`: with the locked rustls there is nothing to expect.
+#[allow(
+    deprecated,
+    reason = "ring is this crate's deliberate provider; rustls 0.23 has no non-deprecated ring API"
+)]
+fn ring_provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
 }
 
 /// rustls's time, taken from the hub's clock, so that handshakes and the CA agree on "now".
@@ -90,7 +106,10 @@ impl TimeProvider for ClockTime {
     }
 }
 
-pub(super) fn server_config(
+/// A listener's configuration: this crate's protocol versions and ALPN, the given client
+/// verifier (the control plane's revocation-checking one, or none for registration), and no
+/// session resumption.
+pub fn server_config(
     provider: &Arc<CryptoProvider>,
     clock: &Arc<dyn Clock>,
     verifier: Arc<dyn ClientCertVerifier>,
@@ -115,7 +134,7 @@ pub(super) fn server_config(
 /// listener) or nothing (to the registration listener).
 pub fn agent_client_config(ca_bundle_pem: &str, identity: Option<&TlsIdentity>) -> Result<Arc<ClientConfig>> {
     let roots = root_store(&parse_certs(ca_bundle_pem, "CA bundle")?)?;
-    let builder = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(VERSIONS)
         .map_err(tls_error)?
         .with_root_certificates(roots);

@@ -7,6 +7,7 @@ use std::fmt;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
+use super::encoding::{BASE64_STANDARD, BASE64_URL_SAFE, base64_aligned, json_escape, percent_encode};
 use super::error::RunnerError;
 use super::spec::Secrets;
 
@@ -18,9 +19,6 @@ pub const MASK: &[u8] = b"***";
 /// unrelated logs while hiding almost nothing. The raw value is always masked, whatever its
 /// length.
 pub const MIN_DERIVED_LEN: usize = 6;
-
-const BASE64_STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const BASE64_URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// Replaces secrets in a byte stream that arrives in arbitrary chunks.
 ///
@@ -230,102 +228,10 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
     derived
 }
 
-/// The characters of the base64 encoding of `value` that do not depend on its neighbours, when
-/// it starts `shift` bytes into a 3-byte group.
-fn base64_aligned(value: &[u8], shift: usize, alphabet: &[u8; 64]) -> Vec<u8> {
-    let prefix = [0u8; 2];
-    let mut complete = Vec::new();
-    base64_complete_chars(prefix[..shift].iter().chain(value).copied(), alphabet, &mut complete);
-    // Characters carrying any bit of the prefix are dropped: ceil(8 * shift / 6) of them.
-    let skip = (8 * shift).div_ceil(6);
-    complete.get(skip..).map(<[u8]>::to_vec).unwrap_or_default()
-}
-
-/// Base64 characters whose six bits all come from `bytes`; the trailing partial one is left out.
-fn base64_complete_chars(bytes: impl Iterator<Item = u8>, alphabet: &[u8; 64], out: &mut Vec<u8>) {
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 6 {
-            bits -= 6;
-            out.push(alphabet[((acc >> bits) & 63) as usize]);
-        }
-        acc &= (1 << bits) - 1;
-    }
-}
-
-/// Appends standard padded base64, as written in the stdin header, to `out`.
-pub(crate) fn base64_padded(value: &[u8], out: &mut Vec<u8>) {
-    let start = out.len();
-    base64_complete_chars(value.iter().copied(), BASE64_STANDARD, out);
-    // The trailing partial character, then padding to a multiple of four.
-    let rem_bits = (value.len() * 8) % 6;
-    if rem_bits != 0 {
-        let last = value[value.len() - 1];
-        let low = u32::from(last) & ((1 << rem_bits) - 1);
-        out.push(BASE64_STANDARD[(low << (6 - rem_bits)) as usize]);
-    }
-    while !(out.len() - start).is_multiple_of(4) {
-        out.push(b'=');
-    }
-}
-
-fn percent_encode(value: &[u8]) -> Vec<u8> {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = Vec::with_capacity(value.len());
-    for &b in value {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-        }
-    }
-    out
-}
-
-fn json_escape(value: &[u8]) -> Vec<u8> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(value.len());
-    for &b in value {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..0x20 => {
-                out.extend_from_slice(b"\\u00");
-                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-            }
-            _ => out.push(b),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::encoding::base64_padded;
     use super::*;
-
-    #[test]
-    fn base64_padded_matches_known_vectors() {
-        for (input, expected) in [
-            (&b""[..], &b""[..]),
-            (b"f", b"Zg=="),
-            (b"fo", b"Zm8="),
-            (b"foo", b"Zm9v"),
-            (b"foob", b"Zm9vYg=="),
-            (b"fooba", b"Zm9vYmE="),
-            (b"foobar", b"Zm9vYmFy"),
-            (&[0xfb, 0xff], b"+/8="),
-        ] {
-            let mut out = b"x".to_vec();
-            base64_padded(input, &mut out);
-            assert_eq!(&out[1..], expected, "input {input:?}");
-        }
-    }
 
     #[test]
     fn shifted_base64_forms_occur_in_encodings_of_longer_strings() {
@@ -345,12 +251,6 @@ mod tests {
                 String::from_utf8_lossy(&encoded)
             );
         }
-    }
-
-    #[test]
-    fn percent_and_json_forms() {
-        assert_eq!(percent_encode(b"a b/c~"), b"a%20b%2Fc~");
-        assert_eq!(json_escape(b"a\"b\\c\nd\x01"), b"a\\\"b\\\\c\\nd\\u0001");
     }
 
     #[test]

@@ -83,25 +83,28 @@ pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// The directory new job cgroups go under, if the mode allows one and it is usable: a cgroup v2
-/// directory (only those have `cgroup.controllers`) whose `cgroup.subtree_control` enables the
-/// memory controller, so that a child gets `memory.current`. (`cpu.stat` with `usage_usec` is in
-/// every v2 cgroup.) The runner never enables controllers itself: that changes the hierarchy for
-/// everything else under that parent.
-pub(crate) fn usable_parent(mode: &CgroupMode) -> Option<PathBuf> {
-    let parent = match mode {
-        CgroupMode::Off => return None,
-        CgroupMode::Under(dir) => dir.clone(),
-        CgroupMode::Auto => {
-            let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-            let relative = parse_own_cgroup(&own)?;
-            Path::new(CGROUP_ROOT).join(relative.trim_start_matches('/'))
-        }
-    };
-    let controllers = std::fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
-    let delegated =
-        parent.join("cgroup.controllers").is_file() && controllers.split_whitespace().any(|c| c == "memory");
-    delegated.then_some(parent)
+impl CgroupMode {
+    /// The directory new job cgroups go under on this machine, if the mode allows one and it is
+    /// usable (else jobs are measured through `/proc`): a cgroup v2 directory (only those have
+    /// `cgroup.controllers`) whose `cgroup.subtree_control` enables the memory controller, so
+    /// that a child gets `memory.current`. (`cpu.stat` with `usage_usec` is in every v2
+    /// cgroup.) The runner never enables controllers itself: that changes the hierarchy for
+    /// everything else under that parent.
+    pub fn usable_parent(&self) -> Option<PathBuf> {
+        let parent = match self {
+            CgroupMode::Off => return None,
+            CgroupMode::Under(dir) => dir.clone(),
+            CgroupMode::Auto => {
+                let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+                let relative = parse_own_cgroup(&own)?;
+                Path::new(CGROUP_ROOT).join(relative.trim_start_matches('/'))
+            }
+        };
+        let controllers = std::fs::read_to_string(parent.join("cgroup.subtree_control")).ok()?;
+        let delegated = parent.join("cgroup.controllers").is_file()
+            && controllers.split_whitespace().any(|c| c == "memory");
+        delegated.then_some(parent)
+    }
 }
 
 /// Creates the job's cgroup under `parent` and moves `pid` into it.
@@ -391,13 +394,13 @@ mod tests {
     fn detection_refuses_what_is_not_a_delegated_cgroup2() {
         let dir = tempfile::tempdir().unwrap();
         let under = CgroupMode::Under(dir.path().to_owned());
-        assert_eq!(usable_parent(&under), None, "no cgroup files at all");
+        assert_eq!(under.usable_parent(), None, "no cgroup files at all");
         std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
         std::fs::write(dir.path().join("cgroup.subtree_control"), "cpu pids\n").unwrap();
-        assert_eq!(usable_parent(&under), None, "memory not enabled for children");
+        assert_eq!(under.usable_parent(), None, "memory not enabled for children");
         std::fs::write(dir.path().join("cgroup.subtree_control"), "cpu memory\n").unwrap();
-        assert_eq!(usable_parent(&under), Some(dir.path().to_owned()));
-        assert_eq!(usable_parent(&CgroupMode::Off), None);
+        assert_eq!(under.usable_parent(), Some(dir.path().to_owned()));
+        assert_eq!(CgroupMode::Off.usable_parent(), None);
     }
 
     #[test]

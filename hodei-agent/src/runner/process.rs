@@ -10,6 +10,8 @@ use std::io;
 use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitId, WaitIdOptions};
 
+use super::sentinel::Sentinel;
+
 /// Sends `signal` to every process of the group. A group already gone is not an error.
 pub(crate) fn signal_group(pgid: Pid, signal: Signal) {
     match rustix::process::kill_process_group(pgid, signal) {
@@ -21,16 +23,26 @@ pub(crate) fn signal_group(pgid: Pid, signal: Signal) {
 }
 
 /// SIGKILLs the group when dropped unless disarmed: a job never outlives a runner that was torn
-/// down (a dropped task, a runtime shutting down) before it could stop the job properly.
+/// down (a dropped task, a runtime shutting down) before it could stop the job properly. With a
+/// [`Sentinel`], not even a runner whose whole process died.
 #[derive(Debug)]
 pub(crate) struct GroupGuard {
     pgid: Pid,
     armed: bool,
+    sentinel: Option<Sentinel>,
 }
 
 impl GroupGuard {
-    pub(crate) fn new(pgid: Pid) -> Self {
-        Self { pgid, armed: true }
+    pub(crate) fn new(pgid: Pid, sentinel: Option<Sentinel>) -> Self {
+        Self { pgid, armed: true, sentinel }
+    }
+
+    /// Called once the group has been SIGKILLed, before the leader is reaped: the sentinel
+    /// must let go while the group's id still names only this group.
+    pub(crate) async fn release_sentinel(&mut self) {
+        if let Some(sentinel) = self.sentinel.take() {
+            sentinel.release().await;
+        }
     }
 
     /// Called once the leader has been reaped: from then on its pid may be reused.

@@ -7,8 +7,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::encoding::base64_padded;
 use super::error::RunnerError;
-use super::mask::base64_padded;
+
+/// Interpreters, by file name, that are POSIX shells: their scripts get secrets as variables.
+const SHELLS: [&str; 7] = ["sh", "bash", "dash", "zsh", "ksh", "ash", "mksh"];
+
+/// Where a shell reads its script: stdin, opened as a file, so that the shell reads it through
+/// a descriptor of its own and the script can hand fd 0 to its commands.
+const SHELL_SCRIPT_PATH: &str = "/dev/stdin";
 
 /// The grace period when a spec sets none: what `docker stop` gives a container.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -24,14 +31,18 @@ pub enum Invocation {
         /// Its arguments (never a secret: the runner refuses a spec that puts one there).
         args: Vec<String>,
     },
-    /// An interpreter that reads the script from stdin after the secret header, e.g.
-    /// `/bin/sh -s` or `bash -s`.
+    /// An interpreter and its script, which reaches it through stdin (see the runner's module
+    /// documentation). A POSIX shell (`sh`, `bash`, `dash`, `zsh`, `ksh`, `ash`, `mksh`, by file
+    /// name) is run as `<interpreter> <args> /dev/stdin` and gets each secret as a shell
+    /// variable holding its value; any other interpreter reads the secret header, then the
+    /// script, from stdin.
     Script {
         /// The interpreter.
         interpreter: String,
-        /// Its arguments (for a POSIX shell, `-s` makes it read commands from stdin).
+        /// Its arguments, before the script. A shell's must not be `-s` or `-c`: it reads the
+        /// script as a file.
         args: Vec<String>,
-        /// The script, sent on stdin after the header.
+        /// The script.
         script: Vec<u8>,
     },
 }
@@ -80,7 +91,7 @@ impl JobSpec {
         Self::new(invocation)
     }
 
-    /// Runs `interpreter` with `args` and sends `script` on its stdin after the secret header.
+    /// Runs `script` with `interpreter` and `args` ([`Invocation::Script`]).
     pub fn script(
         interpreter: impl Into<String>,
         args: impl IntoIterator<Item = impl Into<String>>,
@@ -159,11 +170,53 @@ impl JobSpec {
         }
     }
 
+    /// Whether this is a script for a POSIX shell, which gets its secrets as shell variables.
+    pub(crate) fn is_shell_script(&self) -> bool {
+        match &self.invocation {
+            Invocation::Script { interpreter, .. } => {
+                let name = interpreter.rsplit('/').next().unwrap_or(interpreter);
+                SHELLS.contains(&name)
+            }
+            Invocation::Command { .. } => false,
+        }
+    }
+
+    /// The arguments the process gets: a shell script's own, then the path it reads its
+    /// script from.
+    pub(crate) fn process_args(&self) -> impl Iterator<Item = &str> {
+        let script_path = self.is_shell_script().then_some(SHELL_SCRIPT_PATH);
+        self.args().iter().map(String::as_str).chain(script_path)
+    }
+
+    /// The job's whole stdin for these secrets ([`Secrets::stdin_payload`] or
+    /// [`Secrets::shell_payload`]).
+    pub(crate) fn stdin_payload(&self, secrets: &Secrets) -> SecretValue {
+        if self.is_shell_script() {
+            secrets.shell_payload(self.script_bytes())
+        } else {
+            secrets.stdin_payload(self.script_bytes())
+        }
+    }
+
     /// Refuses what would fail obscurely at spawn, and any secret value on the command line.
     pub(crate) fn validate(&self, secrets: &Secrets) -> Result<(), RunnerError> {
         let invalid = |reason: String| Err(RunnerError::InvalidSpec { reason });
         if self.program().is_empty() {
             return invalid("the program is empty".into());
+        }
+        if self.is_shell_script()
+            && let Some(flag) = self.args().iter().find(|a| a.as_str() == "-s" || a.as_str() == "-c")
+        {
+            return invalid(format!(
+                "a shell script is read from {SHELL_SCRIPT_PATH} as a file, so its shell takes no `{flag}`: leave it out"
+            ));
+        }
+        if self.is_shell_script()
+            && let Some((name, _)) = secrets.iter().find(|(_, value)| value.expose().contains(&0))
+        {
+            return invalid(format!(
+                "secret `{name}` holds a NUL byte, which no shell variable can; run the job as a program, which reads the secret header"
+            ));
         }
         let texts = std::iter::once(self.program()).chain(self.args().iter().map(String::as_str));
         if texts.clone().any(|t| t.contains('\0')) {
@@ -198,6 +251,9 @@ impl JobSpec {
         Ok(())
     }
 }
+
+/// After a shell script's secrets: its commands read `/dev/null`, not the rest of the script.
+const SHELL_STDIN_HANDOVER: &[u8] = b"exec 0</dev/null\n";
 
 /// A secret's value: any bytes. Its `Debug` prints `***`, it has no `Display` and no
 /// `Serialize`, and its memory is overwritten when dropped (best effort: copies made by the
@@ -283,6 +339,31 @@ impl Secrets {
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &[u8]> {
         self.0.values().map(SecretValue::expose)
+    }
+
+    /// A shell script's stdin: one assignment per secret, its value in single quotes (a `'` in
+    /// it as `'\''`), so that the variable holds the value's bytes exactly; then stdin is
+    /// handed back to the commands as `/dev/null` (the shell goes on reading its script through
+    /// its own descriptor); then the script. The values are never exported.
+    pub(crate) fn shell_payload(&self, script: &[u8]) -> SecretValue {
+        // Sized up front for the worst case (every byte a quote): a Vec that grows leaves
+        // copies of the secrets behind in freed memory.
+        let header: usize = self.iter().map(|(name, value)| name.len() + 4 * value.0.len() + 4).sum();
+        let mut out = Vec::with_capacity(header + SHELL_STDIN_HANDOVER.len() + script.len());
+        for (name, value) in self.iter() {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"='");
+            for &byte in value.expose() {
+                match byte {
+                    b'\'' => out.extend_from_slice(b"'\\''"),
+                    byte => out.push(byte),
+                }
+            }
+            out.extend_from_slice(b"'\n");
+        }
+        out.extend_from_slice(SHELL_STDIN_HANDOVER);
+        out.extend_from_slice(script);
+        SecretValue(out)
     }
 
     /// The job's whole stdin: the header (see the module documentation), then the script.

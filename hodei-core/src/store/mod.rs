@@ -22,7 +22,7 @@ mod memory;
 mod sled;
 
 #[cfg(feature = "sled")]
-pub use self::sled::SledStore;
+pub use self::sled::{SledOptions, SledStore};
 pub use memory::MemoryStore;
 
 /// Storage for saga journals and their summary records.

@@ -9,13 +9,13 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hodei_agent::hub::{Hub, HubConfig, HubError, Listening};
-use hodei_agent::jobs::Resources;
-use hodei_agent::logstore::{LogStore, LogStream};
-use hodei_agent::pki::{HubPki, PkiConfig};
 use hodei_agent::protocol::v1;
 use hodei_providers::docker::{DockerConfig, DockerProvider, container_name};
 use hodei_providers::{AgentEnv, Provider, ProviderError, WorkerSpec};
+use hodei_server::hub::{Hub, HubConfig, HubError, Listening};
+use hodei_server::jobs::Resources;
+use hodei_server::logstore::{LogStore, LogStream};
+use hodei_server::pki::{HubPki, PkiConfig};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 
@@ -89,11 +89,20 @@ fn build_images() -> Result<(), String> {
     let target = "x86_64-unknown-linux-gnu";
     // The same build as docker/build-agent-image.sh, so the two share their artifacts.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    run(Command::new(cargo)
+    let mut build = Command::new(cargo);
+    build
         .current_dir(&root)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["build", "-p", "hodei-agent", "--bin", "hodei-agent", "--release", "--target", target]))?;
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    // What cargo sets for the package whose test or bench runs this: build scripts (ring's)
+    // rerun when it changes, so leaving it would rebuild the agent's TLS stack for every
+    // caller (the providers' tests, the facade's bench) instead of sharing one build.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(|name| name == "CARGO_MANIFEST_DIR" || name.starts_with("CARGO_PKG_")) {
+            build.env_remove(name);
+        }
+    }
+    run(build.args(["build", "-p", "hodei-agent", "--bin", "hodei-agent", "--release", "--target", target]))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let binary = target_dir.join(target).join("release").join("hodei-agent");
 

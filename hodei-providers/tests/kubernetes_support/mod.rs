@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 /// The namespace every scripted test uses.
 pub const NAMESPACE: &str = "ci";
 /// The hang guard on every wait for a request or an answer.
-pub const LIMIT: Duration = Duration::from_secs(10);
+pub const LIMIT: Duration = Duration::from_secs(60);
 /// The agent image of the Docker work, which the real-cluster test starts.
 pub const AGENT_IMAGE: &str = "hodei-agent:test";
 

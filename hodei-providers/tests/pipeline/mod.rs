@@ -6,16 +6,21 @@
 
 use std::time::Duration;
 
-use hodei_agent::hub::HubConfig;
-use hodei_agent::jobs::{Job, JobDispatcher, JobOutcome, RemoteJobs};
-use hodei_agent::logstore::{LogStore, LogStream};
+#[path = "../../../hodei-server/tests/support/agent_binary.rs"]
+pub mod agent_binary;
+
 use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaHandle, SagaRun, StepError};
+use hodei_server::hub::HubConfig;
+use hodei_server::jobs::{Job, JobDispatcher, JobOutcome, RemoteJobs};
+use hodei_server::logstore::{LogStore, LogStream};
 
 /// A guard against a hang, never a means of synchronisation.
-pub const LIMIT: Duration = Duration::from_secs(8);
+pub const LIMIT: Duration = Duration::from_secs(60);
 
 pub async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, future).await.expect("finished in time")
+    tokio::time::timeout(LIMIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("hung: did not finish within {LIMIT:?}"))
 }
 
 /// Short log batch delays, so that jobs' output is stored promptly.
@@ -30,7 +35,7 @@ pub fn pipeline(dispatcher: JobDispatcher) -> SagaDefinition {
         async move {
             let mut outcomes = Vec::new();
             for (name, job) in jobs {
-                outcomes.push(ctx.run_job(&dispatcher, &name, job).await?);
+                outcomes.push(ctx.run_job_on(&dispatcher, &name, job).await?);
             }
             Ok::<Vec<JobOutcome>, StepError>(outcomes)
         }
@@ -90,4 +95,24 @@ pub async fn wait_for_stdout(logs: &LogStore, job: &str, needle: &str) {
         }
     })
     .await;
+}
+
+/// Runs its input's jobs as parallel branches, each job a step of its own branch.
+pub fn matrix(dispatcher: hodei_server::jobs::JobDispatcher) -> SagaDefinition {
+    use hodei_server::jobs::{JobOutcome, RemoteJobs};
+    SagaDefinition::new("matrix", 1, move |ctx: SagaContext, jobs: Vec<(String, Job)>| {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let branches = jobs
+                .into_iter()
+                .map(|(name, job)| {
+                    let dispatcher = dispatcher.clone();
+                    hodei_core::Branch::new(move |ctx: SagaContext| async move {
+                        ctx.run_job_on(&dispatcher, &name, job).await
+                    })
+                })
+                .collect();
+            ctx.all("jobs", branches).await.map(|outcomes: Vec<JobOutcome>| outcomes)
+        }
+    })
 }

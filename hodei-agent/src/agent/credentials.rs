@@ -1,0 +1,136 @@
+//! The agent's key and certificate: reused from the work directory when still valid, else
+//! obtained by registering, and stored there.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::SystemTime;
+
+use super::backoff::Backoff;
+use super::error::AgentError;
+use super::settings::{Settings, TOKEN, TOKEN_FILE};
+use super::status::say;
+use crate::connect::{self, ConnectError};
+use crate::pki::{AgentKey, TlsIdentity, WorkerCertificate};
+
+/// The stored identity if it is valid for this worker, else a new one from registration, which
+/// is retried with backoff while the hub cannot be reached.
+pub(super) async fn credentials(
+    settings: &Settings,
+    backoff: &mut Backoff,
+) -> Result<(TlsIdentity, WorkerCertificate), AgentError> {
+    match stored(settings) {
+        Ok(Some(identity)) => {
+            say(
+                settings.status_to_stderr,
+                format_args!("reusing the stored certificate in {}", settings.work_dir.display()),
+            );
+            return Ok(identity);
+        }
+        Ok(None) => {}
+        Err(reason) => {
+            say(settings.status_to_stderr, format_args!("not reusing the stored certificate: {reason}"))
+        }
+    }
+    let token = settings.token.as_deref().ok_or_else(|| {
+        TOKEN.error(format!(
+            "no valid certificate is stored in {}, so a registration token is needed (or {})",
+            settings.work_dir.display(),
+            TOKEN_FILE.env
+        ))
+    })?;
+    loop {
+        say(
+            settings.status_to_stderr,
+            format_args!(
+                "registering as {} with the control plane at {}",
+                settings.worker_id, settings.registration_addr
+            ),
+        );
+        match connect::register(
+            settings.registration_addr,
+            &settings.ca_bundle_pem,
+            &settings.worker_id,
+            token,
+        )
+        .await
+        {
+            Ok((key, certificate)) => {
+                store(settings, &key, &certificate)?;
+                say(
+                    settings.status_to_stderr,
+                    format_args!("registered; certificate stored in {}", settings.work_dir.display()),
+                );
+                return Ok((key.identity(&certificate)?, certificate));
+            }
+            // The hub is not reachable (yet): worth another try. Anything it answered is final.
+            Err(e @ ConnectError::Transport { .. }) => {
+                let delay = backoff.next();
+                say(
+                    settings.status_to_stderr,
+                    format_args!("registration failed: {e}; retrying in {delay:?}"),
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(AgentError::Registration(e)),
+        }
+    }
+}
+
+/// The stored key and certificate, if both exist, are for this worker and are still valid.
+fn stored(settings: &Settings) -> Result<Option<(TlsIdentity, WorkerCertificate)>, String> {
+    let read = |path: &Path| match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let (Some(key_pem), Some(cert_pem)) = (read(&settings.key_path())?, read(&settings.cert_path())?) else {
+        return Ok(None);
+    };
+    let certificate = WorkerCertificate::from_pem(&cert_pem).map_err(|e| e.to_string())?;
+    if certificate.worker_id != settings.worker_id {
+        return Err(format!("it is for worker `{}`", certificate.worker_id));
+    }
+    if certificate.not_after <= SystemTime::now() {
+        return Err("it has expired".to_owned());
+    }
+    let key = AgentKey::from_pem(&key_pem).map_err(|e| e.to_string())?;
+    let identity = key.identity(&certificate).map_err(|e| e.to_string())?;
+    Ok(Some((identity, certificate)))
+}
+
+/// Stores the key and certificate, each 0600, each written whole and then renamed into place so
+/// that a crash never leaves half a file.
+pub(super) fn store(
+    settings: &Settings,
+    key: &AgentKey,
+    certificate: &WorkerCertificate,
+) -> Result<(), AgentError> {
+    let dir = &settings.work_dir;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| AgentError::WorkDir {
+        action: "creating",
+        path: dir.clone(),
+        source,
+    })?;
+    write_private(&settings.key_path(), &key.private_key_pem())?;
+    write_private(&settings.cert_path(), &certificate.cert_pem)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
+    let partial = path.with_extension("partial");
+    let error = |action| move |source| AgentError::WorkDir { action, path: path.to_owned(), source };
+    // A leftover from a crash may have other permissions; start afresh.
+    match fs::remove_file(&partial) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(error("removing a leftover of")(e)),
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(error("creating"))?;
+    file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).map_err(error("writing"))?;
+    fs::rename(&partial, path).map_err(error("renaming into place"))
+}

@@ -1,0 +1,56 @@
+//! The agent's run loop: credentials once, then one session after another until shutdown.
+
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+
+use super::backoff::Backoff;
+use super::credentials::credentials;
+use super::error::AgentError;
+use super::outbox::Outboxes;
+use super::session::session;
+use super::settings::Settings;
+use super::status::say;
+use super::worker::Worker;
+
+/// Runs the agent until `shutdown` completes: registers if no valid certificate is stored, then
+/// keeps a session open, sending heartbeats, and reconnects with backoff when it ends. Jobs
+/// keep running while the control plane is unreachable; their output waits (bounded) and is
+/// resent on the next session. When `shutdown` completes, running jobs are cancelled.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    tokio::pin!(shutdown);
+    let mut backoff = Backoff { policy: settings.backoff, attempt: 0 };
+    let (identity, certificate) = tokio::select! {
+        () = &mut shutdown => return Ok(()),
+        identity = credentials(&settings, &mut backoff) => identity?,
+    };
+    backoff.reset();
+    let mut worker = Worker {
+        identity,
+        certificate,
+        outboxes: Arc::new(Outboxes::default()),
+        cancels: Arc::default(),
+        tasks: JoinSet::new(),
+        rotating: None,
+        rotation_asked: false,
+        status_to_stderr: settings.status_to_stderr,
+    };
+    loop {
+        say(
+            settings.status_to_stderr,
+            format_args!("dialling the control plane's sessions at {}", settings.session_addr),
+        );
+        let ended = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            ended = session(&settings, &mut worker, &mut backoff) => ended,
+        };
+        // Reap the tasks of jobs that are over, so the set does not grow with every job.
+        while worker.tasks.try_join_next().is_some() {}
+        let delay = backoff.next();
+        say(settings.status_to_stderr, format_args!("{ended}; reconnecting in {delay:?}"));
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}

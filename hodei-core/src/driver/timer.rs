@@ -1,0 +1,27 @@
+use super::scope::Scope;
+use super::shared::SagaShared;
+use crate::event::{Event, Timestamp};
+use crate::replay::RecordedOp;
+
+impl SagaShared {
+    /// A durable timer: resolves at `due`, or at the due time the journal recorded for it.
+    pub async fn sleep_until(&self, scope: &Scope, due: Timestamp) {
+        let key = scope.next_key();
+        let due = match self.recorded(&key) {
+            Some(RecordedOp::Timer { fired: true, .. }) => return,
+            Some(RecordedOp::Timer { due, .. }) => {
+                self.go_live(scope, "a timer").await;
+                *due
+            }
+            Some(other) => return self.mismatch(&key, "sets a timer".into(), other).await,
+            None => {
+                self.go_live(scope, "a timer").await;
+                self.durably(Event::TimerStarted { key: key.clone(), due }).await;
+                due
+            }
+        };
+        self.interruptible(scope, self.host.timers.sleep_until(due)).await;
+        // Staged: if it is lost in a crash, replay waits again for a due time already past.
+        self.staged(Event::TimerFired { key }).await;
+    }
+}

@@ -1,0 +1,30 @@
+//! The engine: registration, starting and resuming sagas, inspection, cancellation and
+//! shutdown.
+//!
+//! [`Engine`] is a cheap handle on shared state; each file here adds one part of its API. The
+//! engine owns the set of live sagas and starts one driver task per saga
+//! ([`crate::driver`]), which tells it when its saga has finished.
+
+mod builder;
+mod children;
+mod config;
+mod filter;
+mod fork;
+mod handle;
+mod inspection;
+mod outcome;
+mod purge;
+mod recovery;
+mod registry;
+mod requests;
+mod shutdown;
+mod start;
+mod state;
+
+pub use builder::EngineBuilder;
+pub use config::EngineConfig;
+pub use filter::SagaFilter;
+pub use handle::{SagaHandle, TypedHandle};
+pub use outcome::{Outcome, StepRef};
+pub use shutdown::ShutdownReport;
+pub use state::Engine;

@@ -1,0 +1,102 @@
+use std::sync::Arc;
+
+use super::state::{Engine, Inner};
+use crate::error::Result;
+use crate::event::{Event, RecordedEvent, SagaRecord, SagaStatus};
+use crate::lock::lock;
+use crate::saga::SagaDefinition;
+
+impl Engine {
+    pub(super) fn recover(&self) -> Result<()> {
+        let in_flight = self.inner.store.in_flight()?;
+        tracing::info!(sagas = in_flight.len(), "resuming sagas in flight");
+        for record in in_flight {
+            self.inner.adopt(record)?;
+        }
+        Ok(())
+    }
+
+    /// Registers a definition while running, and resumes the sagas that were waiting for it.
+    pub fn register(&self, definition: SagaDefinition) -> Result<()> {
+        let (name, version) = (definition.name.clone(), definition.version);
+        self.inner.registry.add(definition)?;
+        let waiting: Vec<SagaRecord> = lock(&self.inner.live)
+            .values()
+            .map(|l| l.journal.record())
+            .filter(|r| {
+                r.definition == name && r.version == version && r.status == SagaStatus::WaitingForVersion
+            })
+            .collect();
+        for record in waiting {
+            self.inner.adopt(record)?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Takes over a saga found in flight: resumes it, or shows why it cannot run.
+    pub(super) fn adopt(self: &Arc<Self>, record: SagaRecord) -> Result<()> {
+        let id = record.id.clone();
+        let history = self.store.history(&id);
+        let next = history.as_ref().map_or(0, |h| h.len() as u64);
+        let final_event =
+            history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
+        let live = self.new_live(record.clone(), next, final_event.is_some());
+        let journaled_cancel = history.as_ref().ok().and_then(|h| {
+            h.iter().find_map(|r| match &r.event {
+                Event::CancelRequested { reason } => Some(reason.clone()),
+                _ => None,
+            })
+        });
+        if let Some(reason) = journaled_cancel {
+            // Known to the control too, so that a later cancel is not journaled twice.
+            live.control.cancel.send_replace(Some(reason));
+        }
+        lock(&self.live).insert(id.clone(), live.clone());
+        let set_status = |status: SagaStatus| -> Result<()> {
+            if live.journal.record().status != status {
+                live.journal.write_status(status)?;
+            }
+            Ok(())
+        };
+        let history = match history {
+            Ok(history) => history,
+            Err(e) => return set_status(SagaStatus::Parked { reason: e.to_string() }),
+        };
+        if let Some(end) = final_event {
+            // The record lagged behind its journal; the journal is the truth.
+            set_status(final_status(&end.event))?;
+            self.finished(&live, end);
+            return Ok(());
+        }
+        match self.registry.get(&record.definition, Some(record.version)) {
+            None => {
+                tracing::warn!(saga.id = %id, definition = %record.definition, version = record.version,
+                    "no definition registered for this version; the saga waits");
+                set_status(SagaStatus::WaitingForVersion)
+            }
+            Some(definition) => {
+                if matches!(record.status, SagaStatus::Parked { .. } | SagaStatus::WaitingForVersion) {
+                    set_status(SagaStatus::Running)?;
+                }
+                self.spawn(live, definition, history);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The last event that says where the saga stands: links to other runs may follow it.
+pub(super) fn last_state(history: &[RecordedEvent]) -> Option<&RecordedEvent> {
+    history.iter().rev().find(|r| !r.event.is_link())
+}
+
+pub(super) fn final_status(event: &Event) -> SagaStatus {
+    match event {
+        Event::SagaCompleted { .. } => SagaStatus::Completed,
+        Event::SagaCompensated { .. } => SagaStatus::Compensated,
+        Event::SagaCompensationFailed { .. } => SagaStatus::CompensationFailed,
+        _ => SagaStatus::Failed,
+    }
+}

@@ -1,0 +1,126 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, watch};
+use tracing::Instrument;
+
+use super::config::EngineConfig;
+use super::registry::Registry;
+use crate::bus::EngineEvent;
+use crate::driver::{Control, Host, Journal, LiveSaga, Scope, drive};
+use crate::event::{RecordedEvent, SagaId, SagaRecord};
+use crate::lock::lock;
+use crate::resources::Resources;
+use crate::saga::{SagaContext, SagaDefinition};
+use crate::store::EventStore;
+use crate::timers::Timers;
+
+/// The durable saga engine. Cheap to clone; every clone drives the same sagas.
+#[derive(Clone)]
+pub struct Engine {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("store", &self.inner.store).finish_non_exhaustive()
+    }
+}
+
+/// What every clone of an engine shares.
+pub(super) struct Inner {
+    pub(super) store: Arc<dyn EventStore>,
+    pub(super) registry: Registry,
+    pub(super) live: Mutex<HashMap<SagaId, Arc<LiveSaga>>>,
+    pub(super) bus: broadcast::Sender<EngineEvent>,
+    /// Every durable wait of every saga, and the one task that wakes them.
+    pub(super) timers: Arc<Timers>,
+    pub(super) shutdown: watch::Sender<bool>,
+    pub(super) accepting: AtomicBool,
+    pub(super) drivers: Arc<watch::Sender<usize>>,
+    /// Set once recovery has adopted every saga in flight: drivers wait for it, so that a
+    /// resumed parent finds its resumed children (recovery adopts in id order).
+    pub(super) recovered: watch::Sender<bool>,
+    pub(super) config: EngineConfig,
+    pub(super) resources: Arc<Resources>,
+}
+
+/// Decrements the driver count however the driver ends, aborted included. It holds the counter
+/// alone, not the engine: once the count reaches zero no driver holds the store any more, so a
+/// shut-down engine that is dropped releases its data directory at once.
+struct DriverGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Inner {
+    pub(super) fn live(&self, id: &SagaId) -> Option<Arc<LiveSaga>> {
+        lock(&self.live).get(id).cloned()
+    }
+
+    /// Drops a finished saga from the live set, then wakes its waiters: later readers, and
+    /// whoever the outcome wakes, find it finished in the store.
+    pub(super) fn finished(&self, live: &LiveSaga, end: RecordedEvent) {
+        lock(&self.live).remove(&live.journal.id);
+        live.finished.send_replace(Some(Arc::new(end)));
+    }
+
+    pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {
+        Arc::new(LiveSaga {
+            journal: Arc::new(Journal::new(self.store.clone(), self.bus.clone(), record, next, finished)),
+            control: Arc::new(Control::new(self.shutdown.subscribe())),
+            finished: watch::Sender::new(None),
+            task: Mutex::new(None),
+        })
+    }
+
+    pub(super) fn spawn(
+        self: &Arc<Self>,
+        live: Arc<LiveSaga>,
+        definition: SagaDefinition,
+        history: Vec<RecordedEvent>,
+    ) {
+        let record = live.journal.record();
+        let span = tracing::info_span!(
+            "saga",
+            saga.id = %record.id,
+            saga.definition = %record.definition,
+            saga.version = record.version
+        );
+        self.drivers.send_modify(|n| *n += 1);
+        let guard = DriverGuard(self.drivers.clone());
+        let inner = self.clone();
+        let task_live = live.clone();
+        let host = Host {
+            timers: self.timers.clone(),
+            max_payload: self.config.max_payload_bytes,
+            resources: self.resources.clone(),
+            engine: self.clone(),
+        };
+        let body =
+            move |shared, input| (definition.body)(SagaContext { shared, scope: Scope::root() }, input);
+        let handle = tokio::spawn(
+            async move {
+                let _guard = guard;
+                let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
+                if let Some(end) = drive(host, task_live.clone(), body, history).await {
+                    inner.finished(&task_live, end);
+                }
+            }
+            .instrument(span),
+        );
+        *lock(&live.task) = Some(handle.abort_handle());
+    }
+}
+
+impl Engine {
+    /// The engine that lent `host` to the saga it runs.
+    pub(crate) fn hosting(host: &Host) -> Engine {
+        Engine { inner: host.engine.clone().downcast::<Inner>().expect("only an engine hosts sagas") }
+    }
+}

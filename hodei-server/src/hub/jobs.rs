@@ -1,0 +1,111 @@
+//! Running jobs on workers, from the caller's side: run, re-attach, cancel, abandon, and the
+//! results already stored.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::command::SessionCommand;
+use super::error::HubError;
+use super::handle::Hub;
+use super::results::{read_result, stored_result};
+use hodei_agent::protocol::v1;
+
+impl Hub {
+    /// Runs `spec` on `worker_id` and waits for its result. Its output is stored under the job
+    /// id in the hub's log store, whose log for the job is closed, and the result stored, before
+    /// this returns `Ok`.
+    ///
+    /// A job whose result is already stored is not run again: that result is returned. If the
+    /// worker is not connected, this waits for it up to [`HubConfig::worker_wait`]. Fails with
+    /// [`HubError::WorkerLost`] if its session ends first.
+    ///
+    /// [`HubConfig::worker_wait`]: super::HubConfig::worker_wait
+    pub async fn run_job(&self, worker_id: &str, spec: v1::JobSpec) -> Result<v1::JobResult, HubError> {
+        self.resume_job(worker_id, spec, &[]).await
+    }
+
+    /// [`Hub::run_job`], re-attaching instead to one of `previous` (earlier attempts of the
+    /// same step, newest first) if its result is stored or the worker still runs it: after a
+    /// restart of the control plane, the step picks up the job that went on without it rather
+    /// than starting a duplicate. A stored result that says the job was cancelled is not taken
+    /// (the hub cancels only jobs whose caller gave up on them).
+    pub async fn resume_job(
+        &self,
+        worker_id: &str,
+        spec: v1::JobSpec,
+        previous: &[String],
+    ) -> Result<v1::JobResult, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        if let Some(result) = stored_result(logs, &spec.job_id, previous).await? {
+            return Ok(result);
+        }
+        let job_id = spec.job_id.clone();
+        let lost = || HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.clone() };
+        let commands = self.session_within(worker_id, self.config.worker_wait).await?;
+        let (reply, result) = oneshot::channel();
+        let run = SessionCommand::Run { spec: Box::new(spec), previous: previous.to_vec(), reply };
+        commands.send(run).await.map_err(|_| lost())?;
+        // The session task drops the reply when the session ends: that is the loss.
+        result.await.map_err(|_| lost())?
+    }
+
+    /// The result [`Hub::resume_job`] would take from the store without a worker: `job_id`'s,
+    /// or one of `previous`'s that was not cancelled.
+    pub async fn stored_attempt(
+        &self,
+        job_id: &str,
+        previous: &[String],
+    ) -> Result<Option<v1::JobResult>, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        stored_result(logs, job_id, previous).await
+    }
+
+    /// The result stored for `job_id`, if the job has finished.
+    pub async fn stored_result(&self, job_id: &str) -> Result<Option<v1::JobResult>, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        read_result(logs, job_id).await
+    }
+
+    /// Asks `worker_id` to cancel `job_id`; its [`Hub::run_job`] then resolves with a cancelled
+    /// result. A job the worker does not know is ignored by the worker.
+    pub async fn cancel_job(&self, worker_id: &str, job_id: &str, reason: &str) -> Result<(), HubError> {
+        let commands = self.session(worker_id)?;
+        let cancel = SessionCommand::Cancel { job_id: job_id.to_owned(), reason: reason.to_owned() };
+        commands
+            .send(cancel)
+            .await
+            .map_err(|_| HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.to_owned() })
+    }
+
+    /// Tells `worker_id`'s session that the caller of [`Hub::run_job`] for `job_id` stopped
+    /// waiting, and cancels the job on the worker when `cancel` gives a reason. Without one the
+    /// job goes on, and a later `resume_job` can pick it up. Does not wait (for drop guards);
+    /// a worker that is gone has nothing to cancel.
+    pub fn abandon_job(&self, worker_id: &str, job_id: &str, cancel: Option<String>) {
+        if let Some(commands) = self.registry.commands(worker_id) {
+            let abandon = SessionCommand::Abandon { job_id: job_id.to_owned(), cancel };
+            if commands.try_send(abandon).is_err() {
+                tracing::warn!(worker = worker_id, job = job_id, "session busy or gone; abandon dropped");
+            }
+        }
+    }
+
+    /// The worker's session, waiting up to `wait` for it to connect.
+    async fn session_within(
+        &self,
+        worker_id: &str,
+        wait: Duration,
+    ) -> Result<mpsc::Sender<SessionCommand>, HubError> {
+        let mut workers = self.registry.workers.subscribe();
+        let connected = tokio::time::timeout(wait, workers.wait_for(|w| w.contains_key(worker_id))).await;
+        drop(connected);
+        self.session(worker_id)
+    }
+
+    fn session(&self, worker_id: &str) -> Result<mpsc::Sender<SessionCommand>, HubError> {
+        self.registry
+            .commands(worker_id)
+            .ok_or_else(|| HubError::UnknownWorker { worker_id: worker_id.to_owned() })
+    }
+}

@@ -1,0 +1,117 @@
+//! The session handshake: the agent's `Hello` checked against its client certificate, the
+//! worker registered, `Welcome` sent, and the session handed to its own task.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::config::HubConfig;
+use super::metrics::Metrics;
+use super::registry::Registry;
+use super::sync::{LogSync, log_ack};
+use super::task::SessionTask;
+use crate::logstore::{LogStore, LogStream};
+use crate::pki::HubPki;
+use hodei_agent::pki::check_peer_worker_id;
+use hodei_agent::protocol::v1::control_plane_server::ControlPlane;
+use hodei_agent::protocol::v1::{
+    AgentMessage, HubMessage, RegisterRequest, RegisterResponse, Welcome, agent_message, hub_message,
+};
+use hodei_agent::protocol::{PROTOCOL, negotiate, negotiate_max_held_bytes};
+
+/// `Session`, on the mutual-TLS listener.
+#[derive(Debug)]
+pub(super) struct SessionService {
+    pub(super) config: HubConfig,
+    pub(super) registry: Arc<Registry>,
+    pub(super) logs: Option<Arc<LogStore>>,
+    pub(super) pki: Arc<HubPki>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) stopped: watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl ControlPlane for SessionService {
+    async fn register(&self, _: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        Err(Status::unimplemented("registration is served on the registration listener"))
+    }
+
+    type SessionStream = ReceiverStream<Result<HubMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        // The handshake verified the chain and revocation; what is left is who it is.
+        let peer = request
+            .peer_certs()
+            .and_then(|chain| chain.first().cloned())
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(self.config.heartbeat_timeout, inbound.message()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within the heartbeat timeout")),
+            Ok(message) => match message?.and_then(|m| m.kind) {
+                Some(agent_message::Kind::Hello(hello)) => hello,
+                _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+            },
+        };
+        let protocol = negotiate(PROTOCOL, hello.protocol)?;
+        check_peer_worker_id(&peer, &hello.worker_id)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+
+        // Where each job the agent still holds must resume: what the store already has.
+        let mut resume = Vec::new();
+        if let Some(logs) = &self.logs {
+            for job in &hello.jobs {
+                let status = logs.status(&job.job_id).await.map_err(|e| {
+                    tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
+                    Status::internal("the control plane cannot read its log store")
+                })?;
+                resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
+            }
+        }
+        let agent_jobs: HashSet<String> = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
+        let (commands, command_rx) = mpsc::channel(16);
+        let guard = self.registry.connect(&hello.worker_id, commands, agent_jobs.iter().cloned().collect());
+        let (outbound, stream) = mpsc::channel(16);
+        let max_held_bytes = negotiate_max_held_bytes(self.config.max_held_bytes, hello.max_held_bytes);
+        let max_unsynced_bytes = usize::try_from(max_held_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+        let welcome = Welcome {
+            protocol: Some(protocol),
+            heartbeat_interval_ms: millis(self.config.heartbeat_interval),
+            heartbeat_timeout_ms: millis(self.config.heartbeat_timeout),
+            log_batch_max_bytes: self.config.log_batch_max_bytes,
+            log_batch_max_delay_ms: millis(self.config.log_batch_max_delay),
+            resume,
+            max_held_bytes,
+        };
+        // The channel is new and empty, so this cannot find it full.
+        outbound
+            .try_send(Ok(HubMessage { kind: Some(hub_message::Kind::Welcome(welcome)) }))
+            .map_err(|_| Status::internal("session closed before Welcome"))?;
+        let session = SessionTask {
+            outbound,
+            commands: command_rx,
+            logs: self.logs.clone(),
+            sync: LogSync::new(max_unsynced_bytes),
+            pki: self.pki.clone(),
+            metrics: self.metrics.clone(),
+            peer: peer.to_vec(),
+            jobs: HashMap::new(),
+            aliases: HashMap::new(),
+            running: agent_jobs.clone(),
+            agent_jobs,
+            guard,
+        };
+        tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

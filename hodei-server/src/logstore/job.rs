@@ -1,0 +1,161 @@
+//! A job's log in memory: its lock, what it publishes to followers, its streams' writers.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::fs;
+use tokio::sync::{Mutex, MutexGuard, watch};
+
+use super::disk::{blocking, sync_dir};
+use super::error::{LogStoreError, io_error};
+use super::state_record::{Cut, StateRecord, read_state};
+use super::status::{LogStatus, StreamStatus};
+use super::stream::LogStream;
+use super::stream_state::StreamState;
+
+/// A job's log in memory.
+#[derive(Debug)]
+pub(super) struct Job {
+    pub(super) dir: PathBuf,
+    /// Held across the file operations of one append, so a job's appends run one at a time.
+    pub(super) state: Mutex<JobState>,
+    /// What readers may see: published after every change, and what followers wake on.
+    pub(super) status: watch::Sender<LogStatus>,
+}
+
+impl Job {
+    pub(super) fn new(dir: PathBuf) -> Self {
+        Self { dir, state: Mutex::new(JobState::default()), status: watch::Sender::new(LogStatus::default()) }
+    }
+
+    pub(super) async fn lock(&self) -> Result<MutexGuard<'_, JobState>, LogStoreError> {
+        let mut state = self.state.lock().await;
+        if !state.loaded {
+            *state = JobState::load(&self.dir).await?;
+            self.publish(&state);
+        }
+        Ok(state)
+    }
+
+    pub(super) fn publish(&self, state: &JobState) {
+        let new = state.status();
+        self.status.send_if_modified(|current| {
+            let changed = *current != new;
+            *current = new;
+            changed
+        });
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct JobState {
+    loaded: bool,
+    pub(super) closed: bool,
+    dir_exists: bool,
+    stdout: StreamState,
+    stderr: StreamState,
+}
+
+impl JobState {
+    pub(super) async fn load(dir: &Path) -> Result<Self, LogStoreError> {
+        let record = read_state(dir).await?;
+        let dir_exists = fs::try_exists(dir).await.map_err(io_error("looking for", dir))?;
+        let mut state = Self { loaded: true, closed: record.closed, dir_exists, ..Self::default() };
+        for stream in LogStream::ALL {
+            let path = dir.join(stream.file_name());
+            let stored = match fs::metadata(&path).await {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(io_error("reading the length of", &path)(e)),
+            };
+            let s = state.stream_mut(stream);
+            // Trusted as in the logstore module documentation: each writer syncs the file it opens
+            // before anything is acknowledged over it.
+            s.stored = stored;
+            s.synced = stored;
+            s.end = stored;
+            if let Some(cut) = record.cut(stream) {
+                if cut.at != stored {
+                    tracing::warn!(path = %path.display(), cut = cut.at, stored, "a truncated log's length moved");
+                }
+                s.truncated = true;
+                s.end = cut.end.max(stored);
+                s.acked = stored;
+            }
+        }
+        Ok(state)
+    }
+
+    pub(super) fn stream_mut(&mut self, stream: LogStream) -> &mut StreamState {
+        match stream {
+            LogStream::Stdout => &mut self.stdout,
+            LogStream::Stderr => &mut self.stderr,
+        }
+    }
+
+    /// What readers see: only synced bytes.
+    pub(super) fn status(&self) -> LogStatus {
+        let view =
+            |s: &StreamState| StreamStatus { end: s.ack().offset, stored: s.synced, truncated: s.truncated };
+        LogStatus { stdout: view(&self.stdout), stderr: view(&self.stderr), closed: self.closed }
+    }
+
+    pub(super) fn record(&self) -> StateRecord {
+        let cut = |s: &StreamState| s.truncated.then_some(Cut { at: s.stored, end: s.end });
+        StateRecord { closed: self.closed, stdout: cut(&self.stdout), stderr: cut(&self.stderr) }
+    }
+
+    pub(super) async fn ensure_dir(&mut self, dir: &Path, logs_dir: &Path) -> Result<(), LogStoreError> {
+        if !self.dir_exists {
+            fs::create_dir_all(dir).await.map_err(io_error("creating", dir))?;
+            sync_dir(logs_dir).await?;
+            self.dir_exists = true;
+        }
+        Ok(())
+    }
+
+    /// Takes the stream's writer out, opening it (and reconciling with the file) if needed.
+    ///
+    /// Out, so that an append that fails or is cancelled midway leaves no writer behind and
+    /// the next one starts from the file's real length.
+    pub(super) async fn open_writer(
+        &mut self,
+        dir: &Path,
+        logs_dir: &Path,
+        stream: LogStream,
+    ) -> Result<Arc<std::fs::File>, LogStoreError> {
+        if let Some(file) = self.stream_mut(stream).file.take() {
+            return Ok(file);
+        }
+        self.ensure_dir(dir, logs_dir).await?;
+        let path = dir.join(stream.file_name());
+        let open_path = path.clone();
+        // What is in the file may only be in the page cache (the last run died between a
+        // write and its sync); it must be on disk before an ack covers it.
+        let (file, len) = blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&open_path)?;
+            file.sync_data()?;
+            let len = file.metadata()?.len();
+            Ok((file, len))
+        })
+        .await
+        .map_err(io_error("opening", &path))?;
+        sync_dir(dir).await?;
+        let s = self.stream_mut(stream);
+        if len != s.stored {
+            tracing::debug!(path = %path.display(), len, stored = s.stored, "log file length reconciled");
+            s.stored = len;
+            s.end = if s.truncated { s.end.max(len) } else { len };
+            s.acked = s.acked.min(len);
+        }
+        s.synced = len;
+        s.generation += 1;
+        Ok(Arc::new(file))
+    }
+}
