@@ -1,0 +1,64 @@
+//! The API's OpenAPI document, generated from the handlers and bodies themselves, served at
+//! `/api/v1/openapi.json` and committed as `hodei-server/openapi.json` (a test fails when the
+//! two drift).
+
+use axum::Json;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::{ErrorBody, ErrorDetail};
+use super::model::*;
+use super::{admin, logs, runs, webhooks, workers};
+
+/// The document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Hodei operator API", version = "1", description = "Watch and steer Hodei's pipelines from outside the process that runs them."),
+    paths(
+        admin::health, admin::definitions,
+        runs::list, runs::start, runs::get, runs::events, runs::signal, runs::cancel, runs::fork,
+        runs::pause, runs::resume, runs::retry_now, runs::retry_compensation,
+        logs::read, workers::list,
+        admin::list_tokens, admin::issue_token, admin::revoke_token,
+        webhooks::trigger,
+    ),
+    components(schemas(
+        ErrorBody, ErrorDetail, Health, DefinitionView, StepShapeView, RunStatus, RunSummary, RunPage,
+        RunDetail, ForkLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
+        SignalWaitView, SignalView, BranchGroupView, BranchView, RequestView, EventView, StartRun,
+        SendSignal, CancelRun, ForkRun, TokenView, IssueToken, IssuedTokenView, WorkerView, JobMetrics,
+        LogChunkView,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "runs", description = "Saga runs: start, list, inspect, follow and steer"),
+        (name = "logs", description = "The logs of remote jobs"),
+        (name = "workers", description = "The control plane's workers"),
+        (name = "definitions", description = "Registered saga definitions"),
+        (name = "tokens", description = "API tokens (admin)"),
+        (name = "webhooks", description = "Runs started by webhook deliveries"),
+        (name = "meta", description = "Health"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The document as served and committed: pretty JSON with a final newline.
+pub fn openapi_document() -> String {
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
+/// The OpenAPI document. Needs no token.
+pub(crate) async fn openapi_json() -> Json<serde_json::Value> {
+    Json(serde_json::to_value(ApiDoc::openapi()).unwrap_or_default())
+}
