@@ -1,6 +1,7 @@
 use tokio::sync::broadcast;
 
 use super::filter::SagaFilter;
+use super::registry::DefinitionInfo;
 use super::state::Engine;
 use crate::bus::EngineEvent;
 use crate::error::{Error, Result};
@@ -21,6 +22,26 @@ impl Engine {
         records.retain(|r| filter.matches(r));
         records.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(records)
+    }
+
+    /// Every registered definition, by name then version: what runs can be started as.
+    pub fn definitions(&self) -> Vec<DefinitionInfo> {
+        self.inner.registry.all()
+    }
+
+    /// Whether a journaled input of `definition` and a new one hold the same value of its
+    /// input type; byte equality for a definition not registered here, whose type is unknown.
+    pub(crate) fn same_input(
+        &self,
+        definition: &str,
+        version: Option<u32>,
+        recorded: &[u8],
+        new: &[u8],
+    ) -> Result<bool, String> {
+        match self.inner.registry.get(definition, version) {
+            Some(definition) => (definition.input.same)(recorded, new),
+            None => Ok(recorded == new),
+        }
     }
 
     /// The saga's whole journal, with timestamps.

@@ -26,5 +26,6 @@ pub use config::EngineConfig;
 pub use filter::SagaFilter;
 pub use handle::{SagaHandle, TypedHandle};
 pub use outcome::{Outcome, StepRef};
+pub use registry::DefinitionInfo;
 pub use shutdown::ShutdownReport;
 pub use state::Engine;
