@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -364,6 +365,31 @@ impl EventStore for SledStore {
                 Self::decode_record(&String::from_utf8_lossy(&key), &value)
             })
             .collect()
+    }
+
+    fn records_after(
+        &self,
+        after: Option<&SagaId>,
+        limit: usize,
+        keep: &dyn Fn(&SagaRecord) -> bool,
+    ) -> Result<Vec<SagaRecord>> {
+        // The records tree is keyed by the id's bytes, whose order is the ids' order.
+        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_str().as_bytes()));
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for item in self.records.range::<&[u8], _>((from, Bound::Unbounded)) {
+            let (key, value) = item.map_err(storage("reading saga records"))?;
+            let record = Self::decode_record(&String::from_utf8_lossy(&key), &value)?;
+            if keep(&record) {
+                out.push(record);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn remove(&self, id: &SagaId) -> Result<()> {
