@@ -144,9 +144,9 @@ mod tests {
     /// still running; ids numbered so that their order is not their creation order.
     fn run(i: u32) -> (SagaRecord, RecordedEvent) {
         let id = SagaId::new(format!("run-{}", i.wrapping_mul(7919) % RUNS)).unwrap();
-        let definition = if i % 2 == 0 { "build" } else { "deploy" };
+        let definition = if i.is_multiple_of(2) { "build" } else { "deploy" };
         let mut record = SagaRecord::new(id, definition.into(), 1 + i % 3, Timestamp(u64::from(i)));
-        if i % 7 != 0 {
+        if !i.is_multiple_of(7) {
             record.status = SagaStatus::Completed;
         }
         let first = RecordedEvent {

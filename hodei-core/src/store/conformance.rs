@@ -114,7 +114,7 @@ fn pages_cover_every_kept_record_once_in_id_order(store: &dyn EventStore) {
             let id = SagaId::new(format!("page-{i}{suffix}")).unwrap();
             let mut record =
                 SagaRecord::new(id, format!("def-{}", i % 3), 1 + i % 2, Timestamp(u64::from(i)));
-            if i % 4 == 0 {
+            if i.is_multiple_of(4) {
                 record.status = SagaStatus::Completed;
             }
             store.create(&record, &started(0)).unwrap();
