@@ -110,6 +110,16 @@ pub enum Error {
         /// The codec's message.
         reason: String,
     },
+    /// A start's input does not decode as the definition's input type. Nothing was written.
+    #[error("the input does not fit saga definition `{definition}` version {version}: {reason}")]
+    InvalidInput {
+        /// The definition name.
+        definition: String,
+        /// The definition version the start resolved to.
+        version: u32,
+        /// Why it does not decode.
+        reason: String,
+    },
     /// A saga id is empty, too long, or not printable.
     #[error("invalid saga id {id:?}: {reason}")]
     InvalidSagaId {

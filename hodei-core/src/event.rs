@@ -6,8 +6,13 @@
 //! so that listing and recovery never read whole histories.
 //!
 //! **Compatibility rule:** variants of [`Event`] and [`SagaStatus`] are only ever appended at
-//! the end. bincode encodes a variant by its index, so reordering or removing one would make
-//! old journals decode as different events. `tests::encoding_is_pinned` guards this.
+//! the end. Records are bincode, which encodes a variant by its index, so reordering or removing
+//! one would make old journals decode as different events. `tests::encoding_is_pinned` guards
+//! this. The user payloads inside events (inputs, outputs, signal payloads) are not bincode of
+//! the user's type: each starts with a codec byte (see `codec.rs`), JSON for everything written
+//! now; records of journals written before that carry raw bincode payloads and are tagged as
+//! such when read ([`Event::tag_legacy_payloads`]). A new variant with a payload field needs no
+//! entry there: no such old record can exist.
 
 use std::fmt;
 use std::sync::Arc;
@@ -113,7 +118,9 @@ impl Timestamp {
 /// depend on the order in which concurrent branches happen to run, which is what keeps replay
 /// deterministic. The saga id with the key is the operation's idempotency key. Steps also have
 /// a number, unique in the saga, that the step and compensation events refer to. Payloads are
-/// serde values encoded by the engine.
+/// serde values encoded by the engine: a codec byte, then the value (JSON, or bincode in
+/// journals written before JSON payloads); [`payload_to_json`](crate::payload_to_json) reads
+/// them without the type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Event {
@@ -364,6 +371,24 @@ impl Event {
                 Some((*step, name))
             }
             _ => None,
+        }
+    }
+
+    /// Marks the payload fields of an event read from a record of the format of before payload
+    /// codecs, whose payloads are raw bincode, as legacy bincode: every payload above the store
+    /// then starts with its codec byte.
+    #[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
+    pub(crate) fn tag_legacy_payloads(&mut self) {
+        use crate::codec::tag_legacy;
+        match self {
+            Event::SagaStarted { input, .. }
+            | Event::StepStarted { input, .. }
+            | Event::StepStartedAt { input, .. } => tag_legacy(input),
+            Event::StepCompleted { output, .. } | Event::SagaCompleted { output } => tag_legacy(output),
+            Event::SignalReceived { payload, .. } => tag_legacy(payload),
+            // No other variant of the old format has a payload, and variants added since never
+            // occur in old records.
+            _ => {}
         }
     }
 

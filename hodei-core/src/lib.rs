@@ -114,9 +114,10 @@ mod timeline;
 mod timers;
 
 pub use bus::{EngineEvent, EngineEventKind};
+pub use codec::{PayloadCodec, PayloadError, payload_codec, payload_to_json};
 pub use engine::{
-    Engine, EngineBuilder, EngineConfig, Outcome, SagaFilter, SagaHandle, ShutdownReport, StepRef,
-    TypedHandle,
+    DefinitionInfo, Engine, EngineBuilder, EngineConfig, Outcome, Page, SagaFilter, SagaHandle,
+    ShutdownReport, StepRef, TypedHandle,
 };
 pub use error::{Error, Result, StorageError};
 pub use event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::codec::decode_payload;
+use crate::codec::{PayloadCodec, decode_payload, payload_codec, tag_legacy};
 use crate::driver::{BoxFuture, Scope};
 use crate::engine::{Engine, Outcome};
 use crate::error::Error;
@@ -308,6 +308,22 @@ impl SagaContext {
     {
         let engine = Engine::hosting(&self.shared.host);
         let compensating = engine.clone();
+        let comparing = engine.clone();
+        // The child's input is a payload inside this step's input: compared as the child's
+        // input type, as the child's own idempotent start compares it, not as bytes.
+        let same = move |recorded: &[u8], new: &ChildRun| -> Result<bool, String> {
+            let mut journaled: ChildRun = decode_payload(recorded)?;
+            // Journaled before payload codecs: the inner payload is raw bincode too.
+            if matches!(payload_codec(recorded), Ok(PayloadCodec::LegacyBincode)) {
+                tag_legacy(&mut journaled.input);
+            }
+            if (&journaled.id, &journaled.definition, journaled.version)
+                != (&new.id, &new.definition, new.version)
+            {
+                return Ok(false);
+            }
+            comparing.same_input(&new.definition, new.version, &journaled.input, &new.input)
+        };
         let input = ChildRun {
             id: run.id.clone(),
             definition: run.definition.clone(),
@@ -325,7 +341,7 @@ impl SagaContext {
                 let engine = compensating.clone();
                 async move { engine.compensate_child(&c.input.id, &c.saga_id).await }
             })
-            .run(move |step, child: ChildRun| {
+            .run_comparing(move |step, child: ChildRun| {
                 let engine = engine.clone();
                 async move {
                     let run = SagaRun {
@@ -364,7 +380,7 @@ impl SagaContext {
                         Err(e) => Err(StepError::retryable(e.to_string())),
                     }
                 }
-            })
+            }, same)
             .await
     }
 

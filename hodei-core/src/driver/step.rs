@@ -24,16 +24,19 @@ fn idempotency_key(id: &SagaId, key: &str) -> String {
 
 impl SagaShared {
     /// Runs one step, or returns its journaled result. Returns the step number with the
-    /// encoded output.
-    pub async fn run_step<A, Fut>(
+    /// encoded output. `same_input` says whether a journaled input holds the value the code
+    /// passes now (see `codec::same_value`).
+    pub async fn run_step<A, Fut, S>(
         &self,
         scope: &Scope,
         spec: &StepSpec,
+        same_input: S,
         mut attempt: A,
     ) -> Result<(u32, Vec<u8>), StepError>
     where
         A: FnMut(StepContext, &[u8]) -> Fut,
         Fut: Future<Output = Result<Vec<u8>, StepError>>,
+        S: FnOnce(&[u8]) -> Result<bool, String>,
     {
         let key = scope.next_key();
         if spec.input.len() > self.host.max_payload {
@@ -57,12 +60,17 @@ impl SagaShared {
                 );
                 return self.park(reason).await;
             }
-            if recorded.input != spec.input {
-                let reason = format!(
-                    "step {step} `{}`: the code now passes another input than the journal recorded",
-                    spec.name
-                );
-                return self.park(reason).await;
+            // Compared as values of the code's type, not as bytes: the journal may hold them in
+            // an older codec, or from before the type gained an optional field.
+            let differs = match same_input(&recorded.input) {
+                Ok(true) => None,
+                Ok(false) => Some("the code now passes another input than the journal recorded".to_string()),
+                Err(e) => {
+                    Some(format!("the journaled input does not decode as the type the code now passes: {e}"))
+                }
+            };
+            if let Some(differs) = differs {
+                return self.park(format!("step {step} `{}`: {differs}", spec.name)).await;
             }
         }
         let what = format!("step `{}`", spec.name);

@@ -1,16 +1,48 @@
-use crate::event::{SagaRecord, SagaStatus};
+use crate::event::{SagaId, SagaRecord, SagaStatus, Timestamp};
 
-/// A filter for [`Engine::list`](crate::Engine::list).
+/// A filter for [`Engine::list`](crate::Engine::list) and
+/// [`Engine::list_page`](crate::Engine::list_page). Every condition set must hold.
 #[derive(Clone, Debug, Default)]
 pub struct SagaFilter {
     definition: Option<String>,
+    version: Option<u32>,
     status: Option<&'static str>,
+    created_after: Option<Timestamp>,
+    created_before: Option<Timestamp>,
+}
+
+/// One page of a listing, in id order (see [`Engine::list_page`](crate::Engine::list_page)).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Page {
+    /// The page's records.
+    pub records: Vec<SagaRecord>,
+    /// The cursor of the next page (the last id of this one), or `None` if this is the last.
+    pub next: Option<SagaId>,
 }
 
 impl SagaFilter {
     /// Only sagas of this definition.
     pub fn definition(mut self, name: impl Into<String>) -> Self {
         self.definition = Some(name.into());
+        self
+    }
+
+    /// Only sagas of this definition version.
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = Some(version);
+        self
+    }
+
+    /// Only sagas started strictly after `at`.
+    pub fn created_after(mut self, at: Timestamp) -> Self {
+        self.created_after = Some(at);
+        self
+    }
+
+    /// Only sagas started strictly before `at`.
+    pub fn created_before(mut self, at: Timestamp) -> Self {
+        self.created_before = Some(at);
         self
     }
 
@@ -23,6 +55,9 @@ impl SagaFilter {
 
     pub(super) fn matches(&self, record: &SagaRecord) -> bool {
         self.definition.as_ref().is_none_or(|d| *d == record.definition)
+            && self.version.is_none_or(|v| v == record.version)
             && self.status.is_none_or(|k| k == record.status.kind())
+            && self.created_after.is_none_or(|at| record.created_at > at)
+            && self.created_before.is_none_or(|at| record.created_at < at)
     }
 }

@@ -23,8 +23,9 @@ mod state;
 
 pub use builder::EngineBuilder;
 pub use config::EngineConfig;
-pub use filter::SagaFilter;
+pub use filter::{Page, SagaFilter};
 pub use handle::{SagaHandle, TypedHandle};
 pub use outcome::{Outcome, StepRef};
+pub use registry::DefinitionInfo;
 pub use shutdown::ShutdownReport;
 pub use state::Engine;

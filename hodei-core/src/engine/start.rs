@@ -29,6 +29,13 @@ impl Engine {
                 limit: inner.config.max_payload_bytes,
             });
         }
+        // Every start is checked, not only those given as JSON: a run whose input does not decode
+        // would only fail at once, with a journal to clean up.
+        (definition.input.check)(&run.input).map_err(|reason| Error::InvalidInput {
+            definition: definition.name.clone(),
+            version: definition.version,
+            reason,
+        })?;
         let now = Timestamp::now();
         let record = SagaRecord::new(run.id.clone(), definition.name.clone(), definition.version, now);
         let first = saga_started(&definition, &run.input, now);
@@ -46,7 +53,7 @@ impl Engine {
             }
         };
         match created {
-            Err(existing) => self.check_same_run(&existing, &run)?,
+            Err(existing) => self.check_same_run(&existing, &run, &definition)?,
             Ok(saga) => {
                 if inner.bus.receiver_count() > 0 {
                     let kind = EngineEventKind::Journaled(first.clone());
@@ -59,7 +66,12 @@ impl Engine {
         Ok(SagaHandle { id: run.id, inner: inner.clone() })
     }
 
-    fn check_same_run(&self, existing: &SagaRecord, run: &SagaRun) -> Result<()> {
+    fn check_same_run(
+        &self,
+        existing: &SagaRecord,
+        run: &SagaRun,
+        definition: &SagaDefinition,
+    ) -> Result<()> {
         let conflict =
             |difference: String| Err(Error::IdempotencyConflict { id: run.id.clone(), difference });
         if existing.definition != run.definition {
@@ -69,7 +81,15 @@ impl Engine {
             return conflict(format!("version {} (asked for {version})", existing.version));
         }
         match self.inner.store.history(&run.id)?.first().map(|r| &r.event) {
-            Some(Event::SagaStarted { input, .. }) if *input == run.input => Ok(()),
+            // As values of the input type: the journal may hold the input in an older codec,
+            // or from before the type gained an optional field.
+            Some(Event::SagaStarted { input, .. }) => match (definition.input.same)(input, &run.input) {
+                Ok(true) => Ok(()),
+                Ok(false) => conflict("another input".into()),
+                Err(reason) => {
+                    conflict(format!("an input that does not decode as the code's type ({reason})"))
+                }
+            },
             _ => conflict("another input".into()),
         }
     }

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::compensation::{Compensate, IntoCompensation, NoCompensation};
 use super::context::SagaContext;
-use crate::codec::{decode_payload, encode_payload};
+use crate::codec::{decode_payload, encode_payload, same_value};
 use crate::driver::{CompensationSpec, StepOptions, StepSpec};
 use crate::retry::{RetryPolicy, StepError};
 use crate::step_context::StepContext;
@@ -124,6 +124,20 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
         F: Fn(StepContext, I) -> Fut + Send + Sync,
         Fut: Future<Output = Result<O, StepError>> + Send,
     {
+        self.run_comparing(body, |recorded, input| same_value(recorded, input)).await
+    }
+
+    /// [`run`](Self::run), with how a journaled input is compared with this one on replay: for
+    /// an input that holds a payload of its own (a child saga's run).
+    pub(crate) async fn run_comparing<O, F, Fut, S>(self, body: F, same: S) -> Result<O, StepError>
+    where
+        I: Serialize + DeserializeOwned + Send,
+        O: Serialize + DeserializeOwned + Send,
+        C: IntoCompensation<I, O>,
+        F: Fn(StepContext, I) -> Fut + Send + Sync,
+        Fut: Future<Output = Result<O, StepError>> + Send,
+        S: FnOnce(&[u8], &I) -> Result<bool, String> + Send,
+    {
         let shared = &self.ctx.shared;
         let input = encode_payload(&self.input).map_err(|e| {
             StepError::terminal(format!("step `{}`: the input does not encode: {e}", self.name))
@@ -136,8 +150,10 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
         });
         let spec = StepSpec { name: self.name, input, options, compensation };
         let body = &body;
+        let value = self.input;
+        let same_input = move |recorded: &[u8]| same(recorded, &value);
         let (step, output) = shared
-            .run_step(&self.ctx.scope, &spec, move |step_ctx: StepContext, input: &[u8]| {
+            .run_step(&self.ctx.scope, &spec, same_input, move |step_ctx: StepContext, input: &[u8]| {
                 let started = decode_payload::<I>(input).map(|input| body(step_ctx, input));
                 async move {
                     let output = started

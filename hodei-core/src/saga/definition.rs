@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::context::SagaContext;
 use super::shape::SagaShape;
-use crate::codec::{decode_payload, encode_payload};
+use crate::codec::{decode_payload, encode_payload, same_value};
 use crate::driver::BoxFuture;
 use crate::retry::StepError;
 
@@ -24,7 +24,34 @@ pub struct SagaDefinition {
     pub(crate) name: String,
     pub(crate) version: u32,
     pub(crate) body: ErasedBody,
+    pub(crate) input: InputType,
     shape: Option<&'static SagaShape>,
+}
+
+/// The definition's input type, erased: what the engine needs of it before the body runs.
+#[derive(Clone, Copy)]
+pub(crate) struct InputType {
+    /// Whether a payload decodes as the input type: a start whose input does not is refused,
+    /// rather than started to fail at once (inputs given as JSON are checked only here).
+    pub check: fn(&[u8]) -> Result<(), String>,
+    /// Whether a journaled input and a new one hold the same value of the input type: the
+    /// idempotent start compares as the code's type, not the bytes (see `codec::same_value`).
+    pub same: fn(&[u8], &[u8]) -> Result<bool, String>,
+}
+
+impl InputType {
+    fn of<I: Serialize + DeserializeOwned>() -> Self {
+        fn check<I: DeserializeOwned>(payload: &[u8]) -> Result<(), String> {
+            decode_payload::<I>(payload).map(drop)
+        }
+        fn same<I: Serialize + DeserializeOwned>(recorded: &[u8], new: &[u8]) -> Result<bool, String> {
+            if recorded == new {
+                return Ok(true);
+            }
+            same_value(recorded, &decode_payload::<I>(new)?)
+        }
+        Self { check: check::<I>, same: same::<I> }
+    }
 }
 
 /// A saga with static types: what `#[saga]` implements for the type it generates.
@@ -43,9 +70,12 @@ pub trait Saga {
 
 impl SagaDefinition {
     /// Defines a saga from an async function of its context and input.
+    ///
+    /// The input is `Serialize` too: an idempotent start compares a new input with the
+    /// journaled one as values of `I`, which it re-encodes.
     pub fn new<I, O, F, Fut>(name: impl Into<String>, version: u32, body: F) -> Self
     where
-        I: DeserializeOwned + Send + 'static,
+        I: Serialize + DeserializeOwned + Send + 'static,
         O: Serialize + Send + 'static,
         F: Fn(SagaContext, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, StepError>> + Send + 'static,
@@ -63,7 +93,7 @@ impl SagaDefinition {
                     .map_err(|e| StepError::terminal(format!("the saga output does not encode: {e}")))
             })
         });
-        Self { name: name.into(), version, body, shape: None }
+        Self { name: name.into(), version, body, input: InputType::of::<I>(), shape: None }
     }
 
     /// Attaches the static shape (what `#[saga]` does).

@@ -24,6 +24,17 @@ impl SagaRun {
         Ok(Self { definition: definition.into(), version: None, id: SagaId::new(id)?, input })
     }
 
+    /// A run whose input is given as JSON (an operator API, a CLI): the engine checks at start
+    /// that it decodes as the definition's input type, and refuses it with
+    /// [`Error::InvalidInput`] if not.
+    pub fn from_json(
+        definition: impl Into<String>,
+        id: impl Into<String>,
+        input: &serde_json::Value,
+    ) -> Result<Self> {
+        Self::new(definition, id, input)
+    }
+
     /// Pins the definition version instead of taking the newest.
     pub fn version(mut self, version: u32) -> Self {
         self.version = Some(version);

@@ -22,6 +22,7 @@ pub(crate) async fn run_all(store: &dyn EventStore) {
     appends_are_checked_against_the_next_sequence(store);
     a_final_record_leaves_the_in_flight_index(store).await;
     remove_deletes_everything(store);
+    pages_cover_every_kept_record_once_in_id_order(store);
 }
 
 async fn create_then_read_back(store: &dyn EventStore) {
@@ -104,4 +105,45 @@ fn remove_deletes_everything(store: &dyn EventStore) {
     assert_eq!(store.record(&id).unwrap(), None);
     assert!(!store.in_flight().unwrap().iter().any(|r| r.id == id));
     assert_eq!(store.history(&neighbour).unwrap(), vec![started(0)]);
+}
+
+fn pages_cover_every_kept_record_once_in_id_order(store: &dyn EventStore) {
+    // Ids whose byte order is not their creation order, and neighbours that extend each other.
+    for i in [7u32, 30, 3, 12, 0, 25, 1, 18, 9, 22, 5, 14, 27, 2, 11] {
+        for suffix in ["", "-x"] {
+            let id = SagaId::new(format!("page-{i}{suffix}")).unwrap();
+            let mut record =
+                SagaRecord::new(id, format!("def-{}", i % 3), 1 + i % 2, Timestamp(u64::from(i)));
+            if i.is_multiple_of(4) {
+                record.status = SagaStatus::Completed;
+            }
+            store.create(&record, &started(0)).unwrap();
+        }
+    }
+    let all = |keep: &dyn Fn(&SagaRecord) -> bool| {
+        let mut records: Vec<SagaRecord> = store.records().unwrap().into_iter().filter(|r| keep(r)).collect();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        records
+    };
+    let filters: [&dyn Fn(&SagaRecord) -> bool; 4] =
+        [&|_| true, &|r| r.definition == "def-1", &|r| r.version == 2 && r.created_at > Timestamp(4), &|r| {
+            r.status == SagaStatus::Completed
+        }];
+    for (n, keep) in filters.into_iter().enumerate() {
+        let expected = all(keep);
+        assert!(!expected.is_empty(), "filter {n} keeps nothing: the test would prove nothing");
+        for limit in [1, 4, expected.len(), expected.len() + 1] {
+            let mut paged = Vec::new();
+            let mut after: Option<SagaId> = None;
+            loop {
+                let page = store.records_after(after.as_ref(), limit, keep).unwrap();
+                assert!(page.len() <= limit, "filter {n}, limit {limit}: a page of {}", page.len());
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                paged.extend(page);
+            }
+            assert_eq!(paged, expected, "filter {n}, limit {limit}");
+        }
+        assert!(store.records_after(None, 0, keep).unwrap().is_empty());
+    }
 }

@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{Durable, EventStore, check_sequence};
@@ -82,6 +83,24 @@ impl EventStore for MemoryStore {
 
     fn records(&self) -> Result<Vec<SagaRecord>> {
         Ok(self.state().sagas.values().map(|(record, _)| record.clone()).collect())
+    }
+
+    fn records_after(
+        &self,
+        after: Option<&SagaId>,
+        limit: usize,
+        keep: &dyn Fn(&SagaRecord) -> bool,
+    ) -> Result<Vec<SagaRecord>> {
+        let state = self.state();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(state
+            .sagas
+            .range::<SagaId, _>((from, Bound::Unbounded))
+            .map(|(_, (record, _))| record)
+            .filter(|record| keep(record))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     fn remove(&self, id: &SagaId) -> Result<()> {

@@ -62,6 +62,25 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     /// Every saga's record.
     fn records(&self) -> Result<Vec<SagaRecord>>;
 
+    /// The records after `after` in id order (from the first without it) that `keep` keeps, at
+    /// most `limit` of them: one page of a listing. Its cost grows with the records it reads
+    /// from the cursor up to the last one it returns, not with the size of the store.
+    ///
+    /// The default reads every record; the stores of this crate scan from the cursor. It is
+    /// there so that a store written before this method still builds.
+    fn records_after(
+        &self,
+        after: Option<&SagaId>,
+        limit: usize,
+        keep: &dyn Fn(&SagaRecord) -> bool,
+    ) -> Result<Vec<SagaRecord>> {
+        let mut records = self.records()?;
+        records.retain(|r| after.is_none_or(|after| r.id > *after) && keep(r));
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        records.truncate(limit);
+        Ok(records)
+    }
+
     /// Deletes a saga: its record, its journal and its index entry.
     fn remove(&self, id: &SagaId) -> Result<()>;
 }
@@ -89,6 +108,14 @@ impl<T: EventStore + ?Sized> EventStore for std::sync::Arc<T> {
     }
     fn records(&self) -> Result<Vec<SagaRecord>> {
         (**self).records()
+    }
+    fn records_after(
+        &self,
+        after: Option<&SagaId>,
+        limit: usize,
+        keep: &dyn Fn(&SagaRecord) -> bool,
+    ) -> Result<Vec<SagaRecord>> {
+        (**self).records_after(after, limit, keep)
     }
     fn remove(&self, id: &SagaId) -> Result<()> {
         (**self).remove(id)

@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::{Durable, EventStore, check_sequence};
-use crate::codec::{decode_record, encode_record};
+use crate::codec::{FORMAT_V1, decode_record, decode_record_versioned, encode_record};
 use crate::error::{Error, Result, StorageError};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord};
 
@@ -366,6 +367,31 @@ impl EventStore for SledStore {
             .collect()
     }
 
+    fn records_after(
+        &self,
+        after: Option<&SagaId>,
+        limit: usize,
+        keep: &dyn Fn(&SagaRecord) -> bool,
+    ) -> Result<Vec<SagaRecord>> {
+        // The records tree is keyed by the id's bytes, whose order is the ids' order.
+        let from = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_str().as_bytes()));
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        for item in self.records.range::<&[u8], _>((from, Bound::Unbounded)) {
+            let (key, value) = item.map_err(storage("reading saga records"))?;
+            let record = Self::decode_record(&String::from_utf8_lossy(&key), &value)?;
+            if keep(&record) {
+                out.push(record);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn remove(&self, id: &SagaId) -> Result<()> {
         self.next_seq.shard(id).remove(id);
         let name = id.as_str().as_bytes();
@@ -439,7 +465,11 @@ impl SledStore {
             if seq != expected {
                 return Err(corrupt(expected, format!("missing; the journal jumps to {seq}")));
             }
-            let batch: Vec<RecordedEvent> = decode_record(&value).map_err(|reason| corrupt(seq, reason))?;
+            let (mut batch, format): (Vec<RecordedEvent>, u8) =
+                decode_record_versioned(&value).map_err(|reason| corrupt(seq, reason))?;
+            if format == FORMAT_V1 {
+                batch.iter_mut().for_each(|recorded| recorded.event.tag_legacy_payloads());
+            }
             if batch.is_empty() {
                 return Err(corrupt(seq, "empty record".into()));
             }
@@ -616,6 +646,43 @@ mod tests {
         }
         done.store(true, Ordering::Relaxed);
         reader.join().unwrap();
+    }
+
+    /// A journal record as the code of before payload codecs wrote it: format 1, its payloads
+    /// raw bincode. Read back, its payloads are tagged as legacy bincode and decode as the type.
+    #[test]
+    fn format_1_records_read_back_with_their_payloads_tagged_as_legacy_bincode() {
+        use crate::codec::{FORMAT_V2, decode_payload};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let id = SagaId::new("old").unwrap();
+        let bincode = |value: &(String, u32)| {
+            bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap()
+        };
+        let input = ("hodei".to_string(), 7u32);
+        let old = [
+            RecordedEvent {
+                seq: 0,
+                at: Timestamp(1),
+                event: Event::SagaStarted { definition: "d".into(), version: 1, input: bincode(&input) },
+            },
+            RecordedEvent {
+                seq: 1,
+                at: Timestamp(2),
+                event: Event::SagaCompleted { output: bincode(&input) },
+            },
+        ];
+        let mut record = encode_record(&old[..]).unwrap();
+        assert_eq!(record[0], FORMAT_V2);
+        record[0] = FORMAT_V1;
+        store.events.insert(event_key(&id, 0), record).unwrap();
+
+        let history = store.history(&id).unwrap();
+        let Event::SagaStarted { input: read, .. } = &history[0].event else { panic!("{history:?}") };
+        assert_eq!(read[0], 0, "tagged as legacy bincode");
+        assert_eq!(decode_payload::<(String, u32)>(read).unwrap(), input);
+        let Event::SagaCompleted { output } = &history[1].event else { panic!("{history:?}") };
+        assert_eq!(decode_payload::<(String, u32)>(output).unwrap(), input);
     }
 
     #[test]

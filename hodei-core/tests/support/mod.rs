@@ -36,7 +36,7 @@ impl Effects {
 /// A definition, with the closure types spelled once.
 pub fn saga<I, O, F, Fut>(name: &str, version: u32, body: F) -> SagaDefinition
 where
-    I: DeserializeOwned + Send + 'static,
+    I: Serialize + DeserializeOwned + Send + 'static,
     O: Serialize + Send + 'static,
     F: Fn(SagaContext, I) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<O, StepError>> + Send + 'static,
