@@ -152,7 +152,7 @@ impl Replay {
                     Some(RecordedOp::Timer { fired, .. }) => *fired = true,
                     _ => return Err(unknown_op(key)),
                 },
-                Event::SignalReceived { name, payload } => {
+                Event::SignalReceived { name, payload } | Event::SignalReceivedBy { name, payload, .. } => {
                     replay.signals.insert(seq, (name.clone(), payload.clone()));
                 }
                 Event::SignalWaitStarted { key, name, timeout_at } => replay.start_op(
@@ -190,8 +190,28 @@ impl Replay {
                     _ => return Err(unknown_op(key)),
                 },
                 Event::BodyFailed { cause } => replay.body_failed = Some(cause.clone()),
-                Event::CancelRequested { reason } => {
+                Event::CancelRequested { reason } | Event::CancelRequestedBy { reason, .. } => {
                     replay.cancel.get_or_insert_with(|| reason.clone());
+                }
+                // Whether the saga is paused is the engine's to restore (see `journaled_pause`):
+                // it changes when operations run, never what they return.
+                Event::Paused { .. } | Event::Resumed { .. } => {}
+                Event::RetryNowRequested { .. } => {
+                    let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
+                    let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);
+                    for attempts in steps.chain(compensations) {
+                        attempts.retry_at = attempts.retry_at.map(|due| due.min(recorded.at));
+                    }
+                }
+                Event::CompensationRetryRequested { .. } => {
+                    // The failed compensation gets a new round of attempts; the saga is no
+                    // longer finished.
+                    for compensation in replay.compensations.values_mut() {
+                        if compensation.failed.take().is_some() {
+                            compensation.attempts = Attempts::default();
+                        }
+                    }
+                    replay.finished = None;
                 }
                 Event::CompensationStarted { step, attempt } => {
                     replay.compensations.entry(*step).or_default().attempts.start(*attempt)

@@ -12,6 +12,7 @@ mod filter;
 mod fork;
 mod handle;
 mod inspection;
+mod operator;
 mod outcome;
 mod purge;
 mod recovery;
