@@ -131,6 +131,9 @@ where
         // retry's due time to any retry-now the journal holds, so any one journaled by this
         // process (whose `retry_now` starts at 0) applies to it.
         let mut failed_at = 0;
+        // Counted from before its failure is journaled, so that whoever sees the failure finds
+        // the attempt waiting: a retry-now then is journaled after the failure, and cuts it.
+        let mut waiting = None;
         if history.interrupted() {
             // The process stopped inside the last attempt. It counts, as a lost worker does
             // elsewhere: a step that kills its process cannot retry forever.
@@ -150,7 +153,7 @@ where
                         None => std::future::pending().await,
                     }
                 };
-                let _waiting = Backoff::new(&self.control.backoffs);
+                let _waiting = waiting.take().unwrap_or_else(|| Backoff::new(&self.control.backoffs));
                 tokio::select! {
                     _ = self.timers.sleep_until(due) => {}
                     () = self.control.retry_now_after(failed_at) => {
@@ -206,6 +209,7 @@ where
                     tracing::warn!(attempt = n, error = %e, "attempt failed; will retry");
                     let backoff = self.policy.backoff(n, self.key);
                     let failed = |at: Timestamp| (self.failed)(n, e.message().to_string(), at.after(backoff));
+                    waiting = Some(Backoff::new(&self.control.backoffs));
                     match self.journal.append_durable_at(failed).await {
                         Ok(recorded) => {
                             history.retry_at = Some(recorded.at.after(backoff));
