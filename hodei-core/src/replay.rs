@@ -321,6 +321,43 @@ mod tests {
     }
 
     #[test]
+    fn operator_requests_are_replayed_as_the_first_run_saw_them() {
+        let history = [
+            at(0, Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] }),
+            at(1, Event::SignalReceivedBy { name: "go".into(), payload: vec![1], by: "ops".into() }),
+            at(2, Event::StepStarted { step: 0, name: "a".into(), input: vec![], compensable: true }),
+            at(
+                3,
+                Event::StepAttemptFailed {
+                    step: 0,
+                    attempt: 1,
+                    error: "e".into(),
+                    retry_at: Timestamp(3_600),
+                },
+            ),
+            at(4, Event::Paused { by: "ops".into() }),
+            at(5, Event::RetryNowRequested { by: "ops".into() }),
+            at(6, Event::CancelRequestedBy { reason: "stop".into(), by: "ops".into() }),
+        ];
+        let replay = Replay::new(&history).unwrap();
+        assert_eq!(replay.signals[&1], ("go".into(), vec![1]));
+        // Due at the request, not at the backoff the failure named.
+        assert_eq!(replay.steps[&0].attempts.retry_at, Some(Timestamp(5)));
+        assert_eq!(replay.cancel.as_deref(), Some("stop"));
+
+        let mut more = history.to_vec();
+        more.extend([
+            at(7, Event::CompensationStarted { step: 0, attempt: 1 }),
+            at(8, Event::CompensationFailed { step: 0, error: "e".into() }),
+            at(9, Event::SagaCompensationFailed { step: 0, error: "e".into(), undone: vec![0] }),
+            at(10, Event::CompensationRetryRequested { by: "ops".into() }),
+        ]);
+        let replay = Replay::new(&more).unwrap();
+        assert_eq!(replay.compensations[&0], CompensationHistory::default(), "a new round of attempts");
+        assert_eq!(replay.finished, None);
+    }
+
+    #[test]
     fn inconsistent_journals_are_reported() {
         let history = [at(0, Event::StepCompleted { step: 3, output: vec![] })];
         assert!(Replay::new(&history).unwrap_err().contains("step 3"));

@@ -246,17 +246,19 @@ async fn retry_now_without_a_backoff_is_refused() {
 }
 
 /// `checkout` and `deploy` are compensable, `smoke-test` fails for good. The compensation of
-/// `deploy` fails the first time it runs; in the second round it waits for `gate` when
-/// `hang` is set (so that the test can restart the engine inside it).
+/// `deploy` fails the first time it runs (unless `undo_failed` is already set); after that it
+/// says it started and waits for `gate` when `hang` is set.
 fn release(
     effects: &Effects,
     undo_failed: Arc<AtomicBool>,
     hang: bool,
     reached: Arc<Notify>,
+    gate: Arc<Notify>,
 ) -> SagaDefinition {
     let fx = effects.clone();
     saga("release", 1, move |ctx, _: ()| {
-        let (fx, undo_failed, reached) = (fx.clone(), undo_failed.clone(), reached.clone());
+        let (fx, undo_failed, reached, gate) =
+            (fx.clone(), undo_failed.clone(), reached.clone(), gate.clone());
         async move {
             let fx1 = fx.clone();
             ctx.step("checkout")
@@ -272,7 +274,8 @@ fn release(
             let fx2 = fx.clone();
             ctx.step("deploy")
                 .compensate_retrying(RetryPolicy::attempts(3), move |c: CompensationContext<(), ()>| {
-                    let (fx, undo_failed, reached) = (fx2.clone(), undo_failed.clone(), reached.clone());
+                    let (fx, undo_failed) = (fx2.clone(), undo_failed.clone());
+                    let (reached, gate) = (reached.clone(), gate.clone());
                     async move {
                         if !undo_failed.swap(true, Ordering::SeqCst) {
                             fx.push("undo deploy failed".into());
@@ -281,7 +284,7 @@ fn release(
                         fx.push(format!("undo deploy attempt {}", c.attempt));
                         if hang {
                             reached.notify_one();
-                            std::future::pending::<()>().await;
+                            gate.notified().await;
                         }
                         Ok(())
                     }
@@ -302,7 +305,11 @@ async fn a_failed_compensation_is_retried_and_the_saga_ends_compensated() {
     let dir = tempfile::tempdir().unwrap();
     let effects = Effects::default();
     let undo_failed = Arc::new(AtomicBool::new(false));
-    let engine = open(dir.path(), [release(&effects, undo_failed, false, Arc::new(Notify::new()))]).await;
+    let engine = open(
+        dir.path(),
+        [release(&effects, undo_failed, false, Arc::new(Notify::new()), Arc::new(Notify::new()))],
+    )
+    .await;
     let run = engine.start(SagaRun::new("release", "r1", &()).unwrap()).await.unwrap();
     assert!(matches!(run.outcome::<()>().await.unwrap(), Outcome::CompensationFailed { .. }));
     assert_eq!(effects.take(), ["undo deploy failed"]);
@@ -338,7 +345,11 @@ async fn a_compensation_retry_survives_a_restart() {
     let effects = Effects::default();
     let undo_failed = Arc::new(AtomicBool::new(false));
     let reached = Arc::new(Notify::new());
-    let engine = open(dir.path(), [release(&effects, undo_failed.clone(), true, reached.clone())]).await;
+    let engine = open(
+        dir.path(),
+        [release(&effects, undo_failed.clone(), true, reached.clone(), Arc::new(Notify::new()))],
+    )
+    .await;
     let run = engine.start(SagaRun::new("release", "r2", &()).unwrap()).await.unwrap();
     assert!(matches!(run.outcome::<()>().await.unwrap(), Outcome::CompensationFailed { .. }));
     engine.retry_compensation(&id("r2"), "erin").await.unwrap();
@@ -348,7 +359,11 @@ async fn a_compensation_retry_survives_a_restart() {
     // The handle holds the engine, and so the data directory.
     drop((run, engine));
 
-    let engine = open(dir.path(), [release(&effects, undo_failed, false, Arc::new(Notify::new()))]).await;
+    let engine = open(
+        dir.path(),
+        [release(&effects, undo_failed, false, Arc::new(Notify::new()), Arc::new(Notify::new()))],
+    )
+    .await;
     let outcome = engine.handle(&id("r2")).unwrap().outcome::<()>().await.unwrap();
     assert_eq!(outcome, Outcome::Compensated { cause: "smoke test failed".into() });
     // The attempt the restart cut off counts; the next one finishes the job.
@@ -356,6 +371,37 @@ async fn a_compensation_retry_survives_a_restart() {
         effects.take(),
         ["undo deploy failed", "undo deploy attempt 1", "undo deploy attempt 2", "undo checkout"]
     );
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A pause holds between compensations: the running one finishes, the next starts only once
+/// the saga is resumed.
+#[tokio::test]
+async fn a_pause_holds_between_compensations() {
+    let dir = tempfile::tempdir().unwrap();
+    let effects = Effects::default();
+    let (reached, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let undo_failed = Arc::new(AtomicBool::new(true));
+    let engine =
+        open(dir.path(), [release(&effects, undo_failed, true, reached.clone(), gate.clone())]).await;
+    let mut events = engine.subscribe();
+    let run = engine.start(SagaRun::new("release", "r3", &()).unwrap()).await.unwrap();
+    reached.notified().await;
+    engine.pause(&id("r3"), "grace").await.unwrap();
+    gate.notify_one();
+    journaled(&mut events, "r3", |e| matches!(e, Event::CompensationCompleted { step: 1 })).await;
+    assert_eq!(engine.status(&id("r3")).unwrap().status, SagaStatus::Paused);
+
+    engine.resume(&id("r3"), "grace").await.unwrap();
+    assert_eq!(
+        run.outcome::<()>().await.unwrap(),
+        Outcome::Compensated { cause: "smoke test failed".into() }
+    );
+    assert_eq!(effects.take(), ["undo deploy attempt 1", "undo checkout"]);
+    let history = engine.history(&id("r3")).unwrap();
+    let resumed = position(&history, |e| matches!(e, Event::Resumed { .. }));
+    let undo_checkout = position(&history, |e| matches!(e, Event::CompensationStarted { step: 0, .. }));
+    assert!(resumed < undo_checkout, "{}", Timeline(&history));
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
