@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::SagaId;
+use crate::{SagaId, SagaStatus};
 
 /// Everything the engine and its stores can refuse or fail at.
 ///
@@ -131,6 +131,29 @@ pub enum Error {
     /// The saga has already finished, so it cannot take that request.
     #[error("saga `{0}` has already finished")]
     SagaFinished(SagaId),
+    /// The saga's status does not allow the request: pausing a finished saga, retrying the
+    /// compensation of one whose compensation did not fail, and so on.
+    #[error("saga `{id}` is {}: it cannot {action}", .status.kind())]
+    InvalidState {
+        /// The saga.
+        id: SagaId,
+        /// Its status when it was asked.
+        status: SagaStatus,
+        /// What was asked: `pause`, `resume`, `retry now`, `retry its compensation`.
+        action: &'static str,
+    },
+    /// [`Engine::retry_now`](crate::Engine::retry_now) found no step or compensation of the
+    /// saga waiting out a retry backoff.
+    #[error("saga `{0}` has no step or compensation waiting to retry")]
+    NothingToRetry(SagaId),
+    /// The name given as the author of a request is empty, too long, or not printable.
+    #[error("invalid actor {actor:?}: {reason}")]
+    InvalidActor {
+        /// The name as given.
+        actor: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,

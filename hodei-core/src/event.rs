@@ -344,6 +344,49 @@ pub enum Event {
         /// Why it was stopped.
         reason: String,
     },
+    /// Someone asked for the saga to be cancelled, and the journal names who:
+    /// [`CancelRequested`](Event::CancelRequested) with its author. Replay treats both alike;
+    /// it also ends a pause, so that the cancelled saga compensates at once.
+    CancelRequestedBy {
+        /// The reason given.
+        reason: String,
+        /// Who asked (an operator, an API token's name).
+        by: String,
+    },
+    /// A signal arrived from a named sender: [`SignalReceived`](Event::SignalReceived) with
+    /// its author. Replay treats both alike.
+    SignalReceivedBy {
+        /// The signal's name.
+        name: String,
+        /// The encoded payload.
+        payload: Vec<u8>,
+        /// Who sent it.
+        by: String,
+    },
+    /// Someone paused the saga: it finishes the operation (or compensation) it is in, then
+    /// starts nothing more until it is resumed or cancelled.
+    Paused {
+        /// Who paused it.
+        by: String,
+    },
+    /// Someone resumed the paused saga.
+    Resumed {
+        /// Who resumed it.
+        by: String,
+    },
+    /// Someone cut short the backoff of every step or compensation waiting to retry: their
+    /// next attempt is due at this event's time, not at the `retry_at` their failure named.
+    RetryNowRequested {
+        /// Who asked.
+        by: String,
+    },
+    /// Someone asked a saga whose compensation failed for good to try again: it follows the
+    /// saga's `SagaCompensationFailed`, reopens it, and the failed compensation runs again
+    /// (a new round of attempts, numbered from 1), then those left undone.
+    CompensationRetryRequested {
+        /// Who asked.
+        by: String,
+    },
     // Later events are appended here (see the compatibility rule at the top of this module).
 }
 
@@ -439,6 +482,9 @@ pub enum SagaStatus {
     CompensationFailed,
     /// Final: failed with nothing to compensate.
     Failed,
+    /// Paused by an operator: it finishes the operation it is in, then waits to be resumed
+    /// (see [`Engine::pause`](crate::Engine::pause)).
+    Paused,
 }
 
 impl SagaStatus {
@@ -464,6 +510,7 @@ impl SagaStatus {
             SagaStatus::Compensated => "compensated",
             SagaStatus::CompensationFailed => "compensation-failed",
             SagaStatus::Failed => "failed",
+            SagaStatus::Paused => "paused",
         }
     }
 }
@@ -551,6 +598,12 @@ mod tests {
             Event::ForkedFrom { source: SagaId::new("a").unwrap(), step: 2 },
             Event::Forked { fork: SagaId::new("b").unwrap(), step: 2 },
             Event::StepCancelled { step: 3, reason: "r".into() },
+            Event::CancelRequestedBy { reason: "r".into(), by: "ops".into() },
+            Event::SignalReceivedBy { name: "approve".into(), payload: vec![1], by: "ops".into() },
+            Event::Paused { by: "ops".into() },
+            Event::Resumed { by: "ops".into() },
+            Event::RetryNowRequested { by: "ops".into() },
+            Event::CompensationRetryRequested { by: "ops".into() },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();
@@ -567,6 +620,7 @@ mod tests {
             SagaStatus::Compensated,
             SagaStatus::CompensationFailed,
             SagaStatus::Failed,
+            SagaStatus::Paused,
         ];
         for (index, status) in statuses.iter().enumerate() {
             assert_eq!(encode_record(status).unwrap()[5] as usize, index, "status {status:?} moved");

@@ -152,7 +152,7 @@ impl Replay {
                     Some(RecordedOp::Timer { fired, .. }) => *fired = true,
                     _ => return Err(unknown_op(key)),
                 },
-                Event::SignalReceived { name, payload } => {
+                Event::SignalReceived { name, payload } | Event::SignalReceivedBy { name, payload, .. } => {
                     replay.signals.insert(seq, (name.clone(), payload.clone()));
                 }
                 Event::SignalWaitStarted { key, name, timeout_at } => replay.start_op(
@@ -190,8 +190,28 @@ impl Replay {
                     _ => return Err(unknown_op(key)),
                 },
                 Event::BodyFailed { cause } => replay.body_failed = Some(cause.clone()),
-                Event::CancelRequested { reason } => {
+                Event::CancelRequested { reason } | Event::CancelRequestedBy { reason, .. } => {
                     replay.cancel.get_or_insert_with(|| reason.clone());
+                }
+                // Whether the saga is paused is the engine's to restore (see `journaled_pause`):
+                // it changes when operations run, never what they return.
+                Event::Paused { .. } | Event::Resumed { .. } => {}
+                Event::RetryNowRequested { .. } => {
+                    let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
+                    let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);
+                    for attempts in steps.chain(compensations) {
+                        attempts.retry_at = attempts.retry_at.map(|due| due.min(recorded.at));
+                    }
+                }
+                Event::CompensationRetryRequested { .. } => {
+                    // The failed compensation gets a new round of attempts; the saga is no
+                    // longer finished.
+                    for compensation in replay.compensations.values_mut() {
+                        if compensation.failed.take().is_some() {
+                            compensation.attempts = Attempts::default();
+                        }
+                    }
+                    replay.finished = None;
                 }
                 Event::CompensationStarted { step, attempt } => {
                     replay.compensations.entry(*step).or_default().attempts.start(*attempt)
@@ -298,6 +318,43 @@ mod tests {
         let replay = Replay::new(&more).unwrap();
         assert_eq!(replay.steps[&1].attempts.started, 2);
         assert!(replay.steps[&1].attempts.interrupted(), "attempt 2 started and never reported");
+    }
+
+    #[test]
+    fn operator_requests_are_replayed_as_the_first_run_saw_them() {
+        let history = [
+            at(0, Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] }),
+            at(1, Event::SignalReceivedBy { name: "go".into(), payload: vec![1], by: "ops".into() }),
+            at(2, Event::StepStarted { step: 0, name: "a".into(), input: vec![], compensable: true }),
+            at(
+                3,
+                Event::StepAttemptFailed {
+                    step: 0,
+                    attempt: 1,
+                    error: "e".into(),
+                    retry_at: Timestamp(3_600),
+                },
+            ),
+            at(4, Event::Paused { by: "ops".into() }),
+            at(5, Event::RetryNowRequested { by: "ops".into() }),
+            at(6, Event::CancelRequestedBy { reason: "stop".into(), by: "ops".into() }),
+        ];
+        let replay = Replay::new(&history).unwrap();
+        assert_eq!(replay.signals[&1], ("go".into(), vec![1]));
+        // Due at the request, not at the backoff the failure named.
+        assert_eq!(replay.steps[&0].attempts.retry_at, Some(Timestamp(5)));
+        assert_eq!(replay.cancel.as_deref(), Some("stop"));
+
+        let mut more = history.to_vec();
+        more.extend([
+            at(7, Event::CompensationStarted { step: 0, attempt: 1 }),
+            at(8, Event::CompensationFailed { step: 0, error: "e".into() }),
+            at(9, Event::SagaCompensationFailed { step: 0, error: "e".into(), undone: vec![0] }),
+            at(10, Event::CompensationRetryRequested { by: "ops".into() }),
+        ]);
+        let replay = Replay::new(&more).unwrap();
+        assert_eq!(replay.compensations[&0], CompensationHistory::default(), "a new round of attempts");
+        assert_eq!(replay.finished, None);
     }
 
     #[test]

@@ -36,6 +36,7 @@ impl fmt::Display for Timeline<'_> {
                 }
                 Event::TimerFired { key } => format!("timer {key} fired"),
                 Event::SignalReceived { name, .. } => format!("signal `{name}` received"),
+                Event::SignalReceivedBy { name, by, .. } => format!("signal `{name}` sent by {by}"),
                 Event::SignalWaitStarted { name, timeout_at: None, .. } => {
                     format!("waiting for signal `{name}`")
                 }
@@ -64,6 +65,15 @@ impl fmt::Display for Timeline<'_> {
                 Event::StepCancelled { step, reason } => format!("{} stopped: {reason}", name(step)),
                 Event::BodyFailed { cause } => format!("saga failed: {cause}; compensating"),
                 Event::CancelRequested { reason } => format!("cancel requested: {reason}; compensating"),
+                Event::CancelRequestedBy { reason, by } => {
+                    format!("cancel requested by {by}: {reason}; compensating")
+                }
+                Event::Paused { by } => format!("paused by {by}"),
+                Event::Resumed { by } => format!("resumed by {by}"),
+                Event::RetryNowRequested { by } => format!("retry now requested by {by}"),
+                Event::CompensationRetryRequested { by } => {
+                    format!("compensation retry requested by {by}; compensating")
+                }
                 Event::CompensationStarted { step, attempt } => match attempt {
                     1 => format!("compensating {}", name(step)),
                     _ => format!("compensating {} (attempt {attempt})", name(step)),

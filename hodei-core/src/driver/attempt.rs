@@ -64,6 +64,22 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Counts one attempt waiting out its backoff for as long as it waits.
+struct Backoff<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Backoff<'a> {
+    fn new(count: &'a watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for Backoff<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 impl Cancels<'_> {
     pub(super) fn now(&self, control: &Control) -> Option<Interrupt> {
         control
@@ -111,6 +127,13 @@ where
         Fut: Future<Output = Result<T, StepError>>,
     {
         let _busy = self.cancels.as_ref().map(|cancels| Busy::new(cancels.saga, cancels.scope));
+        // The event after which a retry-now cuts the backoff. Replay already moved a replayed
+        // retry's due time to any retry-now the journal holds, so any one journaled by this
+        // process (whose `retry_now` starts at 0) applies to it.
+        let mut failed_at = 0;
+        // Counted from before its failure is journaled, so that whoever sees the failure finds
+        // the attempt waiting: a retry-now then is journaled after the failure, and cuts it.
+        let mut waiting = None;
         if history.interrupted() {
             // The process stopped inside the last attempt. It counts, as a lost worker does
             // elsewhere: a step that kills its process cannot retry forever.
@@ -130,8 +153,12 @@ where
                         None => std::future::pending().await,
                     }
                 };
+                let _waiting = waiting.take().unwrap_or_else(|| Backoff::new(&self.control.backoffs));
                 tokio::select! {
                     _ = self.timers.sleep_until(due) => {}
+                    () = self.control.retry_now_after(failed_at) => {
+                        tracing::info!(attempt = history.started + 1, "retry now: the backoff is cut short");
+                    }
                     interrupt = self.control.stopped(false) => return Attempted::Stopped(interrupt, history.started),
                     interrupt = cancel => return Attempted::Stopped(interrupt, history.started),
                 }
@@ -182,8 +209,12 @@ where
                     tracing::warn!(attempt = n, error = %e, "attempt failed; will retry");
                     let backoff = self.policy.backoff(n, self.key);
                     let failed = |at: Timestamp| (self.failed)(n, e.message().to_string(), at.after(backoff));
+                    waiting = Some(Backoff::new(&self.control.backoffs));
                     match self.journal.append_durable_at(failed).await {
-                        Ok(recorded) => history.retry_at = Some(recorded.at.after(backoff)),
+                        Ok(recorded) => {
+                            history.retry_at = Some(recorded.at.after(backoff));
+                            failed_at = recorded.seq;
+                        }
                         Err(e) => return Attempted::Stopped(Interrupt::Storage(e.to_string()), n),
                     }
                 }

@@ -41,6 +41,16 @@ pub(super) async fn compensate(live: &LiveSaga, shared: &SagaShared, cause: Stri
         let result = match history.failed {
             Some(error) => Attempted::Done(Err(StepError::terminal(error))),
             None => {
+                // A pause holds between compensations as between operations: the one running
+                // finishes, the next waits. Only shutdown ends the wait; a cancel lifts the
+                // pause, and a cancel is what compensating already is.
+                if live.control.is_paused() {
+                    tracing::info!(step, "paused; the next compensation waits to be resumed");
+                    tokio::select! {
+                        () = live.control.resumed() => {}
+                        _ = live.control.stopped(false) => return None,
+                    }
+                }
                 let log = AttemptLog {
                     journal,
                     timers: &shared.host.timers,

@@ -7,10 +7,22 @@ use super::interrupt::Interrupt;
 use crate::lock::lock;
 use crate::step_context::{StepSignals, first_reason};
 
-/// What reaches a saga from outside: a cancel, the engine's shutdown, and signals.
+/// What reaches a saga from outside: a cancel, the engine's shutdown, signals, and an
+/// operator's pause, resume and retry-now.
 #[derive(Debug)]
 pub(crate) struct Control {
     pub cancel: watch::Sender<Option<String>>,
+    /// Whether the saga is paused: its operations and compensations wait before they start.
+    pub paused: watch::Sender<bool>,
+    /// The sequence number of the last journaled `RetryNowRequested` (0: none in this
+    /// process): a retry whose failure was journaled before it is due at once, as replay
+    /// decides from the journal.
+    pub retry_now: watch::Sender<u64>,
+    /// Step and compensation attempts waiting out a backoff now: what a retry-now can cut.
+    pub backoffs: watch::Sender<usize>,
+    /// Held by whoever journals an operator's request (cancel, pause, resume, retry now),
+    /// so that the order of their events is the order in which the saga sees them.
+    pub requests: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
     /// Signals journaled for this saga, by sequence number: (name, payload). Consumed ones
     /// stay; [`SagaShared::consumed`](super::SagaShared::consumed) tells them apart.
@@ -23,6 +35,10 @@ impl Control {
     pub fn new(shutdown: watch::Receiver<bool>) -> Self {
         Self {
             cancel: watch::Sender::new(None),
+            paused: watch::Sender::new(false),
+            retry_now: watch::Sender::new(0),
+            backoffs: watch::Sender::new(0),
+            requests: tokio::sync::Mutex::new(()),
             shutdown,
             inbox: Mutex::default(),
             arrivals: watch::Sender::new(0),
@@ -46,6 +62,21 @@ impl Control {
     /// Resolves with the reason once a cancel is requested.
     pub(super) async fn cancel_requested(&self) -> String {
         first_reason(self.cancel.subscribe()).await
+    }
+
+    pub(super) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Resolves once the saga is not paused.
+    pub(super) async fn resumed(&self) {
+        // The sender lives as long as `self`, so the wait ends only when the value does.
+        let _ = self.paused.subscribe().wait_for(|paused| !paused).await;
+    }
+
+    /// Resolves once a retry-now is journaled after the event at `seq`.
+    pub(super) async fn retry_now_after(&self, seq: u64) {
+        let _ = self.retry_now.subscribe().wait_for(|last| *last > seq).await;
     }
 
     pub(super) fn shutting_down(&self) -> bool {

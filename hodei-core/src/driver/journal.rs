@@ -30,6 +30,10 @@ struct JournalState {
     /// has seen (a group's start, a branch's end before the group returns, a timer that fired)
     /// wait here for the saga's next write, so that they cost no flush of their own.
     pending: Vec<RecordedEvent>,
+    /// Set while the saga is paused: the status it has under the pause (running or
+    /// compensating). The record shows `Paused` instead, and the driver's own changes between
+    /// the two land here until the pause is lifted.
+    under_pause: Option<SagaStatus>,
 }
 
 impl Journal {
@@ -40,7 +44,8 @@ impl Journal {
         next: u64,
         finished: bool,
     ) -> Self {
-        let state = Mutex::new(JournalState { next, record, finished, pending: Vec::new() });
+        let state =
+            Mutex::new(JournalState { next, record, finished, pending: Vec::new(), under_pause: None });
         Self { id: record_id(&state), store, bus, state }
     }
 
@@ -74,9 +79,72 @@ impl Journal {
         self.store.durable().await
     }
 
-    /// Changes the status without waiting for durability.
+    /// Changes the status without waiting for durability; nothing is written if the record
+    /// already shows it (a paused saga shows `Paused` for running and compensating).
     pub fn write_status(&self, status: SagaStatus) -> Result<()> {
-        self.write(None, Some(status)).map(drop)
+        let mut state = lock(&self.state);
+        if self.shown(&state, &status) == state.record.status {
+            if state.under_pause.is_some() {
+                state.under_pause = Some(status);
+            }
+            return Ok(());
+        }
+        self.write_locked(&mut state, |_| None, Some(status)).map(drop)
+    }
+
+    /// Marks the saga paused as its journal says it is, with the status it has under the
+    /// pause; the record is not written (see [`write_status`](Self::write_status)).
+    pub fn restore_pause(&self, under: SagaStatus) {
+        lock(&self.state).under_pause = Some(under);
+    }
+
+    /// Journals `event` (a pause) and shows the saga as paused, durably. `Ok(None)` if it was
+    /// paused already: nothing is written. Only a running or compensating saga can be paused.
+    pub async fn pause(&self, event: Event) -> Result<Option<RecordedEvent>> {
+        let recorded = {
+            let mut state = lock(&self.state);
+            if state.under_pause.is_some() {
+                return Ok(None);
+            }
+            let under = state.record.status.clone();
+            if !matches!(under, SagaStatus::Running | SagaStatus::Compensating) {
+                return Err(Error::InvalidState { id: self.id.clone(), status: under, action: "pause" });
+            }
+            let recorded = self.write_locked(&mut state, |_| Some(event), Some(SagaStatus::Paused))?;
+            state.under_pause = Some(under);
+            recorded
+        };
+        self.store.durable().await?;
+        Ok(recorded)
+    }
+
+    /// Journals `event` (a resume, or a cancel) and, if the saga is paused, lifts the pause:
+    /// the record shows the status under it again, durably. With `only_if_paused`, a saga
+    /// that is not paused gets nothing written and `Ok(None)`.
+    pub async fn lift_pause(&self, event: Event, only_if_paused: bool) -> Result<Option<RecordedEvent>> {
+        let recorded = {
+            let mut state = lock(&self.state);
+            if only_if_paused && state.under_pause.is_none() {
+                return Ok(None);
+            }
+            let under = state.under_pause.take();
+            let written = self.write_locked(&mut state, |_| Some(event), under.clone());
+            if written.is_err() {
+                state.under_pause = under;
+            }
+            written?
+        };
+        self.store.durable().await?;
+        Ok(recorded)
+    }
+
+    fn shown(&self, state: &JournalState, status: &SagaStatus) -> SagaStatus {
+        match status {
+            SagaStatus::Running | SagaStatus::Compensating if state.under_pause.is_some() => {
+                SagaStatus::Paused
+            }
+            other => other.clone(),
+        }
     }
 
     /// Writes an event and waits until it is on disk.
@@ -116,6 +184,15 @@ impl Journal {
         status: Option<SagaStatus>,
     ) -> Result<Option<RecordedEvent>> {
         let mut state = lock(&self.state);
+        self.write_locked(&mut state, event, status)
+    }
+
+    fn write_locked(
+        &self,
+        state: &mut JournalState,
+        event: impl FnOnce(Timestamp) -> Option<Event>,
+        status: Option<SagaStatus>,
+    ) -> Result<Option<RecordedEvent>> {
         let at = Timestamp::now();
         let event = event(at);
         if state.finished && event.is_some() {
@@ -125,7 +202,7 @@ impl Journal {
         let recorded = event.map(|event| RecordedEvent { seq, at, event });
         let record = status.as_ref().map(|status| {
             let mut record = state.record.clone();
-            record.status = status.clone();
+            record.status = self.shown(state, status);
             record.updated_at = at;
             record
         });
@@ -146,6 +223,17 @@ impl Journal {
         if let Some(record) = record {
             self.publish(EngineEventKind::Status(record.status.clone()));
             state.record = record;
+        }
+        match status {
+            Some(status @ (SagaStatus::Running | SagaStatus::Compensating))
+                if state.under_pause.is_some() =>
+            {
+                state.under_pause = Some(status);
+            }
+            // A saga that finishes or parks while paused is no longer paused: the pause held
+            // back its next operation, and it has none.
+            Some(SagaStatus::Paused) | None => {}
+            Some(_) => state.under_pause = None,
         }
         Ok(recorded)
     }

@@ -99,8 +99,8 @@ impl SagaShared {
     }
 
     /// Called before anything runs live (past the journal). Returns only if it may: a frozen
-    /// branch stops here forever, a cancelled saga is interrupted, and a saga whose journal
-    /// says its body already failed is parked.
+    /// branch stops here forever, a cancelled saga is interrupted, a saga whose journal says
+    /// its body already failed is parked, and a paused saga waits here until it is resumed.
     pub(super) async fn go_live(&self, scope: &Scope, what: &str) {
         // A branch its group cancelled starts nothing more: no step of it is journaled as
         // started that could not run.
@@ -115,6 +115,16 @@ impl SagaShared {
                 "{what}: the journal says the body failed before reaching it, but the code now goes on"
             );
             return self.park(reason).await;
+        }
+        if self.control.is_paused() {
+            // Paused: what is running finishes, nothing new starts. A cancel lifts the pause
+            // and is seen below; shutdown and a branch's cancel stop the wait as any other.
+            tracing::info!(next = %what, "paused; waiting to be resumed");
+            self.interruptible(scope, self.control.resumed()).await;
+            if let Some(reason) = self.cancel_reason() {
+                return self.suspend(Interrupt::Cancelled(reason)).await;
+            }
+            tracing::info!(next = %what, "resumed");
         }
     }
 

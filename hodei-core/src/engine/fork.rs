@@ -100,7 +100,9 @@ fn fork_prefix(prefix: &[RecordedEvent], first_seq: u64) -> Vec<Event> {
             | Event::SignalWaitStarted { key, .. }
             | Event::SignalConsumed { key, .. }
             | Event::SignalWaitTimedOut { key } => resolved.contains(key.as_str()),
-            Event::SignalReceived { .. } | Event::BranchesStarted { .. } => true,
+            Event::SignalReceived { .. } | Event::SignalReceivedBy { .. } | Event::BranchesStarted { .. } => {
+                true
+            }
             Event::BranchFinished { error, .. } => error.is_none(),
             _ => false,
         };
@@ -109,7 +111,7 @@ fn fork_prefix(prefix: &[RecordedEvent], first_seq: u64) -> Vec<Event> {
         }
         let seq = first_seq + kept.len() as u64;
         let event = match &recorded.event {
-            Event::SignalReceived { .. } => {
+            Event::SignalReceived { .. } | Event::SignalReceivedBy { .. } => {
                 renumbered.insert(recorded.seq, seq);
                 recorded.event.clone()
             }

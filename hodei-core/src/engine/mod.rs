@@ -1,5 +1,5 @@
-//! The engine: registration, starting and resuming sagas, inspection, cancellation and
-//! shutdown.
+//! The engine: registration, starting and resuming sagas, inspection, cancellation, an
+//! operator's verbs (pause, resume, retry now, retry a failed compensation) and shutdown.
 //!
 //! [`Engine`] is a cheap handle on shared state; each file here adds one part of its API. The
 //! engine owns the set of live sagas and starts one driver task per saga
@@ -12,6 +12,7 @@ mod filter;
 mod fork;
 mod handle;
 mod inspection;
+mod operator;
 mod outcome;
 mod purge;
 mod recovery;

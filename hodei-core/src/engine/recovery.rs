@@ -43,23 +43,20 @@ impl Inner {
         let final_event =
             history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
         let live = self.new_live(record.clone(), next, final_event.is_some());
-        let journaled_cancel = history.as_ref().ok().and_then(|h| {
-            h.iter().find_map(|r| match &r.event {
-                Event::CancelRequested { reason } => Some(reason.clone()),
-                _ => None,
-            })
-        });
-        if let Some(reason) = journaled_cancel {
+        let requests = history.as_ref().map(|h| Requests::of(h)).unwrap_or_default();
+        if let Some(reason) = requests.cancel {
             // Known to the control too, so that a later cancel is not journaled twice.
             live.control.cancel.send_replace(Some(reason));
         }
+        let under_pause = if requests.compensating { SagaStatus::Compensating } else { SagaStatus::Running };
+        if requests.paused {
+            // The journal, not the record, says whether the saga is paused: the two are
+            // separate writes, and a crash may come between them.
+            live.journal.restore_pause(under_pause.clone());
+            live.control.paused.send_replace(true);
+        }
         lock(&self.live).insert(id.clone(), live.clone());
-        let set_status = |status: SagaStatus| -> Result<()> {
-            if live.journal.record().status != status {
-                live.journal.write_status(status)?;
-            }
-            Ok(())
-        };
+        let set_status = |status: SagaStatus| live.journal.write_status(status);
         let history = match history {
             Ok(history) => history,
             Err(e) => return set_status(SagaStatus::Parked { reason: e.to_string() }),
@@ -77,13 +74,47 @@ impl Inner {
                 set_status(SagaStatus::WaitingForVersion)
             }
             Some(definition) => {
-                if matches!(record.status, SagaStatus::Parked { .. } | SagaStatus::WaitingForVersion) {
-                    set_status(SagaStatus::Running)?;
+                // A paused saga's record shows `Paused` whatever it is doing under the pause.
+                match record.status {
+                    SagaStatus::Running | SagaStatus::Compensating => set_status(record.status)?,
+                    _ => set_status(under_pause)?,
                 }
                 self.spawn(live, definition, history);
                 Ok(())
             }
         }
+    }
+}
+
+/// What operators asked of a saga, as its journal says.
+#[derive(Default)]
+struct Requests {
+    /// The first cancel's reason.
+    cancel: Option<String>,
+    /// Whether it is paused now: paused and not since resumed, cancelled or finished.
+    paused: bool,
+    /// Whether it has entered its compensation (it was cancelled, or its body failed).
+    compensating: bool,
+}
+
+impl Requests {
+    fn of(history: &[RecordedEvent]) -> Self {
+        let mut requests = Requests::default();
+        for recorded in history {
+            match &recorded.event {
+                Event::CancelRequested { reason } | Event::CancelRequestedBy { reason, .. } => {
+                    requests.cancel.get_or_insert_with(|| reason.clone());
+                    requests.paused = false;
+                    requests.compensating = true;
+                }
+                Event::BodyFailed { .. } => requests.compensating = true,
+                Event::Paused { .. } => requests.paused = true,
+                Event::Resumed { .. } | Event::CompensationRetryRequested { .. } => requests.paused = false,
+                event if event.is_final() => requests.paused = false,
+                _ => {}
+            }
+        }
+        requests
     }
 }
 

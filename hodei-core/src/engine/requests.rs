@@ -13,17 +13,30 @@ impl Engine {
     ///
     /// The request is journaled before this returns, so it survives a crash. A saga that is
     /// parked or waiting for its version is cancelled when it next runs.
+    ///
+    /// A paused saga is cancelled too: the cancel lifts the pause and it compensates at once.
+    /// [`cancel_as`](Self::cancel_as) also journals who asked.
     pub async fn cancel(&self, id: &SagaId, reason: impl Into<String>) -> Result<()> {
+        self.cancel_by(id, reason.into(), None).await
+    }
+
+    pub(super) async fn cancel_by(&self, id: &SagaId, reason: String, by: Option<String>) -> Result<()> {
         let live = self.live_or_why(id)?;
+        let _requests = live.control.requests.lock().await;
         if live.journal.record().status.is_final() {
             return Err(Error::SagaFinished(id.clone()));
         }
         if live.control.cancel.borrow().is_some() {
             return Ok(());
         }
-        let reason = reason.into();
-        live.journal.append_durable(Event::CancelRequested { reason: reason.clone() }).await?;
+        let event = match by {
+            Some(by) => Event::CancelRequestedBy { reason: reason.clone(), by },
+            None => Event::CancelRequested { reason: reason.clone() },
+        };
+        live.journal.lift_pause(event, false).await?;
+        // The cancel first, so that a saga waiting out its pause sees it when it wakes.
         live.control.cancel.send_replace(Some(reason));
+        live.control.paused.send_replace(false);
         Ok(())
     }
 
@@ -36,8 +49,19 @@ impl Engine {
     /// run (it is stopping, or another process holds the saga).
     ///
     /// [`SagaContext::wait_signal`]: crate::SagaContext::wait_signal
+    ///
+    /// [`signal_as`](Self::signal_as) also journals who sent it.
     pub async fn signal(&self, id: &SagaId, name: impl Into<String>, payload: &impl Serialize) -> Result<()> {
-        let name = name.into();
+        self.signal_by(id, name.into(), payload, None).await
+    }
+
+    pub(super) async fn signal_by(
+        &self,
+        id: &SagaId,
+        name: String,
+        payload: &impl Serialize,
+        by: Option<String>,
+    ) -> Result<()> {
         let payload = encode_payload(payload).map_err(|reason| Error::Codec {
             action: "encode",
             what: format!("the payload of signal `{name}`"),
@@ -51,7 +75,10 @@ impl Engine {
             });
         }
         let live = self.live_or_why(id)?;
-        let event = Event::SignalReceived { name: name.clone(), payload: payload.clone() };
+        let event = match by {
+            Some(by) => Event::SignalReceivedBy { name: name.clone(), payload: payload.clone(), by },
+            None => Event::SignalReceived { name: name.clone(), payload: payload.clone() },
+        };
         let recorded = live.journal.append_durable(event).await?;
         live.control.deliver(recorded.seq, name, payload);
         Ok(())
