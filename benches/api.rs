@@ -57,9 +57,14 @@ struct Served {
 }
 
 impl Served {
-    async fn start(definitions: Vec<SagaDefinition>, logs: Option<Arc<LogStore>>, dir: tempfile::TempDir) -> Self {
+    async fn start(
+        definitions: Vec<SagaDefinition>,
+        logs: Option<Arc<LogStore>>,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let engine = sled_engine(&dir.path().join("journal"), definitions).await;
-        let mut builder = ApiServer::builder(engine.clone(), dir.path()).bind(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut builder =
+            ApiServer::builder(engine.clone(), dir.path()).bind(SocketAddr::from(([127, 0, 0, 1], 0)));
         if let Some(logs) = logs {
             builder = builder.logs(logs);
         }
@@ -75,7 +80,8 @@ impl Served {
     /// Starts a run through the API and follows its journal to the end; checks it completed.
     async fn run_over_http(&self, id: &str) {
         let body = serde_json::json!({"definition": SAGA, "id": id, "input": 7});
-        let started = self.http.post(self.url("/api/v1/runs")).bearer_auth(&self.token).json(&body).send().await;
+        let started =
+            self.http.post(self.url("/api/v1/runs")).bearer_auth(&self.token).json(&body).send().await;
         assert_eq!(started.expect("POST /runs").status(), reqwest::StatusCode::CREATED);
         let events = self
             .http
@@ -113,7 +119,12 @@ async fn start(rounds: usize) {
         }
         let (local, http) = (median(local), median(http));
         ratios.push(http / local);
-        table.row(&[round.to_string(), format!("{local:.2}"), format!("{http:.2}"), format!("{:.2}x", http / local)]);
+        table.row(&[
+            round.to_string(),
+            format!("{local:.2}"),
+            format!("{http:.2}"),
+            format!("{:.2}x", http / local),
+        ]);
         served.server.shutdown().await;
     }
     println!("\nmedian ratio: {:.2}x", median(ratios));
@@ -122,7 +133,8 @@ async fn start(rounds: usize) {
 async fn list(rounds: usize) {
     let stored = scaled(100_000);
     let pages = scaled(500);
-    let empty = SagaDefinition::new("empty", 1, |_: SagaContext, n: u32| async move { Ok::<_, StepError>(n) });
+    let empty =
+        SagaDefinition::new("empty", 1, |_: SagaContext, n: u32| async move { Ok::<_, StepError>(n) });
     let served = Served::start(vec![empty], None, tempfile::tempdir().unwrap()).await;
     let began = Instant::now();
     let engine = served.engine.clone();
@@ -137,7 +149,10 @@ async fn list(rounds: usize) {
     .await;
     println!("\n{stored} runs stored in {:.1?}", began.elapsed());
     let table = Table::new(
-        &format!("one page of 100 runs from a random cursor, {} runs stored, {pages} pages per side and round", thousands(stored as f64)),
+        &format!(
+            "one page of 100 runs from a random cursor, {} runs stored, {pages} pages per side and round",
+            thousands(stored as f64)
+        ),
         &["round", "store p50 (µs)", "store p99 (µs)", "API p50 (µs)", "API p99 (µs)", "API / store (p50)"],
     );
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -156,19 +171,33 @@ async fn list(rounds: usize) {
                 let began = Instant::now();
                 if side == "a" {
                     let id = SagaId::new(at).expect("an id");
-                    let page = served.engine.list_page(&SagaFilter::default(), Some(&id), 100).expect("a page");
+                    let page =
+                        served.engine.list_page(&SagaFilter::default(), Some(&id), 100).expect("a page");
                     assert!(page.records.len() <= 100);
                     store.push(began.elapsed());
                 } else {
                     let url = served.url(&format!("/api/v1/runs?limit=100&cursor={at}"));
-                    let page: serde_json::Value =
-                        served.http.get(url).bearer_auth(&served.token).send().await.expect("GET").json().await.expect("JSON");
+                    let page: serde_json::Value = served
+                        .http
+                        .get(url)
+                        .bearer_auth(&served.token)
+                        .send()
+                        .await
+                        .expect("GET")
+                        .json()
+                        .await
+                        .expect("JSON");
                     assert!(page["runs"].as_array().is_some_and(|runs| runs.len() <= 100));
                     api.push(began.elapsed());
                 }
             }
         }
-        let (s50, s99, a50, a99) = (percentile(&mut store, 50), percentile(&mut store, 99), percentile(&mut api, 50), percentile(&mut api, 99));
+        let (s50, s99, a50, a99) = (
+            percentile(&mut store, 50),
+            percentile(&mut store, 99),
+            percentile(&mut api, 50),
+            percentile(&mut api, 99),
+        );
         let ratio = a50.as_secs_f64() / s50.as_secs_f64();
         ratios.push(ratio);
         table.row(&[
@@ -230,12 +259,15 @@ async fn logs(rounds: usize) {
                 let response = served.http.get(url).bearer_auth(&served.token).send().await.expect("GET");
                 let mut body = response.bytes_stream();
                 let mut last_id = 0u64;
-                let mut pending = String::new();
+                let mut pending = Vec::new();
                 while let Some(chunk) = body.next().await {
-                    pending.push_str(std::str::from_utf8(&chunk.expect("a chunk")).expect("UTF-8"));
-                    while let Some(at) = pending.find('\n') {
-                        if let Some(id) = pending[..at].strip_prefix("id: ") {
-                            last_id = id.parse().expect("an offset");
+                    pending.extend_from_slice(&chunk.expect("a chunk"));
+                    while let Some(at) = pending.iter().position(|&b| b == b'\n') {
+                        if let Some(id) = pending[..at].strip_prefix(b"id: ") {
+                            last_id = std::str::from_utf8(id)
+                                .ok()
+                                .and_then(|id| id.parse().ok())
+                                .expect("an offset");
                         }
                         pending.drain(..=at);
                     }
@@ -248,7 +280,12 @@ async fn logs(rounds: usize) {
         }
         let (local, sse) = (median(local), median(sse));
         ratios.push(sse / local);
-        table.row(&[round.to_string(), format!("{local:.0}"), format!("{sse:.0}"), format!("{:.2}x", sse / local)]);
+        table.row(&[
+            round.to_string(),
+            format!("{local:.0}"),
+            format!("{sse:.0}"),
+            format!("{:.2}x", sse / local),
+        ]);
     }
     println!("\nmedian ratio: {:.2}x", median(ratios));
     served.server.shutdown().await;

@@ -110,13 +110,18 @@ echo "$TARGET rolled back"
 "#;
 
 fn deploy(pipeline: &Pipeline, step: &str, target: &str) -> (Job, Job) {
-    (shell(pipeline, step, DEPLOY).env("TARGET", target), shell(pipeline, step, ROLL_BACK).env("TARGET", target))
+    (
+        shell(pipeline, step, DEPLOY).env("TARGET", target),
+        shell(pipeline, step, ROLL_BACK).env("TARGET", target),
+    )
 }
 
 #[step(retry(max_attempts = 2, backoff = "1s"))]
 async fn verify(ctx: StepContext, fail: Option<String>) -> Result<String, StepError> {
     match fail {
-        Some(step) if step == ctx.name => Err(StepError::terminal("GET https://shop.example.invalid/health: 500")),
+        Some(step) if step == ctx.name => {
+            Err(StepError::terminal("GET https://shop.example.invalid/health: 500"))
+        }
         _ => Ok("GET https://shop.example.invalid/health: 200".into()),
     }
 }
@@ -159,7 +164,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { addr: hodei::api::DEFAULT_ADDR, data: "hodei-data-ci".into(), accept_data_loss: false };
+    let mut args =
+        Args { addr: hodei::api::DEFAULT_ADDR, data: "hodei-data-ci".into(), accept_data_loss: false };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
         match arg.as_str() {
@@ -169,7 +175,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--data" => args.data = argv.next().ok_or("--data needs a directory")?,
             "--accept-data-loss" => args.accept_data_loss = true,
-            other => return Err(format!("unknown argument `{other}`; use --addr, --data, --accept-data-loss")),
+            other => {
+                return Err(format!("unknown argument `{other}`; use --addr, --data, --accept-data-loss"));
+            }
         }
     }
     Ok(args)
@@ -195,7 +203,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         println!("the first admin token is in {} (mode 0600)", file.display());
     }
     println!("\n  export HODEI_ADDR=http://{addr} HODEI_TOKEN=$(cat {token_file})");
-    println!("  hodei runs start ci --id ci-1 --input '{{\"repository\": \"acme/shop\", \"branch\": \"main\"}}'");
+    println!(
+        "  hodei runs start ci --id ci-1 --input '{{\"repository\": \"acme/shop\", \"branch\": \"main\"}}'"
+    );
     println!("  hodei runs logs ci-1 -f");
     println!("  hodei runs approve ci-1");
     println!("  hodei runs get ci-1\n");

@@ -95,16 +95,25 @@ impl Api {
     }
 
     async fn restart(self) -> Self {
-        self.server.shutdown().await;
-        self.engine.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
-        Self::open(self.dir).await
+        let Self { dir, engine, server, .. } = self;
+        server.shutdown().await;
+        engine.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
+        // Every handle on the store goes before it is opened again.
+        drop(engine);
+        Self::open(dir).await
     }
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.server.local_addr())
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = self.http.request(method, self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -115,7 +124,14 @@ impl Api {
         let response = within(request.send()).await.unwrap();
         let status = response.status();
         let text = within(response.text()).await.unwrap();
-        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+        (
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or(Value::String(text))
+            },
+        )
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -154,7 +170,10 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
     let start = json!({"definition": "gated", "id": "deploy-1", "input": {"service": "api"}});
     let (status, run) = api.post("/api/v1/runs", start.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{run}");
-    assert_eq!((run["id"].as_str(), run["definition"].as_str(), run["version"].as_u64()), (Some("deploy-1"), Some("gated"), Some(1)));
+    assert_eq!(
+        (run["id"].as_str(), run["definition"].as_str(), run["version"].as_u64()),
+        (Some("deploy-1"), Some("gated"), Some(1))
+    );
     // Idempotent: the same id and input is the same run; another input is a conflict.
     let (status, again) = api.post("/api/v1/runs", start).await;
     assert_eq!((status, again["id"].as_str()), (StatusCode::OK, Some("deploy-1")));
@@ -173,7 +192,8 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
         }
     })
     .await;
-    assert_eq!(detail["input"], json!({"service": "api", "region": null}));
+    // The input as it was given (the run's code reads the absent region as `None`).
+    assert_eq!(detail["input"], json!({"service": "api"}));
     assert_eq!(detail["steps"][0]["name"], "stage");
     assert_eq!(detail["steps"][0]["state"], "completed");
     assert_eq!(detail["steps"][0]["output"], "api on staging");
@@ -182,9 +202,13 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
 
     let alice = api.issue("alice", "operator").await;
     let approve = json!({"name": "approval", "payload": {"comment": "ship it"}});
-    let (status, body) = api.call(reqwest::Method::POST, "/api/v1/runs/deploy-1/signals", Some(&alice), Some(approve)).await;
+    let (status, body) =
+        api.call(reqwest::Method::POST, "/api/v1/runs/deploy-1/signals", Some(&alice), Some(approve)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    assert_eq!(api.outcome("deploy-1").await, Outcome::Completed("api on staging, released in default (ship it)".into()));
+    assert_eq!(
+        api.outcome("deploy-1").await,
+        Outcome::Completed("api on staging, released in default (ship it)".into())
+    );
 
     let (_, detail) = api.get("/api/v1/runs/deploy-1").await;
     assert_eq!(detail["status"], "completed");
@@ -195,7 +219,12 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
     let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"saga_started"));
     assert_eq!(kinds.last(), Some(&"saga_completed"));
-    let signal = events.as_array().unwrap().iter().find(|e| e["data"]["by"] == "alice").expect("the signal names alice");
+    let signal = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"]["by"] == "alice")
+        .expect("the signal names alice");
     assert_eq!(signal["data"]["payload"], json!({"comment": "ship it"}));
 }
 
@@ -204,9 +233,17 @@ async fn bad_input_gets_a_json_error_with_a_stable_code() {
     let api = Api::start().await;
     let cases = [
         (json!({"definition": "nope", "id": "x", "input": null}), StatusCode::NOT_FOUND, "not_found"),
-        (json!({"definition": "gated", "id": "x", "input": {"service": 7}}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
-        (json!({"definition": "gated", "id": "", "input": {"service": "a"}}), StatusCode::BAD_REQUEST, "invalid_request"),
-        (json!({"definition": "gated"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            json!({"definition": "gated", "id": "x", "input": {"service": 7}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+        ),
+        (
+            json!({"definition": "gated", "id": "", "input": {"service": "a"}}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (json!({"definition": "gated"}), StatusCode::BAD_REQUEST, "invalid_request"),
     ];
     for (body, status, expected) in cases {
         let (got, answer) = api.post("/api/v1/runs", body.clone()).await;
@@ -225,14 +262,24 @@ async fn bad_input_gets_a_json_error_with_a_stable_code() {
     let (status, body) = api.post("/api/v1/runs", huge).await;
     assert_eq!((status, code(&body)), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
     // Malformed JSON.
-    let response = within(api.http.post(api.url("/api/v1/runs")).bearer_auth(&api.admin).header("content-type", "application/json").body("{").send()).await.unwrap();
+    let response = within(
+        api.http
+            .post(api.url("/api/v1/runs"))
+            .bearer_auth(&api.admin)
+            .header("content-type", "application/json")
+            .body("{")
+            .send(),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
     let api = Api::start().await;
-    let (status, _) = api.post("/api/v1/runs", json!({"definition": "gated", "id": "r", "input": {"service": "a"}})).await;
+    let (status, _) =
+        api.post("/api/v1/runs", json!({"definition": "gated", "id": "r", "input": {"service": "a"}})).await;
     assert_eq!(status, StatusCode::CREATED);
     let viewer = api.issue("viewer-1", "viewer").await;
     let operator = api.issue("operator-1", "operator").await;
@@ -240,7 +287,8 @@ async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
     let (status, _) = api.call(reqwest::Method::DELETE, "/api/v1/tokens/gone", Some(&api.admin), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 
-    let reads = ["/api/v1/runs", "/api/v1/runs/r", "/api/v1/runs/r/events", "/api/v1/definitions", "/api/v1/workers"];
+    let reads =
+        ["/api/v1/runs", "/api/v1/runs/r", "/api/v1/runs/r/events", "/api/v1/definitions", "/api/v1/workers"];
     for path in reads {
         for (token, expected) in [
             (None, StatusCode::UNAUTHORIZED),
@@ -276,7 +324,11 @@ async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
         (reqwest::Method::DELETE, "/api/v1/tokens/viewer-1", None),
     ] {
         let (status, answer) = api.call(method.clone(), path, Some(&operator), body).await;
-        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "forbidden"), "{method} {path} as operator");
+        assert_eq!(
+            (status, code(&answer)),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{method} {path} as operator"
+        );
     }
     // The run was not touched by any refused request.
     let (_, detail) = api.get("/api/v1/runs/r").await;
@@ -290,11 +342,18 @@ async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
 async fn pages_list_every_run_once_in_id_order_with_filters() {
     let api = Api::start().await;
     for i in 0..7 {
-        let (status, _) = api.post("/api/v1/runs", json!({"definition": "flaky", "id": format!("f-{i}"), "input": false})).await;
+        let (status, _) = api
+            .post("/api/v1/runs", json!({"definition": "flaky", "id": format!("f-{i}"), "input": false}))
+            .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     for i in 0..3 {
-        let (status, _) = api.post("/api/v1/runs", json!({"definition": "gated", "id": format!("g-{i}"), "input": {"service": "a"}})).await;
+        let (status, _) = api
+            .post(
+                "/api/v1/runs",
+                json!({"definition": "gated", "id": format!("g-{i}"), "input": {"service": "a"}}),
+            )
+            .await;
         assert_eq!(status, StatusCode::CREATED);
     }
     for i in 0..7 {
@@ -317,7 +376,8 @@ async fn pages_list_every_run_once_in_id_order_with_filters() {
             None => break,
         }
     }
-    let expected: Vec<String> = (0..7).map(|i| format!("f-{i}")).chain((0..3).map(|i| format!("g-{i}"))).collect();
+    let expected: Vec<String> =
+        (0..7).map(|i| format!("f-{i}")).chain((0..3).map(|i| format!("g-{i}"))).collect();
     assert_eq!(seen, expected);
     let (_, page) = api.get("/api/v1/runs?definition=gated&status=running").await;
     let ids: Vec<&str> = page["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
@@ -334,7 +394,14 @@ async fn cancel_fork_and_pause_resume_across_a_restart() {
     // Cancel: the staged step is compensated, and the request names its token.
     api.post("/api/v1/runs", json!({"definition": "gated", "id": "c", "input": {"service": "a"}})).await;
     let ops = api.issue("ops", "operator").await;
-    let (status, body) = api.call(reqwest::Method::POST, "/api/v1/runs/c/cancel", Some(&ops), Some(json!({"reason": "wrong branch"}))).await;
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/runs/c/cancel",
+            Some(&ops),
+            Some(json!({"reason": "wrong branch"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert!(matches!(api.outcome("c").await, Outcome::Compensated { .. }));
     let (_, detail) = api.get("/api/v1/runs/c").await;
@@ -366,9 +433,13 @@ async fn cancel_fork_and_pause_resume_across_a_restart() {
     let (status, _) = api.post("/api/v1/runs/p/resume", json!({})).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     api.post("/api/v1/runs/p/signals", json!({"name": "approval", "payload": {"comment": "later"}})).await;
-    assert_eq!(api.outcome("p").await, Outcome::Completed("a on staging, released in default (later)".into()));
+    assert_eq!(
+        api.outcome("p").await,
+        Outcome::Completed("a on staging, released in default (later)".into())
+    );
     let (_, detail) = api.get("/api/v1/runs/p").await;
-    let actions: Vec<&str> = detail["requests"].as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> =
+        detail["requests"].as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["pause", "resume"]);
     assert!(detail["requests"].as_array().unwrap().iter().all(|r| r["by"] == "admin"));
 }
@@ -377,7 +448,10 @@ async fn cancel_fork_and_pause_resume_across_a_restart() {
 async fn following_the_journal_streams_every_event_once_to_the_end() {
     let api = Api::start().await;
     api.post("/api/v1/runs", json!({"definition": "gated", "id": "f", "input": {"service": "a"}})).await;
-    let response = within(api.http.get(api.url("/api/v1/runs/f/events?follow=true")).bearer_auth(&api.admin).send()).await.unwrap();
+    let response =
+        within(api.http.get(api.url("/api/v1/runs/f/events?follow=true")).bearer_auth(&api.admin).send())
+            .await
+            .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     api.post("/api/v1/runs/f/signals", json!({"name": "approval", "payload": {"comment": "ok"}})).await;
@@ -388,7 +462,15 @@ async fn following_the_journal_streams_every_event_once_to_the_end() {
     let last_final = journal.iter().rposition(|r| r.event.is_final()).unwrap();
     assert_eq!(ids, (0..=journal[last_final].seq).collect::<Vec<_>>());
     // A reconnect naming the last id it saw gets nothing twice.
-    let response = within(api.http.get(api.url("/api/v1/runs/f/events?follow=true")).bearer_auth(&api.admin).header("last-event-id", "2").send()).await.unwrap();
+    let response = within(
+        api.http
+            .get(api.url("/api/v1/runs/f/events?follow=true"))
+            .bearer_auth(&api.admin)
+            .header("last-event-id", "2")
+            .send(),
+    )
+    .await
+    .unwrap();
     let text = within(response.text()).await.unwrap();
     let ids: Vec<u64> = text.lines().filter_map(|l| l.strip_prefix("id: ")?.parse().ok()).collect();
     assert_eq!(ids, (3..=journal[last_final].seq).collect::<Vec<_>>());
@@ -398,7 +480,11 @@ async fn following_the_journal_streams_every_event_once_to_the_end() {
 async fn a_non_loopback_address_without_tls_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::builder().store(hodei_core::MemoryStore::new()).start().await.unwrap();
-    let error = ApiServer::builder(engine, dir.path()).bind(SocketAddr::from(([0, 0, 0, 0], 0))).serve().await.unwrap_err();
+    let error = ApiServer::builder(engine, dir.path())
+        .bind(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .serve()
+        .await
+        .unwrap_err();
     assert!(matches!(error, ApiServeError::NeedsTls(_)), "{error}");
     assert!(error.to_string().contains("without TLS"), "{error}");
     // Nothing was written: the refusal comes before the token store is created.

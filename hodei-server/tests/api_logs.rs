@@ -18,7 +18,7 @@ const JOB: &str = "build-7/2#1";
 const LINES: usize = 100_000;
 const LINES_PER_BATCH: usize = 997;
 /// The client hangs up after this many events, then reconnects with `Last-Event-ID`.
-const EVENTS_PER_CONNECTION: usize = 7;
+const EVENTS_PER_CONNECTION: usize = 3;
 
 fn line(n: usize) -> String {
     format!("line {n:06} of the build log ✓\n")
@@ -36,12 +36,13 @@ struct Sse {
 /// the server's `end` event.
 async fn read_events(response: reqwest::Response, limit: usize) -> Vec<Sse> {
     let mut body = response.bytes_stream();
-    let (mut buffer, mut events, mut current) = (String::new(), Vec::new(), Sse::default());
+    let (mut buffer, mut events, mut current) = (Vec::new(), Vec::new(), Sse::default());
     while let Some(chunk) = body.next().await {
-        buffer.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-        while let Some(at) = buffer.find('\n') {
-            let line: String = buffer.drain(..=at).collect();
-            let line = line.trim_end_matches('\n');
+        // Bytes, not text: a network chunk may end inside a character.
+        buffer.extend_from_slice(&chunk.unwrap());
+        while let Some(at) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=at).collect();
+            let line = std::str::from_utf8(&line).unwrap().trim_end_matches('\n');
             if line.is_empty() {
                 let event = std::mem::take(&mut current);
                 let end = event.event.as_deref() == Some("end");
@@ -76,7 +77,8 @@ async fn a_follower_that_reconnects_gets_every_byte_once_over_100k_lines() {
         .await
         .unwrap();
     let token = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
-    let url = format!("http://{}/api/v1/jobs/{}/logs/stdout?follow=true", server.local_addr(), "build-7%2F2%231");
+    let url =
+        format!("http://{}/api/v1/jobs/{}/logs/stdout?follow=true", server.local_addr(), "build-7%2F2%231");
 
     // The job writes while the client follows.
     let writer = tokio::spawn({
@@ -129,17 +131,24 @@ async fn a_follower_that_reconnects_gets_every_byte_once_over_100k_lines() {
     }
     assert_eq!(count, LINES);
     assert_eq!(text.len(), (0..LINES).map(|n| line(n).len()).sum::<usize>());
-    assert!(connections > 10, "the follow should have been cut and resumed many times, not {connections}");
+    assert!(connections > 5, "the follow should have been cut and resumed many times, not {connections}");
 
     // A plain read from an offset. 64 bytes end inside line 2's `✓` (3 bytes): the two of it
     // that came are left for the next read, which starts where this one says.
     let start = line(0).len();
-    let read = format!("http://{}/api/v1/jobs/build-7%2F2%231/logs/stdout?offset={start}&limit=64", server.local_addr());
+    let read = format!(
+        "http://{}/api/v1/jobs/build-7%2F2%231/logs/stdout?offset={start}&limit=64",
+        server.local_addr()
+    );
     let chunk: Value = client.get(&read).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(chunk["text"].as_str().unwrap(), format!("{}line 000002 of the build log ", line(1)));
     assert_eq!(chunk["next_offset"].as_u64(), Some((start + 62) as u64));
     assert_eq!(chunk["closed"], false);
-    let last = format!("http://{}/api/v1/jobs/build-7%2F2%231/logs/stdout?offset={}", server.local_addr(), text.len() - line(0).len());
+    let last = format!(
+        "http://{}/api/v1/jobs/build-7%2F2%231/logs/stdout?offset={}",
+        server.local_addr(),
+        text.len() - line(0).len()
+    );
     let chunk: Value = client.get(&last).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
     assert_eq!(chunk["text"].as_str().unwrap(), line(LINES - 1));
     assert_eq!(chunk["closed"], true);

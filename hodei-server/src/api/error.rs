@@ -113,12 +113,15 @@ impl From<hodei_core::Error> for ApiError {
         let message = error.to_string();
         match error {
             E::SagaNotFound(_) | E::UnknownSaga { .. } => Self::not_found(message),
-            E::InvalidSagaId { .. } | E::Codec { .. } => Self::invalid_input(message),
+            E::InvalidSagaId { .. } | E::InvalidActor { .. } => Self::invalid_request(message),
+            E::InvalidInput { .. } | E::Codec { .. } => Self::invalid_input(message),
             E::PayloadTooLarge { .. } => {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
             }
             E::IdempotencyConflict { .. } => Self::conflict(message),
-            E::SagaFinished(_) | E::Fork { .. } => Self::invalid_state(message),
+            E::SagaFinished(_) | E::Fork { .. } | E::InvalidState { .. } | E::NothingToRetry(_) => {
+                Self::invalid_state(message)
+            }
             E::ShuttingDown | E::EngineStopped(_) => Self::unavailable(message),
             _ => Self::internal(message),
         }

@@ -11,7 +11,7 @@ use super::model::*;
 use super::{admin, logs, runs, webhooks, workers};
 
 /// The document.
-#[derive(OpenApi)]
+#[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "Hodei operator API", version = "1", description = "Watch and steer Hodei's pipelines from outside the process that runs them."),
     paths(

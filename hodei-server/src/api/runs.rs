@@ -51,7 +51,7 @@ pub(crate) async fn start(
     let Json(body) = body?;
     let id = run_id(&body.id)?;
     let existed = state.engine.status(&id).is_ok();
-    let run = SagaRun::from_json(body.definition, id.as_str(), body.input)?;
+    let run = SagaRun::from_json(body.definition, id.as_str(), &body.input)?;
     let handle = state.engine.start(run).await?;
     let record = state.engine.status(handle.id())?;
     let code = if existed { StatusCode::OK } else { StatusCode::CREATED };

@@ -70,6 +70,7 @@ pub enum ApiServeError {
 }
 
 /// Builds an [`ApiServer`]. See [`ApiServer::builder`].
+#[derive(Debug)]
 pub struct ApiServerBuilder {
     engine: Engine,
     data_dir: PathBuf,

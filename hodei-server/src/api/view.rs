@@ -14,9 +14,11 @@ use super::time::format_millis;
 /// The fields of journal events that hold user payloads.
 const PAYLOAD_FIELDS: [&str; 3] = ["input", "output", "payload"];
 
-/// A user payload as JSON.
+/// A user payload as JSON. One the API cannot read (a legacy bincode payload, journaled before
+/// payloads were JSON, which only its Rust type can decode) is shown as
+/// `{"$unreadable": "<why>"}`, never guessed at.
 pub(crate) fn payload_json(bytes: &[u8]) -> Value {
-    hodei_core::payload_to_json(bytes)
+    hodei_core::payload_to_json(bytes).unwrap_or_else(|e| serde_json::json!({ "$unreadable": e.to_string() }))
 }
 
 pub(crate) fn status_of(status: &SagaStatus) -> (RunStatus, Option<String>) {
@@ -241,6 +243,20 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
                 detail.error = Some(format!("cancelled: {reason}"));
                 detail.requests.push(request(recorded, "cancel", None, Some(reason.clone())));
             }
+            Event::CancelRequestedBy { reason, by } => {
+                detail.error = Some(format!("cancelled: {reason}"));
+                detail.requests.push(request(recorded, "cancel", Some(by.clone()), Some(reason.clone())));
+            }
+            Event::Paused { by } => detail.requests.push(request(recorded, "pause", Some(by.clone()), None)),
+            Event::Resumed { by } => {
+                detail.requests.push(request(recorded, "resume", Some(by.clone()), None))
+            }
+            Event::RetryNowRequested { by } => {
+                detail.requests.push(request(recorded, "retry_now", Some(by.clone()), None));
+            }
+            Event::CompensationRetryRequested { by } => {
+                detail.requests.push(request(recorded, "retry_compensation", Some(by.clone()), None));
+            }
             Event::TimerStarted { key, due } => {
                 detail.timers.push(TimerView { key: key.clone(), due: format_millis(due.0), fired: false });
             }
@@ -255,6 +271,14 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
                 payload: payload_json(payload),
                 received_at: at,
                 by: None,
+                consumed_by: None,
+            }),
+            Event::SignalReceivedBy { name, payload, by } => detail.signals.push(SignalView {
+                seq: recorded.seq,
+                name: name.clone(),
+                payload: payload_json(payload),
+                received_at: at,
+                by: Some(by.clone()),
                 consumed_by: None,
             }),
             Event::SignalWaitStarted { key, name, timeout_at } => detail.signal_waits.push(SignalWaitView {
@@ -295,47 +319,11 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
             Event::Forked { fork, step } => {
                 detail.forks.push(ForkLink { run: fork.to_string(), step: *step })
             }
-            _ => attributed(&mut detail, recorded),
+            // Events added after this build: in the journal (`events`), not in the summary.
+            _ => {}
         }
     }
     detail
-}
-
-/// Events this module names by their JSON form: operator requests added after the ones matched
-/// above, which carry an action and the token that asked.
-fn attributed(detail: &mut RunDetail, recorded: &RecordedEvent) {
-    let view = event_view(recorded);
-    let by = view.data.get("by").and_then(Value::as_str).map(str::to_owned);
-    let action = match view.kind.as_str() {
-        "cancel_requested_by" => "cancel",
-        "pause_requested" => "pause",
-        "resume_requested" => "resume",
-        "retry_now_requested" => "retry_now",
-        "compensation_retry_requested" => "retry_compensation",
-        "signal_received_by" => {
-            detail.signals.push(SignalView {
-                seq: recorded.seq,
-                name: view.data.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                payload: view.data.get("payload").cloned().unwrap_or(Value::Null),
-                received_at: view.at,
-                by,
-                consumed_by: None,
-            });
-            return;
-        }
-        _ => return,
-    };
-    let reason = view.data.get("reason").and_then(Value::as_str).map(str::to_owned);
-    if action == "cancel" {
-        detail.error = reason.as_ref().map(|r| format!("cancelled: {r}"));
-    }
-    detail.requests.push(RequestView {
-        seq: recorded.seq,
-        at: view.at,
-        action: action.to_owned(),
-        by,
-        reason,
-    });
 }
 
 fn request(
