@@ -86,6 +86,11 @@ pub use hodei_providers as providers;
 #[cfg(feature = "workers")]
 #[cfg_attr(docsrs, doc(cfg(feature = "workers")))]
 pub use hodei_server as server;
+/// The operator API: HTTP/JSON and server-sent events to watch and steer runs from outside
+/// the process, with bearer tokens, webhooks and an OpenAPI document.
+#[cfg(feature = "workers")]
+#[cfg_attr(docsrs, doc(cfg(feature = "workers")))]
+pub use hodei_server::api;
 /// Remote jobs as durable saga steps: the journaled [`Job`](jobs::Job), its secrets' sources,
 /// and the dispatcher that runs it on a worker.
 #[cfg(feature = "workers")]

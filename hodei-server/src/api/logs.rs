@@ -49,12 +49,8 @@ pub(crate) async fn read(
         "stderr" => LogStream::Stderr,
         other => return Err(ApiError::invalid_request(format!("no stream `{other}`: stdout or stderr"))),
     };
-    let logs = state
-        .hub
-        .as_ref()
-        .and_then(|hub| hub.logs())
-        .cloned()
-        .ok_or_else(|| ApiError::not_found("this server has no control plane, so no job logs"))?;
+    let logs =
+        state.logs.clone().ok_or_else(|| ApiError::not_found("this server has no control plane, so no job logs"))?;
     if !logs.exists(&job).await? {
         return Err(ApiError::not_found(format!("no job `{job}`")));
     }

@@ -24,6 +24,7 @@ use super::webhooks::Webhook;
 use super::{admin, logs, runs, webhooks, workers};
 use crate::control_plane::ControlPlane;
 use crate::hub::Hub;
+use crate::logstore::LogStore;
 use crate::node::Node;
 use crate::scheduler::Scheduler;
 
@@ -41,6 +42,7 @@ pub(crate) struct ApiState {
     pub(crate) engine: Engine,
     pub(crate) tokens: Arc<TokenStore>,
     pub(crate) hub: Option<Hub>,
+    pub(crate) logs: Option<Arc<LogStore>>,
     pub(crate) scheduler: Option<Scheduler>,
     pub(crate) webhooks: Arc<BTreeMap<String, Webhook>>,
 }
@@ -73,6 +75,7 @@ pub struct ApiServerBuilder {
     data_dir: PathBuf,
     addr: SocketAddr,
     hub: Option<Hub>,
+    logs: Option<Arc<LogStore>>,
     scheduler: Option<Scheduler>,
     tls: Option<Arc<rustls::ServerConfig>>,
     webhooks: BTreeMap<String, Webhook>,
@@ -82,7 +85,15 @@ impl ApiServerBuilder {
     /// Serves the control plane's workers and job logs too.
     pub fn control_plane(mut self, control_plane: &ControlPlane) -> Self {
         self.hub = Some(control_plane.hub().clone());
+        self.logs = Some(control_plane.logs().clone());
         self.scheduler = Some(control_plane.scheduler().clone());
+        self
+    }
+
+    /// Serves the job logs of this store (what [`control_plane`](Self::control_plane) does
+    /// with the control plane's), for a control plane assembled by hand.
+    pub fn logs(mut self, logs: Arc<LogStore>) -> Self {
+        self.logs = Some(logs);
         self
     }
 
@@ -118,6 +129,7 @@ impl ApiServerBuilder {
             engine: self.engine,
             tokens: Arc::new(tokens),
             hub: self.hub,
+            logs: self.logs,
             scheduler: self.scheduler,
             webhooks: Arc::new(self.webhooks),
         };
@@ -170,6 +182,7 @@ impl ApiServer {
             data_dir: data_dir.as_ref().to_path_buf(),
             addr: DEFAULT_ADDR,
             hub: None,
+            logs: None,
             scheduler: None,
             tls: None,
             webhooks: BTreeMap::new(),

@@ -1,0 +1,422 @@
+//! The operator API over real HTTP on loopback: an engine on a sled directory, the API server
+//! in front of it, requests from a real HTTP client.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use hodei_core::{
+    CompensationContext, Engine, Outcome, SagaContext, SagaDefinition, SagaId, SledStore, StepError,
+};
+use hodei_server::api::{ApiServeError, ApiServer, openapi_document};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use support::within;
+use tempfile::TempDir;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Deploy {
+    service: String,
+    /// Added in a later release of the saga: runs started before it read `None`.
+    #[serde(default)]
+    region: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Approval {
+    comment: String,
+}
+
+/// A deploy gated by an `approval` signal, with a compensated staging step.
+fn gated() -> SagaDefinition {
+    SagaDefinition::new("gated", 1, |ctx: SagaContext, deploy: Deploy| async move {
+        let staged = ctx
+            .step("stage")
+            .input(deploy.service.clone())
+            .compensate(|_: CompensationContext<String, String>| async move { Ok(()) })
+            .run(|_, service: String| async move { Ok::<_, StepError>(format!("{service} on staging")) })
+            .await?;
+        let approval: Approval = ctx.wait_signal("approval").await?;
+        let region = deploy.region.unwrap_or_else(|| "default".into());
+        ctx.step("release")
+            .input((staged, region))
+            .run(|_, (staged, region): (String, String)| async move {
+                Ok::<_, StepError>(format!("{staged}, released in {region}"))
+            })
+            .await
+            .map(|released| format!("{released} ({})", approval.comment))
+    })
+}
+
+/// A saga that fails at its second step, so that it can be forked from the failure.
+fn flaky() -> SagaDefinition {
+    SagaDefinition::new("flaky", 1, |ctx: SagaContext, fail: bool| async move {
+        let a = ctx.step("a").input(1u32).run(|_, n: u32| async move { Ok::<_, StepError>(n + 1) }).await?;
+        ctx.step("b")
+            .input((a, fail))
+            .run(|_, (n, fail): (u32, bool)| async move {
+                if fail { Err(StepError::terminal("b failed")) } else { Ok::<_, StepError>(n * 10) }
+            })
+            .await
+    })
+}
+
+struct Api {
+    dir: TempDir,
+    engine: Engine,
+    server: ApiServer,
+    http: reqwest::Client,
+    admin: String,
+}
+
+impl Api {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::open(dir).await
+    }
+
+    async fn open(dir: TempDir) -> Self {
+        let engine = Engine::builder()
+            .store(SledStore::open(dir.path().join("journal")).unwrap())
+            .register(gated())
+            .register(flaky())
+            .start()
+            .await
+            .unwrap();
+        let server = ApiServer::builder(engine.clone(), dir.path())
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .serve()
+            .await
+            .unwrap();
+        let admin = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
+        Self { dir, engine, server, http: reqwest::Client::new(), admin }
+    }
+
+    async fn restart(self) -> Self {
+        self.server.shutdown().await;
+        self.engine.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
+        Self::open(self.dir).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server.local_addr())
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = within(request.send()).await.unwrap();
+        let status = response.status();
+        let text = within(response.text()).await.unwrap();
+        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, Some(&self.admin), None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, Some(&self.admin), Some(body)).await
+    }
+
+    async fn issue(&self, name: &str, role: &str) -> String {
+        let (status, body) = self.post("/api/v1/tokens", json!({"name": name, "role": role})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["secret"].as_str().unwrap().to_owned()
+    }
+
+    async fn outcome(&self, id: &str) -> Outcome<String> {
+        self.outcome_of(id).await
+    }
+
+    async fn outcome_of<O: serde::de::DeserializeOwned>(&self, id: &str) -> Outcome<O> {
+        within(self.engine.handle(&SagaId::new(id).unwrap()).unwrap().outcome::<O>()).await.unwrap()
+    }
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journaled() {
+    let api = Api::start().await;
+    let (status, body) = api.get("/api/v1/health").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+
+    let start = json!({"definition": "gated", "id": "deploy-1", "input": {"service": "api"}});
+    let (status, run) = api.post("/api/v1/runs", start.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    assert_eq!((run["id"].as_str(), run["definition"].as_str(), run["version"].as_u64()), (Some("deploy-1"), Some("gated"), Some(1)));
+    // Idempotent: the same id and input is the same run; another input is a conflict.
+    let (status, again) = api.post("/api/v1/runs", start).await;
+    assert_eq!((status, again["id"].as_str()), (StatusCode::OK, Some("deploy-1")));
+    let other = json!({"definition": "gated", "id": "deploy-1", "input": {"service": "web"}});
+    let (status, body) = api.post("/api/v1/runs", other).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
+
+    // The run waits at its gate: its wait shows, with the staged step done.
+    let detail = within(async {
+        loop {
+            let (_, detail) = api.get("/api/v1/runs/deploy-1").await;
+            if detail["signal_waits"].as_array().is_some_and(|w| !w.is_empty()) {
+                return detail;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(detail["input"], json!({"service": "api", "region": null}));
+    assert_eq!(detail["steps"][0]["name"], "stage");
+    assert_eq!(detail["steps"][0]["state"], "completed");
+    assert_eq!(detail["steps"][0]["output"], "api on staging");
+    assert_eq!(detail["signal_waits"][0]["name"], "approval");
+    assert_eq!(detail["signal_waits"][0]["state"], "waiting");
+
+    let alice = api.issue("alice", "operator").await;
+    let approve = json!({"name": "approval", "payload": {"comment": "ship it"}});
+    let (status, body) = api.call(reqwest::Method::POST, "/api/v1/runs/deploy-1/signals", Some(&alice), Some(approve)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(api.outcome("deploy-1").await, Outcome::Completed("api on staging, released in default (ship it)".into()));
+
+    let (_, detail) = api.get("/api/v1/runs/deploy-1").await;
+    assert_eq!(detail["status"], "completed");
+    assert_eq!(detail["output"], "api on staging, released in default (ship it)");
+    assert_eq!(detail["signals"][0]["by"], "alice", "{detail}");
+    assert_eq!(detail["signals"][0]["payload"], json!({"comment": "ship it"}));
+    let (_, events) = api.get("/api/v1/runs/deploy-1/events").await;
+    let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"saga_started"));
+    assert_eq!(kinds.last(), Some(&"saga_completed"));
+    let signal = events.as_array().unwrap().iter().find(|e| e["data"]["by"] == "alice").expect("the signal names alice");
+    assert_eq!(signal["data"]["payload"], json!({"comment": "ship it"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_json_error_with_a_stable_code() {
+    let api = Api::start().await;
+    let cases = [
+        (json!({"definition": "nope", "id": "x", "input": null}), StatusCode::NOT_FOUND, "not_found"),
+        (json!({"definition": "gated", "id": "x", "input": {"service": 7}}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+        (json!({"definition": "gated", "id": "", "input": {"service": "a"}}), StatusCode::BAD_REQUEST, "invalid_request"),
+        (json!({"definition": "gated"}), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+    ];
+    for (body, status, expected) in cases {
+        let (got, answer) = api.post("/api/v1/runs", body.clone()).await;
+        assert_eq!((got, code(&answer)), (status, expected), "{body} -> {answer}");
+    }
+    let (status, body) = api.get("/api/v1/runs/none-such").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    let (status, body) = api.get("/api/v1/runs?limit=0").await;
+    assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_request"));
+    let (status, body) = api.get("/api/v1/runs?created_after=yesterday").await;
+    assert_eq!((status, code(&body)), (StatusCode::BAD_REQUEST, "invalid_request"));
+    let (status, body) = api.get("/api/v1/nowhere").await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    // A body over the cap is refused before it is read whole.
+    let huge = json!({"definition": "gated", "id": "big", "input": {"service": "x".repeat(2 << 20)}});
+    let (status, body) = api.post("/api/v1/runs", huge).await;
+    assert_eq!((status, code(&body)), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    // Malformed JSON.
+    let response = within(api.http.post(api.url("/api/v1/runs")).bearer_auth(&api.admin).header("content-type", "application/json").body("{").send()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
+    let api = Api::start().await;
+    let (status, _) = api.post("/api/v1/runs", json!({"definition": "gated", "id": "r", "input": {"service": "a"}})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let viewer = api.issue("viewer-1", "viewer").await;
+    let operator = api.issue("operator-1", "operator").await;
+    let revoked = api.issue("gone", "admin").await;
+    let (status, _) = api.call(reqwest::Method::DELETE, "/api/v1/tokens/gone", Some(&api.admin), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    let reads = ["/api/v1/runs", "/api/v1/runs/r", "/api/v1/runs/r/events", "/api/v1/definitions", "/api/v1/workers"];
+    for path in reads {
+        for (token, expected) in [
+            (None, StatusCode::UNAUTHORIZED),
+            (Some("hodei_0011223344556677_00"), StatusCode::UNAUTHORIZED),
+            (Some("not-a-token"), StatusCode::UNAUTHORIZED),
+            (Some(revoked.as_str()), StatusCode::UNAUTHORIZED),
+            (Some(viewer.as_str()), StatusCode::OK),
+        ] {
+            let (status, body) = api.call(reqwest::Method::GET, path, token, None).await;
+            assert_eq!(status, expected, "GET {path} with {token:?}: {body}");
+            if expected == StatusCode::UNAUTHORIZED {
+                assert_eq!(code(&body), "unauthenticated");
+            }
+        }
+    }
+    let writes: [(&str, Value); 8] = [
+        ("/api/v1/runs", json!({"definition": "gated", "id": "v", "input": {"service": "a"}})),
+        ("/api/v1/runs/r/signals", json!({"name": "approval", "payload": {"comment": "no"}})),
+        ("/api/v1/runs/r/cancel", json!({"reason": "no"})),
+        ("/api/v1/runs/r/fork", json!({"id": "r2", "from_step": 0})),
+        ("/api/v1/runs/r/pause", json!({})),
+        ("/api/v1/runs/r/resume", json!({})),
+        ("/api/v1/runs/r/retry", json!({})),
+        ("/api/v1/runs/r/retry-compensation", json!({})),
+    ];
+    for (path, body) in writes {
+        let (status, answer) = api.call(reqwest::Method::POST, path, Some(&viewer), Some(body)).await;
+        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "forbidden"), "POST {path} as viewer");
+    }
+    for (method, path, body) in [
+        (reqwest::Method::GET, "/api/v1/tokens", None),
+        (reqwest::Method::POST, "/api/v1/tokens", Some(json!({"name": "x", "role": "admin"}))),
+        (reqwest::Method::DELETE, "/api/v1/tokens/viewer-1", None),
+    ] {
+        let (status, answer) = api.call(method.clone(), path, Some(&operator), body).await;
+        assert_eq!((status, code(&answer)), (StatusCode::FORBIDDEN, "forbidden"), "{method} {path} as operator");
+    }
+    // The run was not touched by any refused request.
+    let (_, detail) = api.get("/api/v1/runs/r").await;
+    assert_eq!(detail["status"], "running");
+    assert_eq!(detail["requests"], json!([]));
+    let (status, body) = api.call(reqwest::Method::GET, "/api/v1/health", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_list_every_run_once_in_id_order_with_filters() {
+    let api = Api::start().await;
+    for i in 0..7 {
+        let (status, _) = api.post("/api/v1/runs", json!({"definition": "flaky", "id": format!("f-{i}"), "input": false})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    for i in 0..3 {
+        let (status, _) = api.post("/api/v1/runs", json!({"definition": "gated", "id": format!("g-{i}"), "input": {"service": "a"}})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    for i in 0..7 {
+        assert_eq!(api.outcome_of::<u32>(&format!("f-{i}")).await, Outcome::Completed(20));
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/runs?limit=3&cursor={c}"),
+            None => "/api/v1/runs?limit=3".to_owned(),
+        };
+        let (status, page) = api.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let runs = page["runs"].as_array().unwrap();
+        assert!(runs.len() <= 3);
+        seen.extend(runs.iter().map(|r| r["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..7).map(|i| format!("f-{i}")).chain((0..3).map(|i| format!("g-{i}"))).collect();
+    assert_eq!(seen, expected);
+    let (_, page) = api.get("/api/v1/runs?definition=gated&status=running").await;
+    let ids: Vec<&str> = page["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["g-0", "g-1", "g-2"]);
+    let (_, page) = api.get("/api/v1/runs?status=completed&limit=100").await;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 7);
+    let (_, page) = api.get("/api/v1/runs?created_after=2999-01-01T00:00:00Z").await;
+    assert_eq!(page["runs"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_fork_and_pause_resume_across_a_restart() {
+    let api = Api::start().await;
+    // Cancel: the staged step is compensated, and the request names its token.
+    api.post("/api/v1/runs", json!({"definition": "gated", "id": "c", "input": {"service": "a"}})).await;
+    let ops = api.issue("ops", "operator").await;
+    let (status, body) = api.call(reqwest::Method::POST, "/api/v1/runs/c/cancel", Some(&ops), Some(json!({"reason": "wrong branch"}))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(matches!(api.outcome("c").await, Outcome::Compensated { .. }));
+    let (_, detail) = api.get("/api/v1/runs/c").await;
+    assert_eq!(detail["status"], "compensated");
+    assert_eq!(detail["requests"][0]["action"], "cancel");
+    assert_eq!(detail["requests"][0]["by"], "ops");
+    assert_eq!(detail["requests"][0]["reason"], "wrong branch");
+    let (status, body) = api.post("/api/v1/runs/c/cancel", json!({})).await;
+    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "invalid_state"), "{body}");
+
+    // Fork from the failure: the fork reuses step a and runs b live.
+    api.post("/api/v1/runs", json!({"definition": "flaky", "id": "x", "input": true})).await;
+    assert!(matches!(api.outcome_of::<u32>("x").await, Outcome::Failed { .. } | Outcome::Compensated { .. }));
+    let (status, fork) = api.post("/api/v1/runs/x/fork", json!({"id": "x-fork"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{fork}");
+    let (_, detail) = api.get("/api/v1/runs/x-fork").await;
+    assert_eq!(detail["forked_from"], json!({"run": "x", "step": 1}));
+    let (status, body) = api.post("/api/v1/runs/x-fork/fork", json!({"id": "x-fork-2"})).await;
+    // The fork has the same input, so it fails the same way; forking it needs a failure too.
+    assert!(status == StatusCode::CREATED || code(&body) == "invalid_state", "{body}");
+
+    // Pause at the gate, restart, still paused; resume, approve, completes.
+    api.post("/api/v1/runs", json!({"definition": "gated", "id": "p", "input": {"service": "a"}})).await;
+    let (status, body) = api.post("/api/v1/runs/p/pause", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let api = api.restart().await;
+    let (_, detail) = api.get("/api/v1/runs/p").await;
+    assert_eq!(detail["status"], "paused", "{detail}");
+    let (status, _) = api.post("/api/v1/runs/p/resume", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    api.post("/api/v1/runs/p/signals", json!({"name": "approval", "payload": {"comment": "later"}})).await;
+    assert_eq!(api.outcome("p").await, Outcome::Completed("a on staging, released in default (later)".into()));
+    let (_, detail) = api.get("/api/v1/runs/p").await;
+    let actions: Vec<&str> = detail["requests"].as_array().unwrap().iter().map(|r| r["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["pause", "resume"]);
+    assert!(detail["requests"].as_array().unwrap().iter().all(|r| r["by"] == "admin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_the_journal_streams_every_event_once_to_the_end() {
+    let api = Api::start().await;
+    api.post("/api/v1/runs", json!({"definition": "gated", "id": "f", "input": {"service": "a"}})).await;
+    let response = within(api.http.get(api.url("/api/v1/runs/f/events?follow=true")).bearer_auth(&api.admin).send()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    api.post("/api/v1/runs/f/signals", json!({"name": "approval", "payload": {"comment": "ok"}})).await;
+    // The stream ends with the run.
+    let text = within(response.text()).await.unwrap();
+    let ids: Vec<u64> = text.lines().filter_map(|l| l.strip_prefix("id: ")?.parse().ok()).collect();
+    let journal = api.engine.history(&SagaId::new("f").unwrap()).unwrap();
+    let last_final = journal.iter().rposition(|r| r.event.is_final()).unwrap();
+    assert_eq!(ids, (0..=journal[last_final].seq).collect::<Vec<_>>());
+    // A reconnect naming the last id it saw gets nothing twice.
+    let response = within(api.http.get(api.url("/api/v1/runs/f/events?follow=true")).bearer_auth(&api.admin).header("last-event-id", "2").send()).await.unwrap();
+    let text = within(response.text()).await.unwrap();
+    let ids: Vec<u64> = text.lines().filter_map(|l| l.strip_prefix("id: ")?.parse().ok()).collect();
+    assert_eq!(ids, (3..=journal[last_final].seq).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_address_without_tls_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().store(hodei_core::MemoryStore::new()).start().await.unwrap();
+    let error = ApiServer::builder(engine, dir.path()).bind(SocketAddr::from(([0, 0, 0, 0], 0))).serve().await.unwrap_err();
+    assert!(matches!(error, ApiServeError::NeedsTls(_)), "{error}");
+    assert!(error.to_string().contains("without TLS"), "{error}");
+    // Nothing was written: the refusal comes before the token store is created.
+    assert!(!dir.path().join("api").exists());
+}
+
+/// The committed document is the one the code generates; `HODEI_UPDATE_OPENAPI=1` rewrites it.
+#[test]
+fn the_committed_openapi_document_matches_the_code() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    let generated = openapi_document();
+    if std::env::var_os("HODEI_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from the API's code: run `HODEI_UPDATE_OPENAPI=1 cargo test -p hodei-server --test api` and commit it",
+        path.display()
+    );
+}
