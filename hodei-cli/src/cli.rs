@@ -76,6 +76,9 @@ pub enum Command {
     Definitions,
     /// The workers the control plane holds or that are connected.
     Workers,
+    /// A job's output, by the job id `runs get` shows.
+    #[command(subcommand)]
+    Jobs(Jobs),
     /// API tokens (needs an admin token).
     #[command(subcommand)]
     Tokens(Tokens),
@@ -275,6 +278,21 @@ pub enum Tokens {
     Revoke {
         /// Its name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Jobs {
+    /// A job's stdout (or stderr), from its start.
+    Logs {
+        /// The job's id, such as `deploy-42/3#1`.
+        job: String,
+        /// Stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep following new output until the job's log is closed.
+        #[arg(short, long)]
+        follow: bool,
     },
 }
 

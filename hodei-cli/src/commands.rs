@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, ListArgs, Output, Runs, StartArgs, Tokens};
+use crate::cli::{Cli, Command, Jobs, ListArgs, Output, Runs, StartArgs, Tokens};
 use crate::client::{Client, Next};
 use crate::clock;
 use crate::error::{CliError, Result, exit};
@@ -63,6 +63,15 @@ pub async fn run(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Command::Tokens(tokens) => tokens_command(&ctx, tokens).await,
+        Command::Jobs(Jobs::Logs { job, stderr, follow }) => {
+            let stream = if stderr { "stderr" } else { "stdout" };
+            if follow {
+                follow_log(&ctx, &job, stream).await?;
+            } else {
+                read_log(&ctx, &job, stream).await?;
+            }
+            Ok(exit::OK)
+        }
         Command::Runs(runs) => runs_command(&ctx, runs).await,
     }
 }
@@ -211,7 +220,10 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<u8> {
         match page.get("runs") {
             Some(Value::Array(items)) => runs.extend(items.iter().cloned()),
             _ => {
-                return Err(CliError::new("invalid_response", "the server's page of runs has no `runs` list"));
+                return Err(CliError::new(
+                    "invalid_response",
+                    "the server's page of runs has no `runs` list",
+                ));
             }
         }
         cursor = next;
