@@ -14,6 +14,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("hodei-agent", &[]),
     ("hodei-providers", &["hodei-agent"]),
     ("hodei-server", &["hodei-core", "hodei-agent", "hodei-providers"]),
+    // A client of the operator API over HTTP: it must not build the engine or control plane.
+    ("hodei-cli", &[]),
 ];
 
 fn cargo(args: &[&str]) -> String {
@@ -79,4 +81,27 @@ fn the_agent_binary_links_neither_the_engine_nor_the_control_plane() {
         tree.lines().filter(|l| l.starts_with("hodei")).map(|l| l.split(' ').next().unwrap_or(l)).collect();
     assert!(!hodei.is_empty(), "cargo tree listed no hodei-agent:\n{tree}");
     assert!(hodei.iter().all(|p| *p == "hodei-agent"), "hodei-agent is built from {hodei:?}");
+}
+
+#[test]
+fn the_cli_uses_ring_and_no_other_crypto_provider() {
+    // Two rustls providers in one binary make rustls refuse to pick one at run time.
+    let tree = cargo(&[
+        "tree",
+        "--offline",
+        "-p",
+        "hodei-cli",
+        "--edges",
+        "normal,build",
+        "--all-features",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]);
+    let names: Vec<_> = tree.lines().map(|l| l.split(' ').next().unwrap_or(l)).collect();
+    assert!(names.contains(&"ring"), "hodei-cli does not build ring:\n{tree}");
+    for banned in ["aws-lc-rs", "aws-lc-sys", "openssl", "openssl-sys", "native-tls"] {
+        assert!(!names.contains(&banned), "hodei-cli is built with {banned}");
+    }
 }

@@ -1,0 +1,370 @@
+//! The `hodei` binary against a real operator API: an engine on a sled directory with
+//! hodei-server's `ApiServer` in front of it on loopback, and the built CLI run as a process,
+//! as an operator would run it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hodei_core::{CompensationContext, Engine, SagaContext, SagaDefinition, SledStore, StepError};
+use hodei_server::api::ApiServer;
+use hodei_server::logstore::{LogStore, LogStream};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Not a bound the CLI is held to: it turns a hang into a failure.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+#[derive(Serialize, Deserialize)]
+struct Deploy {
+    service: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Approval {
+    comment: String,
+}
+
+/// A deploy gated by an `approval` signal, with a compensated staging step.
+fn gated() -> SagaDefinition {
+    SagaDefinition::new("gated", 1, |ctx: SagaContext, deploy: Deploy| async move {
+        let staged = ctx
+            .step("stage")
+            .input(deploy.service)
+            .compensate(|_: CompensationContext<String, String>| async move { Ok(()) })
+            .run(|_, service: String| async move { Ok::<_, StepError>(format!("{service} on staging")) })
+            .await?;
+        let approval: Approval = ctx.wait_signal("approval").await?;
+        ctx.step("release")
+            .input(staged)
+            .run(|_, staged: String| async move { Ok::<_, StepError>(format!("{staged}, released")) })
+            .await
+            .map(|released| format!("{released} ({})", approval.comment))
+    })
+}
+
+/// Fails at its second step when told to, so that it can be forked from the failure.
+fn flaky() -> SagaDefinition {
+    SagaDefinition::new("flaky", 1, |ctx: SagaContext, fail: bool| async move {
+        let a = ctx.step("a").input(1u32).run(|_, n: u32| async move { Ok::<_, StepError>(n + 1) }).await?;
+        ctx.step("b")
+            .input((a, fail))
+            .run(|_, (n, fail): (u32, bool)| async move {
+                if fail { Err(StepError::terminal("b failed")) } else { Ok::<_, StepError>(n * 10) }
+            })
+            .await
+    })
+}
+
+struct Api {
+    dir: TempDir,
+    _engine: Engine,
+    server: ApiServer,
+    logs: Arc<LogStore>,
+}
+
+impl Api {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder()
+            .store(SledStore::open(dir.path().join("journal")).unwrap())
+            .register(gated())
+            .register(flaky())
+            .start()
+            .await
+            .unwrap();
+        let logs = Arc::new(LogStore::open(dir.path()).await.unwrap());
+        let server = ApiServer::builder(engine.clone(), dir.path())
+            .logs(logs.clone())
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .serve()
+            .await
+            .unwrap();
+        Self { dir, _engine: engine, server, logs }
+    }
+
+    fn admin_token_file(&self) -> PathBuf {
+        self.dir.path().join("api/admin-token")
+    }
+
+    /// The CLI with this server's address and the admin token file, and nothing from the
+    /// environment of whoever runs the tests (no HODEI_*, no config file).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hodei"));
+        command
+            .env_clear()
+            .env("HOME", self.dir.path())
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("--addr")
+            .arg(self.server.local_addr().to_string())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !args.contains(&"--token") {
+            command.arg("--token-file").arg(self.admin_token_file());
+        }
+        command
+    }
+
+    /// Runs the CLI to its end, off the runtime's threads (the server runs on them).
+    async fn run(&self, args: &[&str]) -> Run {
+        let mut command = self.command(args);
+        let output = within(tokio::task::spawn_blocking(move || command.output().unwrap())).await.unwrap();
+        Run::from(output)
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().unwrap()
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let run = self.run(&all).await;
+        assert_eq!(run.code, 0, "{args:?}: {}", run.stderr);
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", run.stdout))
+    }
+
+    /// Polls `runs get` until `ready` holds of the run.
+    async fn until(&self, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        within(async {
+            loop {
+                let run = self.json(&["runs", "get", id]).await;
+                if ready(&run) {
+                    return run;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(output: Output) -> Self {
+        Run {
+            code: output.status.code().expect("the CLI exited, not killed by a signal"),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    }
+}
+
+async fn within<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(HANG_GUARD, future).await.expect("hung")
+}
+
+async fn finish(child: Child) -> Run {
+    within(tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())).await.unwrap().into()
+}
+
+fn waiting_for_approval(run: &Value) -> bool {
+    run["signal_waits"].as_array().is_some_and(|w| w.iter().any(|w| w["state"] == "waiting"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_run_started_followed_and_approved_from_the_cli() {
+    let api = Api::start().await;
+    let started =
+        api.json(&["runs", "start", "gated", "--id", "deploy-1", "--input", r#"{"service":"api"}"#]).await;
+    assert_eq!((started["id"].as_str(), started["definition"].as_str()), (Some("deploy-1"), Some("gated")));
+
+    // A follower from the start, which must end by itself when the run does.
+    let follower = api.spawn(&["-o", "json", "runs", "events", "deploy-1", "-f"]);
+
+    let run = api.until("deploy-1", waiting_for_approval).await;
+    assert_eq!(run["status"], "running");
+    let list = api.run(&["runs", "list", "--status", "running"]).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    let rows: Vec<&str> = list.stdout.lines().collect();
+    assert!(rows[0].starts_with("ID") && rows[0].contains("STATUS"), "{}", list.stdout);
+    assert_eq!(rows.len(), 2, "{}", list.stdout);
+    assert!(rows[1].starts_with("deploy-1  gated") && rows[1].contains("running"), "{}", list.stdout);
+    let get = api.run(&["runs", "get", "deploy-1"]).await;
+    assert_eq!(get.code, 0, "{}", get.stderr);
+    assert!(get.stdout.contains("Waiting for\n  signal `approval`"), "{}", get.stdout);
+    assert!(get.stdout.lines().any(|l| l.starts_with("1     stage  completed")), "{}", get.stdout);
+
+    // An operator token, issued from the CLI: its secret alone on stdout.
+    let issued = api.run(&["tokens", "issue", "alice", "--role", "operator"]).await;
+    assert_eq!(issued.code, 0, "{}", issued.stderr);
+    let alice = issued.stdout.trim();
+    assert!(alice.starts_with("hodei_"), "{}", issued.stdout);
+    let approve = api
+        .run(&["--token", alice, "runs", "approve", "deploy-1", "--payload", r#"{"comment":"ship it"}"#])
+        .await;
+    assert_eq!((approve.code, approve.stdout.as_str()), (0, "approved run `deploy-1` (signal `approval`)\n"));
+
+    let followed = finish(follower).await;
+    assert_eq!(followed.code, 0, "{}", followed.stderr);
+    let events: Vec<Value> = followed.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>(), "every event once, in order");
+    assert_eq!(events.first().unwrap()["type"], "saga_started");
+    assert_eq!(events.last().unwrap()["type"], "saga_completed");
+
+    let run = api.json(&["runs", "get", "deploy-1"]).await;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["output"], "api on staging, released (ship it)");
+    assert_eq!(run["signals"][0]["by"], "alice", "{run}");
+    let timeline = api.run(&["runs", "events", "deploy-1"]).await;
+    assert!(
+        timeline.stdout.lines().any(|l| l.contains("`approval` by alice payload {\"comment\":\"ship it\"}")),
+        "{}",
+        timeline.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journaled() {
+    let api = Api::start().await;
+    let waiting = api.spawn(&[
+        "runs",
+        "start",
+        "gated",
+        "--id",
+        "deploy-2",
+        "--input",
+        r#"{"service":"web"}"#,
+        "--wait",
+    ]);
+    api.until("deploy-2", waiting_for_approval).await;
+    let approve = api.run(&["runs", "approve", "deploy-2", "--payload", r#"{"comment":"ok"}"#]).await;
+    assert_eq!(approve.code, 0, "{}", approve.stderr);
+    let waited = finish(waiting).await;
+    assert_eq!(waited.code, 0, "{}{}", waited.stdout, waited.stderr);
+    let lines: Vec<&str> = waited.stdout.lines().collect();
+    assert_eq!(lines.first(), Some(&"run `deploy-2` of gated v1: running"));
+    assert!(
+        lines.iter().any(|l| l.contains("step_completed") && l.contains("step 1 stage")),
+        "{}",
+        waited.stdout
+    );
+    assert!(lines.iter().any(|l| l.contains("step_started") && l.contains("release")), "{}", waited.stdout);
+    assert_eq!(lines.last(), Some(&"run `deploy-2` completed: output \"web on staging, released (ok)\""));
+
+    let failed = api.run(&["runs", "start", "flaky", "--id", "flaky-1", "--input", "true", "--wait"]).await;
+    assert_eq!(failed.code, 1, "{}{}", failed.stdout, failed.stderr);
+    assert!(failed.stdout.lines().last().unwrap().starts_with("run `flaky-1` failed"), "{}", failed.stdout);
+
+    let fork = api.json(&["runs", "fork", "flaky-1", "--id", "flaky-2"]).await;
+    assert_eq!(fork["id"], "flaky-2");
+    let source = api.json(&["runs", "get", "flaky-1"]).await;
+    assert_eq!(source["forks"][0]["run"], "flaky-2", "{source}");
+    let forked = api.json(&["runs", "get", "flaky-2"]).await;
+    assert_eq!(forked["forked_from"]["run"], "flaky-1", "{forked}");
+
+    api.run(&["runs", "start", "gated", "--id", "deploy-3", "--input", r#"{"service":"db"}"#]).await;
+    api.until("deploy-3", waiting_for_approval).await;
+    let cancel = api.run(&["runs", "cancel", "deploy-3", "--reason", "not today"]).await;
+    assert_eq!(cancel.code, 0, "{}", cancel.stderr);
+    let run = api.until("deploy-3", |run| run["status"] == "compensated").await;
+    let request = &run["requests"][0];
+    assert_eq!(
+        (request["action"].as_str(), request["by"].as_str()),
+        (Some("cancel"), Some("admin")),
+        "{run}"
+    );
+    assert_eq!(request["reason"], "not today");
+    // A signal to a run that ended is refused by the API: exit 5, one line.
+    let late = api.run(&["runs", "approve", "deploy-3"]).await;
+    assert_eq!(late.code, 5, "{late:?}");
+    assert!(
+        late.stderr.starts_with("error: ") && late.stderr.ends_with("(invalid_state)\n"),
+        "{}",
+        late.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_map_to_their_exit_codes() {
+    let api = Api::start().await;
+    api.run(&["runs", "start", "gated", "--id", "deploy-4", "--input", r#"{"service":"api"}"#]).await;
+
+    let issued = api.run(&["tokens", "issue", "vera", "--role", "viewer"]).await;
+    let vera = issued.stdout.trim().to_owned();
+    let read = api.run(&["--token", &vera, "runs", "list"]).await;
+    assert_eq!(read.code, 0, "{}", read.stderr);
+    let write = api.run(&["--token", &vera, "runs", "cancel", "deploy-4"]).await;
+    assert_eq!(write.code, 4, "{write:?}");
+    assert!(write.stderr.ends_with("(forbidden)\n") && write.stderr.lines().count() == 1, "{}", write.stderr);
+
+    let temp = api.run(&["tokens", "issue", "temp", "--role", "admin"]).await.stdout.trim().to_owned();
+    assert_eq!(api.run(&["--token", &temp, "definitions"]).await.code, 0);
+    let revoke = api.run(&["tokens", "revoke", "temp"]).await;
+    assert_eq!((revoke.code, revoke.stdout.as_str()), (0, "revoked token `temp`\n"));
+    let refused = api.run(&["--token", &temp, "definitions"]).await;
+    assert_eq!(refused.code, 4, "{refused:?}");
+    assert!(refused.stderr.ends_with("(unauthenticated)\n"), "{}", refused.stderr);
+    let tokens = api.json(&["tokens", "list"]).await;
+    let temp_entry = tokens.as_array().unwrap().iter().find(|t| t["name"] == "temp").unwrap();
+    assert_eq!(temp_entry["revoked"], true);
+
+    let missing = api.run(&["runs", "get", "none-such"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
+    assert!(missing.stderr.ends_with("(not_found)\n"), "{}", missing.stderr);
+    let usage = api.run(&["runs", "signal", "deploy-4", "go", "--payload", "{nope"]).await;
+    assert_eq!(usage.code, 2, "{usage:?}");
+    let unknown = api.run(&["runs", "list", "--status", "done"]).await;
+    assert_eq!(unknown.code, 2, "{unknown:?}");
+
+    // Nobody listening: exit 5, one line, no panic.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hodei"));
+    command
+        .env_clear()
+        .env("HOME", api.dir.path())
+        .args(["--addr", &nowhere, "--token", "hodei_x", "runs", "list"]);
+    let unreachable =
+        Run::from(within(tokio::task::spawn_blocking(move || command.output().unwrap())).await.unwrap());
+    assert_eq!(unreachable.code, 5, "{unreachable:?}");
+    assert!(
+        unreachable.stderr.starts_with("error: cannot connect to")
+            && unreachable.stderr.ends_with("(connection)\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_log_followed_while_written_is_printed_whole_once() {
+    const JOB: &str = "build-7/2#1";
+    let api = Api::start().await;
+    api.logs.begin(JOB).await.unwrap();
+    let lines: Vec<String> = (0..2_000).map(|n| format!("line {n:05} of the build ✓\n")).collect();
+    let expected: String = lines.concat();
+
+    let follower = api.spawn(&["jobs", "logs", JOB, "-f"]);
+    let logs = api.logs.clone();
+    let writer = tokio::spawn(async move {
+        let mut offset = 0u64;
+        for batch in lines.chunks(97) {
+            let batch = batch.concat();
+            logs.append(JOB, LogStream::Stdout, offset, batch.as_bytes()).await.unwrap();
+            offset += batch.len() as u64;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        logs.close(JOB).await.unwrap();
+    });
+    let followed = finish(follower).await;
+    within(writer).await.unwrap();
+    assert_eq!(followed.code, 0, "{}", followed.stderr);
+    assert!(followed.stdout == expected, "the followed log differs from what was written");
+
+    let read = api.run(&["jobs", "logs", JOB]).await;
+    assert_eq!(read.code, 0, "{}", read.stderr);
+    assert!(read.stdout == expected, "the read log differs from what was written");
+    let missing = api.run(&["jobs", "logs", "none#1"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
+}
