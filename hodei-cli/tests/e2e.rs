@@ -194,7 +194,7 @@ async fn a_gated_run_started_followed_and_approved_from_the_cli() {
     let get = api.run(&["runs", "get", "deploy-1"]).await;
     assert_eq!(get.code, 0, "{}", get.stderr);
     assert!(get.stdout.contains("Waiting for\n  signal `approval`"), "{}", get.stdout);
-    assert!(get.stdout.lines().any(|l| l.starts_with("1     stage  completed")), "{}", get.stdout);
+    assert!(get.stdout.lines().any(|l| l.starts_with("0     stage  completed")), "{}", get.stdout);
 
     // An operator token, issued from the CLI: its secret alone on stdout.
     let issued = api.run(&["tokens", "issue", "alice", "--role", "operator"]).await;
@@ -247,7 +247,7 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
     let lines: Vec<&str> = waited.stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"run `deploy-2` of gated v1: running"));
     assert!(
-        lines.iter().any(|l| l.contains("step_completed") && l.contains("step 1 stage")),
+        lines.iter().any(|l| l.contains("step_completed") && l.contains("step 0 stage")),
         "{}",
         waited.stdout
     );
