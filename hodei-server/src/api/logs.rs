@@ -20,6 +20,15 @@ use super::server::ApiState;
 use super::tokens::Role;
 use crate::logstore::{LogChunk, LogStore, LogStream};
 
+/// A job's two logs, as the path names them.
+#[derive(Debug, Clone, Copy, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code, reason = "the OpenAPI document's enum of the path segment; the handler reads a string")]
+pub(crate) enum LogStreamName {
+    Stdout,
+    Stderr,
+}
+
 /// The most a plain read returns.
 const MAX_READ: u32 = 1 << 20;
 
@@ -27,7 +36,7 @@ const MAX_READ: u32 = 1 << 20;
 #[utoipa::path(get, path = "/api/v1/jobs/{job}/logs/{stream}", tag = "logs",
     params(
         ("job" = String, Path, description = "The job's id (percent-encoded: ids hold `/` and `#`)"),
-        ("stream" = String, Path, description = "`stdout` or `stderr`"),
+        ("stream" = LogStreamName, Path, description = "`stdout` or `stderr`"),
         LogQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "When following: the offset the last event ended at"),
     ),

@@ -4,6 +4,7 @@
 
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
@@ -27,7 +28,7 @@ use super::{admin, logs, runs, webhooks, workers};
         RunDetail, ForkLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
         SignalWaitView, SignalView, BranchGroupView, BranchView, RequestView, EventView, StartRun,
         SendSignal, CancelRun, ForkRun, TokenView, IssueToken, IssuedTokenView, WorkerView, JobMetrics,
-        LogChunkView,
+        LogChunkView, logs::LogStreamName,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -48,7 +49,36 @@ impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        // What every operation may answer besides its own responses, documented once here
+        // rather than on each handler: a malformed request, and for those behind a token, the
+        // token's refusals; for those with a body, the cap.
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                let secured = operation.security.as_ref().is_some_and(|s| !s.is_empty());
+                let mut common =
+                    vec![("400", "A malformed request: a path, query or body that does not parse")];
+                if secured {
+                    common.push(("401", "No token, or one that is unknown, malformed or revoked"));
+                    common.push(("403", "The token's role does not allow this"));
+                }
+                if operation.request_body.is_some() {
+                    common.push(("413", "The body is over the cap (1 MiB)"));
+                }
+                for (status, description) in common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error_response(description));
+                }
+            }
+        }
     }
+}
+
+fn error_response(description: &str) -> RefOr<Response> {
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+    RefOr::T(ResponseBuilder::new().description(description).content("application/json", content).build())
 }
 
 /// The document as served and committed: pretty JSON with a final newline.

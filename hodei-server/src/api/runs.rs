@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -274,11 +275,18 @@ pub(crate) async fn cancel(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    body: Option<Json<CancelRun>>,
+    body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let token = authorize(&state.tokens, &headers, Role::Operator)?;
     let id = run_id(&id)?;
-    let reason = body.and_then(|Json(b)| b.reason).unwrap_or_else(|| format!("cancelled by {}", token.name));
+    // The body is optional: none, or `{"reason": ...}`.
+    let body: CancelRun = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRun::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_request(format!("the body is not a cancel request: {e}")))?
+    };
+    let reason = body.reason.unwrap_or_else(|| format!("cancelled by {}", token.name));
     state.engine.cancel_as(&id, reason, &token.name).await?;
     Ok(StatusCode::ACCEPTED)
 }
