@@ -506,3 +506,131 @@ fn the_committed_openapi_document_matches_the_code() {
         path.display()
     );
 }
+
+/// GitHub's form: `sha256=` and the hex HMAC-SHA256 of the raw body.
+fn github_signature(secret: &str, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = ring::hmac::sign(&key, body);
+    format!("sha256={}", tag.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_starts_one_run_per_delivery_and_refuses_bad_signatures() {
+    use hodei_server::api::{Webhook, WebhookRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder()
+        .store(SledStore::open(dir.path().join("journal")).unwrap())
+        .register(gated())
+        .start()
+        .await
+        .unwrap();
+    // A push starts a deploy of its repository; anything else is ignored.
+    let on_push = |request: &WebhookRequest| -> Result<Option<hodei_core::SagaRun>, String> {
+        if request.event.as_deref() != Some("push") {
+            return Ok(None);
+        }
+        let repository =
+            request.payload["repository"]["name"].as_str().ok_or("the push names no repository")?;
+        let delivery = request.delivery.clone().ok_or("no delivery id")?;
+        let deploy = Deploy { service: repository.to_owned(), region: None };
+        hodei_core::SagaRun::new("gated", format!("push-{delivery}"), &deploy)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    };
+    let server = ApiServer::builder(engine.clone(), dir.path())
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .webhook("github", Webhook::new(on_push).secret("It's a Secret to Everybody"))
+        .webhook("unsigned", Webhook::new(on_push))
+        .serve()
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = |hook: &str| format!("http://{}/api/v1/hooks/{hook}", server.local_addr());
+    let body = br#"{"ref":"refs/heads/main","repository":{"name":"shop"}}"#;
+    let deliver = |hook: &'static str, event: &'static str, signature: Option<String>| {
+        let mut request = http
+            .post(url(hook))
+            .header("x-github-event", event)
+            .header("x-github-delivery", "72d3162e")
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        async move {
+            let response = within(request.send()).await.unwrap();
+            let status = response.status();
+            (status, within(response.text()).await.unwrap())
+        }
+    };
+    let signed = github_signature("It's a Secret to Everybody", body);
+    let (status, text) = deliver("github", "push", Some(signed.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["id"], "push-72d3162e");
+    // A redelivery is the same run.
+    let (status, _) = deliver("github", "push", Some(signed.clone())).await;
+    assert_eq!(status, StatusCode::OK);
+    // A ping is ignored.
+    let (status, text) = deliver("github", "ping", Some(signed)).await;
+    assert_eq!((status, text.as_str()), (StatusCode::NO_CONTENT, ""));
+    // A wrong secret, a missing signature, a body changed after signing: refused, nothing run.
+    for signature in [
+        Some(github_signature("another secret", body)),
+        None,
+        Some(github_signature("It's a Secret to Everybody", b"{}")),
+    ] {
+        let (status, text) = deliver("github", "push", signature).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], "unauthenticated");
+    }
+    // A hook without a secret needs an operator token instead.
+    let (status, _) = deliver("unsigned", "push", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = deliver("nowhere", "push", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let runs = engine.list(&hodei_core::SagaFilter::default()).unwrap();
+    assert_eq!(runs.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(), ["push-72d3162e"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_https_with_a_given_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder().store(hodei_core::MemoryStore::new()).start().await.unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (certified.cert.pem(), certified.signing_key.serialize_pem());
+    let tls = hodei_server::api::tls_config(&cert_pem, &key_pem).unwrap();
+    let server = ApiServer::builder(engine, dir.path())
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .tls(tls)
+        .serve()
+        .await
+        .unwrap();
+    let roots =
+        hodei_agent::pki::root_store(&hodei_agent::pki::parse_certs(&cert_pem, "cert").unwrap()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(hodei_agent::pki::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = within(connector.connect(name, tcp)).await.unwrap();
+    tls.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    within(tls.read_to_string(&mut response)).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.ends_with(r#"{"status":"ok"}"#), "{response}");
+    // Plain HTTP on the TLS port gets no answer from the API.
+    let mut plain = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    plain
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = within(plain.read_to_end(&mut answer)).await;
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+}

@@ -46,6 +46,16 @@ impl TlsIdentity {
             .ok_or_else(|| invalid_pem("private key", "no private key in the PEM".into()))?;
         Ok(Self { chain, key })
     }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The private key.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
 }
 
 fn invalid_pem(what: &'static str, reason: String) -> PkiError {

@@ -28,7 +28,7 @@ mod workers;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use openapi::{ApiDoc, openapi_document};
-pub use server::{ApiServeError, ApiServer, ApiServerBuilder, DEFAULT_ADDR, MAX_BODY_BYTES};
+pub use server::{ApiServeError, ApiServer, ApiServerBuilder, DEFAULT_ADDR, MAX_BODY_BYTES, tls_config};
 pub use signature::{SIGNATURE_HEADER, SignatureError, verify_signature};
 pub use tokens::{ApiToken, IssuedToken, Role, TokenError, TokenStore};
 pub use webhooks::{Webhook, WebhookRequest};

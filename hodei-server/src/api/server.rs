@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
+use hodei_agent::pki::{TlsIdentity, crypto_provider};
 use hodei_core::Engine;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -64,9 +65,28 @@ pub enum ApiServeError {
         /// Why.
         source: io::Error,
     },
+    /// The certificate or key given for TLS is unusable.
+    #[error("the operator API's TLS certificate: {0}")]
+    Tls(String),
     /// The token store could not be opened.
     #[error("the operator API's token store: {0}")]
     Tokens(#[from] TokenError),
+}
+
+/// A TLS configuration for [`ApiServerBuilder::tls`] from a certificate chain (PEM, leaf
+/// first) and its private key (PEM): rustls on ring, HTTP/1.1, the workspace's protocol
+/// versions.
+pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, ApiServeError> {
+    let identity =
+        TlsIdentity::from_pem(chain_pem, key_pem).map_err(|e| ApiServeError::Tls(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain().to_vec(), identity.key().clone_key())
+        .map_err(|e| ApiServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Builds an [`ApiServer`]. See [`ApiServer::builder`].
