@@ -64,19 +64,7 @@ fn each_crate_depends_only_on_the_crates_below_it() {
 
 #[test]
 fn the_agent_binary_links_neither_the_engine_nor_the_control_plane() {
-    let tree = cargo(&[
-        "tree",
-        "--offline",
-        "-p",
-        "hodei-agent",
-        "--edges",
-        "normal,build",
-        "--all-features",
-        "--prefix",
-        "none",
-        "--format",
-        "{p}",
-    ]);
+    let tree = built_from("hodei-agent");
     let hodei: Vec<_> =
         tree.lines().filter(|l| l.starts_with("hodei")).map(|l| l.split(' ').next().unwrap_or(l)).collect();
     assert!(!hodei.is_empty(), "cargo tree listed no hodei-agent:\n{tree}");
@@ -86,11 +74,22 @@ fn the_agent_binary_links_neither_the_engine_nor_the_control_plane() {
 #[test]
 fn the_cli_uses_ring_and_no_other_crypto_provider() {
     // Two rustls providers in one binary make rustls refuse to pick one at run time.
-    let tree = cargo(&[
+    let tree = built_from("hodei-cli");
+    let names: Vec<_> = tree.lines().map(|l| l.split(' ').next().unwrap_or(l)).collect();
+    assert!(names.contains(&"ring"), "hodei-cli does not build ring:\n{tree}");
+    for banned in ["aws-lc-rs", "aws-lc-sys", "openssl", "openssl-sys", "native-tls"] {
+        assert!(!names.contains(&banned), "hodei-cli is built with {banned}");
+    }
+}
+
+/// Every package a binary of `package` is built from (normal and build edges, all features),
+/// one per line as `name vX.Y.Z`.
+fn built_from(package: &str) -> String {
+    cargo(&[
         "tree",
         "--offline",
         "-p",
-        "hodei-cli",
+        package,
         "--edges",
         "normal,build",
         "--all-features",
@@ -98,10 +97,5 @@ fn the_cli_uses_ring_and_no_other_crypto_provider() {
         "none",
         "--format",
         "{p}",
-    ]);
-    let names: Vec<_> = tree.lines().map(|l| l.split(' ').next().unwrap_or(l)).collect();
-    assert!(names.contains(&"ring"), "hodei-cli does not build ring:\n{tree}");
-    for banned in ["aws-lc-rs", "aws-lc-sys", "openssl", "openssl-sys", "native-tls"] {
-        assert!(!names.contains(&banned), "hodei-cli is built with {banned}");
-    }
+    ])
 }

@@ -8,56 +8,18 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hodei_core::{CompensationContext, Engine, SagaContext, SagaDefinition, SledStore, StepError};
+use hodei_core::{Engine, SledStore};
 use hodei_server::api::ApiServer;
 use hodei_server::logstore::{LogStore, LogStream};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[path = "../../hodei-server/tests/support/sagas.rs"]
+mod sagas;
+use sagas::{flaky, gated};
+
 /// Not a bound the CLI is held to: it turns a hang into a failure.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-#[derive(Serialize, Deserialize)]
-struct Deploy {
-    service: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Approval {
-    comment: String,
-}
-
-/// A deploy gated by an `approval` signal, with a compensated staging step.
-fn gated() -> SagaDefinition {
-    SagaDefinition::new("gated", 1, |ctx: SagaContext, deploy: Deploy| async move {
-        let staged = ctx
-            .step("stage")
-            .input(deploy.service)
-            .compensate(|_: CompensationContext<String, String>| async move { Ok(()) })
-            .run(|_, service: String| async move { Ok::<_, StepError>(format!("{service} on staging")) })
-            .await?;
-        let approval: Approval = ctx.wait_signal("approval").await?;
-        ctx.step("release")
-            .input(staged)
-            .run(|_, staged: String| async move { Ok::<_, StepError>(format!("{staged}, released")) })
-            .await
-            .map(|released| format!("{released} ({})", approval.comment))
-    })
-}
-
-/// Fails at its second step when told to, so that it can be forked from the failure.
-fn flaky() -> SagaDefinition {
-    SagaDefinition::new("flaky", 1, |ctx: SagaContext, fail: bool| async move {
-        let a = ctx.step("a").input(1u32).run(|_, n: u32| async move { Ok::<_, StepError>(n + 1) }).await?;
-        ctx.step("b")
-            .input((a, fail))
-            .run(|_, (n, fail): (u32, bool)| async move {
-                if fail { Err(StepError::terminal("b failed")) } else { Ok::<_, StepError>(n * 10) }
-            })
-            .await
-    })
-}
 
 struct Api {
     dir: TempDir,
@@ -216,7 +178,7 @@ async fn a_gated_run_started_followed_and_approved_from_the_cli() {
 
     let run = api.json(&["runs", "get", "deploy-1"]).await;
     assert_eq!(run["status"], "completed");
-    assert_eq!(run["output"], "api on staging, released (ship it)");
+    assert_eq!(run["output"], "api on staging, released in default (ship it)");
     assert_eq!(run["signals"][0]["by"], "alice", "{run}");
     let timeline = api.run(&["runs", "events", "deploy-1"]).await;
     assert!(
@@ -252,7 +214,10 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
         waited.stdout
     );
     assert!(lines.iter().any(|l| l.contains("step_started") && l.contains("release")), "{}", waited.stdout);
-    assert_eq!(lines.last(), Some(&"run `deploy-2` completed: output \"web on staging, released (ok)\""));
+    assert_eq!(
+        lines.last(),
+        Some(&"run `deploy-2` completed: output \"web on staging, released in default (ok)\"")
+    );
 
     let failed = api.run(&["runs", "start", "flaky", "--id", "flaky-1", "--input", "true", "--wait"]).await;
     assert_eq!(failed.code, 1, "{}{}", failed.stdout, failed.stderr);

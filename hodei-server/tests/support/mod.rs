@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agent_binary;
+pub mod sagas;
 
 use std::sync::Arc;
 use std::time::Duration;
