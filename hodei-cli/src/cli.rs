@@ -74,8 +74,11 @@ pub enum Command {
     Runs(Runs),
     /// The registered saga definitions, with their steps.
     Definitions,
-    /// The workers the control plane holds or that are connected.
-    Workers,
+    /// The workers the control plane holds or that are connected; drain or remove one.
+    Workers {
+        #[command(subcommand)]
+        action: Option<Workers>,
+    },
     /// A job's output, by the job id `runs get` shows.
     #[command(subcommand)]
     Jobs(Jobs),
@@ -86,6 +89,22 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Workers {
+    /// Lists the workers (what `hodei workers` alone does).
+    List,
+    /// No new jobs for a worker: it finishes the one it runs, then is destroyed.
+    Drain {
+        /// The worker's id, as `hodei workers` lists it.
+        id: String,
+    },
+    /// Destroys a worker now: the job it runs ends as lost and its step retries elsewhere.
+    Remove {
+        /// The worker's id, as `hodei workers` lists it.
+        id: String,
     },
 }
 

@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, Jobs, ListArgs, Output, Runs, StartArgs, Tokens};
+use crate::cli::{Cli, Command, Jobs, ListArgs, Output, Runs, StartArgs, Tokens, Workers};
 use crate::client::{Client, Next};
 use crate::clock;
 use crate::error::{CliError, Result, exit};
@@ -51,7 +51,17 @@ pub async fn run(cli: Cli) -> Result<u8> {
             ctx.show::<Vec<DefinitionView>>(&value, |style, defs| render::definitions_table(style, defs))?;
             Ok(exit::OK)
         }
-        Command::Workers => {
+        Command::Workers { action: Some(Workers::Drain { id }) } => {
+            ctx.client.post(&["workers", &id, "drain"], &json!({})).await?;
+            ctx.done(&format!("draining worker `{id}`: no new jobs; it goes once its job ends"))?;
+            Ok(exit::OK)
+        }
+        Command::Workers { action: Some(Workers::Remove { id }) } => {
+            ctx.client.call(Method::DELETE, ctx.client.url(&["workers", &id], &[]), None).await?;
+            ctx.done(&format!("removing worker `{id}`"))?;
+            Ok(exit::OK)
+        }
+        Command::Workers { action: None | Some(Workers::List) } => {
             let value = ctx.client.get(&["workers"], &[]).await?;
             ctx.show::<Vec<WorkerView>>(&value, |style, workers| {
                 if workers.is_empty() {

@@ -198,6 +198,8 @@ pub struct WorkerView {
     #[serde(default)]
     pub state: String,
     #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
     pub connected_since: Option<String>,
     #[serde(default)]
     pub jobs: Vec<String>,

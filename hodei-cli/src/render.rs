@@ -216,7 +216,11 @@ pub fn workers_table(style: Style, workers: &[WorkerView]) -> String {
             vec![
                 w.id.as_str().into(),
                 or_dash(w.provider.as_deref()).into(),
-                Cell::state(&w.state),
+                if w.draining {
+                    Cell::state(&format!("{} (draining)", w.state))
+                } else {
+                    Cell::state(&w.state)
+                },
                 or_dash(w.connected_since.as_deref().map(time).as_deref()).into(),
                 if w.jobs.is_empty() { "-".into() } else { w.jobs.join(", ").into() },
             ]

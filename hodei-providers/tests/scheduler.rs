@@ -623,3 +623,36 @@ async fn after_a_restart_a_live_sagas_worker_that_never_registered_is_destroyed_
     engine.shutdown(Duration::ZERO).await.unwrap();
     control.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_finishes_its_job_takes_no_other_and_is_destroyed() {
+    let root = tempfile::tempdir().unwrap();
+    let provider = Recorded::new(Setup::local(root.path()));
+    // Reused for an hour: only the drain can end this worker during the test.
+    let policy = ProviderPolicy::new().reuse_for(Duration::from_secs(3600));
+    let setup = Setup::new(provider.clone(), policy, RetryPolicy::none()).await;
+    let scheduler = setup.control.scheduler();
+    assert!(matches!(scheduler.drain("no-such-worker"), Err(hodei_server::SchedulerError::UnknownWorker(_))));
+    let gate = setup.path("gate");
+    assert!(std::process::Command::new("mkfifo").arg(&gate).status().unwrap().success());
+
+    let hold = shell(&format!("echo holding; read go < '{}'; echo done", gate.display()));
+    let handle = setup.start("drain", vec![("hold", hold)]).await;
+    wait_for_stdout(setup.control.logs(), "drain/0#1", "holding").await;
+    let worker = provider.provisioned().remove(0);
+    scheduler.drain(&worker).unwrap();
+    assert_eq!(scheduler.draining().into_iter().collect::<Vec<_>>(), [worker.clone()]);
+    // The job it runs goes on to its end, on that worker.
+    tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
+    completed(outcome(handle).await);
+    setup.wait_counts(|c| c.workers() == 0).await;
+    assert_eq!(provider.destroyed(), [worker.clone()]);
+    // The next job gets a new worker; removing that one destroys it at once.
+    completed(outcome(setup.start("drain-2", vec![("next", shell("echo next"))]).await).await);
+    let provisioned = provider.provisioned();
+    assert_eq!(provisioned.len(), 2, "{:?}", provider.calls());
+    assert_eq!(setup.control.scheduler().counts().idle, 1);
+    scheduler.remove(&provisioned[1]).unwrap();
+    setup.wait_counts(|c| c.workers() == 0).await;
+    assert_eq!(provider.destroyed(), provisioned);
+}

@@ -174,6 +174,9 @@ pub enum SchedulerError {
         /// What is wrong.
         reason: String,
     },
+    /// The scheduler holds no worker with this id.
+    #[error("no worker `{0}`")]
+    UnknownWorker(String),
 }
 
 /// How many requests wait and how many workers are in each state, for tests and dashboards.
@@ -306,6 +309,41 @@ impl Scheduler {
             .iter()
             .map(|(id, w)| (id.clone(), self.inner.providers[w.provider].provider.name().to_owned()))
             .collect()
+    }
+
+    /// The ids of the workers being drained: they take no new jobs and are destroyed once the
+    /// job they run ends.
+    pub fn draining(&self) -> std::collections::BTreeSet<String> {
+        self.inner.lock().workers.iter().filter(|(_, w)| w.draining).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Drains `worker_id`: it gets no new job, finishes the one it runs (a step that re-attaches
+    /// to that job after a restart still finds it there), and is then destroyed, whatever its
+    /// provider's reuse policy. An idle worker is destroyed at once.
+    pub fn drain(&self, worker_id: &str) -> Result<(), SchedulerError> {
+        self.inner.mutate(|inner, state| {
+            let worker = state
+                .workers
+                .get_mut(worker_id)
+                .ok_or_else(|| SchedulerError::UnknownWorker(worker_id.to_owned()))?;
+            worker.draining = true;
+            if matches!(worker.phase, Phase::Idle { .. }) {
+                inner.retire(state, worker_id);
+            }
+            Ok(())
+        })
+    }
+
+    /// Destroys `worker_id` now, with the job it runs: that attempt ends as lost, and its step
+    /// retries it on another worker under its retry policy.
+    pub fn remove(&self, worker_id: &str) -> Result<(), SchedulerError> {
+        self.inner.mutate(|inner, state| {
+            if !state.workers.contains_key(worker_id) {
+                return Err(SchedulerError::UnknownWorker(worker_id.to_owned()));
+            }
+            inner.retire(state, worker_id);
+            Ok(())
+        })
     }
 
     /// Deals with workers an earlier control plane left: every worker its provider lists that
@@ -505,11 +543,13 @@ struct Worker {
     /// Every job leased on it or seen running on it: while it is being destroyed, those jobs
     /// may still run, and their steps wait.
     jobs: std::collections::BTreeSet<String>,
+    /// Drained by an operator: no new job; destroyed instead of going idle.
+    draining: bool,
 }
 
 impl Worker {
     fn new(provider: usize, phase: Phase) -> Self {
-        Self { provider, phase, adopted_for: None, jobs: Default::default() }
+        Self { provider, phase, adopted_for: None, jobs: Default::default(), draining: false }
     }
 
     /// Whether one of `waiter`'s earlier attempts may run on this worker without the scheduler
@@ -741,6 +781,7 @@ impl Inner {
             state.workers.iter().find_map(|(id, worker)| match &worker.phase {
                 Phase::Idle { reserved_for, .. }
                     if reserved_for.as_deref() == reserved
+                        && !worker.draining
                         && offered(worker)
                         && state.running.get(id).is_some_and(|jobs| jobs.is_empty()) =>
                 {
@@ -804,6 +845,10 @@ impl Inner {
         state.next_generation += 1;
         let Some(worker) = state.workers.get_mut(worker_id) else { return };
         if worker.phase == Phase::Destroying {
+            return;
+        }
+        if worker.draining {
+            self.retire(state, worker_id);
             return;
         }
         worker.phase = Phase::Idle { generation, reserved_for };

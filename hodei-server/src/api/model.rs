@@ -460,6 +460,8 @@ pub struct WorkerView {
     /// The provider that started it, if the scheduler holds it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// Drained by an operator: it takes no new job and goes once its job ends.
+    pub draining: bool,
     /// `connected` (a session is open) or `provisioned` (started, not connected).
     pub state: String,
     /// Since when its session is open, while connected.

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
 
 use super::auth::authorize;
 use super::error::{ApiError, ErrorBody};
@@ -28,6 +28,7 @@ pub(crate) async fn list(
     authorize(&state.tokens, &headers, Role::Viewer)?;
     let Some(hub) = &state.hub else { return Ok(Json(Vec::new())) };
     let providers = state.scheduler.as_ref().map(|s| s.workers()).unwrap_or_default();
+    let draining = state.scheduler.as_ref().map(|s| s.draining()).unwrap_or_default();
     let connected = hub.connected_workers();
     let mut running = hub.running_jobs();
     let mut ids: BTreeMap<&String, ()> = providers.keys().map(|id| (id, ())).collect();
@@ -54,6 +55,7 @@ pub(crate) async fn list(
             WorkerView {
                 id: id.clone(),
                 provider: providers.get(id).cloned(),
+                draining: draining.contains(id),
                 state: if connected_since.is_some() { "connected" } else { "provisioned" }.to_owned(),
                 connected_since,
                 jobs,
@@ -62,4 +64,54 @@ pub(crate) async fn list(
         })
         .collect();
     Ok(Json(workers))
+}
+
+fn scheduler(state: &ApiState) -> Result<&crate::scheduler::Scheduler, ApiError> {
+    state
+        .scheduler
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("this server has no control plane, so no workers"))
+}
+
+fn worker_error(error: crate::scheduler::SchedulerError) -> ApiError {
+    match error {
+        crate::scheduler::SchedulerError::UnknownWorker(_) => ApiError::not_found(error.to_string()),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+/// Drains a worker: no new jobs; it finishes the one it runs, then is destroyed.
+#[utoipa::path(post, path = "/api/v1/workers/{id}/drain", tag = "workers",
+    params(("id" = String, Path, description = "The worker's id")),
+    responses(
+        (status = 202, description = "Draining"),
+        (status = 404, description = "No such worker", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn drain(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state.tokens, &headers, Role::Operator)?;
+    scheduler(&state)?.drain(&id).map_err(worker_error)?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Removes a worker now: the job it runs ends as lost and its step retries elsewhere.
+#[utoipa::path(delete, path = "/api/v1/workers/{id}", tag = "workers",
+    params(("id" = String, Path, description = "The worker's id")),
+    responses(
+        (status = 202, description = "Being destroyed"),
+        (status = 404, description = "No such worker", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn remove(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state.tokens, &headers, Role::Operator)?;
+    scheduler(&state)?.remove(&id).map_err(worker_error)?;
+    Ok(StatusCode::ACCEPTED)
 }
