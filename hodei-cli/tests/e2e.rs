@@ -16,25 +16,29 @@ use tempfile::TempDir;
 
 #[path = "../../hodei-server/tests/support/sagas.rs"]
 mod sagas;
-use sagas::{flaky, gated};
+use sagas::{final_event, flaky, gated, journaled, patient, signal_wait};
 
 /// Not a bound the CLI is held to: it turns a hang into a failure.
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
 struct Api {
     dir: TempDir,
-    _engine: Engine,
+    engine: Engine,
     server: ApiServer,
     logs: Arc<LogStore>,
 }
 
 impl Api {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::open(tempfile::tempdir().unwrap()).await
+    }
+
+    async fn open(dir: TempDir) -> Self {
         let engine = Engine::builder()
             .store(SledStore::open(dir.path().join("journal")).unwrap())
             .register(gated())
             .register(flaky())
+            .register(patient())
             .start()
             .await
             .unwrap();
@@ -45,7 +49,16 @@ impl Api {
             .serve()
             .await
             .unwrap();
-        Self { dir, _engine: engine, server, logs }
+        Self { dir, engine, server, logs }
+    }
+
+    /// Stops the server and the engine, and starts both again on the same directory.
+    async fn restart(self) -> Self {
+        let Self { dir, engine, server, logs } = self;
+        server.shutdown().await;
+        engine.shutdown(Duration::from_secs(5)).await.unwrap();
+        drop((engine, logs));
+        Self::open(dir).await
     }
 
     fn admin_token_file(&self) -> PathBuf {
@@ -91,18 +104,11 @@ impl Api {
             .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {}", run.stdout))
     }
 
-    /// Polls `runs get` until `ready` holds of the run.
-    async fn until(&self, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
-        within(async {
-            loop {
-                let run = self.json(&["runs", "get", id]).await;
-                if ready(&run) {
-                    return run;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
+    /// `runs get` once the run's journal holds an event `reached` accepts (woken by the
+    /// engine's events, not by polling).
+    async fn until(&self, id: &str, reached: impl Fn(&hodei_core::Event) -> bool) -> Value {
+        within(journaled(&self.engine, id, reached)).await;
+        self.json(&["runs", "get", id]).await
     }
 }
 
@@ -131,10 +137,6 @@ async fn finish(child: Child) -> Run {
     within(tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())).await.unwrap().into()
 }
 
-fn waiting_for_approval(run: &Value) -> bool {
-    run["signal_waits"].as_array().is_some_and(|w| w.iter().any(|w| w["state"] == "waiting"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gated_run_started_followed_and_approved_from_the_cli() {
     let api = Api::start().await;
@@ -145,7 +147,7 @@ async fn a_gated_run_started_followed_and_approved_from_the_cli() {
     // A follower from the start, which must end by itself when the run does.
     let follower = api.spawn(&["-o", "json", "runs", "events", "deploy-1", "-f"]);
 
-    let run = api.until("deploy-1", waiting_for_approval).await;
+    let run = api.until("deploy-1", signal_wait).await;
     assert_eq!(run["status"], "running");
     let list = api.run(&["runs", "list", "--status", "running"]).await;
     assert_eq!(list.code, 0, "{}", list.stderr);
@@ -201,7 +203,7 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
         r#"{"service":"web"}"#,
         "--wait",
     ]);
-    api.until("deploy-2", waiting_for_approval).await;
+    api.until("deploy-2", signal_wait).await;
     let approve = api.run(&["runs", "approve", "deploy-2", "--payload", r#"{"comment":"ok"}"#]).await;
     assert_eq!(approve.code, 0, "{}", approve.stderr);
     let waited = finish(waiting).await;
@@ -231,10 +233,11 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
     assert_eq!(forked["forked_from"]["run"], "flaky-1", "{forked}");
 
     api.run(&["runs", "start", "gated", "--id", "deploy-3", "--input", r#"{"service":"db"}"#]).await;
-    api.until("deploy-3", waiting_for_approval).await;
+    api.until("deploy-3", signal_wait).await;
     let cancel = api.run(&["runs", "cancel", "deploy-3", "--reason", "not today"]).await;
     assert_eq!(cancel.code, 0, "{}", cancel.stderr);
-    let run = api.until("deploy-3", |run| run["status"] == "compensated").await;
+    let run = api.until("deploy-3", final_event).await;
+    assert_eq!(run["status"], "compensated");
     let request = &run["requests"][0];
     assert_eq!(
         (request["action"].as_str(), request["by"].as_str()),
@@ -332,4 +335,53 @@ async fn a_job_log_followed_while_written_is_printed_whole_once() {
     assert!(read.stdout == expected, "the read log differs from what was written");
     let missing = api.run(&["jobs", "logs", "none#1"]).await;
     assert_eq!(missing.code, 3, "{missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_across_a_restart_and_retry_cuts_a_backoff() {
+    let api = Api::start().await;
+    let started =
+        api.run(&["runs", "start", "gated", "--id", "held", "--input", r#"{"service":"api"}"#]).await;
+    assert_eq!(started.code, 0, "{}", started.stderr);
+    api.until("held", signal_wait).await;
+    let paused = api.run(&["runs", "pause", "held"]).await;
+    assert_eq!(paused.code, 0, "{}", paused.stderr);
+
+    let api = api.restart().await;
+    let run = api.json(&["runs", "get", "held"]).await;
+    assert_eq!(run["status"], "paused", "{run}");
+    // Approved while paused: the signal waits in the inbox; the release step does not start.
+    let approved = api.run(&["runs", "approve", "held", "--payload", r#"{"comment":"go"}"#]).await;
+    assert_eq!(approved.code, 0, "{}", approved.stderr);
+    api.until("held", |e| matches!(e, hodei_core::Event::SignalReceivedBy { .. })).await;
+    let run = api.json(&["runs", "get", "held"]).await;
+    assert_eq!(run["status"], "paused", "{run}");
+    assert_eq!(run["steps"].as_array().unwrap().len(), 1, "{run}");
+    let resumed = api.run(&["runs", "resume", "held"]).await;
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    let run = api.until("held", final_event).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["output"], "api on staging, released in default (go)");
+    let actions: Vec<(&str, &str)> = run["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["by"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions, [("pause", "admin"), ("resume", "admin")]);
+
+    // A step waiting out an hour's backoff runs its next attempt now.
+    let started = api.run(&["runs", "start", "patient", "--id", "slow", "--input", "41"]).await;
+    assert_eq!(started.code, 0, "{}", started.stderr);
+    api.until("slow", |e| matches!(e, hodei_core::Event::StepAttemptFailed { .. })).await;
+    let retried = api.run(&["runs", "retry", "slow"]).await;
+    assert_eq!(retried.code, 0, "{}", retried.stderr);
+    let run = api.until("slow", final_event).await;
+    assert_eq!((run["status"].as_str(), run["output"].as_u64()), (Some("completed"), Some(42)), "{run}");
+    assert_eq!(run["steps"][0]["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(run["requests"][0]["action"], "retry_now");
+    // Nothing waits on a backoff now: retry is refused, exit 5 with the code.
+    let again = api.run(&["runs", "retry", "slow"]).await;
+    assert_eq!(again.code, 5, "{again:?}");
+    assert!(again.stderr.ends_with("(invalid_state)\n"), "{}", again.stderr);
 }

@@ -10,7 +10,7 @@ use hodei_core::{Engine, Outcome, SagaId, SledStore};
 use hodei_server::api::{ApiServeError, ApiServer, openapi_document};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::sagas::{Deploy, flaky, gated};
+use support::sagas::{Deploy, flaky, gated, journaled, signal_wait};
 use support::within;
 use tempfile::TempDir;
 
@@ -133,16 +133,8 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
     assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "conflict"), "{body}");
 
     // The run waits at its gate: its wait shows, with the staged step done.
-    let detail = within(async {
-        loop {
-            let (_, detail) = api.get("/api/v1/runs/deploy-1").await;
-            if detail["signal_waits"].as_array().is_some_and(|w| !w.is_empty()) {
-                return detail;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    within(journaled(&api.engine, "deploy-1", signal_wait)).await;
+    let (_, detail) = api.get("/api/v1/runs/deploy-1").await;
     // The input as it was given (the run's code reads the absent region as `None`).
     assert_eq!(detail["input"], json!({"service": "api"}));
     assert_eq!(detail["steps"][0]["name"], "stage");

@@ -1,7 +1,9 @@
 //! The sagas the operator API's tests (and the CLI's, through `#[path]`) run: a deploy gated by
 //! an approval, and a saga that fails when told to, to fork it from its failure.
 
-use hodei_core::{CompensationContext, SagaContext, SagaDefinition, StepError};
+use hodei_core::{
+    CompensationContext, Engine, Event, RetryPolicy, SagaContext, SagaDefinition, SagaId, StepError,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -49,4 +51,44 @@ pub fn flaky() -> SagaDefinition {
             })
             .await
     })
+}
+
+/// A step whose first attempt fails and whose next is due an hour later: only an operator's
+/// retry-now lets it complete within a test.
+pub fn patient() -> SagaDefinition {
+    SagaDefinition::new("patient", 1, |ctx: SagaContext, n: u32| async move {
+        ctx.step("call")
+            .input(n)
+            .retry(RetryPolicy::attempts(2).initial_backoff(std::time::Duration::from_secs(3600)))
+            .run(|step, n: u32| async move {
+                if step.attempt == 1 { Err(StepError::retryable("503 from upstream")) } else { Ok(n + 1) }
+            })
+            .await
+    })
+}
+
+/// Returns once run `id`'s journal holds an event that `reached` accepts: woken by the engine's
+/// events, never by polling.
+pub async fn journaled(engine: &Engine, id: &str, reached: impl Fn(&Event) -> bool) {
+    let id = SagaId::new(id).unwrap();
+    // Subscribed before the journal is read, so an event written in between still wakes us.
+    let mut events = engine.subscribe();
+    loop {
+        if engine.history(&id).is_ok_and(|history| history.iter().any(|r| reached(&r.event))) {
+            return;
+        }
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = events.recv().await {
+            panic!("the engine stopped before run `{id}` got there");
+        }
+    }
+}
+
+/// Whether the event starts a wait for a signal.
+pub fn signal_wait(event: &Event) -> bool {
+    matches!(event, Event::SignalWaitStarted { .. })
+}
+
+/// Whether the event ends a run.
+pub fn final_event(event: &Event) -> bool {
+    event.is_final()
 }
