@@ -144,3 +144,36 @@ async fn a_job_inherits_only_the_variables_it_names_from_its_worker() {
     assert_eq!(logs.read("h-2/0#1", LogStream::Stdout, 0, 4096).await.unwrap().bytes, b"unset");
     within(node.shutdown(Duration::from_secs(5))).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_api_over_a_node_shows_a_run_s_jobs_and_their_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder(dir.path()).register(deploy()).start().await.unwrap();
+    let api = hodei_server::api::ApiServer::for_node(&node)
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .serve()
+        .await
+        .unwrap();
+    let token = std::fs::read_to_string(api.admin_token_file().unwrap()).unwrap().trim().to_owned();
+    let outcome: Outcome<JobOutcome> = run(node.engine(), "deploy", "d-api", &true).await;
+    assert!(matches!(outcome, Outcome::Compensated { .. }), "{outcome:?}");
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let request = http.get(format!("http://{}{path}", api.local_addr())).bearer_auth(&token);
+        async move { within(request.send()).await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let run = get("/api/v1/runs/d-api".into()).await;
+    assert_eq!(run["status"], "compensated");
+    let jobs = &run["steps"][0]["jobs"];
+    assert_eq!(jobs[0]["job_id"], "d-api/0#1");
+    assert_eq!(jobs[0]["outcome"], "exit 0");
+    assert_eq!(jobs[1]["job_id"], "d-api/0/rollback#1");
+    assert_eq!(jobs[1]["name"], "deploy rollback");
+    assert_eq!(run["steps"][0]["compensation"]["state"], "completed");
+    let log = get("/api/v1/jobs/d-api%2F0%2Frollback%231/logs/stderr".into()).await;
+    assert_eq!((log["text"].as_str(), log["closed"].as_bool()), (Some("undo log\n"), Some(true)));
+    let workers = get("/api/v1/workers".into()).await;
+    assert!(workers.as_array().is_some(), "{workers}");
+    api.shutdown().await;
+    within(node.shutdown(Duration::from_secs(5))).await.unwrap();
+}

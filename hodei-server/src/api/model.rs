@@ -254,6 +254,9 @@ pub struct JobView {
     pub name: String,
     /// The attempt, from 1.
     pub attempt: u32,
+    /// The worker that runs it, while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     /// How it ended: `exit 0`, `signal 9`, `cancelled: ...`, `timed out`, `lost: ...`; absent
     /// while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]

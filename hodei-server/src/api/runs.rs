@@ -121,9 +121,17 @@ pub(crate) async fn get(
     let mut detail = run_detail(&record, &history);
     if let Some(hub) = state.hub.as_ref().filter(|hub| hub.logs().is_some()) {
         let jobs = saga_jobs(hub, &id, &history).await.map_err(|e| ApiError::internal(e.to_string()))?;
+        // Which worker runs each job now; a finished job's worker is not kept.
+        let running: std::collections::BTreeMap<String, String> = hub
+            .running_jobs()
+            .into_iter()
+            .flat_map(|(worker, jobs)| jobs.into_iter().map(move |job| (job, worker.clone())))
+            .collect();
         for job in jobs {
             if let Some(step) = detail.steps.iter_mut().find(|s| s.step == job.step) {
-                step.jobs.push(job_view(&job));
+                let mut view = job_view(&job);
+                view.worker = running.get(&job.job_id).cloned();
+                step.jobs.push(view);
             }
         }
     }
@@ -149,6 +157,7 @@ fn job_view(job: &crate::jobs::SagaJob) -> JobView {
         job_id: job.job_id.clone(),
         name: job.name.clone(),
         attempt: job.attempt,
+        worker: None,
         outcome,
         exit_code,
         stdout_bytes: result.map_or(0, |r| r.stdout_bytes),
