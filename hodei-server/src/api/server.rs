@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use axum::routing::{delete, get, post};
 use hodei_agent::pki::{TlsIdentity, crypto_provider};
 use hodei_core::Engine;
@@ -166,6 +167,11 @@ impl ApiServerBuilder {
         };
         let task = match self.tls {
             None => tokio::spawn(async move {
+                // Responses are small and a stream's events smaller: without NODELAY, Nagle's
+                // algorithm and the client's delayed ACK hold each one back for up to 40 ms.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
             }),
             Some(config) => {
@@ -290,6 +296,7 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let _ = tcp.set_nodelay(true);
                 let (acceptor, handshaken) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
