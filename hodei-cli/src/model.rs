@@ -202,6 +202,8 @@ pub struct WorkerView {
     #[serde(default)]
     pub connected_since: Option<String>,
     #[serde(default)]
+    pub last_heard: Option<String>,
+    #[serde(default)]
     pub jobs: Vec<String>,
 }
 

@@ -222,11 +222,12 @@ pub fn workers_table(style: Style, workers: &[WorkerView]) -> String {
                     Cell::state(&w.state)
                 },
                 or_dash(w.connected_since.as_deref().map(time).as_deref()).into(),
+                or_dash(w.last_heard.as_deref().map(time).as_deref()).into(),
                 if w.jobs.is_empty() { "-".into() } else { w.jobs.join(", ").into() },
             ]
         })
         .collect();
-    table(style, &["ID", "PROVIDER", "STATE", "CONNECTED SINCE", "JOBS"], &rows)
+    table(style, &["ID", "PROVIDER", "STATE", "CONNECTED SINCE", "LAST HEARD", "JOBS"], &rows)
 }
 
 pub fn tokens_table(style: Style, tokens: &[TokenView]) -> String {

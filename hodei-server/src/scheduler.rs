@@ -311,6 +311,17 @@ impl Scheduler {
             .collect()
     }
 
+    /// The labels of each held worker: those of the provider it runs under, which jobs are
+    /// matched against.
+    pub fn worker_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let state = self.inner.lock();
+        state
+            .workers
+            .iter()
+            .map(|(id, w)| (id.clone(), self.inner.providers[w.provider].provider.labels()))
+            .collect()
+    }
+
     /// The ids of the workers being drained: they take no new jobs and are destroyed once the
     /// job they run ends.
     pub fn draining(&self) -> std::collections::BTreeSet<String> {

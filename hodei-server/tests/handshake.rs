@@ -127,12 +127,18 @@ async fn an_agent_registers_opens_a_session_and_heartbeats() {
         Some(hub_message::Kind::Heartbeat(beat)) => assert!(beat.sent_unix_ms > 1, "{beat:?}"),
         other => panic!("expected a heartbeat, got {other:?}"),
     }
+    // The hub answered the heartbeat, so it had noted it: the worker was heard from since it
+    // connected.
+    let heard = setup.hub.last_heard();
+    assert_eq!(heard.keys().collect::<Vec<_>>(), ["w-1"]);
+    assert!(heard["w-1"] >= since && heard["w-1"] <= SystemTime::now(), "{heard:?}");
 
     // The agent goes away: its side of the stream closes, and the hub forgets the worker.
     drop(session);
     let left = within(workers.wait_for(|workers| !workers.contains_key("w-1"))).await.unwrap();
     assert!(left.is_empty());
     assert!(setup.hub.connected_workers().is_empty());
+    assert!(setup.hub.last_heard().is_empty());
     setup.stop().await;
 }
 

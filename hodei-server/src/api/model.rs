@@ -465,6 +465,11 @@ pub struct WorkerView {
     pub provider: Option<String>,
     /// Drained by an operator: it takes no new job and goes once its job ends.
     pub draining: bool,
+    /// Its provider's labels, which jobs are matched against.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// When its last message (a heartbeat at the least) arrived, while connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_heard: Option<String>,
     /// `connected` (a session is open) or `provisioned` (started, not connected).
     pub state: String,
     /// Since when its session is open, while connected.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use hodei_agent::pki::{TlsIdentity, crypto_provider};
 use hodei_core::Engine;
 use tokio::net::TcpListener;

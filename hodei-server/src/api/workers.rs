@@ -29,6 +29,8 @@ pub(crate) async fn list(
     let Some(hub) = &state.hub else { return Ok(Json(Vec::new())) };
     let providers = state.scheduler.as_ref().map(|s| s.workers()).unwrap_or_default();
     let draining = state.scheduler.as_ref().map(|s| s.draining()).unwrap_or_default();
+    let mut labels = state.scheduler.as_ref().map(|s| s.worker_labels()).unwrap_or_default();
+    let heard = hub.last_heard();
     let connected = hub.connected_workers();
     let mut running = hub.running_jobs();
     let mut ids: BTreeMap<&String, ()> = providers.keys().map(|id| (id, ())).collect();
@@ -48,14 +50,13 @@ pub(crate) async fn list(
                     memory_peak_bytes: m.memory_peak_bytes,
                 })
                 .collect();
-            let connected_since = connected.get(id).map(|t| {
-                let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                format_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-            });
+            let connected_since = connected.get(id).map(|t| unix_millis(*t));
             WorkerView {
                 id: id.clone(),
                 provider: providers.get(id).cloned(),
                 draining: draining.contains(id),
+                labels: labels.remove(id).unwrap_or_default(),
+                last_heard: heard.get(id).map(|t| unix_millis(*t)),
                 state: if connected_since.is_some() { "connected" } else { "provisioned" }.to_owned(),
                 connected_since,
                 jobs,
@@ -64,6 +65,11 @@ pub(crate) async fn list(
         })
         .collect();
     Ok(Json(workers))
+}
+
+fn unix_millis(at: std::time::SystemTime) -> String {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn scheduler(state: &ApiState) -> Result<&crate::scheduler::Scheduler, ApiError> {

@@ -64,6 +64,11 @@ impl Hub {
         snapshot(&self.registry.workers.borrow())
     }
 
+    /// When each connected worker's last message arrived: its heartbeats keep this recent.
+    pub fn last_heard(&self) -> BTreeMap<String, SystemTime> {
+        self.registry.last_heard()
+    }
+
     /// The jobs running on each connected worker, until their results arrive (cancelled ones
     /// included): a worker with any is busy.
     pub fn running_jobs(&self) -> BTreeMap<String, BTreeSet<String>> {

@@ -29,6 +29,9 @@ pub(super) struct Registry {
     pub(super) workers: watch::Sender<BTreeMap<String, Connection>>,
     /// Each open session's command channel, by worker, with the session's connection id.
     sessions: Mutex<HashMap<String, (u64, mpsc::Sender<SessionCommand>)>>,
+    /// When each connected worker's last message (a heartbeat at the least) arrived. Kept out
+    /// of the watch: a heartbeat is no change anyone waits for.
+    heard: Mutex<HashMap<String, SystemTime>>,
     next_id: AtomicU64,
 }
 
@@ -38,6 +41,7 @@ impl Registry {
         Self {
             workers: watch::Sender::new(BTreeMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         }
     }
@@ -68,6 +72,15 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn heard(&self) -> std::sync::MutexGuard<'_, HashMap<String, SystemTime>> {
+        self.heard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// When each connected worker was last heard from.
+    pub(super) fn last_heard(&self) -> BTreeMap<String, SystemTime> {
+        self.heard().iter().map(|(id, at)| (id.clone(), *at)).collect()
+    }
+
     pub(super) fn commands(&self, worker_id: &str) -> Option<mpsc::Sender<SessionCommand>> {
         self.sessions().get(worker_id).map(|(_, commands)| commands.clone())
     }
@@ -82,6 +95,11 @@ pub(super) struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
+    /// Notes that a message of this session's worker arrived now.
+    pub(super) fn heard(&self) {
+        self.registry.heard().insert(self.worker_id.clone(), SystemTime::now());
+    }
+
     /// Publishes the jobs running on this session's worker.
     pub(super) fn set_jobs(&self, running: &HashSet<String>) {
         let jobs: BTreeSet<String> = running.iter().cloned().collect();
@@ -100,6 +118,7 @@ impl Drop for ConnectionGuard {
         let mut sessions = self.registry.sessions();
         if sessions.get(&self.worker_id).is_some_and(|(id, _)| *id == self.id) {
             sessions.remove(&self.worker_id);
+            self.registry.heard().remove(&self.worker_id);
         }
         drop(sessions);
         self.registry.workers.send_if_modified(|workers| {

@@ -136,6 +136,7 @@ impl SessionTask {
     }
 
     async fn message(&mut self, kind: Option<agent_message::Kind>) -> Flow {
+        self.guard.heard();
         let worker = self.guard.worker_id.as_str();
         match kind {
             Some(agent_message::Kind::Heartbeat(_)) => {
