@@ -29,7 +29,10 @@ impl Client {
     pub fn new(settings: &Settings) -> Result<Self> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("hodei-cli/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("hodei-cli/", env!("CARGO_PKG_VERSION")))
+            // Loading the system's roots is most of a plain-HTTP command's start-up; only
+            // HTTPS needs them.
+            .tls_built_in_root_certs(settings.addr.scheme() == "https");
         if let Some(path) = &settings.ca_cert {
             let pem = std::fs::read(path).map_err(|e| {
                 CliError::usage(format!("cannot read the CA certificate {}: {e}", path.display()))
