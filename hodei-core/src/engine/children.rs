@@ -2,6 +2,7 @@ use super::state::Engine;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
 use crate::retry::StepError;
+use crate::store::EventStore;
 
 impl Engine {
     /// A child saga's part in its parent's compensation: a running child is cancelled (and so
@@ -75,19 +76,28 @@ impl Engine {
         if !compensable {
             return Ok(false);
         }
-        let now = Timestamp::now();
-        let mut reopened = record.clone();
-        reopened.status = SagaStatus::Compensating;
-        reopened.updated_at = now;
-        let cancel = RecordedEvent {
-            seq: history.len() as u64,
-            at: now,
-            event: Event::CancelRequested { reason: reason.into() },
-        };
-        inner.store.append(&record.id, &[cancel], Some(&reopened))?;
+        let cancel = Event::CancelRequested { reason: reason.into() };
+        let reopened = reopen_compensating(inner.store.as_ref(), record, history.len() as u64, cancel)?;
         inner.store.durable().await?;
         tracing::info!(saga.id = %record.id, reason, "reopened to compensate");
         inner.adopt(reopened)?;
         Ok(true)
     }
+}
+
+/// Appends `event` to a finished saga's journal (whose next sequence number is `next_seq`) and
+/// marks it compensating again, in one write: how a parent's compensation reopens a completed
+/// child, and how an operator retries a failed compensation. The caller adopts it once durable.
+pub(super) fn reopen_compensating(
+    store: &dyn EventStore,
+    record: &SagaRecord,
+    next_seq: u64,
+    event: Event,
+) -> Result<SagaRecord> {
+    let now = Timestamp::now();
+    let mut reopened = record.clone();
+    reopened.status = SagaStatus::Compensating;
+    reopened.updated_at = now;
+    store.append(&record.id, &[RecordedEvent { seq: next_seq, at: now, event }], Some(&reopened))?;
+    Ok(reopened)
 }

@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
+use super::children::reopen_compensating;
 use super::state::Engine;
 use crate::driver::LiveSaga;
 use crate::error::{Error, Result};
-use crate::event::{Event, RecordedEvent, SagaId, SagaStatus, Timestamp};
+use crate::event::{Event, SagaId, SagaStatus};
 use crate::lock::lock;
 
 /// The longest actor name accepted, in bytes.
@@ -155,17 +156,8 @@ impl Engine {
                 return Err(Error::InvalidState { id: id.clone(), status: record.status, action: ACTION });
             }
             let history = inner.store.history(id)?;
-            let now = Timestamp::now();
-            let mut reopened = record;
-            reopened.status = SagaStatus::Compensating;
-            reopened.updated_at = now;
-            let retry = RecordedEvent {
-                seq: history.len() as u64,
-                at: now,
-                event: Event::CompensationRetryRequested { by: by.clone() },
-            };
-            inner.store.append(id, &[retry], Some(&reopened))?;
-            reopened
+            let retry = Event::CompensationRetryRequested { by: by.clone() };
+            reopen_compensating(inner.store.as_ref(), &record, history.len() as u64, retry)?
         };
         inner.store.durable().await?;
         tracing::info!(saga.id = %id, by = %by, "retrying the compensation");
