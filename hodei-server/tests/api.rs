@@ -10,7 +10,7 @@ use hodei_core::{Engine, Outcome, SagaId, SledStore};
 use hodei_server::api::{ApiServeError, ApiServer, openapi_document};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::sagas::{Deploy, flaky, gated, journaled, signal_wait};
+use support::sagas::{Deploy, flaky, gated, journaled, parent, signal_wait};
 use support::within;
 use tempfile::TempDir;
 
@@ -33,6 +33,7 @@ impl Api {
             .store(SledStore::open(dir.path().join("journal")).unwrap())
             .register(gated())
             .register(flaky())
+            .register(parent())
             .start()
             .await
             .unwrap();
@@ -576,4 +577,19 @@ async fn the_api_serves_https_with_a_given_certificate() {
     let mut answer = Vec::new();
     let _ = within(plain.read_to_end(&mut answer)).await;
     assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_lists_the_child_sagas_it_started() {
+    let api = Api::start().await;
+    let (status, body) =
+        api.post("/api/v1/runs", json!({"definition": "parent", "id": "p-1", "input": "p-1-child"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(api.outcome_of::<u32>("p-1").await, Outcome::Completed(20));
+    let (_, detail) = api.get("/api/v1/runs/p-1").await;
+    assert_eq!(detail["children"], json!([{"run": "p-1-child", "definition": "flaky", "step": 0}]));
+    // The child's input, a payload inside the step's input, shows as JSON too.
+    assert_eq!(detail["steps"][0]["input"]["input"], json!(false));
+    let (_, child) = api.get("/api/v1/runs/p-1-child").await;
+    assert_eq!((child["status"].as_str(), child["output"].as_u64()), (Some("completed"), Some(20)));
 }

@@ -147,6 +147,19 @@ pub struct RunDetail {
     pub forks: Vec<ForkLink>,
     /// Operator requests journaled against it (cancel, pause, resume, retries), in order.
     pub requests: Vec<RequestView>,
+    /// The child sagas it started, each by the step that runs it.
+    pub children: Vec<ChildLink>,
+}
+
+/// A child saga, started by a step of its parent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChildLink {
+    /// The child run's id.
+    pub run: String,
+    /// Its definition.
+    pub definition: String,
+    /// The parent's step that runs it.
+    pub step: u32,
 }
 
 /// A link between a run and its fork.

@@ -25,7 +25,7 @@ use super::{admin, logs, runs, webhooks, workers};
     ),
     components(schemas(
         ErrorBody, ErrorDetail, Health, DefinitionView, StepShapeView, RunStatus, RunSummary, RunPage,
-        RunDetail, ForkLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
+        RunDetail, ForkLink, ChildLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
         SignalWaitView, SignalView, BranchGroupView, BranchView, RequestView, EventView, StartRun,
         SendSignal, CancelRun, ForkRun, TokenView, IssueToken, IssuedTokenView, WorkerView, JobMetrics,
         LogChunkView, logs::LogStreamName,

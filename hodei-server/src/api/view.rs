@@ -6,8 +6,8 @@ use hodei_core::{Event, RecordedEvent, SagaRecord, SagaStatus};
 use serde_json::{Map, Value};
 
 use super::model::{
-    AttemptView, BranchGroupView, BranchView, CompensationView, EventView, ForkLink, RequestView, RunDetail,
-    RunStatus, RunSummary, SignalView, SignalWaitView, StepState, StepView, TimerView,
+    AttemptView, BranchGroupView, BranchView, ChildLink, CompensationView, EventView, ForkLink, RequestView,
+    RunDetail, RunStatus, RunSummary, SignalView, SignalWaitView, StepState, StepView, TimerView,
 };
 use super::time::format_millis;
 
@@ -124,6 +124,7 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
         forked_from: None,
         forks: Vec::new(),
         requests: Vec::new(),
+        children: Vec::new(),
     };
     // Step number -> index in `detail.steps`.
     let mut steps: BTreeMap<u32, usize> = BTreeMap::new();
@@ -323,7 +324,28 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
             _ => {}
         }
     }
+    for step in &mut detail.steps {
+        if let Some(child) = child_of(step) {
+            detail.children.push(child);
+        }
+    }
     detail
+}
+
+/// The child saga a step runs, if it is a child-saga step (`child <definition>`, its input the
+/// child's run): its inner input, a payload of its own, is shown as JSON too.
+fn child_of(step: &mut StepView) -> Option<ChildLink> {
+    let definition = step.name.strip_prefix("child ")?;
+    let run = step.input.get("id")?.as_str()?.to_owned();
+    if let Some(inner) = step.input.get_mut("input") {
+        let bytes: Option<Vec<u8>> = inner
+            .as_array()
+            .and_then(|items| items.iter().map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok())).collect());
+        if let Some(bytes) = bytes {
+            *inner = payload_json(&bytes);
+        }
+    }
+    Some(ChildLink { run, definition: definition.to_owned(), step: step.step })
 }
 
 fn request(

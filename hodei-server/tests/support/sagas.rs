@@ -53,6 +53,14 @@ pub fn flaky() -> SagaDefinition {
     })
 }
 
+/// Runs `flaky` (told not to fail) as a child saga.
+pub fn parent() -> SagaDefinition {
+    SagaDefinition::new("parent", 1, |ctx: SagaContext, child_id: String| async move {
+        let run = hodei_core::SagaRun::new("flaky", child_id, &false).map_err(StepError::terminal)?;
+        ctx.child::<u32>(run).await
+    })
+}
+
 /// A step whose first attempt fails and whose next is due an hour later: only an operator's
 /// retry-now lets it complete within a test.
 pub fn patient() -> SagaDefinition {
