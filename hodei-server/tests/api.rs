@@ -550,22 +550,7 @@ async fn the_api_serves_https_with_a_given_certificate() {
         .serve()
         .await
         .unwrap();
-    let roots =
-        hodei_agent::pki::root_store(&hodei_agent::pki::parse_certs(&cert_pem, "cert").unwrap()).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(hodei_agent::pki::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
-    let tcp = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = within(connector.connect(name, tcp)).await.unwrap();
-    tls.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    within(tls.read_to_string(&mut response)).await.unwrap();
+    let response = support::https_get(server.local_addr(), &cert_pem, "localhost", "/api/v1/health").await;
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     assert!(response.ends_with(r#"{"status":"ok"}"#), "{response}");
     // Plain HTTP on the TLS port gets no answer from the API.

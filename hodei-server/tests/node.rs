@@ -177,3 +177,24 @@ async fn the_operator_api_over_a_node_shows_a_run_s_jobs_and_their_logs() {
     api.shutdown().await;
     within(node.shutdown(Duration::from_secs(5))).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_api_serves_https_with_a_certificate_from_the_embedded_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder(dir.path()).register(build()).start().await.unwrap();
+    let api = hodei_server::api::ApiServer::for_node(&node)
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .tls_from_embedded_ca(&["127.0.0.1", "localhost"])
+        .unwrap()
+        .serve()
+        .await
+        .unwrap();
+    // What a client (`hodei --ca-cert`) trusts: the CA the workers already trust.
+    let ca = std::fs::read_to_string(dir.path().join("pki/ca.cert.pem")).unwrap();
+    for name in ["localhost", "127.0.0.1"] {
+        let response = support::https_get(api.local_addr(), &ca, name, "/api/v1/health").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{name}: {response}");
+    }
+    api.shutdown().await;
+    within(node.shutdown(Duration::from_secs(5))).await.unwrap();
+}

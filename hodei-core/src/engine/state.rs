@@ -106,11 +106,18 @@ impl Inner {
             move |shared, input| (definition.body)(SagaContext { shared, scope: Scope::root() }, input);
         let handle = tokio::spawn(
             async move {
-                let _guard = guard;
-                let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
-                if let Some(end) = drive(host, task_live.clone(), body, history).await {
-                    inner.finished(&task_live, end);
+                // Everything that holds the engine (and so the store) is moved into this inner
+                // block and dropped at its end, before the guard: once the count reads zero,
+                // no driver holds the store, and a shut-down engine's directory reopens at
+                // once. (Captured values would otherwise be dropped with the task, after it.)
+                {
+                    let (inner, task_live, host, body) = (inner, task_live, host, body);
+                    let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
+                    if let Some(end) = drive(host, task_live.clone(), body, history).await {
+                        inner.finished(&task_live, end);
+                    }
                 }
+                drop(guard);
             }
             .instrument(span),
         );

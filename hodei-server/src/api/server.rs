@@ -80,6 +80,10 @@ pub enum ApiServeError {
 pub fn tls_config(chain_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, ApiServeError> {
     let identity =
         TlsIdentity::from_pem(chain_pem, key_pem).map_err(|e| ApiServeError::Tls(e.to_string()))?;
+    tls_config_for(&identity)
+}
+
+fn tls_config_for(identity: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>, ApiServeError> {
     let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ApiServeError::Tls(e.to_string()))?
@@ -131,6 +135,20 @@ impl ApiServerBuilder {
     pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
         self.tls = Some(config);
         self
+    }
+
+    /// Serves over TLS with a certificate for `names` (IP addresses or DNS names) issued by the
+    /// control plane's embedded CA, the one its workers already trust: clients trust
+    /// `<data>/pki/ca.cert.pem` (`hodei --ca-cert`). Needs
+    /// [`control_plane`](Self::control_plane) first.
+    pub fn tls_from_embedded_ca(mut self, names: &[&str]) -> Result<Self, ApiServeError> {
+        let hub = self.hub.as_ref().ok_or_else(|| {
+            ApiServeError::Tls("no embedded CA: give the control plane first (control_plane)".into())
+        })?;
+        let identity =
+            hub.pki().issue_server_identity(names).map_err(|e| ApiServeError::Tls(e.to_string()))?;
+        self.tls = Some(tls_config_for(&identity)?);
+        Ok(self)
     }
 
     /// Starts a run for each `POST /api/v1/hooks/{name}`; see [`Webhook`].

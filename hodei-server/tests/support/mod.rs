@@ -171,3 +171,26 @@ pub fn shell(job_id: &str, script: &str) -> v1::JobSpec {
         ..v1::JobSpec::default()
     }
 }
+
+/// `GET path` over HTTPS to `addr`, trusting only `ca_pem`, with `server_name` as the TLS name;
+/// the whole raw response (status line, headers, body).
+pub async fn https_get(addr: std::net::SocketAddr, ca_pem: &str, server_name: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let roots =
+        hodei_agent::pki::root_store(&hodei_agent::pki::parse_certs(ca_pem, "CA certificate").unwrap())
+            .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(hodei_agent::pki::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+    let mut tls = within(connector.connect(name, tcp)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    within(tls.read_to_string(&mut response)).await.unwrap();
+    response
+}
