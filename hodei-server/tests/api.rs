@@ -578,3 +578,60 @@ async fn a_run_lists_the_child_sagas_it_started() {
     let (_, child) = api.get("/api/v1/runs/p-1-child").await;
     assert_eq!((child["status"].as_str(), child["output"].as_u64()), (Some("completed"), Some(20)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cookie_works_only_with_the_csrf_header_and_ends_with_its_token() {
+    let api = Api::start().await;
+    let ops = api.issue("ops", "operator").await;
+    let login = |token: String| {
+        let request = api.http.post(api.url("/api/v1/session")).json(&json!({ "token": token }));
+        async move { within(request.send()).await.unwrap() }
+    };
+    let refused = login("hodei_0011223344556677_00".into()).await;
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(refused.headers().get("set-cookie").is_none());
+    let response = login(ops.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("Secure"), "plain HTTP on loopback: {cookie}");
+    assert_eq!(response.json::<Value>().await.unwrap(), json!({"name": "ops", "role": "operator"}));
+    let session = cookie.split(';').next().unwrap().to_owned();
+
+    api.post("/api/v1/runs", json!({"definition": "gated", "id": "s", "input": {"service": "a"}})).await;
+    let with_cookie = |method: reqwest::Method, path: &str, csrf: bool| {
+        let mut request = api.http.request(method, api.url(path)).header("cookie", &session);
+        if csrf {
+            request = request.header("x-hodei-csrf", "1");
+        }
+        async move { within(request.send()).await.unwrap() }
+    };
+    // What another site could make a browser send: the cookie without the header.
+    for (method, path) in
+        [(reqwest::Method::POST, "/api/v1/runs/s/cancel"), (reqwest::Method::GET, "/api/v1/session")]
+    {
+        let response = with_cookie(method, path, false).await;
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(code(&response.json().await.unwrap()), "forbidden");
+    }
+    let (_, detail) = api.get("/api/v1/runs/s").await;
+    assert_eq!(detail["requests"], json!([]), "the forged cancel did nothing");
+    let whoami = with_cookie(reqwest::Method::GET, "/api/v1/session", true).await;
+    assert_eq!(whoami.json::<Value>().await.unwrap(), json!({"name": "ops", "role": "operator"}));
+    let cancel = with_cookie(reqwest::Method::POST, "/api/v1/runs/s/cancel", true).await;
+    assert_eq!(cancel.status(), StatusCode::ACCEPTED);
+    let (_, detail) = api.get("/api/v1/runs/s").await;
+    assert_eq!(detail["requests"][0]["by"], "ops");
+
+    // Logging out clears the cookie; revoking the token ends every session holding it.
+    let logout = with_cookie(reqwest::Method::DELETE, "/api/v1/session", true).await;
+    assert_eq!(logout.status(), StatusCode::NO_CONTENT);
+    assert!(logout.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    let (status, _) = api.call(reqwest::Method::DELETE, "/api/v1/tokens/ops", Some(&api.admin), None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let after = with_cookie(reqwest::Method::GET, "/api/v1/session", true).await;
+    assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
+}

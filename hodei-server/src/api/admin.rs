@@ -3,11 +3,15 @@
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
+use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 
-use super::auth::authorize;
+use super::auth::{authorize, ended_session_cookie, session_cookie};
 use super::error::{ApiError, ErrorBody};
-use super::model::{DefinitionView, Health, IssueToken, IssuedTokenView, StepShapeView, TokenView};
+use super::model::{
+    DefinitionView, Health, IssueToken, IssuedTokenView, Login, StepShapeView, TokenView, WhoAmI,
+};
 use super::server::ApiState;
 use super::time::format_millis;
 use super::tokens::{ApiToken, Role};
@@ -120,4 +124,42 @@ pub(crate) async fn revoke_token(
     } else {
         Err(ApiError::not_found(format!("no live token named `{name}`")))
     }
+}
+
+/// Logs in: checks the token and holds it in an HttpOnly, SameSite=Strict session cookie, for
+/// the dashboard. Requests that rely on the cookie must carry the `X-Hodei-CSRF` header.
+#[utoipa::path(post, path = "/api/v1/session", tag = "meta", request_body = Login,
+    responses(
+        (status = 200, description = "Logged in; the cookie is set", body = WhoAmI),
+        (status = 401, description = "Not a live token", body = ErrorBody),
+    ))]
+pub(crate) async fn login(
+    State(state): State<ApiState>,
+    body: Result<Json<Login>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(login) = body?;
+    let token = state.tokens.authenticate(login.token.trim())?;
+    let who = WhoAmI { name: token.name, role: token.role.to_string() };
+    Ok(([(SET_COOKIE, session_cookie(login.token.trim(), state.secure_cookies))], Json(who)).into_response())
+}
+
+/// Who the request's token (or session) is.
+#[utoipa::path(get, path = "/api/v1/session", tag = "meta",
+    responses(
+        (status = 200, description = "The token's name and role", body = WhoAmI),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn whoami(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Json<WhoAmI>, ApiError> {
+    let token = authorize(&state.tokens, &headers, Role::Viewer)?;
+    Ok(Json(WhoAmI { name: token.name, role: token.role.to_string() }))
+}
+
+/// Logs out: clears the session cookie.
+#[utoipa::path(delete, path = "/api/v1/session", tag = "meta",
+    responses((status = 204, description = "The cookie is cleared")))]
+pub(crate) async fn logout(State(state): State<ApiState>) -> Response {
+    (StatusCode::NO_CONTENT, [(SET_COOKIE, ended_session_cookie(state.secure_cookies))]).into_response()
 }

@@ -26,6 +26,7 @@ mod view;
 mod webhooks;
 mod workers;
 
+pub use auth::{CSRF_HEADER, SESSION_COOKIE};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use openapi::{ApiDoc, openapi_document};
 pub use server::{ApiServeError, ApiServer, ApiServerBuilder, DEFAULT_ADDR, MAX_BODY_BYTES, tls_config};

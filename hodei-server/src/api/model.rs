@@ -536,3 +536,19 @@ pub struct LogChunkView {
     /// Whether the log is closed and this is its end.
     pub closed: bool,
 }
+
+/// Logs in: the token to hold in the session cookie.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Login {
+    /// An API token (`hodei_...`).
+    pub token: String,
+}
+
+/// Who the request's token is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    /// The token's name: what the journal records as who did something.
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+}

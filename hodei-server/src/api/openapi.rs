@@ -16,7 +16,7 @@ use super::{admin, logs, runs, webhooks, workers};
 #[openapi(
     info(title = "Hodei operator API", version = "1", description = "Watch and steer Hodei's pipelines from outside the process that runs them."),
     paths(
-        admin::health, admin::definitions,
+        admin::health, admin::login, admin::whoami, admin::logout, admin::definitions,
         runs::list, runs::start, runs::get, runs::events, runs::signal, runs::cancel, runs::fork,
         runs::pause, runs::resume, runs::retry_now, runs::retry_compensation,
         logs::read, workers::list, workers::drain, workers::remove,
@@ -28,7 +28,7 @@ use super::{admin, logs, runs, webhooks, workers};
         RunDetail, ForkLink, ChildLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
         SignalWaitView, SignalView, BranchGroupView, BranchView, RequestView, EventView, StartRun,
         SendSignal, CancelRun, ForkRun, TokenView, IssueToken, IssuedTokenView, WorkerView, JobMetrics,
-        LogChunkView, logs::LogStreamName,
+        LogChunkView, logs::LogStreamName, Login, WhoAmI,
     )),
     modifiers(&BearerAuth),
     tags(

@@ -47,6 +47,8 @@ pub(crate) struct ApiState {
     pub(crate) logs: Option<Arc<LogStore>>,
     pub(crate) scheduler: Option<Scheduler>,
     pub(crate) webhooks: Arc<BTreeMap<String, Webhook>>,
+    /// Served over TLS: the session cookie is `Secure`.
+    pub(crate) secure_cookies: bool,
 }
 
 /// Why the API could not start.
@@ -172,6 +174,7 @@ impl ApiServerBuilder {
             logs: self.logs,
             scheduler: self.scheduler,
             webhooks: Arc::new(self.webhooks),
+            secure_cookies: self.tls.is_some(),
         };
         let listener = TcpListener::bind(self.addr)
             .await
@@ -265,6 +268,7 @@ fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/health", get(admin::health))
         .route("/api/v1/openapi.json", get(openapi_json))
+        .route("/api/v1/session", get(admin::whoami).post(admin::login).delete(admin::logout))
         .route("/api/v1/definitions", get(admin::definitions))
         .route("/api/v1/runs", get(runs::list).post(runs::start))
         .route("/api/v1/runs/{id}", get(runs::get))
