@@ -641,12 +641,12 @@ async fn a_drained_worker_finishes_its_job_takes_no_other_and_is_destroyed() {
     wait_for_stdout(setup.control.logs(), "drain/0#1", "holding").await;
     let worker = provider.provisioned().remove(0);
     scheduler.drain(&worker).unwrap();
-    assert_eq!(scheduler.draining().into_iter().collect::<Vec<_>>(), [worker.clone()]);
+    assert_eq!(scheduler.draining().into_iter().collect::<Vec<_>>(), std::slice::from_ref(&worker));
     // The job it runs goes on to its end, on that worker.
     tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
     completed(outcome(handle).await);
     setup.wait_counts(|c| c.workers() == 0).await;
-    assert_eq!(provider.destroyed(), [worker.clone()]);
+    assert_eq!(provider.destroyed(), [worker]);
     // The next job gets a new worker; removing that one destroys it at once.
     completed(outcome(setup.start("drain-2", vec![("next", shell("echo next"))]).await).await);
     let provisioned = provider.provisioned();

@@ -1,6 +1,9 @@
 //! The sagas the operator API's tests (and the CLI's, through `#[path]`) run: a deploy gated by
 //! an approval, and a saga that fails when told to, to fork it from its failure.
 
+// Each test crate registers its own part of these.
+#![allow(dead_code)]
+
 use hodei_core::{
     CompensationContext, Engine, Event, RetryPolicy, SagaContext, SagaDefinition, SagaId, StepError,
 };
