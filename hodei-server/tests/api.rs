@@ -635,3 +635,35 @@ async fn a_session_cookie_works_only_with_the_csrf_header_and_ends_with_its_toke
     let after = with_cookie(reqwest::Method::GET, "/api/v1/session", true).await;
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_the_list_sends_each_matching_run_as_it_starts_and_changes() {
+    let api = Api::start().await;
+    let mut stream = within(
+        api.http.get(api.url("/api/v1/runs?definition=flaky&follow=true")).bearer_auth(&api.admin).send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    // A gated run, which the filter leaves out, then a flaky one that completes.
+    api.post("/api/v1/runs", json!({"definition": "gated", "id": "other", "input": {"service": "a"}})).await;
+    api.post("/api/v1/runs", json!({"definition": "flaky", "id": "watched", "input": false})).await;
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut buffer = Vec::new();
+    while !seen.iter().any(|(_, status)| status == "completed") {
+        let chunk = within(stream.chunk()).await.unwrap().expect("the stream stays open");
+        buffer.extend_from_slice(&chunk);
+        while let Some(at) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=at).collect();
+            if let Some(data) = std::str::from_utf8(&line).unwrap().trim_end().strip_prefix("data: ") {
+                let run: Value = serde_json::from_str(data).unwrap();
+                seen.push((
+                    run["id"].as_str().unwrap().to_owned(),
+                    run["status"].as_str().unwrap().to_owned(),
+                ));
+            }
+        }
+    }
+    assert!(seen.iter().all(|(id, _)| id == "watched"), "{seen:?}");
+    assert_eq!(seen.last().map(|(_, s)| s.as_str()), Some("completed"), "{seen:?}");
+}

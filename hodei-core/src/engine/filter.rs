@@ -53,7 +53,8 @@ impl SagaFilter {
         self
     }
 
-    pub(super) fn matches(&self, record: &SagaRecord) -> bool {
+    /// Whether `record` meets every condition set.
+    pub fn matches(&self, record: &SagaRecord) -> bool {
         self.definition.as_ref().is_none_or(|d| *d == record.definition)
             && self.version.is_none_or(|v| v == record.version)
             && self.status.is_none_or(|k| k == record.status.kind())

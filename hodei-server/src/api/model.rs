@@ -114,6 +114,10 @@ pub struct RunQuery {
     pub cursor: Option<String>,
     /// Runs per page, 1 to 1000 (default 100).
     pub limit: Option<u32>,
+    /// Instead of a page, keep the response open and send, as server-sent events (`run`, a
+    /// `RunSummary`), each run that starts or changes status and matches the filters. After a
+    /// `lagged` event some changes were missed: list again.
+    pub follow: Option<bool>,
 }
 
 /// A run with everything that happened in it.

@@ -62,7 +62,7 @@ pub(crate) async fn start(
 /// Lists runs in id order, one page at a time.
 #[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(RunQuery),
     responses(
-        (status = 200, description = "A page of runs", body = RunPage),
+        (status = 200, description = "A page of runs, or `text/event-stream` of `RunSummary`s when following", body = RunPage),
         (status = 400, description = "A malformed filter", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -70,7 +70,7 @@ pub(crate) async fn list(
     State(state): State<ApiState>,
     headers: HeaderMap,
     query: Result<Query<RunQuery>, QueryRejection>,
-) -> Result<Json<RunPage>, ApiError> {
+) -> Result<Response, ApiError> {
     authorize(&state.tokens, &headers, Role::Viewer)?;
     let Query(query) = query?;
     let mut filter = SagaFilter::default();
@@ -89,6 +89,9 @@ pub(crate) async fn list(
     if let Some(before) = &query.created_before {
         filter = filter.created_before(Timestamp(parse_millis(before).map_err(ApiError::invalid_request)?));
     }
+    if query.follow.unwrap_or(false) {
+        return Ok(follow_runs(&state, filter));
+    }
     let limit = query.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::invalid_request(format!("limit must be 1 to {MAX_PAGE}, not {limit}")));
@@ -98,7 +101,49 @@ pub(crate) async fn list(
     Ok(Json(RunPage {
         runs: page.records.iter().map(summary).collect(),
         next_cursor: page.next.map(|id| id.to_string()),
-    }))
+    })
+    .into_response())
+}
+
+/// Each run that starts or changes status and matches `filter`, as it happens.
+fn follow_runs(state: &ApiState, filter: SagaFilter) -> Response {
+    let mut live = state.engine.subscribe();
+    let engine = state.engine.clone();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let event = match live.recv().await {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let lagged =
+                        SseEvent::default().event("lagged").data("some changes were missed: list again");
+                    if tx.send(Ok::<_, Infallible>(lagged)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let changed = match &event.kind {
+                EngineEventKind::Status(_) => true,
+                EngineEventKind::Journaled(recorded) => matches!(recorded.event, Event::SagaStarted { .. }),
+                _ => false,
+            };
+            let Some(record) = changed.then(|| engine.status(&event.saga_id).ok()).flatten() else {
+                continue;
+            };
+            if !filter.matches(&record) {
+                continue;
+            }
+            let data = serde_json::to_string(&summary(&record)).unwrap_or_default();
+            if tx.send(Ok(SseEvent::default().event("run").data(data))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 /// A run with its steps, attempts, timers, signals, branches and jobs.
