@@ -13,6 +13,7 @@
 
 mod admin;
 mod auth;
+mod dashboard;
 mod error;
 mod logs;
 pub mod model;

@@ -23,7 +23,7 @@ use super::error::ApiError;
 use super::openapi::openapi_json;
 use super::tokens::{ADMIN_TOKEN_FILE, API_DIR, TokenError, TokenStore};
 use super::webhooks::Webhook;
-use super::{admin, logs, runs, webhooks, workers};
+use super::{admin, dashboard, logs, runs, webhooks, workers};
 use crate::control_plane::ControlPlane;
 use crate::hub::Hub;
 use crate::logstore::LogStore;
@@ -266,6 +266,9 @@ impl ApiServer {
 
 fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/assets/app.js", get(dashboard::app))
+        .route("/assets/style.css", get(dashboard::style))
         .route("/api/v1/health", get(admin::health))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/session", get(admin::whoami).post(admin::login).delete(admin::logout))

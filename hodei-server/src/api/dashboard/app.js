@@ -1,0 +1,578 @@
+// The Hodei dashboard: runs, a run's steps and actions, job logs, workers; live over the
+// operator API's server-sent events. Everything from a run (names, errors, payloads, log bytes)
+// is put in the page as text nodes, never parsed as HTML.
+
+const main = document.getElementById("main");
+let session = null; // { name, role } once logged in
+let stop = () => {}; // ends the current view's streams
+
+// ---- DOM -------------------------------------------------------------------------------
+
+/** An element with attributes and children; strings become text nodes. */
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "class") node.className = value;
+    // Through the CSSOM: the Content-Security-Policy refuses style attributes.
+    else if (key === "style") node.style.cssText = value;
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function show(...nodes) {
+  main.replaceChildren(...nodes.flat().filter((node) => node !== null && node !== undefined && node !== false));
+}
+
+const statusTag = (status) => el("span", { class: `status status-${status}` }, status.replaceAll("_", " "));
+const time = (iso) => (iso ? iso.replace("T", " ").replace("Z", "") : "–");
+const json = (value) => el("pre", { class: "json" }, JSON.stringify(value, null, 2));
+const collapsible = (label, value) =>
+  value === undefined ? "–" : el("details", {}, el("summary", {}, label), json(value));
+
+function duration(ms) {
+  if (ms === undefined || ms === null) return "–";
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.floor(ms / 60000)} m ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+// ---- API -------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** A JSON request with the session cookie and the CSRF header the API requires with it. */
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { "X-Hodei-CSRF": "1" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    credentials: "same-origin",
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  const value = text ? JSON.parse(text) : null;
+  if (!response.ok) {
+    const error = value && value.error ? value.error : { code: "http", message: response.statusText };
+    if (response.status === 401 && !path.endsWith("/session")) location.hash = "#/login";
+    throw new ApiError(response.status, error.code, error.message);
+  }
+  return value;
+}
+
+/**
+ * Follows a server-sent event stream with fetch (so the CSRF header goes with it), calling
+ * onEvent({event, id, data}) for each event; reconnects with Last-Event-ID after a dropped
+ * connection, so nothing is missed or seen twice. Returns a function that stops it.
+ */
+function follow(path, onEvent, { onEnd } = {}) {
+  const controller = new AbortController();
+  let lastId = null;
+  let ended = false;
+  const run = async () => {
+    let failures = 0;
+    while (!controller.signal.aborted && !ended) {
+      try {
+        const headers = { "X-Hodei-CSRF": "1" };
+        if (lastId !== null) headers["Last-Event-ID"] = lastId;
+        const response = await fetch(path, { headers, credentials: "same-origin", signal: controller.signal });
+        if (!response.ok) throw new ApiError(response.status, "http", response.statusText);
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        let event = { event: "message", id: null, data: [] };
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          failures = 0;
+          buffer += decoder.decode(value, { stream: true });
+          let newline;
+          while ((newline = buffer.indexOf("\n")) >= 0) {
+            const line = buffer.slice(0, newline).replace(/\r$/, "");
+            buffer = buffer.slice(newline + 1);
+            if (line === "") {
+              if (event.data.length) {
+                if (event.id !== null) lastId = event.id;
+                onEvent({ event: event.event, id: event.id, data: event.data.join("\n") });
+              }
+              event = { event: "message", id: null, data: [] };
+            } else if (line.startsWith(":")) {
+              // A keep-alive comment.
+            } else {
+              const colon = line.indexOf(":");
+              const field = colon < 0 ? line : line.slice(0, colon);
+              const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+              if (field === "data") event.data.push(value);
+              else if (field === "event") event.event = value;
+              else if (field === "id") event.id = value;
+            }
+          }
+        }
+        // The server ended the stream: the run or the log has ended.
+        ended = true;
+        if (onEnd) onEnd();
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        if (error instanceof ApiError && error.status < 500) return;
+        failures += 1;
+        await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** failures, 5000)));
+      }
+    }
+  };
+  run();
+  return () => controller.abort();
+}
+
+const canOperate = () => session && (session.role === "operator" || session.role === "admin");
+
+/** A button that asks for a second click before it acts, then shows what happened. */
+function confirmButton(label, confirmLabel, action, { danger = false } = {}) {
+  const button = el("button", { type: "button", class: danger ? "danger" : undefined }, label);
+  let armed = false;
+  let timer;
+  button.addEventListener("click", async () => {
+    if (!armed) {
+      armed = true;
+      button.textContent = confirmLabel;
+      timer = setTimeout(() => {
+        armed = false;
+        button.textContent = label;
+      }, 5000);
+      return;
+    }
+    clearTimeout(timer);
+    armed = false;
+    button.disabled = true;
+    try {
+      await action();
+      button.textContent = `${label}: done`;
+    } catch (error) {
+      button.textContent = `${label}: ${error.message}`;
+      button.disabled = false;
+    }
+  });
+  return button;
+}
+
+// ---- Views -----------------------------------------------------------------------------
+
+function loginView(message) {
+  const token = el("input", { type: "password", name: "token", id: "token", autocomplete: "off", placeholder: "hodei_…", required: true });
+  const note = el("p", { class: "error", id: "login-error", role: "alert" }, message || "");
+  const form = el(
+    "form",
+    { class: "login", id: "login" },
+    el("h1", {}, "Log in"),
+    el("label", { for: "token" }, "API token"),
+    token,
+    el("button", { type: "submit" }, "Log in"),
+    note,
+  );
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      session = await api("/api/v1/session", { method: "POST", body: { token: token.value } });
+      renderWho();
+      location.hash = "#/";
+    } catch (error) {
+      note.textContent = `Login failed: ${error.message}`;
+    }
+  });
+  show(form);
+  token.focus();
+}
+
+async function runsView(params) {
+  const status = params.get("status") || "";
+  const definition = params.get("definition") || "";
+  const search = params.get("q") || "";
+  const query = new URLSearchParams();
+  if (status) query.set("status", status);
+  if (definition) query.set("definition", definition);
+  const select = el(
+    "select",
+    { id: "status-filter", "aria-label": "Status" },
+    ["", "running", "paused", "compensating", "parked", "completed", "compensated", "compensation_failed", "failed"].map((s) =>
+      el("option", { value: s, selected: s === status }, s || "any status"),
+    ),
+  );
+  const definitionInput = el("input", { id: "definition-filter", placeholder: "definition", value: definition, "aria-label": "Definition" });
+  const searchInput = el("input", { id: "search", placeholder: "search ids", value: search, "aria-label": "Search" });
+  const apply = () => {
+    const next = new URLSearchParams();
+    if (select.value) next.set("status", select.value);
+    if (definitionInput.value) next.set("definition", definitionInput.value);
+    if (searchInput.value) next.set("q", searchInput.value);
+    location.hash = `#/?${next}`;
+  };
+  select.addEventListener("change", apply);
+  definitionInput.addEventListener("change", apply);
+  searchInput.addEventListener("change", apply);
+  const body = el("tbody", { id: "runs" });
+  const more = el("button", { type: "button", hidden: true }, "More");
+  const rows = new Map();
+  const row = (run) =>
+    el(
+      "tr",
+      { "data-run": run.id },
+      el("td", {}, el("a", { href: `#/runs/${encodeURIComponent(run.id)}` }, run.id)),
+      el("td", {}, `${run.definition} v${run.version}`),
+      el("td", {}, statusTag(run.status)),
+      el("td", {}, time(run.created_at)),
+      el("td", {}, time(run.updated_at)),
+    );
+  const put = (run, atTop) => {
+    if (search && !run.id.includes(search)) return;
+    const fresh = row(run);
+    const old = rows.get(run.id);
+    if (old) old.replaceWith(fresh);
+    else if (atTop) body.prepend(fresh);
+    else body.append(fresh);
+    rows.set(run.id, fresh);
+  };
+  let cursor = null;
+  const load = async () => {
+    const page = new URLSearchParams(query);
+    page.set("limit", "100");
+    if (cursor) page.set("cursor", cursor);
+    const result = await api(`/api/v1/runs?${page}`);
+    result.runs.forEach((run) => put(run, false));
+    cursor = result.next_cursor || null;
+    more.hidden = !cursor;
+  };
+  more.addEventListener("click", load);
+  show(
+    el("h1", {}, "Runs"),
+    el("div", { class: "filters" }, select, definitionInput, searchInput),
+    el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Definition", "Status", "Started", "Updated"].map((h) => el("th", {}, h)))), body),
+    more,
+  );
+  await load();
+  const live = new URLSearchParams(query);
+  live.set("follow", "true");
+  stop = follow(`/api/v1/runs?${live}`, ({ event, data }) => {
+    if (event === "run") put(JSON.parse(data), true);
+    if (event === "lagged") runsView(params);
+  });
+}
+
+function waterfall(steps) {
+  const starts = steps.map((s) => Date.parse(s.started_at));
+  const ends = steps.map((s) => (s.ended_at ? Date.parse(s.ended_at) : Date.now()));
+  const t0 = Math.min(...starts);
+  const span = Math.max(1, Math.max(...ends) - t0);
+  return (step, i) =>
+    el(
+      "div",
+      { class: "waterfall", title: `${duration(ends[i] - starts[i])}` },
+      el("div", {
+        class: `bar ${step.state}`,
+        style: `left:${((starts[i] - t0) / span) * 100}%;width:${((ends[i] - starts[i]) / span) * 100}%`,
+      }),
+    );
+}
+
+function actions(run) {
+  if (!canOperate()) return null;
+  const id = encodeURIComponent(run.id);
+  const post = (verb, body) => () => api(`/api/v1/runs/${id}/${verb}`, { method: "POST", body: body === undefined ? {} : body() });
+  const ended = ["completed", "compensated", "failed", "compensation_failed"].includes(run.status);
+  const buttons = [];
+  const waiting = run.signal_waits.filter((w) => w.state === "waiting");
+  if (waiting.length) {
+    const payload = el("textarea", { id: "signal-payload", rows: 2, cols: 40, "aria-label": "Payload (JSON)" }, "{}");
+    const name = el("input", { id: "signal-name", value: waiting[0].name, "aria-label": "Signal" });
+    buttons.push(
+      el(
+        "span",
+        {},
+        name,
+        payload,
+        confirmButton("Approve", "Confirm: send it", post("signals", () => ({ name: name.value, payload: JSON.parse(payload.value || "null") }))),
+      ),
+    );
+  }
+  if (!ended) {
+    const reason = el("input", { id: "cancel-reason", placeholder: "reason", "aria-label": "Cancel reason" });
+    buttons.push(el("span", {}, reason, confirmButton("Cancel run", "Confirm: cancel and compensate", post("cancel", () => ({ reason: reason.value || undefined })), { danger: true })));
+    buttons.push(run.status === "paused" ? confirmButton("Resume", "Confirm: resume", post("resume")) : confirmButton("Pause", "Confirm: pause", post("pause")));
+  }
+  if (run.steps.some((s) => s.state === "waiting_to_retry")) buttons.push(confirmButton("Retry now", "Confirm: retry now", post("retry")));
+  if (run.status === "compensation_failed") buttons.push(confirmButton("Retry compensation", "Confirm: retry", post("retry-compensation")));
+  const forkId = el("input", { id: "fork-id", placeholder: "new run id", "aria-label": "Fork id" });
+  const forkStep = el("input", { id: "fork-step", placeholder: "from step (default: the failed one)", "aria-label": "Fork from step" });
+  buttons.push(
+    el(
+      "span",
+      {},
+      forkId,
+      forkStep,
+      confirmButton("Re-run from step", "Confirm: fork", async () => {
+        const body = { id: forkId.value };
+        if (forkStep.value !== "") body.from_step = Number(forkStep.value);
+        const fork = await api(`/api/v1/runs/${id}/fork`, { method: "POST", body });
+        location.hash = `#/runs/${encodeURIComponent(fork.id)}`;
+      }),
+    ),
+  );
+  return el("div", { class: "actions", id: "actions" }, buttons);
+}
+
+async function runView(id) {
+  let stopped = false;
+  const render = async () => {
+    const run = await api(`/api/v1/runs/${encodeURIComponent(id)}`);
+    if (stopped) return;
+    const bar = run.steps.length ? waterfall(run.steps) : null;
+    const steps = el(
+      "tbody",
+      { id: "steps" },
+      run.steps.map((step, i) =>
+        el(
+          "tr",
+          { "data-step": step.step },
+          el("td", {}, step.step),
+          el("td", {}, step.name),
+          el("td", {}, statusTag(step.state)),
+          el("td", {}, bar(step, i)),
+          el("td", {}, duration(step.duration_ms)),
+          el("td", {}, step.attempts.length),
+          el(
+            "td",
+            {},
+            step.jobs.map((job) =>
+              el(
+                "div",
+                {},
+                el("a", { href: `#/jobs/${encodeURIComponent(job.job_id)}/stdout` }, job.job_id),
+                ` ${job.outcome || "running"}`,
+                job.worker ? ` on ${job.worker}` : "",
+              ),
+            ),
+          ),
+          el("td", {}, step.compensation ? `${step.compensation.state} (${step.compensation.attempts})` : "–"),
+          el(
+            "td",
+            {},
+            collapsible("input", step.input),
+            step.output === undefined ? null : collapsible("output", step.output),
+            step.error ? el("div", { class: "error step-error" }, step.error) : null,
+          ),
+        ),
+      ),
+    );
+    const signals = run.signals.map((s) =>
+      el("li", {}, `signal ${s.name}`, s.by ? ` by ${s.by}` : "", ` at ${time(s.received_at)}`, s.consumed_by ? "" : " (waiting in the inbox)"),
+    );
+    const requests = run.requests.map((r) => el("li", {}, `${r.action.replaceAll("_", " ")}`, r.by ? ` by ${r.by}` : "", ` at ${time(r.at)}`, r.reason ? `: ${r.reason}` : ""));
+    const waits = run.signal_waits.filter((w) => w.state === "waiting").map((w) => el("li", {}, `waiting for signal ${w.name}`, w.timeout_at ? ` until ${time(w.timeout_at)}` : ""));
+    const timers = run.timers.filter((t) => !t.fired).map((t) => el("li", {}, `timer ${t.key} due ${time(t.due)}`));
+    show(
+      el("h1", {}, run.id, " ", statusTag(run.status)),
+      el(
+        "p",
+        { class: "muted" },
+        `${run.definition} v${run.version} · started ${time(run.created_at)} · updated ${time(run.updated_at)}`,
+        run.reason ? ` · ${run.reason}` : "",
+      ),
+      actions(run),
+      run.error ? el("p", { class: "error", id: "run-error" }, run.error) : null,
+      collapsible("input", run.input),
+      run.output === undefined ? null : collapsible("output", run.output),
+      el(
+        "table",
+        {},
+        el("thead", {}, el("tr", {}, ["#", "Step", "State", "Timeline", "Duration", "Attempts", "Jobs", "Compensation", "Data"].map((h) => el("th", {}, h)))),
+        steps,
+      ),
+      waits.length || timers.length ? el("section", {}, el("h2", {}, "Waiting for"), el("ul", {}, waits, timers)) : null,
+      signals.length ? el("section", {}, el("h2", {}, "Signals"), el("ul", { id: "signals" }, signals)) : null,
+      requests.length ? el("section", {}, el("h2", {}, "Who did what"), el("ul", { id: "requests" }, requests)) : null,
+      run.children.length
+        ? el("section", {}, el("h2", {}, "Child runs"), el("ul", {}, run.children.map((c) => el("li", {}, el("a", { href: `#/runs/${encodeURIComponent(c.run)}` }, c.run), ` (${c.definition}, step ${c.step})`))))
+        : null,
+    );
+  };
+  await render();
+  // Live: each journal entry re-reads the run, at most one read in flight.
+  let pending = false;
+  let again = false;
+  const refresh = async () => {
+    if (pending) {
+      again = true;
+      return;
+    }
+    pending = true;
+    do {
+      again = false;
+      await render().catch(() => {});
+    } while (again);
+    pending = false;
+  };
+  const stopFollow = follow(`/api/v1/runs/${encodeURIComponent(id)}/events?follow=true`, refresh, { onEnd: refresh });
+  stop = () => {
+    stopped = true;
+    stopFollow();
+  };
+}
+
+/** SGR colour and bold codes as classes; everything else in an escape is dropped. */
+function ansiLine(text) {
+  const parts = [];
+  let classes = [];
+  const pattern = /\x1b\[([0-9;]*)m/g;
+  let last = 0;
+  let match;
+  while ((match = pattern.exec(text))) {
+    if (match.index > last) parts.push(el("span", { class: classes.join(" ") || undefined }, text.slice(last, match.index)));
+    for (const code of (match[1] || "0").split(";").map(Number)) {
+      if (code === 0) classes = [];
+      else if (code === 1) classes.push("ansi-bold");
+      else if (code >= 30 && code <= 37) classes = classes.filter((c) => !/^ansi-3/.test(c)).concat(`ansi-${code}`);
+      else if (code >= 90 && code <= 97) classes = classes.filter((c) => !/^ansi-3/.test(c)).concat(`ansi-${code - 60}`);
+    }
+    last = pattern.lastIndex;
+  }
+  if (last < text.length) parts.push(el("span", { class: classes.join(" ") || undefined }, text.slice(last)));
+  // Any other escape sequence is removed rather than shown raw.
+  parts.forEach((p) => (p.textContent = p.textContent.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "")));
+  return parts;
+}
+
+function logView(job, stream, params) {
+  const list = el("ol", { class: "log", id: "log" });
+  const search = el("input", { id: "log-search", placeholder: "search", "aria-label": "Search the log" });
+  const status = el("span", { class: "muted", id: "log-status" }, "following…");
+  const target = Number(params.get("line") || 0);
+  const lines = [];
+  let partial = "";
+  const add = (text) => {
+    const n = lines.length + 1;
+    const item = el("li", { id: `L${n}`, class: n === target ? "target" : undefined }, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${stream}?line=${n}` }, n), el("span", {}, ansiLine(text)));
+    lines.push(text);
+    list.append(item);
+    if (n === target) item.scrollIntoView();
+  };
+  search.addEventListener("input", () => {
+    const needle = search.value;
+    list.querySelectorAll("li").forEach((li, i) => li.classList.toggle("hit", needle !== "" && lines[i].includes(needle)));
+  });
+  const download = el("button", { type: "button", id: "log-download" }, "Download");
+  download.addEventListener("click", () => {
+    const blob = new Blob([lines.join("\n") + (partial ? "\n" + partial : "\n")], { type: "text/plain" });
+    const link = el("a", { href: URL.createObjectURL(blob), download: `${job.replaceAll("/", "_")}.${stream}.log` });
+    link.click();
+  });
+  const other = stream === "stdout" ? "stderr" : "stdout";
+  show(
+    el("h1", {}, job, " ", stream),
+    el("div", { class: "filters" }, search, download, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${other}` }, other), status),
+    list,
+  );
+  stop = follow(
+    `/api/v1/jobs/${encodeURIComponent(job)}/logs/${stream}?follow=true`,
+    ({ event, data }) => {
+      if (event !== "log") return;
+      const chunk = JSON.parse(data);
+      const text = partial + chunk.text;
+      const split = text.split("\n");
+      partial = split.pop();
+      split.forEach(add);
+    },
+    {
+      onEnd: () => {
+        if (partial) add(partial);
+        partial = "";
+        status.textContent = `ended · ${lines.length} lines`;
+      },
+    },
+  );
+}
+
+async function workersView() {
+  const workers = await api("/api/v1/workers");
+  show(
+    el("h1", {}, "Workers"),
+    workers.length === 0
+      ? el("p", { class: "muted" }, "No workers.")
+      : el(
+          "table",
+          {},
+          el("thead", {}, el("tr", {}, ["Worker", "Provider", "State", "Labels", "Last heard", "Jobs", "CPU / memory"].map((h) => el("th", {}, h)))),
+          el(
+            "tbody",
+            {},
+            workers.map((w) =>
+              el(
+                "tr",
+                {},
+                el("td", {}, w.id),
+                el("td", {}, w.provider || "–"),
+                el("td", {}, statusTag(w.draining ? `${w.state} (draining)` : w.state)),
+                el("td", {}, Object.entries(w.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "–"),
+                el("td", {}, time(w.last_heard)),
+                el("td", {}, w.jobs.join(", ") || "–"),
+                el("td", {}, w.metrics.map((m) => `${m.job_id}: ${(m.cpu_usage_usec / 1e6).toFixed(1)} s, ${(m.memory_current_bytes / 2 ** 20).toFixed(1)} MiB`).join("; ") || "–"),
+              ),
+            ),
+          ),
+        ),
+  );
+}
+
+// ---- Routing ---------------------------------------------------------------------------
+
+function renderWho() {
+  const who = document.getElementById("who");
+  who.textContent = session ? `${session.name} (${session.role})` : "";
+  document.getElementById("logout").hidden = !session;
+}
+
+async function route() {
+  stop();
+  stop = () => {};
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = (path || "/").split("/").filter(Boolean).map(decodeURIComponent);
+  if (parts[0] === "login") return loginView();
+  if (!session) {
+    try {
+      session = await api("/api/v1/session");
+      renderWho();
+    } catch {
+      return loginView();
+    }
+  }
+  try {
+    if (parts.length === 0) await runsView(params);
+    else if (parts[0] === "runs" && parts[1]) await runView(parts[1]);
+    else if (parts[0] === "jobs" && parts[1]) logView(parts[1], parts[2] === "stderr" ? "stderr" : "stdout", params);
+    else if (parts[0] === "workers") await workersView();
+    else show(el("p", {}, "Nothing here."), el("a", { href: "#/" }, "Runs"));
+  } catch (error) {
+    show(el("p", { class: "error", role: "alert" }, error.message));
+  }
+  main.focus();
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  await api("/api/v1/session", { method: "DELETE" }).catch(() => {});
+  session = null;
+  renderWho();
+  location.hash = "#/login";
+});
+window.addEventListener("hashchange", route);
+route();

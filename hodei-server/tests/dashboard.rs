@@ -1,0 +1,268 @@
+//! The dashboard in a real browser: headless Chromium driven through chromedriver (Debian's
+//! `chromium` and `chromium-driver`), against a real operator API on loopback. Skipped, saying
+//! so, when no chromedriver is found; `HODEI_REQUIRE_BROWSER=1` (set by `.ci/run`) makes that
+//! a failure. Each scenario saves a screenshot under the test's output directory.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use hodei_core::{Engine, SledStore};
+use hodei_server::api::ApiServer;
+use serde_json::{Value, json};
+use support::sagas::{flaky, gated, journaled, signal_wait};
+use support::within;
+use tempfile::TempDir;
+
+const DRIVER: &str = "chromedriver";
+
+/// chromedriver on a free loopback port, killed with this value.
+struct Driver {
+    process: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn driver_path() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(DRIVER))
+        .find(|path| path.is_file())
+}
+
+/// Starts chromedriver, or returns `None` (after saying so) when there is none and none is
+/// required.
+fn start_driver() -> Option<Driver> {
+    let Some(path) = driver_path() else {
+        if std::env::var_os("HODEI_REQUIRE_BROWSER").is_some() {
+            panic!(
+                "HODEI_REQUIRE_BROWSER is set but no {DRIVER} is on PATH (Debian: chromium chromium-driver)"
+            );
+        }
+        println!(
+            "skipped: no {DRIVER} on PATH; install chromium and chromium-driver to run the dashboard tests"
+        );
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut process = Command::new(path)
+        .arg(format!("--port={port}"))
+        .arg("--allowed-ips=127.0.0.1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    // It prints this line once it listens.
+    let mut stdout = BufReader::new(process.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("started successfully") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
+    }
+    Some(Driver { process, url: format!("http://127.0.0.1:{port}") })
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let capabilities = json!({
+        "goog:chromeOptions": {
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"]
+        }
+    });
+    let Value::Object(capabilities) = capabilities else { unreachable!() };
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a browser session")
+}
+
+struct Served {
+    _dir: TempDir,
+    engine: Engine,
+    server: ApiServer,
+    admin: String,
+}
+
+impl Served {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder()
+            .store(SledStore::open(dir.path().join("journal")).unwrap())
+            .register(gated())
+            .register(flaky())
+            .start()
+            .await
+            .unwrap();
+        let server = ApiServer::builder(engine.clone(), dir.path())
+            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .serve()
+            .await
+            .unwrap();
+        let admin = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
+        Self { _dir: dir, engine, server, admin }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.server.local_addr())
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let response = reqwest::Client::new()
+            .post(self.url(path))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.unwrap_or(Value::Null)
+    }
+
+    async fn issue(&self, name: &str, role: &str) -> String {
+        self.post("/api/v1/tokens", json!({"name": name, "role": role})).await["secret"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+async fn login(browser: &Client, served: &Served, token: &str) {
+    browser.goto(&served.url("/#/login")).await.unwrap();
+    let field = browser.wait().for_element(Locator::Css("#token")).await.unwrap();
+    // The page may still hold the form (and the last attempt's token) from before.
+    field.clear().await.unwrap();
+    field.send_keys(token).await.unwrap();
+    browser.find(Locator::Css("#login button[type=submit]")).await.unwrap().click().await.unwrap();
+}
+
+async fn text(browser: &Client, css: &str) -> String {
+    browser.wait().for_element(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
+/// Waits until an element that `xpath` selects holds `needle` in its text (the page updates
+/// live; the browser's own element wait is the synchronisation).
+async fn wait_for_text(browser: &Client, xpath: &str, needle: &str) {
+    let locator = format!("{xpath}[contains(., '{needle}')]");
+    browser.wait().for_element(Locator::XPath(&locator)).await.unwrap();
+}
+
+async fn screenshot(browser: &Client, name: &str) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.png")), browser.screenshot().await.unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
+    let Some(driver) = start_driver() else { return };
+    let served = Served::start().await;
+    let alice = served.issue("alice", "operator").await;
+    served
+        .post("/api/v1/runs", json!({"definition": "gated", "id": "deploy-1", "input": {"service": "api"}}))
+        .await;
+    within(journaled(&served.engine, "deploy-1", signal_wait)).await;
+    let browser = browser(&driver).await;
+
+    within(async {
+        // A wrong token is refused on the page.
+        login(&browser, &served, "hodei_0011223344556677_0011").await;
+        assert!(text(&browser, "#login-error").await.contains("Login failed"));
+        login(&browser, &served, &alice).await;
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="deploy-1"]"#)).await.unwrap();
+        assert_eq!(text(&browser, "#who").await, "alice (operator)");
+        // A run started elsewhere appears without a reload.
+        served.post("/api/v1/runs", json!({"definition": "flaky", "id": "flaky-1", "input": false})).await;
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="flaky-1"]"#)).await.unwrap();
+        screenshot(&browser, "runs").await;
+
+        browser.goto(&served.url("/#/runs/deploy-1")).await.unwrap();
+        browser.wait().for_element(Locator::Css("#actions")).await.unwrap();
+        let payload = browser.find(Locator::Css("#signal-payload")).await.unwrap();
+        payload.clear().await.unwrap();
+        payload.send_keys(r#"{"comment": "ship it"}"#).await.unwrap();
+        let approve = browser.find(Locator::XPath("//button[text()='Approve']")).await.unwrap();
+        approve.click().await.unwrap();
+        // The first click only asks: nothing is sent yet.
+        assert_eq!(approve.text().await.unwrap(), "Confirm: send it");
+        approve.click().await.unwrap();
+        // The page follows the run to its end and names the approver.
+        wait_for_text(&browser, "//h1", "completed").await;
+        wait_for_text(&browser, "//*[@id='signals']", "signal approval by alice").await;
+        screenshot(&browser, "run").await;
+    })
+    .await;
+    let run = served.engine.status(&hodei_core::SagaId::new("deploy-1").unwrap()).unwrap();
+    assert_eq!(run.status, hodei_core::SagaStatus::Completed);
+    browser.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_gets_no_actions_markup_stays_text_and_forged_requests_are_refused() {
+    let Some(driver) = start_driver() else { return };
+    let served = Served::start().await;
+    let viewer = served.issue("val", "viewer").await;
+    let hostile = r#"<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>"#;
+    served
+        .post("/api/v1/runs", json!({"definition": "gated", "id": "evil", "input": {"service": hostile}}))
+        .await;
+    within(journaled(&served.engine, "evil", signal_wait)).await;
+    let browser = browser(&driver).await;
+
+    within(async {
+        login(&browser, &served, &viewer).await;
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="evil"]"#)).await.unwrap();
+        browser.goto(&served.url("/#/runs/evil")).await.unwrap();
+        browser.wait().for_element(Locator::Css("#steps")).await.unwrap();
+        // A viewer's page has no action buttons.
+        assert!(browser.find(Locator::Css("#actions")).await.is_err());
+        // The markup in the run's input is on the page as text, and none of it ran.
+        for details in browser.find_all(Locator::Css("details")).await.unwrap() {
+            details.click().await.unwrap();
+        }
+        let page = browser.find(Locator::Css("main")).await.unwrap().text().await.unwrap();
+        assert!(page.contains("<img src=x onerror"), "{page}");
+        let ran = browser.execute("return window.__xss === undefined", vec![]).await.unwrap();
+        assert_eq!(ran, json!(true), "a payload's markup ran in the page");
+        assert!(browser.find(Locator::Css("main img")).await.is_err(), "the payload became an element");
+        screenshot(&browser, "text-not-markup").await;
+        // A request with the session cookie but without the CSRF header, as another site could
+        // make the browser send, is refused; so is the viewer's own attempt with it.
+        let forged = browser
+            .execute_async(
+                r#"const done = arguments[0];
+                   fetch("/api/v1/runs/evil/cancel", {method: "POST", credentials: "same-origin",
+                     headers: {"Content-Type": "application/json"}, body: "{}"})
+                   .then(r => done(r.status), e => done(String(e)));"#,
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(forged, json!(403));
+        let as_viewer = browser
+            .execute_async(
+                r#"const done = arguments[0];
+                   fetch("/api/v1/runs/evil/cancel", {method: "POST", credentials: "same-origin",
+                     headers: {"Content-Type": "application/json", "X-Hodei-CSRF": "1"}, body: "{}"})
+                   .then(r => r.json()).then(b => done(b.error.code), e => done(String(e)));"#,
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(as_viewer, json!("forbidden"));
+    })
+    .await;
+    let run = served.engine.status(&hodei_core::SagaId::new("evil").unwrap()).unwrap();
+    assert_eq!(run.status, hodei_core::SagaStatus::Running, "nothing was cancelled");
+    browser.close().await.unwrap();
+}
