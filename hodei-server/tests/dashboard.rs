@@ -92,6 +92,7 @@ struct Served {
     engine: Engine,
     server: ApiServer,
     admin: String,
+    logs: std::sync::Arc<hodei_server::logstore::LogStore>,
 }
 
 impl Served {
@@ -104,13 +105,15 @@ impl Served {
             .start()
             .await
             .unwrap();
+        let logs = std::sync::Arc::new(hodei_server::logstore::LogStore::open(dir.path()).await.unwrap());
         let server = ApiServer::builder(engine.clone(), dir.path())
+            .logs(logs.clone())
             .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .serve()
             .await
             .unwrap();
         let admin = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
-        Self { _dir: dir, engine, server, admin }
+        Self { _dir: dir, engine, server, admin, logs }
     }
 
     fn url(&self, path: &str) -> String {
@@ -264,5 +267,64 @@ async fn a_viewer_gets_no_actions_markup_stays_text_and_forged_requests_are_refu
     .await;
     let run = served.engine.status(&hodei_core::SagaId::new("evil").unwrap()).unwrap();
     assert_eq!(run.status, hodei_core::SagaStatus::Running, "nothing was cancelled");
+    browser.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_view_follows_a_job_to_its_end_with_every_line_once_in_colour() {
+    use hodei_server::logstore::LogStream;
+    let Some(driver) = start_driver() else { return };
+    let served = Served::start().await;
+    let job = "build-1/1#1";
+    served.logs.begin(job).await.unwrap();
+    let line = |n: usize| format!("\x1b[32mok\x1b[0m line {n:04} <b>not bold</b>\n");
+    let mut offset = 0u64;
+    let mut write = |lines: std::ops::Range<usize>| {
+        let batch: String = lines.map(line).collect();
+        let at = offset;
+        offset += batch.len() as u64;
+        let logs = served.logs.clone();
+        async move { logs.append(job, LogStream::Stdout, at, batch.as_bytes()).await.unwrap() }
+    };
+    write(0..500).await;
+    let browser = browser(&driver).await;
+    within(async {
+        login(&browser, &served, &served.admin).await;
+        browser.wait().for_element(Locator::Css("#who")).await.unwrap();
+        browser.goto(&served.url("/#/jobs/build-1%2F1%231/stdout")).await.unwrap();
+        // The first lines, then the rest written while the page follows, then the end.
+        browser.wait().for_element(Locator::Css("#L500")).await.unwrap();
+        for first in (500..2000).step_by(250) {
+            write(first..first + 250).await;
+        }
+        served.logs.close(job).await.unwrap();
+        wait_for_text(&browser, "//*[@id='log-status']", "ended").await;
+        let count =
+            browser.execute("return document.querySelectorAll('#log li').length", vec![]).await.unwrap();
+        assert_eq!(count, json!(2000), "every line once");
+        let lines = browser
+            .execute(
+                "return Array.from(document.querySelectorAll('#log span.text')).map(s => s.textContent)",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let expected: Vec<String> = (0..2000).map(|n| format!("ok line {n:04} <b>not bold</b>")).collect();
+        // In order, escapes rendered and not shown, markup as text.
+        let got: Vec<String> = serde_json::from_value(lines).unwrap();
+        let first_difference = got.iter().zip(&expected).position(|(a, b)| a != b);
+        assert!(
+            got.len() == expected.len() && first_difference.is_none(),
+            "{} lines; first difference at {first_difference:?}: {:?}",
+            got.len(),
+            first_difference.map(|i| (&got[i], &expected[i]))
+        );
+        // The escape became a colour; the markup no element.
+        assert!(browser.find(Locator::Css("#L1 .ansi-32")).await.is_ok());
+        assert!(browser.find(Locator::Css("#log b")).await.is_err());
+        assert_eq!(text(&browser, "#log-status").await, "ended · 2000 lines");
+        screenshot(&browser, "log").await;
+    })
+    .await;
     browser.close().await.unwrap();
 }

@@ -153,6 +153,9 @@ pub struct RunDetail {
     pub requests: Vec<RequestView>,
     /// The child sagas it started, each by the step that runs it.
     pub children: Vec<ChildLink>,
+    /// How many entries its journal holds: follow its events with `after` one less to get
+    /// only what comes after this view.
+    pub journal_length: u64,
 }
 
 /// A child saga, started by a step of its parent.

@@ -125,6 +125,7 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
         forks: Vec::new(),
         requests: Vec::new(),
         children: Vec::new(),
+        journal_length: history.len() as u64,
     };
     // Step number -> index in `detail.steps`.
     let mut steps: BTreeMap<u32, usize> = BTreeMap::new();

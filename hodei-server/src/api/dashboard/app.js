@@ -333,9 +333,26 @@ function actions(run) {
 
 async function runView(id) {
   let stopped = false;
+  // The actions panel is rebuilt only when what it offers changes, so that a live update never
+  // throws away a payload or a reason being typed.
+  const actionsSlot = el("div");
+  let actionsKey = null;
+  const header = el("div");
+  const body = el("div");
+  show(header, actionsSlot, body);
   const render = async () => {
     const run = await api(`/api/v1/runs/${encodeURIComponent(id)}`);
-    if (stopped) return;
+    if (stopped) return run;
+    const key = JSON.stringify([
+      run.status,
+      run.signal_waits.filter((w) => w.state === "waiting").map((w) => w.name),
+      run.steps.some((s) => s.state === "waiting_to_retry"),
+      session && session.role,
+    ]);
+    if (key !== actionsKey) {
+      actionsKey = key;
+      actionsSlot.replaceChildren(...[actions(run)].filter(Boolean));
+    }
     const bar = run.steps.length ? waterfall(run.steps) : null;
     const steps = el(
       "tbody",
@@ -380,7 +397,7 @@ async function runView(id) {
     const requests = run.requests.map((r) => el("li", {}, `${r.action.replaceAll("_", " ")}`, r.by ? ` by ${r.by}` : "", ` at ${time(r.at)}`, r.reason ? `: ${r.reason}` : ""));
     const waits = run.signal_waits.filter((w) => w.state === "waiting").map((w) => el("li", {}, `waiting for signal ${w.name}`, w.timeout_at ? ` until ${time(w.timeout_at)}` : ""));
     const timers = run.timers.filter((t) => !t.fired).map((t) => el("li", {}, `timer ${t.key} due ${time(t.due)}`));
-    show(
+    header.replaceChildren(
       el("h1", {}, run.id, " ", statusTag(run.status)),
       el(
         "p",
@@ -388,26 +405,30 @@ async function runView(id) {
         `${run.definition} v${run.version} · started ${time(run.created_at)} · updated ${time(run.updated_at)}`,
         run.reason ? ` · ${run.reason}` : "",
       ),
-      actions(run),
-      run.error ? el("p", { class: "error", id: "run-error" }, run.error) : null,
-      collapsible("input", run.input),
-      run.output === undefined ? null : collapsible("output", run.output),
-      el(
-        "table",
-        {},
-        el("thead", {}, el("tr", {}, ["#", "Step", "State", "Timeline", "Duration", "Attempts", "Jobs", "Compensation", "Data"].map((h) => el("th", {}, h)))),
-        steps,
-      ),
-      waits.length || timers.length ? el("section", {}, el("h2", {}, "Waiting for"), el("ul", {}, waits, timers)) : null,
-      signals.length ? el("section", {}, el("h2", {}, "Signals"), el("ul", { id: "signals" }, signals)) : null,
-      requests.length ? el("section", {}, el("h2", {}, "Who did what"), el("ul", { id: "requests" }, requests)) : null,
-      run.children.length
-        ? el("section", {}, el("h2", {}, "Child runs"), el("ul", {}, run.children.map((c) => el("li", {}, el("a", { href: `#/runs/${encodeURIComponent(c.run)}` }, c.run), ` (${c.definition}, step ${c.step})`))))
-        : null,
     );
+    body.replaceChildren(
+      ...[
+        run.error ? el("p", { class: "error", id: "run-error" }, run.error) : null,
+        collapsible("input", run.input),
+        run.output === undefined ? null : collapsible("output", run.output),
+        el(
+          "table",
+          {},
+          el("thead", {}, el("tr", {}, ["#", "Step", "State", "Timeline", "Duration", "Attempts", "Jobs", "Compensation", "Data"].map((h) => el("th", {}, h)))),
+          steps,
+        ),
+        waits.length || timers.length ? el("section", {}, el("h2", {}, "Waiting for"), el("ul", {}, waits, timers)) : null,
+        signals.length ? el("section", {}, el("h2", {}, "Signals"), el("ul", { id: "signals" }, signals)) : null,
+        requests.length ? el("section", {}, el("h2", {}, "Who did what"), el("ul", { id: "requests" }, requests)) : null,
+        run.children.length
+          ? el("section", {}, el("h2", {}, "Child runs"), el("ul", {}, run.children.map((c) => el("li", {}, el("a", { href: `#/runs/${encodeURIComponent(c.run)}` }, c.run), ` (${c.definition}, step ${c.step})`))))
+          : null,
+      ].filter(Boolean),
+    );
+    return run;
   };
-  await render();
-  // Live: each journal entry re-reads the run, at most one read in flight.
+  const first = await render();
+  // Live: each new journal entry re-reads the run, at most one read in flight.
   let pending = false;
   let again = false;
   const refresh = async () => {
@@ -422,7 +443,8 @@ async function runView(id) {
     } while (again);
     pending = false;
   };
-  const stopFollow = follow(`/api/v1/runs/${encodeURIComponent(id)}/events?follow=true`, refresh, { onEnd: refresh });
+  const after = first.journal_length > 0 ? `&after=${first.journal_length - 1}` : "";
+  const stopFollow = follow(`/api/v1/runs/${encodeURIComponent(id)}/events?follow=true${after}`, refresh, { onEnd: refresh });
   stop = () => {
     stopped = true;
     stopFollow();
@@ -461,7 +483,7 @@ function logView(job, stream, params) {
   let partial = "";
   const add = (text) => {
     const n = lines.length + 1;
-    const item = el("li", { id: `L${n}`, class: n === target ? "target" : undefined }, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${stream}?line=${n}` }, n), el("span", {}, ansiLine(text)));
+    const item = el("li", { id: `L${n}`, class: n === target ? "target" : undefined }, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${stream}?line=${n}` }, n), el("span", { class: "text" }, ansiLine(text)));
     lines.push(text);
     list.append(item);
     if (n === target) item.scrollIntoView();
