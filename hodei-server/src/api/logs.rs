@@ -41,7 +41,8 @@ const MAX_READ: u32 = 1 << 20;
         ("Last-Event-ID" = Option<String>, Header, description = "When following: the offset the last event ended at"),
     ),
     responses(
-        (status = 200, description = "The bytes, or `text/event-stream` of `LogChunkView`s when following", body = LogChunkView),
+        (status = 200, description = "The bytes, or `text/event-stream` of `LogChunkView`s when following",
+            content((LogChunkView = "application/json"), (String = "text/event-stream"))),
         (status = 404, description = "No such job, or no control plane", body = ErrorBody),
     ),
     security(("bearer" = [])))]

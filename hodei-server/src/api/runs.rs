@@ -62,7 +62,8 @@ pub(crate) async fn start(
 /// Lists runs in id order, one page at a time.
 #[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(RunQuery),
     responses(
-        (status = 200, description = "A page of runs, or `text/event-stream` of `RunSummary`s when following", body = RunPage),
+        (status = 200, description = "A page of runs, or `text/event-stream` of `RunSummary`s when following",
+            content((RunPage = "application/json"), (String = "text/event-stream"))),
         (status = 400, description = "A malformed filter", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -216,7 +217,8 @@ fn job_view(job: &crate::jobs::SagaJob) -> JobView {
     params(("id" = String, Path, description = "The run's id"), EventQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "When following: the last sequence number seen")),
     responses(
-        (status = 200, description = "Journal entries (JSON array), or `text/event-stream` when following", body = [EventView]),
+        (status = 200, description = "Journal entries (JSON array), or `text/event-stream` when following",
+            content((Vec<EventView> = "application/json"), (String = "text/event-stream"))),
         (status = 404, description = "No such run", body = ErrorBody),
     ),
     security(("bearer" = [])))]
