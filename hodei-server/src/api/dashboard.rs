@@ -11,7 +11,7 @@ const STYLE: &str = include_str!("dashboard/style.css");
 
 /// Only this origin's own files, no inline script or style, no framing: whatever a run holds
 /// cannot run in the page, even if it ended up in it as markup.
-pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+pub(crate) const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     (

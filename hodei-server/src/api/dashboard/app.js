@@ -474,35 +474,100 @@ function ansiLine(text) {
   return parts;
 }
 
+/** Lines a log view renders beyond the screen, above and below, so scrolling shows no gap. */
+const OVERSCAN = 40;
+
+/**
+ * A job's log, followed live. Only the lines on screen are in the page (a million-line log is a
+ * million strings, not a million elements): a spacer gives the scrollbar the whole height, and
+ * the window of lines in view is drawn again as the view scrolls or grows. Every line is one
+ * row of a fixed height, so a line's place is its number.
+ */
 function logView(job, stream, params) {
-  const list = el("ol", { class: "log", id: "log" });
+  const rows = el("ol", { class: "log", id: "log" });
+  const spacer = el("div", { class: "log-spacer" }, rows);
+  const viewport = el("div", { class: "log-view", id: "log-view", tabindex: "0", "aria-label": "Log" }, spacer);
   const search = el("input", { id: "log-search", placeholder: "search", "aria-label": "Search the log" });
+  const found = el("span", { class: "muted", id: "log-hits" });
   const status = el("span", { class: "muted", id: "log-status" }, "following…");
-  const target = Number(params.get("line") || 0);
+  const download = el("a", { id: "log-download", download: `${job.replaceAll("/", "_")}.${stream}.log`, hidden: true }, "Download");
+  let target = Number(params.get("line") || 0);
   const lines = [];
   let partial = "";
-  const add = (text) => {
-    const n = lines.length + 1;
-    const item = el("li", { id: `L${n}`, class: n === target ? "target" : undefined }, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${stream}?line=${n}` }, n), el("span", { class: "text" }, ansiLine(text)));
-    lines.push(text);
-    list.append(item);
-    if (n === target) item.scrollIntoView();
+  let hits = [];
+  let hitAt = -1;
+  let lineHeight = 0;
+  let follow_tail = target === 0;
+
+  const draw = () => {
+    if (!lineHeight) {
+      // One row's real height, measured once, so the CSS decides it.
+      const probe = el("li", {}, el("a", {}, "0"), el("span", { class: "text" }, " "));
+      rows.replaceChildren(probe);
+      lineHeight = probe.getBoundingClientRect().height || 18;
+    }
+    spacer.style.height = `${lines.length * lineHeight}px`;
+    const first = Math.max(0, Math.floor(viewport.scrollTop / lineHeight) - OVERSCAN);
+    const last = Math.min(lines.length, Math.ceil((viewport.scrollTop + viewport.clientHeight) / lineHeight) + OVERSCAN);
+    rows.style.top = `${first * lineHeight}px`;
+    const needle = search.value;
+    const items = [];
+    for (let i = first; i < last; i++) {
+      const n = i + 1;
+      const classes = [n === target ? "target" : "", needle && lines[i].includes(needle) ? "hit" : ""].filter(Boolean).join(" ");
+      items.push(
+        el(
+          "li",
+          { id: `L${n}`, class: classes || undefined },
+          el("a", { href: `#/jobs/${encodeURIComponent(job)}/${stream}?line=${n}` }, n),
+          el("span", { class: "text" }, ansiLine(lines[i])),
+        ),
+      );
+    }
+    rows.replaceChildren(...items);
   };
+  const scrollTo = (n) => {
+    viewport.scrollTop = Math.max(0, (n - 1) * lineHeight - viewport.clientHeight / 2);
+    draw();
+  };
+  let queued = false;
+  const redraw = () => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => {
+      queued = false;
+      draw();
+      if (follow_tail) viewport.scrollTop = viewport.scrollHeight;
+      else if (target && target <= lines.length && !viewport.dataset.placed) {
+        viewport.dataset.placed = "1";
+        scrollTo(target);
+      }
+    });
+  };
+  viewport.addEventListener("scroll", () => {
+    // Following the tail stops when the reader scrolls up, and starts again at the bottom.
+    follow_tail = viewport.scrollTop + viewport.clientHeight >= viewport.scrollHeight - lineHeight;
+    draw();
+  });
   search.addEventListener("input", () => {
     const needle = search.value;
-    list.querySelectorAll("li").forEach((li, i) => li.classList.toggle("hit", needle !== "" && lines[i].includes(needle)));
+    hits = needle ? lines.flatMap((line, i) => (line.includes(needle) ? [i + 1] : [])) : [];
+    hitAt = -1;
+    found.textContent = needle ? `${hits.length} matching lines` : "";
+    draw();
   });
-  const download = el("button", { type: "button", id: "log-download" }, "Download");
-  download.addEventListener("click", () => {
-    const blob = new Blob([lines.join("\n") + (partial ? "\n" + partial : "\n")], { type: "text/plain" });
-    const link = el("a", { href: URL.createObjectURL(blob), download: `${job.replaceAll("/", "_")}.${stream}.log` });
-    link.click();
+  search.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || hits.length === 0) return;
+    hitAt = (hitAt + (event.shiftKey ? hits.length - 1 : 1)) % hits.length;
+    follow_tail = false;
+    target = hits[hitAt];
+    scrollTo(target);
   });
   const other = stream === "stdout" ? "stderr" : "stdout";
   show(
     el("h1", {}, job, " ", stream),
-    el("div", { class: "filters" }, search, download, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${other}` }, other), status),
-    list,
+    el("div", { class: "filters" }, search, found, download, el("a", { href: `#/jobs/${encodeURIComponent(job)}/${other}` }, other), status),
+    viewport,
   );
   stop = follow(
     `/api/v1/jobs/${encodeURIComponent(job)}/logs/${stream}?follow=true`,
@@ -512,13 +577,19 @@ function logView(job, stream, params) {
       const text = partial + chunk.text;
       const split = text.split("\n");
       partial = split.pop();
-      split.forEach(add);
+      for (const line of split) lines.push(line);
+      status.textContent = `following… ${lines.length} lines`;
+      redraw();
     },
     {
       onEnd: () => {
-        if (partial) add(partial);
+        if (partial) lines.push(partial);
         partial = "";
         status.textContent = `ended · ${lines.length} lines`;
+        // The whole log as it was printed, for saving.
+        download.href = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/plain" }));
+        download.hidden = false;
+        redraw();
       },
     },
   );
