@@ -20,6 +20,13 @@ use tempfile::TempDir;
 
 const DRIVER: &str = "chromedriver";
 
+/// What `#[saga]` would record of `gated`: its step calls in source order.
+static GATED_SHAPE: hodei_core::SagaShape = hodei_core::SagaShape::new(
+    "gated",
+    1,
+    &[hodei_core::StepShape::new("stage", Some("undo_stage")), hodei_core::StepShape::new("release", None)],
+);
+
 /// chromedriver on a free loopback port, killed with this value.
 struct Driver {
     process: Child,
@@ -100,7 +107,7 @@ impl Served {
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::builder()
             .store(SledStore::open(dir.path().join("journal")).unwrap())
-            .register(gated())
+            .register(gated().with_shape(&GATED_SHAPE))
             .register(flaky())
             .start()
             .await
@@ -191,6 +198,9 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
 
         browser.goto(&served.url("/#/runs/deploy-1")).await.unwrap();
         browser.wait().for_element(Locator::Css("#actions")).await.unwrap();
+        // The static shape, coloured by where the run stands: staged, release not reached.
+        browser.wait().for_element(Locator::Css("#shape .shape-node.status-completed")).await.unwrap();
+        assert_eq!(text(&browser, "#shape .status-pending").await, "release pending");
         let payload = browser.find(Locator::Css("#signal-payload")).await.unwrap();
         payload.clear().await.unwrap();
         payload.send_keys(r#"{"comment": "ship it"}"#).await.unwrap();
@@ -202,6 +212,8 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
         // The page follows the run to its end and names the approver.
         wait_for_text(&browser, "//h1", "completed").await;
         wait_for_text(&browser, "//*[@id='signals']", "signal approval by alice").await;
+        let nodes = browser.find_all(Locator::Css("#shape .shape-node.status-completed")).await.unwrap();
+        assert_eq!(nodes.len(), 2, "both steps of the shape completed");
         screenshot(&browser, "run").await;
     })
     .await;

@@ -285,6 +285,28 @@ function waterfall(steps) {
     );
 }
 
+/** The saga's step calls in source order, each coloured by the state of its latest step. */
+function shapeGraph(definition, run) {
+  const stateOf = (name) => {
+    const steps = run.steps.filter((s) => s.name === name);
+    return steps.length ? steps[steps.length - 1].state : "pending";
+  };
+  const nodes = [];
+  definition.steps.forEach((step, i) => {
+    if (i > 0) nodes.push(el("span", { class: "shape-edge", "aria-hidden": "true" }, "→"));
+    const state = stateOf(step.name);
+    nodes.push(
+      el(
+        "span",
+        { class: `shape-node status-${state}`, title: step.compensation ? `compensated by ${step.compensation}` : undefined },
+        step.name,
+        el("small", {}, ` ${state.replaceAll("_", " ")}`),
+      ),
+    );
+  });
+  return el("div", { class: "shape", id: "shape", "aria-label": "The saga's steps" }, nodes);
+}
+
 function actions(run) {
   if (!canOperate()) return null;
   const id = encodeURIComponent(run.id);
@@ -338,8 +360,11 @@ async function runView(id) {
   const actionsSlot = el("div");
   let actionsKey = null;
   const header = el("div");
+  const shapeSlot = el("div");
   const body = el("div");
-  show(header, actionsSlot, body);
+  show(header, actionsSlot, shapeSlot, body);
+  // The static shape from the macros, for definitions made with #[saga].
+  const definitions = await api("/api/v1/definitions").catch(() => []);
   const render = async () => {
     const run = await api(`/api/v1/runs/${encodeURIComponent(id)}`);
     if (stopped) return run;
@@ -353,6 +378,8 @@ async function runView(id) {
       actionsKey = key;
       actionsSlot.replaceChildren(...[actions(run)].filter(Boolean));
     }
+    const definition = definitions.find((d) => d.name === run.definition && d.version === run.version);
+    shapeSlot.replaceChildren(...[definition && definition.steps.length ? shapeGraph(definition, run) : null].filter(Boolean));
     const bar = run.steps.length ? waterfall(run.steps) : null;
     const steps = el(
       "tbody",
