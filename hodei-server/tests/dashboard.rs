@@ -212,6 +212,9 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
         // The page follows the run to its end and names the approver.
         wait_for_text(&browser, "//h1", "completed").await;
         wait_for_text(&browser, "//*[@id='signals']", "signal approval by alice").await;
+        // The timeline: a row per step attempt and one for the wait, which ended with the signal.
+        assert_eq!(browser.find_all(Locator::Css("#timeline .seg.attempt")).await.unwrap().len(), 2);
+        browser.find(Locator::Css("#timeline .seg.wait.received")).await.unwrap();
         let nodes = browser.find_all(Locator::Css("#shape .shape-node.status-completed")).await.unwrap();
         assert_eq!(nodes.len(), 2, "both steps of the shape completed");
         screenshot(&browser, "run").await;

@@ -297,6 +297,8 @@ pub struct JobView {
 pub struct TimerView {
     /// Its operation key.
     pub key: String,
+    /// When it was set.
+    pub set_at: String,
     /// When it fires.
     pub due: String,
     /// Whether it fired.
@@ -308,6 +310,11 @@ pub struct TimerView {
 pub struct SignalWaitView {
     /// Its operation key.
     pub key: String,
+    /// When the wait began.
+    pub started_at: String,
+    /// When it took its signal or timed out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
     /// The signal it waits for.
     pub name: String,
     /// When it gives up, if it has a timeout.

@@ -259,9 +259,12 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
             Event::CompensationRetryRequested { by } => {
                 detail.requests.push(request(recorded, "retry_compensation", Some(by.clone()), None));
             }
-            Event::TimerStarted { key, due } => {
-                detail.timers.push(TimerView { key: key.clone(), due: format_millis(due.0), fired: false });
-            }
+            Event::TimerStarted { key, due } => detail.timers.push(TimerView {
+                key: key.clone(),
+                set_at: at,
+                due: format_millis(due.0),
+                fired: false,
+            }),
             Event::TimerFired { key } => {
                 if let Some(t) = detail.timers.iter_mut().find(|t| t.key == *key) {
                     t.fired = true;
@@ -285,6 +288,8 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
             }),
             Event::SignalWaitStarted { key, name, timeout_at } => detail.signal_waits.push(SignalWaitView {
                 key: key.clone(),
+                started_at: at,
+                ended_at: None,
                 name: name.clone(),
                 timeout_at: timeout_at.map(|t| format_millis(t.0)),
                 state: "waiting".into(),
@@ -295,11 +300,13 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
                 }
                 if let Some(w) = detail.signal_waits.iter_mut().find(|w| w.key == *key) {
                     w.state = "received".into();
+                    w.ended_at = Some(at);
                 }
             }
             Event::SignalWaitTimedOut { key } => {
                 if let Some(w) = detail.signal_waits.iter_mut().find(|w| w.key == *key) {
                     w.state = "timed_out".into();
+                    w.ended_at = Some(at);
                 }
             }
             Event::BranchesStarted { key, name, count, mode } => detail.branches.push(BranchGroupView {

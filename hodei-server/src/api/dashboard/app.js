@@ -269,20 +269,69 @@ async function runsView(params) {
   });
 }
 
-function waterfall(steps) {
-  const starts = steps.map((s) => Date.parse(s.started_at));
-  const ends = steps.map((s) => (s.ended_at ? Date.parse(s.ended_at) : Date.now()));
-  const t0 = Math.min(...starts);
-  const span = Math.max(1, Math.max(...ends) - t0);
-  return (step, i) =>
-    el(
-      "div",
-      { class: "waterfall", title: `${duration(ends[i] - starts[i])}` },
-      el("div", {
-        class: `bar ${step.state}`,
-        style: `left:${((starts[i] - t0) / span) * 100}%;width:${((ends[i] - starts[i]) / span) * 100}%`,
-      }),
-    );
+/** Where a key's operation runs: its group and branch at each level (`tests[1]`), or "". */
+function laneOf(key, groups) {
+  const parts = key.split(".");
+  const lanes = [];
+  for (let i = 0; i + 1 < parts.length - 1; i += 2) {
+    lanes.push(`${groups.get(parts.slice(0, i + 1).join(".")) || parts[i]}[${parts[i + 1]}]`);
+  }
+  return lanes.join(" › ");
+}
+
+/**
+ * The run on a time axis: each step's attempts and the backoffs between them, each timer and
+ * each wait for a signal, a row each, with the branch of a fan-out it runs in; concurrent
+ * branches overlap in time on their own rows.
+ */
+function timeline(run) {
+  const now = Date.now();
+  const at = (iso) => (iso ? Date.parse(iso) : now);
+  const groups = new Map(run.branches.map((g) => [g.key, g.name]));
+  const rows = [];
+  for (const step of run.steps) {
+    const segments = [];
+    for (const attempt of step.attempts) {
+      const end = attempt.ended_at ? at(attempt.ended_at) : step.ended_at ? at(step.ended_at) : now;
+      segments.push({ from: at(attempt.started_at), to: end, kind: `attempt ${attempt.error ? "failed" : step.state}`, title: `attempt ${attempt.attempt}${attempt.error ? `: ${attempt.error}` : ""}` });
+      if (attempt.retry_at) segments.push({ from: end, to: Math.min(at(attempt.retry_at), now), kind: "backoff", title: `backoff until ${time(attempt.retry_at)}` });
+    }
+    rows.push({ label: step.name, lane: laneOf(step.key, groups), segments });
+  }
+  for (const timer of run.timers) {
+    rows.push({ label: `timer ${timer.key}`, lane: laneOf(timer.key, groups), segments: [{ from: at(timer.set_at), to: Math.min(at(timer.due), now), kind: "timer", title: `due ${time(timer.due)}` }] });
+  }
+  for (const wait of run.signal_waits) {
+    rows.push({ label: `wait for ${wait.name}`, lane: laneOf(wait.key, groups), segments: [{ from: at(wait.started_at), to: at(wait.ended_at), kind: `wait ${wait.state}`, title: wait.state }] });
+  }
+  if (rows.length === 0) return null;
+  const t0 = Math.min(...rows.flatMap((r) => r.segments.map((s) => s.from)));
+  const t1 = Math.max(...rows.flatMap((r) => r.segments.map((s) => s.to)));
+  const span = Math.max(1, t1 - t0);
+  rows.sort((a, b) => Math.min(...a.segments.map((s) => s.from)) - Math.min(...b.segments.map((s) => s.from)));
+  return el(
+    "section",
+    { id: "timeline" },
+    el("h2", {}, "Timeline ", el("small", { class: "muted" }, duration(span))),
+    rows.map((row) =>
+      el(
+        "div",
+        { class: "lane-row" },
+        el("span", { class: "lane-label" }, row.lane ? el("small", { class: "muted" }, `${row.lane} `) : null, row.label),
+        el(
+          "div",
+          { class: "waterfall" },
+          row.segments.map((segment) =>
+            el("div", {
+              class: `seg ${segment.kind}`,
+              title: segment.title,
+              style: `left:${((segment.from - t0) / span) * 100}%;width:${((segment.to - segment.from) / span) * 100}%`,
+            }),
+          ),
+        ),
+      ),
+    ),
+  );
 }
 
 /** The saga's step calls in source order, each coloured by the state of its latest step. */
@@ -380,18 +429,16 @@ async function runView(id) {
     }
     const definition = definitions.find((d) => d.name === run.definition && d.version === run.version);
     shapeSlot.replaceChildren(...[definition && definition.steps.length ? shapeGraph(definition, run) : null].filter(Boolean));
-    const bar = run.steps.length ? waterfall(run.steps) : null;
     const steps = el(
       "tbody",
       { id: "steps" },
-      run.steps.map((step, i) =>
+      run.steps.map((step) =>
         el(
           "tr",
           { "data-step": step.step },
           el("td", {}, step.step),
           el("td", {}, step.name),
           el("td", {}, statusTag(step.state)),
-          el("td", {}, bar(step, i)),
           el("td", {}, duration(step.duration_ms)),
           el("td", {}, step.attempts.length),
           el(
@@ -438,10 +485,11 @@ async function runView(id) {
         run.error ? el("p", { class: "error", id: "run-error" }, run.error) : null,
         collapsible("input", run.input),
         run.output === undefined ? null : collapsible("output", run.output),
+        timeline(run),
         el(
           "table",
           {},
-          el("thead", {}, el("tr", {}, ["#", "Step", "State", "Timeline", "Duration", "Attempts", "Jobs", "Compensation", "Data"].map((h) => el("th", {}, h)))),
+          el("thead", {}, el("tr", {}, ["#", "Step", "State", "Duration", "Attempts", "Jobs", "Compensation", "Data"].map((h) => el("th", {}, h)))),
           steps,
         ),
         waits.length || timers.length ? el("section", {}, el("h2", {}, "Waiting for"), el("ul", {}, waits, timers)) : null,
