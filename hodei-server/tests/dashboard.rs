@@ -353,3 +353,33 @@ async fn the_log_view_follows_a_job_to_its_end_with_every_line_once_in_colour() 
     .await;
     browser.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_in_the_page_compensates_and_shows_who_and_in_what_order() {
+    let Some(driver) = start_driver() else { return };
+    let served = Served::start().await;
+    let ops = served.issue("ops", "operator").await;
+    served
+        .post("/api/v1/runs", json!({"definition": "gated", "id": "doomed", "input": {"service": "api"}}))
+        .await;
+    within(journaled(&served.engine, "doomed", signal_wait)).await;
+    let browser = browser(&driver).await;
+    within(async {
+        login(&browser, &served, &ops).await;
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="doomed"]"#)).await.unwrap();
+        browser.goto(&served.url("/#/runs/doomed")).await.unwrap();
+        let reason = browser.wait().for_element(Locator::Css("#cancel-reason")).await.unwrap();
+        reason.send_keys("wrong branch").await.unwrap();
+        let cancel = browser.find(Locator::XPath("//button[text()='Cancel run']")).await.unwrap();
+        cancel.click().await.unwrap();
+        cancel.click().await.unwrap();
+        wait_for_text(&browser, "//h1", "compensated").await;
+        wait_for_text(&browser, "//*[@id='requests']", "cancel by ops").await;
+        assert!(text(&browser, "#requests").await.contains("wrong branch"));
+        assert!(text(&browser, "#compensations").await.starts_with("stage: completed"));
+    })
+    .await;
+    let record = served.engine.status(&hodei_core::SagaId::new("doomed").unwrap()).unwrap();
+    assert_eq!(record.status, hodei_core::SagaStatus::Compensated);
+    browser.close().await.unwrap();
+}

@@ -471,6 +471,20 @@ async function runView(id) {
     const requests = run.requests.map((r) => el("li", {}, `${r.action.replaceAll("_", " ")}`, r.by ? ` by ${r.by}` : "", ` at ${time(r.at)}`, r.reason ? `: ${r.reason}` : ""));
     const waits = run.signal_waits.filter((w) => w.state === "waiting").map((w) => el("li", {}, `waiting for signal ${w.name}`, w.timeout_at ? ` until ${time(w.timeout_at)}` : ""));
     const timers = run.timers.filter((t) => !t.fired).map((t) => el("li", {}, `timer ${t.key} due ${time(t.due)}`));
+    // The compensations in the order they ran (the reverse of the steps they undo).
+    const compensations = run.steps
+      .filter((step) => step.compensation)
+      .sort((a, b) => Date.parse(a.compensation.started_at) - Date.parse(b.compensation.started_at))
+      .map((step) =>
+        el(
+          "li",
+          {},
+          `${step.name}: `,
+          statusTag(step.compensation.state),
+          ` · ${step.compensation.attempts} attempt${step.compensation.attempts === 1 ? "" : "s"} · ${time(step.compensation.started_at)}`,
+          step.compensation.error ? el("span", { class: "error" }, ` · ${step.compensation.error}`) : null,
+        ),
+      );
     header.replaceChildren(
       el("h1", {}, run.id, " ", statusTag(run.status)),
       el(
@@ -493,6 +507,7 @@ async function runView(id) {
           steps,
         ),
         waits.length || timers.length ? el("section", {}, el("h2", {}, "Waiting for"), el("ul", {}, waits, timers)) : null,
+        compensations.length ? el("section", {}, el("h2", {}, "Compensations, in the order they ran"), el("ol", { id: "compensations" }, compensations)) : null,
         signals.length ? el("section", {}, el("h2", {}, "Signals"), el("ul", { id: "signals" }, signals)) : null,
         requests.length ? el("section", {}, el("h2", {}, "Who did what"), el("ul", { id: "requests" }, requests)) : null,
         run.children.length
