@@ -383,3 +383,50 @@ async fn cancelling_in_the_page_compensates_and_shows_who_and_in_what_order() {
     assert_eq!(record.status, hodei_core::SagaStatus::Compensated);
     browser.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_page_draws_live_cpu_and_memory_sparklines_of_a_running_job() {
+    use hodei_server::jobs::{Job, RemoteJobs};
+    let Some(driver) = start_driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    assert!(Command::new("mkfifo").arg(&gate).status().unwrap().success());
+    let script = format!("echo holding; read go < '{}'", gate.display());
+    let holding = hodei_core::SagaDefinition::new("hold", 1, move |ctx: hodei_core::SagaContext, (): ()| {
+        let job = Job::pooled_script(["/bin/sh"], script.clone()).env("PATH", "/usr/bin:/bin");
+        async move { ctx.run_job("hold", job).await }
+    });
+    let node = hodei_server::Node::builder(dir.path().join("node")).register(holding).start().await.unwrap();
+    let api = ApiServer::for_node(&node).bind(SocketAddr::from(([127, 0, 0, 1], 0))).serve().await.unwrap();
+    let admin = std::fs::read_to_string(api.admin_token_file().unwrap()).unwrap().trim().to_owned();
+    let handle = node.engine().start(hodei_core::SagaRun::new("hold", "hold-1", &()).unwrap()).await.unwrap();
+    let browser = browser(&driver).await;
+    within(async {
+        browser.goto(&format!("http://{}/#/login", api.local_addr())).await.unwrap();
+        let field = browser.wait().for_element(Locator::Css("#token")).await.unwrap();
+        field.send_keys(&admin).await.unwrap();
+        browser.find(Locator::Css("#login button[type=submit]")).await.unwrap().click().await.unwrap();
+        browser.wait().for_element(Locator::Css("#who")).await.unwrap();
+        browser.goto(&format!("http://{}/#/workers", api.local_addr())).await.unwrap();
+        // Samples arrive about once a second per running job; two draw a CPU line.
+        browser.wait().for_element(Locator::Css("tr[data-worker] .spark-mem svg polyline")).await.unwrap();
+        browser.wait().for_element(Locator::Css("tr[data-worker] .spark-cpu svg polyline")).await.unwrap();
+        let jobs = browser
+            .find(Locator::Css("tr[data-worker] td:nth-child(6)"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(jobs, "hold-1/0#1");
+        assert!(text(&browser, "tr[data-worker] .spark-mem").await.ends_with("MiB"));
+        screenshot(&browser, "workers").await;
+    })
+    .await;
+    tokio::task::spawn_blocking(move || std::fs::write(gate, "go\n").unwrap()).await.unwrap();
+    let outcome = within(handle.outcome::<serde_json::Value>()).await.unwrap();
+    assert!(matches!(outcome, hodei_core::Outcome::Completed(_)), "{outcome:?}");
+    browser.close().await.unwrap();
+    api.shutdown().await;
+    within(node.shutdown(std::time::Duration::from_secs(5))).await.unwrap();
+}

@@ -513,6 +513,9 @@ pub struct WorkerView {
 pub struct JobMetrics {
     /// The job.
     pub job_id: String,
+    /// The worker that runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     /// When it was taken.
     pub at: String,
     /// CPU time used so far, in microseconds.

@@ -19,7 +19,7 @@ use super::{admin, logs, runs, webhooks, workers};
         admin::health, admin::login, admin::whoami, admin::logout, admin::definitions,
         runs::list, runs::start, runs::get, runs::events, runs::signal, runs::cancel, runs::fork,
         runs::pause, runs::resume, runs::retry_now, runs::retry_compensation,
-        logs::read, workers::list, workers::drain, workers::remove,
+        logs::read, workers::list, workers::drain, workers::remove, workers::metrics,
         admin::list_tokens, admin::issue_token, admin::revoke_token,
         webhooks::trigger,
     ),

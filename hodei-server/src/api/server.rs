@@ -285,6 +285,7 @@ fn router(state: ApiState) -> Router {
         .route("/api/v1/runs/{id}/retry-compensation", post(runs::retry_compensation))
         .route("/api/v1/jobs/{job}/logs/{stream}", get(logs::read))
         .route("/api/v1/workers", get(workers::list))
+        .route("/api/v1/metrics", get(workers::metrics))
         .route("/api/v1/workers/{id}", delete(workers::remove))
         .route("/api/v1/workers/{id}/drain", post(workers::drain))
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::issue_token))

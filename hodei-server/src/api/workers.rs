@@ -44,6 +44,7 @@ pub(crate) async fn list(
                 .filter_map(|job| hub.job_metrics(job))
                 .map(|m| JobMetrics {
                     job_id: m.job_id,
+                    worker: Some(id.clone()),
                     at: format_millis(u64::try_from(m.at_unix_ms).unwrap_or(0)),
                     cpu_usage_usec: m.cpu_usage_usec,
                     memory_current_bytes: m.memory_current_bytes,
@@ -120,4 +121,60 @@ pub(crate) async fn remove(
     authorize(&state.tokens, &headers, Role::Operator)?;
     scheduler(&state)?.remove(&id).map_err(worker_error)?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// Every resource sample of every job as the agents send it (about one a second per running
+/// job), as server-sent events (`sample`, a `JobMetrics` with its worker), for live charts.
+#[utoipa::path(get, path = "/api/v1/metrics", tag = "workers",
+    responses(
+        (status = 200, description = "`text/event-stream` of `JobMetrics`", content((String = "text/event-stream"))),
+        (status = 404, description = "No control plane", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(crate) async fn metrics(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    authorize(&state.tokens, &headers, Role::Viewer)?;
+    let hub = state
+        .hub
+        .clone()
+        .ok_or_else(|| ApiError::not_found("this server has no control plane, so no metrics"))?;
+    let mut samples = hub.subscribe_metrics();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let sample = match samples.recv().await {
+                Ok(sample) => sample,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let worker = hub
+                .running_jobs()
+                .into_iter()
+                .find_map(|(worker, jobs)| jobs.contains(&sample.job_id).then_some(worker));
+            let view = JobMetrics {
+                job_id: sample.job_id,
+                worker,
+                at: format_millis(u64::try_from(sample.at_unix_ms).unwrap_or(0)),
+                cpu_usage_usec: sample.cpu_usage_usec,
+                memory_current_bytes: sample.memory_current_bytes,
+                memory_peak_bytes: sample.memory_peak_bytes,
+            };
+            let data = serde_json::to_string(&view).unwrap_or_default();
+            if tx
+                .send(Ok::<_, std::convert::Infallible>(Event::default().event("sample").data(data)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }

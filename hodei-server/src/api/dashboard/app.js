@@ -685,35 +685,84 @@ function logView(job, stream, params) {
   );
 }
 
+/** A sparkline of `values` as an inline SVG polyline (made through the DOM, not markup). */
+function sparkline(values, label) {
+  const svgNs = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(svgNs, "svg");
+  svg.setAttribute("class", "sparkline");
+  svg.setAttribute("viewBox", "0 0 100 20");
+  svg.setAttribute("preserveAspectRatio", "none");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", label);
+  const max = Math.max(1e-9, ...values);
+  const points = values.map((v, i) => `${values.length < 2 ? 0 : (i / (values.length - 1)) * 100},${20 - (v / max) * 18 - 1}`);
+  const line = document.createElementNS(svgNs, "polyline");
+  line.setAttribute("points", points.join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "currentColor");
+  line.setAttribute("stroke-width", "1.5");
+  svg.append(line);
+  return svg;
+}
+
+/** Samples kept per worker for its sparklines. */
+const SPARK_SAMPLES = 60;
+
 async function workersView() {
-  const workers = await api("/api/v1/workers");
+  const history = new Map(); // worker id -> [{t, cpu, mem}]
+  const body = el("tbody", { id: "workers" });
+  const render = async () => {
+    const workers = await api("/api/v1/workers");
+    body.replaceChildren(
+      ...workers.map((w) => {
+        const samples = history.get(w.id) || [];
+        // CPU as a share of one core between samples; memory as sampled.
+        const cpu = samples.slice(1).map((s, i) => Math.max(0, (s.cpu - samples[i].cpu) / 1000 / Math.max(1, s.t - samples[i].t)));
+        const mem = samples.map((s) => s.mem);
+        const last = samples[samples.length - 1];
+        return el(
+          "tr",
+          { "data-worker": w.id },
+          el("td", {}, w.id),
+          el("td", {}, w.provider || "–"),
+          el("td", {}, statusTag(w.draining ? `${w.state} (draining)` : w.state)),
+          el("td", {}, Object.entries(w.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "–"),
+          el("td", {}, time(w.last_heard)),
+          el("td", {}, w.jobs.join(", ") || "–"),
+          el("td", { class: "spark-cpu" }, cpu.length ? [sparkline(cpu, "cpu"), ` ${(cpu[cpu.length - 1] * 100).toFixed(0)} %`] : "–"),
+          el("td", { class: "spark-mem" }, mem.length ? [sparkline(mem, "memory"), ` ${(last.mem / 2 ** 20).toFixed(1)} MiB`] : "–"),
+        );
+      }),
+    );
+    return workers;
+  };
+  const workers = await render();
   show(
     el("h1", {}, "Workers"),
-    workers.length === 0
-      ? el("p", { class: "muted" }, "No workers.")
-      : el(
-          "table",
-          {},
-          el("thead", {}, el("tr", {}, ["Worker", "Provider", "State", "Labels", "Last heard", "Jobs", "CPU / memory"].map((h) => el("th", {}, h)))),
-          el(
-            "tbody",
-            {},
-            workers.map((w) =>
-              el(
-                "tr",
-                {},
-                el("td", {}, w.id),
-                el("td", {}, w.provider || "–"),
-                el("td", {}, statusTag(w.draining ? `${w.state} (draining)` : w.state)),
-                el("td", {}, Object.entries(w.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "–"),
-                el("td", {}, time(w.last_heard)),
-                el("td", {}, w.jobs.join(", ") || "–"),
-                el("td", {}, w.metrics.map((m) => `${m.job_id}: ${(m.cpu_usage_usec / 1e6).toFixed(1)} s, ${(m.memory_current_bytes / 2 ** 20).toFixed(1)} MiB`).join("; ") || "–"),
-              ),
-            ),
-          ),
-        ),
+    workers.length === 0 ? el("p", { class: "muted", id: "no-workers" }, "No workers yet; this page updates as they come.") : null,
+    el(
+      "table",
+      {},
+      el("thead", {}, el("tr", {}, ["Worker", "Provider", "State", "Labels", "Last heard", "Jobs", "CPU", "Memory"].map((h) => el("th", {}, h)))),
+      body,
+    ),
   );
+  let queued = false;
+  stop = follow("/api/v1/metrics", ({ event, data }) => {
+    if (event !== "sample") return;
+    const sample = JSON.parse(data);
+    if (!sample.worker) return;
+    const list = history.get(sample.worker) || [];
+    list.push({ t: Date.parse(sample.at), cpu: sample.cpu_usage_usec, mem: sample.memory_current_bytes });
+    if (list.length > SPARK_SAMPLES) list.shift();
+    history.set(sample.worker, list);
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(async () => {
+      queued = false;
+      await render().catch(() => {});
+    });
+  });
 }
 
 // ---- Routing ---------------------------------------------------------------------------
