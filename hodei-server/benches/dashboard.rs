@@ -11,16 +11,16 @@
 //! set that is a failure). Knobs: `HODEI_BENCH_SCALE` multiplies the steps and lines,
 //! `HODEI_BENCH_ROUNDS` (default 3) the rounds; each round times both sides as a, b, b, a.
 
-use std::io::{BufRead, BufReader};
+#[path = "../tests/support/browser.rs"]
+mod browser;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::Client;
 use hodei_core::{Engine, Outcome, SagaContext, SagaDefinition, SagaRun, SledStore, StepError};
 use hodei_server::api::ApiServer;
 use hodei_server::logstore::{LogStore, LogStream};
-use serde_json::{Value, json};
 
 fn knob(name: &str, default: f64) -> f64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -117,39 +117,14 @@ const PLAIN_LOG: &str = r##"
 "##;
 
 fn main() {
-    let driver = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("chromedriver"))
-        .find(|path| path.is_file());
-    let Some(driver) = driver else {
-        assert!(
-            std::env::var_os("HODEI_REQUIRE_BROWSER").is_none(),
-            "HODEI_REQUIRE_BROWSER is set but no chromedriver is on PATH"
-        );
-        println!("no chromedriver on PATH: the dashboard bench needs chromium and chromium-driver");
-        return;
-    };
+    // Without a driver this says so and returns None; with HODEI_REQUIRE_BROWSER it fails.
+    let Some(driver) = browser::start_driver() else { return };
     let scale = knob("HODEI_BENCH_SCALE", 1.0);
     let rounds = (knob("HODEI_BENCH_ROUNDS", 3.0) as usize).max(1);
     let steps = ((1000.0 * scale).round() as u32).max(1);
     let lines = ((1_000_000.0 * scale).round() as usize).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime");
     runtime.block_on(async {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut chromedriver = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let mut out = BufReader::new(chromedriver.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("started successfully") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "chromedriver exited");
-        }
-
         let dir = tempfile::tempdir().unwrap();
         let engine = Engine::builder()
             .store(SledStore::open(dir.path().join("journal")).unwrap())
@@ -179,13 +154,7 @@ fn main() {
             .unwrap();
         let token = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap();
 
-        let capabilities = json!({"goog:chromeOptions": {"args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"]}});
-        let Value::Object(capabilities) = capabilities else { unreachable!() };
-        let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-            .expect("a browser session");
+        let browser = browser::browser(&driver).await;
         browser.goto(&format!("http://{}/#/login", server.local_addr())).await.unwrap();
         let login = format!(
             r#"await fetch("/api/v1/session", {{method: "POST", headers: {{"Content-Type": "application/json"}}, body: JSON.stringify({{token: {:?}}})}}); return 0;"#,
@@ -218,7 +187,5 @@ fn main() {
         println!("\nmedian ratios: run page {:.2}x, log {:.2}x", median(run_ratios), median(log_ratios));
         browser.close().await.unwrap();
         server.shutdown().await;
-        let _ = chromedriver.kill();
-        let _ = chromedriver.wait();
     });
 }

@@ -5,20 +5,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use hodei_core::{Engine, SledStore};
 use hodei_server::api::ApiServer;
 use serde_json::{Value, json};
+use support::browser::{browser, start_driver};
 use support::sagas::{flaky, gated, journaled, signal_wait};
 use support::within;
 use tempfile::TempDir;
-
-const DRIVER: &str = "chromedriver";
 
 /// What `#[saga]` would record of `gated`: its step calls in source order.
 static GATED_SHAPE: hodei_core::SagaShape = hodei_core::SagaShape::new(
@@ -26,73 +24,6 @@ static GATED_SHAPE: hodei_core::SagaShape = hodei_core::SagaShape::new(
     1,
     &[hodei_core::StepShape::new("stage", Some("undo_stage")), hodei_core::StepShape::new("release", None)],
 );
-
-/// chromedriver on a free loopback port, killed with this value.
-struct Driver {
-    process: Child,
-    url: String,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-fn driver_path() -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(DRIVER))
-        .find(|path| path.is_file())
-}
-
-/// Starts chromedriver, or returns `None` (after saying so) when there is none and none is
-/// required.
-fn start_driver() -> Option<Driver> {
-    let Some(path) = driver_path() else {
-        if std::env::var_os("HODEI_REQUIRE_BROWSER").is_some() {
-            panic!(
-                "HODEI_REQUIRE_BROWSER is set but no {DRIVER} is on PATH (Debian: chromium chromium-driver)"
-            );
-        }
-        println!(
-            "skipped: no {DRIVER} on PATH; install chromium and chromium-driver to run the dashboard tests"
-        );
-        return None;
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut process = Command::new(path)
-        .arg(format!("--port={port}"))
-        .arg("--allowed-ips=127.0.0.1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver starts");
-    // It prints this line once it listens.
-    let mut stdout = BufReader::new(process.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("started successfully") {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
-    }
-    Some(Driver { process, url: format!("http://127.0.0.1:{port}") })
-}
-
-async fn browser(driver: &Driver) -> Client {
-    let capabilities = json!({
-        "goog:chromeOptions": {
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"]
-        }
-    });
-    let Value::Object(capabilities) = capabilities else { unreachable!() };
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities)
-        .connect(&driver.url)
-        .await
-        .expect("a browser session")
-}
 
 struct Served {
     _dir: TempDir,

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod agent_binary;
+pub mod browser;
 pub mod sagas;
 
 use std::sync::Arc;
