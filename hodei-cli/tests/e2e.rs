@@ -14,6 +14,8 @@ use hodei_server::logstore::{LogStore, LogStream};
 use serde_json::Value;
 use tempfile::TempDir;
 
+#[path = "../../hodei-server/tests/support/browser.rs"]
+mod browser;
 #[path = "../../hodei-server/tests/support/sagas.rs"]
 mod sagas;
 use sagas::{final_event, flaky, gated, journaled, patient, signal_wait};
@@ -384,4 +386,40 @@ async fn pause_holds_across_a_restart_and_retry_cuts_a_backoff() {
     let again = api.run(&["runs", "retry", "slow"]).await;
     assert_eq!(again.code, 5, "{again:?}");
     assert!(again.stderr.ends_with("(invalid_state)\n"), "{}", again.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_follows_a_pipeline_the_cli_starts_and_approves() {
+    use fantoccini::Locator;
+    let Some(driver) = browser::start_driver() else { return };
+    let api = Api::start().await;
+    let page = browser::browser(&driver).await;
+    let base = format!("http://{}", api.server.local_addr());
+    let admin = std::fs::read_to_string(api.admin_token_file()).unwrap().trim().to_owned();
+    within(async {
+        page.goto(&format!("{base}/#/login")).await.unwrap();
+        page.wait().for_element(Locator::Css("#token")).await.unwrap().send_keys(&admin).await.unwrap();
+        page.find(Locator::Css("#login button[type=submit]")).await.unwrap().click().await.unwrap();
+        page.wait().for_element(Locator::Css("#runs")).await.unwrap();
+        // Started from the CLI: the list shows it without a reload.
+        let started =
+            api.run(&["runs", "start", "gated", "--id", "cli-1", "--input", r#"{"service":"api"}"#]).await;
+        assert_eq!(started.code, 0, "{}", started.stderr);
+        page.wait().for_element(Locator::Css(r#"tr[data-run="cli-1"]"#)).await.unwrap();
+        page.goto(&format!("{base}/#/runs/cli-1")).await.unwrap();
+        page.wait().for_element(Locator::XPath("//*[@id='steps']//tr[@data-step='0']")).await.unwrap();
+        // Approved from the CLI: the open page advances to the end by itself.
+        api.until("cli-1", signal_wait).await;
+        let approved =
+            api.run(&["runs", "approve", "cli-1", "--payload", r#"{"comment":"from the terminal"}"#]).await;
+        assert_eq!(approved.code, 0, "{}", approved.stderr);
+        page.wait().for_element(Locator::XPath("//*[@id='steps']//tr[@data-step='1']")).await.unwrap();
+        page.wait().for_element(Locator::XPath("//h1[contains(., 'completed')]")).await.unwrap();
+        page.wait()
+            .for_element(Locator::XPath("//*[@id='signals'][contains(., 'signal approval by admin')]"))
+            .await
+            .unwrap();
+    })
+    .await;
+    page.close().await.unwrap();
 }
