@@ -330,6 +330,14 @@ async fn pages_list_every_run_once_in_id_order_with_filters() {
     assert_eq!(page["runs"].as_array().unwrap().len(), 7);
     let (_, page) = api.get("/api/v1/runs?created_after=2999-01-01T00:00:00Z").await;
     assert_eq!(page["runs"], json!([]));
+    // A search by id, across pages: the server reads on until the page is full.
+    let (_, page) = api.get("/api/v1/runs?q=-1&limit=1").await;
+    let ids: Vec<&str> = page["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["f-1"]);
+    let next = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, page) = api.get(&format!("/api/v1/runs?q=-1&limit=5&cursor={next}")).await;
+    let ids: Vec<&str> = page["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["g-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

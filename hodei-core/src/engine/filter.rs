@@ -9,6 +9,7 @@ pub struct SagaFilter {
     status: Option<&'static str>,
     created_after: Option<Timestamp>,
     created_before: Option<Timestamp>,
+    id_contains: Option<String>,
 }
 
 /// One page of a listing, in id order (see [`Engine::list_page`](crate::Engine::list_page)).
@@ -53,6 +54,12 @@ impl SagaFilter {
         self
     }
 
+    /// Only sagas whose id contains `text` (a search: a page may read far to fill itself).
+    pub fn id_contains(mut self, text: impl Into<String>) -> Self {
+        self.id_contains = Some(text.into());
+        self
+    }
+
     /// Whether `record` meets every condition set.
     pub fn matches(&self, record: &SagaRecord) -> bool {
         self.definition.as_ref().is_none_or(|d| *d == record.definition)
@@ -60,5 +67,6 @@ impl SagaFilter {
             && self.status.is_none_or(|k| k == record.status.kind())
             && self.created_after.is_none_or(|at| record.created_at > at)
             && self.created_before.is_none_or(|at| record.created_at < at)
+            && self.id_contains.as_deref().is_none_or(|text| record.id.as_str().contains(text))
     }
 }

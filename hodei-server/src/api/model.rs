@@ -110,6 +110,8 @@ pub struct RunQuery {
     pub created_after: Option<String>,
     /// Only runs started before this time (RFC 3339).
     pub created_before: Option<String>,
+    /// Only runs whose id contains this text.
+    pub q: Option<String>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Runs per page, 1 to 1000 (default 100).

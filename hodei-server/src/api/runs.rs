@@ -84,6 +84,9 @@ pub(crate) async fn list(
     if let Some(version) = query.version {
         filter = filter.version(version);
     }
+    if let Some(text) = query.q.filter(|q| !q.is_empty()) {
+        filter = filter.id_contains(text);
+    }
     if let Some(after) = &query.created_after {
         filter = filter.created_after(Timestamp(parse_millis(after).map_err(ApiError::invalid_request)?));
     }

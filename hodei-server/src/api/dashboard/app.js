@@ -202,6 +202,7 @@ async function runsView(params) {
   const query = new URLSearchParams();
   if (status) query.set("status", status);
   if (definition) query.set("definition", definition);
+  if (search) query.set("q", search);
   const select = el(
     "select",
     { id: "status-filter", "aria-label": "Status" },
@@ -235,7 +236,6 @@ async function runsView(params) {
       el("td", {}, time(run.updated_at)),
     );
   const put = (run, atTop) => {
-    if (search && !run.id.includes(search)) return;
     const fresh = row(run);
     const old = rows.get(run.id);
     if (old) old.replaceWith(fresh);
