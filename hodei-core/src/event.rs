@@ -85,6 +85,24 @@ impl fmt::Debug for SagaId {
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
+    /// This time as RFC 3339 in UTC with milliseconds: `2026-12-07T09:30:00.125Z`. The one
+    /// calendar conversion of the workspace (Howard Hinnant's civil-from-days), for messages
+    /// and for the operator API.
+    pub fn to_rfc3339(self) -> String {
+        let (days, ms) = ((self.0 / 86_400_000) as i64, self.0 % 86_400_000);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (h, m, s, milli) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+    }
+
     /// The current wall-clock time.
     pub fn now() -> Self {
         let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -3,16 +3,7 @@
 
 /// `2026-12-07T09:30:00.125Z`.
 pub(crate) fn format_millis(millis: u64) -> String {
-    let secs = millis / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(i64::try_from(days).unwrap_or(i64::MAX));
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        millis % 1000
-    )
+    hodei_core::Timestamp(millis).to_rfc3339()
 }
 
 /// Reads `YYYY-MM-DDTHH:MM:SS[.fff][Z|±HH:MM]` (a date alone means its midnight, UTC) as Unix
@@ -92,7 +83,7 @@ fn days_in_month(year: i64, month: i64) -> i64 {
     }
 }
 
-// Howard Hinnant's days_from_civil and civil_from_days (public domain).
+// Howard Hinnant's days_from_civil (public domain); the other way is `Timestamp::to_rfc3339`.
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -101,18 +92,6 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

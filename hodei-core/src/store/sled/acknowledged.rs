@@ -223,19 +223,7 @@ pub(super) fn decode_marker(bytes: &[u8]) -> Result<Position, String> {
 
 /// `2026-12-06 17:22:34.123 UTC`, for messages an operator reads.
 fn utc(at: Timestamp) -> String {
-    let (days, ms) = ((at.0 / 86_400_000) as i64, at.0 % 86_400_000);
-    // Days to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s, milli) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
-    format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}.{milli:03} UTC")
+    at.to_rfc3339().replacen('T', " ", 1).replace('Z', " UTC")
 }
 
 #[cfg(test)]
