@@ -405,6 +405,16 @@ pub enum Event {
         /// Who asked.
         by: String,
     },
+    /// The wait that starts at `key` (its `SignalWaitStarted` follows in the same write)
+    /// expects a payload matching this JSON Schema, traced from the type the saga reads it as,
+    /// so that an operator's tool can offer a form for it. Waits whose type could not be
+    /// traced have none.
+    SignalWaitExpects {
+        /// The operation key of the wait.
+        key: String,
+        /// The JSON Schema (draft 2020-12) of the payload, as JSON text.
+        schema: String,
+    },
     // Later events are appended here (see the compatibility rule at the top of this module).
 }
 
@@ -622,6 +632,7 @@ mod tests {
             Event::Resumed { by: "ops".into() },
             Event::RetryNowRequested { by: "ops".into() },
             Event::CompensationRetryRequested { by: "ops".into() },
+            Event::SignalWaitExpects { key: "2".into(), schema: "{}".into() },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();

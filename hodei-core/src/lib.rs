@@ -103,6 +103,7 @@ mod engine;
 mod error;
 mod event;
 mod lock;
+mod payload_schema;
 mod primitives;
 mod replay;
 mod resources;

@@ -21,6 +21,7 @@ use crate::driver::{BoxFuture, Scope};
 use crate::engine::{Engine, Outcome};
 use crate::error::Error;
 use crate::event::{JoinMode, SagaId, Timestamp};
+use crate::payload_schema::schema_of;
 use crate::retry::{RetryPolicy, StepError};
 use crate::saga::{CompensationContext, Saga, SagaContext, SagaRun};
 
@@ -101,8 +102,12 @@ impl SagaContext {
     /// Waits for the signal `name` (see [`Engine::signal`]) and returns its payload. A signal
     /// sent before the saga reaches the wait is kept and taken here; each signal is taken by
     /// one wait, in the order they arrived.
+    ///
+    /// The wait journals the JSON Schema of `T`, traced from its `Deserialize` impl, so the
+    /// dashboard offers a form for the payload (types it cannot trace, such as
+    /// `serde_json::Value`, get a JSON box instead).
     pub async fn wait_signal<T: DeserializeOwned>(&self, name: &str) -> Result<T, StepError> {
-        match self.shared.wait_signal(&self.scope, name, None).await {
+        match self.shared.wait_signal(&self.scope, name, None, schema_of::<T>).await {
             Some(payload) => decode_signal(name, &payload),
             None => Err(StepError::terminal(format!("the wait for signal `{name}` ended without one"))),
         }
@@ -115,7 +120,7 @@ impl SagaContext {
         name: &str,
         timeout: Duration,
     ) -> Result<Option<T>, StepError> {
-        match self.shared.wait_signal(&self.scope, name, Some(timeout)).await {
+        match self.shared.wait_signal(&self.scope, name, Some(timeout), schema_of::<T>).await {
             Some(payload) => decode_signal(name, &payload).map(Some),
             None => Ok(None),
         }

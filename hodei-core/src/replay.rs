@@ -196,6 +196,8 @@ impl Replay {
                 // Whether the saga is paused is the engine's to restore (see `journaled_pause`):
                 // it changes when operations run, never what they return.
                 Event::Paused { .. } | Event::Resumed { .. } => {}
+                // What a wait expects is for operators; the wait's own event follows it.
+                Event::SignalWaitExpects { .. } => {}
                 Event::RetryNowRequested { .. } => {
                     let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
                     let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);

@@ -335,3 +335,67 @@ async fn a_journal_written_with_bincode_payloads_resumes_and_its_payloads_decode
     assert!(effects.take().is_empty());
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_wait_journals_the_schema_of_its_payload_type_once_right_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let effects = Effects::default();
+    let engine = open(dir.path(), [clone_then_approve::<RequestV1>(&effects, |r| r.repo.clone())]).await;
+    let mut events = engine.subscribe();
+    engine.start(SagaRun::new("deploy", "d3", &RequestV1 { repo: "hodei".into() }).unwrap()).await.unwrap();
+    journaled(&mut events, &id("d3"), |e| matches!(e, Event::SignalWaitStarted { .. })).await;
+    engine.shutdown(Duration::ZERO).await.unwrap();
+    drop(engine);
+
+    // Resumed at the wait: it is live again, but it started before, so nothing more is written.
+    let engine = open(dir.path(), [clone_then_approve::<RequestV1>(&effects, |r| r.repo.clone())]).await;
+    engine.signal(&id("d3"), "approve", &Approval { by: "ana".into(), ticket: 7 }).await.unwrap();
+    outcome_of::<String>(&engine.handle(&id("d3")).unwrap()).await;
+    let history: Vec<Event> = engine.history(&id("d3")).unwrap().into_iter().map(|r| r.event).collect();
+    let expects: Vec<usize> =
+        (0..history.len()).filter(|&i| matches!(history[i], Event::SignalWaitExpects { .. })).collect();
+    assert_eq!(expects.len(), 1, "one schema for the one wait: {history:?}");
+    let (Event::SignalWaitExpects { key, schema }, Event::SignalWaitStarted { key: started, .. }) =
+        (&history[expects[0]], &history[expects[0] + 1])
+    else {
+        panic!("the schema is not right before its wait: {history:?}");
+    };
+    assert_eq!(key, started);
+    let schema: serde_json::Value = serde_json::from_str(schema).unwrap();
+    assert_eq!(
+        schema["$defs"]["Approval"],
+        json!({
+            "title": "Approval",
+            "type": "object",
+            "properties": {
+                "by": { "type": "string" },
+                "ticket": { "type": "integer", "minimum": 0, "maximum": u32::MAX },
+            },
+            "required": ["by", "ticket"],
+        })
+    );
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_wait_for_a_type_that_cannot_be_traced_journals_no_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(
+        dir.path(),
+        [saga("free-form", 1, |ctx, (): ()| async move {
+            let payload: serde_json::Value = ctx.wait_signal("anything").await?;
+            Ok::<_, StepError>(payload)
+        })],
+    )
+    .await;
+    let handle = engine.start(SagaRun::new("free-form", "f1", &()).unwrap()).await.unwrap();
+    engine.signal(&id("f1"), "anything", &json!({ "any": ["shape"] })).await.unwrap();
+    assert_eq!(
+        outcome_of::<serde_json::Value>(&handle).await,
+        Outcome::Completed(json!({ "any": ["shape"] }))
+    );
+    let history = engine.history(&id("f1")).unwrap();
+    assert!(history.iter().any(|r| matches!(r.event, Event::SignalWaitStarted { .. })));
+    assert!(!history.iter().any(|r| matches!(r.event, Event::SignalWaitExpects { .. })), "{history:?}");
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -143,6 +143,20 @@ async fn a_gated_run_is_started_approved_and_completes_with_the_approver_journal
     assert_eq!(detail["steps"][0]["output"], "api on staging");
     assert_eq!(detail["signal_waits"][0]["name"], "approval");
     assert_eq!(detail["signal_waits"][0]["state"], "waiting");
+    // The payload's shape, traced from the `Approval` the saga reads, for the dashboard's form.
+    let schema = &detail["signal_waits"][0]["payload_schema"];
+    assert_eq!(schema["$ref"], "#/$defs/Approval");
+    let optional = |schema: Value| json!({"anyOf": [schema, {"type": "null"}]});
+    assert_eq!(
+        schema["$defs"]["Approval"]["properties"],
+        json!({
+            "comment": {"type": "string"},
+            "ticket": optional(json!({"type": "integer", "minimum": 0, "maximum": u32::MAX})),
+            "risk": optional(json!({"$ref": "#/$defs/Risk"})),
+        }),
+        "{schema}"
+    );
+    assert_eq!(schema["$defs"]["Approval"]["required"], json!(["comment"]));
 
     let alice = api.issue("alice", "operator").await;
     let approve = json!({"name": "approval", "payload": {"comment": "ship it"}});

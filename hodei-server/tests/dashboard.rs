@@ -70,6 +70,13 @@ impl Served {
         response.json().await.unwrap_or(Value::Null)
     }
 
+    async fn get(&self, path: &str) -> Value {
+        let response =
+            reqwest::Client::new().get(self.url(path)).bearer_auth(&self.admin).send().await.unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().await.unwrap()
+    }
+
     async fn issue(&self, name: &str, role: &str) -> String {
         self.post("/api/v1/tokens", json!({"name": name, "role": role})).await["secret"]
             .as_str()
@@ -132,9 +139,21 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
         // The static shape, coloured by where the run stands: staged, release not reached.
         browser.wait().for_element(Locator::Css("#shape .shape-node.status-completed")).await.unwrap();
         assert_eq!(text(&browser, "#shape .status-pending").await, "release pending");
-        let payload = browser.find(Locator::Css("#signal-payload")).await.unwrap();
-        payload.clear().await.unwrap();
-        payload.send_keys(r#"{"comment": "ship it"}"#).await.unwrap();
+        // The payload is a form built from the `Approval` type the saga waits for.
+        let field = |name: &str| Locator::Css(format!("#signal-form [name='{name}']").leak());
+        browser.find(field("comment")).await.unwrap().send_keys("ship it").await.unwrap();
+        browser.find(field("ticket?")).await.unwrap().click().await.unwrap();
+        browser.find(field("ticket")).await.unwrap().send_keys("42").await.unwrap();
+        browser.find(field("risk?")).await.unwrap().click().await.unwrap();
+        let risk = browser.find(field("risk")).await.unwrap();
+        let mut variants = Vec::new();
+        for option in risk.find_all(Locator::Css("option")).await.unwrap() {
+            variants.push(option.text().await.unwrap());
+        }
+        assert_eq!(variants, ["low", "high"]);
+        risk.select_by_label("high").await.unwrap();
+        browser.find(field("risk.high.mitigation")).await.unwrap().send_keys("canary first").await.unwrap();
+        screenshot(&browser, "signal-form").await;
         let approve = browser.find(Locator::XPath("//button[text()='Approve']")).await.unwrap();
         approve.click().await.unwrap();
         // The first click only asks: nothing is sent yet.
@@ -153,6 +172,11 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
     .await;
     let run = served.engine.status(&hodei_core::SagaId::new("deploy-1").unwrap()).unwrap();
     assert_eq!(run.status, hodei_core::SagaStatus::Completed);
+    let detail = served.get("/api/v1/runs/deploy-1").await;
+    assert_eq!(
+        detail["signals"][0]["payload"],
+        json!({"comment": "ship it", "ticket": 42, "risk": {"high": {"mitigation": "canary first"}}})
+    );
     browser.close().await.unwrap();
 }
 

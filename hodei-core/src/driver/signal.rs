@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::scope::Scope;
@@ -9,7 +10,14 @@ use crate::replay::{RecordedOp, WaitEnd};
 impl SagaShared {
     /// Waits for the next signal named `name` that no other wait took (one received before
     /// the wait counts), up to `timeout`. Returns its encoded payload, or `None` on timeout.
-    pub async fn wait_signal(&self, scope: &Scope, name: &str, timeout: Option<Duration>) -> Option<Vec<u8>> {
+    /// `expects` gives the payload's JSON Schema, asked for only when the wait starts live.
+    pub async fn wait_signal(
+        &self,
+        scope: &Scope,
+        name: &str,
+        timeout: Option<Duration>,
+        expects: fn() -> Option<Arc<str>>,
+    ) -> Option<Vec<u8>> {
         let key = scope.next_key();
         let what = format!("the wait for signal `{name}`");
         let timeout_at = match self.recorded(&key) {
@@ -34,6 +42,11 @@ impl SagaShared {
                 self.go_live(scope, &what).await;
                 let timeout_at =
                     timeout.map(|limit| Timestamp::at_or_after(std::time::SystemTime::now() + limit));
+                if let Some(schema) = expects() {
+                    // Staged: it rides on the wait's own write, which costs no second flush.
+                    self.staged(Event::SignalWaitExpects { key: key.clone(), schema: schema.to_string() })
+                        .await;
+                }
                 let started =
                     Event::SignalWaitStarted { key: key.clone(), name: name.to_owned(), timeout_at };
                 self.durably(started).await;

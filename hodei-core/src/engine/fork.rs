@@ -97,6 +97,7 @@ fn fork_prefix(prefix: &[RecordedEvent], first_seq: u64) -> Vec<Event> {
             | Event::StepCompleted { step, .. } => completed.contains(step),
             Event::TimerStarted { key, .. }
             | Event::TimerFired { key }
+            | Event::SignalWaitExpects { key, .. }
             | Event::SignalWaitStarted { key, .. }
             | Event::SignalConsumed { key, .. }
             | Event::SignalWaitTimedOut { key } => resolved.contains(key.as_str()),

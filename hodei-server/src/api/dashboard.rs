@@ -1,13 +1,23 @@
-//! The web dashboard: plain HTML, CSS and one JavaScript module, embedded in the binary and
+//! The web dashboard: plain HTML, CSS and JavaScript modules, embedded in the binary and
 //! served at `/` on the operator API's listener. It needs no network but the control plane's,
 //! and talks to the API like any client (the session cookie and the CSRF header).
 
+use axum::extract::Path;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
 
 const INDEX: &str = include_str!("dashboard/index.html");
-const APP: &str = include_str!("dashboard/app.js");
-const STYLE: &str = include_str!("dashboard/style.css");
+const SCRIPT: &str = "text/javascript; charset=utf-8";
+
+/// What `/assets/{file}` serves: (file, content type, body).
+const ASSETS: [(&str, &str, &str); 4] = [
+    ("app.js", SCRIPT, include_str!("dashboard/app.js")),
+    ("dom.js", SCRIPT, include_str!("dashboard/dom.js")),
+    ("payload_form.js", SCRIPT, include_str!("dashboard/payload_form.js")),
+    ("style.css", "text/css; charset=utf-8", include_str!("dashboard/style.css")),
+];
 
 /// Only this origin's own files, no inline script or style, no framing: whatever a run holds
 /// cannot run in the page, even if it ended up in it as markup.
@@ -32,10 +42,9 @@ pub(crate) async fn index() -> impl IntoResponse {
     asset("text/html; charset=utf-8", INDEX)
 }
 
-pub(crate) async fn app() -> impl IntoResponse {
-    asset("text/javascript; charset=utf-8", APP)
-}
-
-pub(crate) async fn style() -> impl IntoResponse {
-    asset("text/css; charset=utf-8", STYLE)
+pub(crate) async fn asset_file(Path(file): Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, ..)| *name == file) {
+        Some((_, content_type, body)) => asset(content_type, body).into_response(),
+        None => ApiError::not_found(format!("no asset named `{file}`")).into_response(),
+    }
 }

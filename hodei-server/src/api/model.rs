@@ -324,6 +324,12 @@ pub struct SignalWaitView {
     pub timeout_at: Option<String>,
     /// `waiting`, `received` or `timed_out`.
     pub state: String,
+    /// The JSON Schema (draft 2020-12) of the payload the wait expects, traced from the type
+    /// the saga reads it as; absent when that type could not be traced (for example
+    /// `serde_json::Value`) or the wait was journaled before schemas were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub payload_schema: Option<Value>,
 }
 
 /// A signal the run received.

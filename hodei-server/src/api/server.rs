@@ -267,8 +267,7 @@ impl ApiServer {
 fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(dashboard::index))
-        .route("/assets/app.js", get(dashboard::app))
-        .route("/assets/style.css", get(dashboard::style))
+        .route("/assets/{file}", get(dashboard::asset_file))
         .route("/api/v1/health", get(admin::health))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/session", get(admin::whoami).post(admin::login).delete(admin::logout))

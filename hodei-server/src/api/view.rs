@@ -129,6 +129,8 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
     };
     // Step number -> index in `detail.steps`.
     let mut steps: BTreeMap<u32, usize> = BTreeMap::new();
+    // Operation key -> the payload schema journaled just before its wait started.
+    let mut expected: BTreeMap<&str, Value> = BTreeMap::new();
     for recorded in history {
         let at = format_millis(recorded.at.0);
         match &recorded.event {
@@ -286,7 +288,14 @@ pub(crate) fn run_detail(record: &SagaRecord, history: &[RecordedEvent]) -> RunD
                 by: Some(by.clone()),
                 consumed_by: None,
             }),
+            // A schema the API cannot read is left out: the wait still shows, with a JSON box.
+            Event::SignalWaitExpects { key, schema } => {
+                if let Ok(schema) = serde_json::from_str(schema) {
+                    expected.insert(key, schema);
+                }
+            }
             Event::SignalWaitStarted { key, name, timeout_at } => detail.signal_waits.push(SignalWaitView {
+                payload_schema: expected.remove(key.as_str()),
                 key: key.clone(),
                 started_at: at,
                 ended_at: None,

@@ -17,9 +17,20 @@ pub struct Deploy {
     pub region: Option<String>,
 }
 
+/// What an approver sends: the dashboard builds a form for it from its traced schema (a text
+/// field, an optional number, an optional choice whose one variant has a field of its own).
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Approval {
     pub comment: String,
+    pub ticket: Option<u32>,
+    pub risk: Option<Risk>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    Low,
+    High { mitigation: String },
 }
 
 /// A deploy gated by an `approval` signal, with a compensated staging step.

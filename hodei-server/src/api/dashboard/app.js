@@ -2,29 +2,14 @@
 // operator API's server-sent events. Everything from a run (names, errors, payloads, log bytes)
 // is put in the page as text nodes, never parsed as HTML.
 
+import { el } from "./dom.js";
+import { payloadForm } from "./payload_form.js";
+
 const main = document.getElementById("main");
 let session = null; // { name, role } once logged in
 let stop = () => {}; // ends the current view's streams
 
 // ---- DOM -------------------------------------------------------------------------------
-
-/** An element with attributes and children; strings become text nodes. */
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (key === "class") node.className = value;
-    // Through the CSSOM: the Content-Security-Policy refuses style attributes.
-    else if (key === "style") node.style.cssText = value;
-    else node.setAttribute(key, value === true ? "" : String(value));
-  }
-  for (const child of children.flat()) {
-    if (child === undefined || child === null || child === false) continue;
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
 
 function show(...nodes) {
   main.replaceChildren(...nodes.flat().filter((node) => node !== null && node !== undefined && node !== false));
@@ -364,15 +349,38 @@ function actions(run) {
   const buttons = [];
   const waiting = run.signal_waits.filter((w) => w.state === "waiting");
   if (waiting.length) {
-    const payload = el("textarea", { id: "signal-payload", rows: 2, cols: 40, "aria-label": "Payload (JSON)" }, "{}");
     const name = el("input", { id: "signal-name", value: waiting[0].name, "aria-label": "Signal" });
+    // A form for the payload type the wait named, or a JSON box where it has no schema (an
+    // untraceable type, a signal sent ahead of its wait, a journal from before schemas).
+    const payloadSlot = el("span", { id: "signal-payload-slot" });
+    let readPayload;
+    const offer = () => {
+      const wait = waiting.find((w) => w.name === name.value);
+      if (wait && wait.payload_schema) {
+        const form = payloadForm(wait.payload_schema);
+        payloadSlot.replaceChildren(el("div", { class: "payload-form", id: "signal-form" }, form.node));
+        readPayload = form.read;
+      } else {
+        const box = el("textarea", { id: "signal-payload", rows: 2, cols: 40, "aria-label": "Payload (JSON)" }, "{}");
+        payloadSlot.replaceChildren(box);
+        readPayload = () => JSON.parse(box.value || "null");
+      }
+    };
+    let offeredFor = name.value;
+    name.addEventListener("input", () => {
+      const before = waiting.find((w) => w.name === offeredFor);
+      const now = waiting.find((w) => w.name === name.value);
+      if (before !== now) offer();
+      offeredFor = name.value;
+    });
+    offer();
     buttons.push(
       el(
         "span",
-        {},
+        { class: "signal-action" },
         name,
-        payload,
-        confirmButton("Approve", "Confirm: send it", post("signals", () => ({ name: name.value, payload: JSON.parse(payload.value || "null") }))),
+        payloadSlot,
+        confirmButton("Approve", "Confirm: send it", post("signals", () => ({ name: name.value, payload: readPayload() }))),
       ),
     );
   }
