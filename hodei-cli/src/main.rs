@@ -61,6 +61,7 @@ mod clock;
 mod commands;
 mod error;
 mod model;
+mod payload_shape;
 mod render;
 mod settings;
 mod sse;

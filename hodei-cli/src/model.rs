@@ -134,6 +134,8 @@ pub struct SignalWaitView {
     pub timeout_at: Option<String>,
     #[serde(default)]
     pub state: String,
+    #[serde(default)]
+    pub payload_schema: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::model::{
     DefinitionView, EventView, RunDetail, RunSummary, StepView, TokenView, WorkerView, is_final_event,
 };
+use crate::payload_shape;
 
 /// ANSI colours, or none: only for a terminal, and never with `NO_COLOR` set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,9 +346,15 @@ pub fn run_detail(style: Style, run: &RunDetail) -> String {
         .signal_waits
         .iter()
         .filter(|w| w.state == "waiting")
-        .map(|w| match &w.timeout_at {
-            Some(at) => format!("  signal `{}` (wait {}), gives up at {}", w.name, w.key, time(at)),
-            None => format!("  signal `{}` (wait {})", w.name, w.key),
+        .map(|w| {
+            let line = match &w.timeout_at {
+                Some(at) => format!("  signal `{}` (wait {}), gives up at {}", w.name, w.key, time(at)),
+                None => format!("  signal `{}` (wait {})", w.name, w.key),
+            };
+            match &w.payload_schema {
+                Some(schema) => format!("{line}\n    payload {}", payload_shape::summary(schema)),
+                None => line,
+            }
         })
         .collect();
     if !(timers.is_empty() && waits.is_empty()) {
@@ -485,6 +492,11 @@ impl Timeline {
                 compact(d.get("payload").unwrap_or(&Value::Null), 60)
             ),
             "signal_wait_started" => format!("`{}` (wait {})", text("name"), text("key")),
+            // The journal keeps the schema as JSON text.
+            "signal_wait_expects" => {
+                let schema = serde_json::from_str(&text("schema")).unwrap_or(Value::Null);
+                format!("wait {} payload {}", text("key"), payload_shape::summary(&schema))
+            }
             "signal_consumed" => format!(
                 "wait {} took signal #{}",
                 text("key"),
@@ -595,7 +607,9 @@ mod tests {
             ],
             "timers": [{"key": "3", "due": "2026-12-08T00:00:00.000Z", "fired": false},
                        {"key": "0.t", "due": "2026-12-07T00:00:00.000Z", "fired": true}],
-            "signal_waits": [{"key": "4", "name": "approval", "state": "waiting"}],
+            "signal_waits": [{"key": "4", "name": "approval", "state": "waiting",
+                              "payload_schema": {"type": "object", "required": ["ok"],
+                                                 "properties": {"ok": {"type": "boolean"}}}}],
             "signals": [{"seq": 9, "name": "approval", "payload": {"ok": true},
                          "received_at": "2026-12-07T09:30:02.000Z", "by": "alice", "consumed_by": "4"}],
             "branches": [], "forks": [{"run": "deploy-7b", "step": 2}],
@@ -622,6 +636,7 @@ STEP  NAME     STATE      ATTEMPTS  DURATION  STARTED                  COMPENSAT
 
 Waiting for
   signal `approval` (wait 4)
+    payload { ok: boolean }
   timer 3 fires at 2026-12-08 00:00:00.000
 
 SIGNAL  NAME      BY     RECEIVED                 TAKEN BY  PAYLOAD
@@ -646,12 +661,14 @@ Forks
             {"seq": 2, "at": "2026-12-07T09:30:00.200Z", "type": "step_attempt_failed",
              "data": {"step": 1, "attempt": 1, "error": "exit 1", "retry_at": 1796636400700u64}},
             {"seq": 3, "at": "2026-12-07T09:30:01.300Z", "type": "step_completed", "data": {"step": 1, "output": 3}},
-            {"seq": 4, "at": "2026-12-07T09:30:01.500Z", "type": "signal_wait_started",
+            {"seq": 4, "at": "2026-12-07T09:30:01.500Z", "type": "signal_wait_expects",
+             "data": {"key": "2", "schema": "{\"type\":\"object\",\"required\":[\"ok\"],\"properties\":{\"ok\":{\"type\":\"boolean\"}}}"}},
+            {"seq": 5, "at": "2026-12-07T09:30:01.500Z", "type": "signal_wait_started",
              "data": {"key": "2", "name": "approval", "timeout_at": null}},
-            {"seq": 5, "at": "2026-12-07T09:30:02.000Z", "type": "signal_received_by",
+            {"seq": 6, "at": "2026-12-07T09:30:02.000Z", "type": "signal_received_by",
              "data": {"name": "approval", "payload": true, "by": "alice"}},
-            {"seq": 6, "at": "2026-12-07T09:30:02.000Z", "type": "pause_requested", "data": {"by": "bob"}},
-            {"seq": 7, "at": "2026-12-07T09:30:03.000Z", "type": "saga_completed", "data": {"output": "ok"}}
+            {"seq": 7, "at": "2026-12-07T09:30:02.000Z", "type": "pause_requested", "data": {"by": "bob"}},
+            {"seq": 8, "at": "2026-12-07T09:30:03.000Z", "type": "saga_completed", "data": {"output": "ok"}}
         ]))
         .unwrap();
         let mut timeline = Timeline::new(Style::PLAIN);
@@ -663,10 +680,11 @@ Forks
                 "   #1  2026-12-07 09:30:00.100  step_started              step 1 build input null",
                 "   #2  2026-12-07 09:30:00.200  step_attempt_failed       step 1 build attempt 1: exit 1 (retry at 2026-12-07 09:40:00.700)",
                 "   #3  2026-12-07 09:30:01.300  step_completed            step 1 build output 3",
-                "   #4  2026-12-07 09:30:01.500  signal_wait_started       `approval` (wait 2)",
-                "   #5  2026-12-07 09:30:02.000  signal_received_by        `approval` by alice payload true",
-                "   #6  2026-12-07 09:30:02.000  pause_requested           by bob",
-                "   #7  2026-12-07 09:30:03.000  saga_completed            output \"ok\"",
+                "   #4  2026-12-07 09:30:01.500  signal_wait_expects       wait 2 payload { ok: boolean }",
+                "   #5  2026-12-07 09:30:01.500  signal_wait_started       `approval` (wait 2)",
+                "   #6  2026-12-07 09:30:02.000  signal_received_by        `approval` by alice payload true",
+                "   #7  2026-12-07 09:30:02.000  pause_requested           by bob",
+                "   #8  2026-12-07 09:30:03.000  saga_completed            output \"ok\"",
             ]
         );
     }
