@@ -20,7 +20,9 @@ impl SagaShared {
                 due
             }
         };
+        let waiting = self.control.timer_waiting();
         self.interruptible(scope, self.host.timers.sleep_until(due)).await;
+        drop(waiting);
         // Staged: if it is lost in a crash, replay waits again for a due time already past.
         self.staged(Event::TimerFired { key }).await;
     }
