@@ -294,3 +294,82 @@ async fn a_scrape_token_reads_metrics_alone_and_open_metrics_stay_on_loopback() 
     assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]["code"], "not_found");
     server.shutdown().await;
 }
+
+/// Kills the Prometheus server however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value of the first sample of an instant query's answer, if it has one.
+async fn query(http: &reqwest::Client, prometheus: SocketAddr, query: &str) -> Option<String> {
+    let url = format!("http://{prometheus}/api/v1/query");
+    let answer = http.get(url).query(&[("query", query)]).send().await.ok()?;
+    let body: serde_json::Value = answer.json().await.ok()?;
+    body["data"]["result"][0]["value"][1].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Prometheus server (Debian: apt-get install prometheus); run with: cargo test -p hodei-server --test metrics -- --ignored"]
+async fn a_real_prometheus_server_scrapes_the_endpoint_with_its_scrape_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Metrics::new();
+    let engine = Engine::builder()
+        .store(MemoryStore::new())
+        .observer(std::sync::Arc::new(metrics.clone()))
+        .register(retried())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(run::<u32>(&engine, "retried", "r-1", &()).await, Outcome::Completed(2));
+    let server = ApiServer::builder(engine, dir.path())
+        .bind(loopback())
+        .metrics(metrics)
+        .metrics_access(MetricsAccess::ScrapeToken("scrape-secret".into()))
+        .serve()
+        .await
+        .unwrap();
+    // A port that was free a moment ago: Prometheus binds it itself.
+    let prometheus = std::net::TcpListener::bind(loopback()).unwrap().local_addr().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: hodei\n    authorization:\n      credentials: scrape-secret\n    static_configs:\n      - targets: ['{}']\n",
+            server.local_addr()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--web.listen-address={prometheus}"))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the prometheus server (apt-get install prometheus)");
+    let _prometheus = Killed(child);
+    let http = reqwest::Client::new();
+    // Prometheus scrapes on its own schedule: its query API is asked until the target is up
+    // and the run is there, within a generous bound that fails the test.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let scraped = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            tick.tick().await;
+            let up = query(&http, prometheus, r#"up{job="hodei"}"#).await;
+            let started =
+                query(&http, prometheus, r#"hodei_sagas_started_total{definition="retried"}"#).await;
+            if up.as_deref() == Some("1") && started.is_some() {
+                return started;
+            }
+        }
+    })
+    .await
+    .expect("Prometheus never scraped the endpoint within 120 s");
+    assert_eq!(scraped.as_deref(), Some("1"));
+    server.shutdown().await;
+}
