@@ -184,7 +184,9 @@ fn parse_args() -> Result<Args, String> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    // `/metrics` for Prometheus, readable with the API's tokens (the default access).
     let node = Node::builder(&args.data)
+        .metrics(hodei::server::metrics::Metrics::new())
         .register(ci::definition())
         .sled_options(SledOptions::default().accept_data_loss(args.accept_data_loss))
         .start()

@@ -103,6 +103,7 @@ mod engine;
 mod error;
 mod event;
 mod lock;
+pub mod observe;
 mod payload_schema;
 mod primitives;
 mod replay;
@@ -117,11 +118,12 @@ mod timers;
 pub use bus::{EngineEvent, EngineEventKind};
 pub use codec::{PayloadCodec, PayloadError, payload_codec, payload_to_json};
 pub use engine::{
-    DefinitionInfo, Engine, EngineBuilder, EngineConfig, Outcome, Page, SagaFilter, SagaHandle,
+    Census, DefinitionInfo, Engine, EngineBuilder, EngineConfig, Outcome, Page, SagaFilter, SagaHandle,
     ShutdownReport, StepRef, TypedHandle,
 };
 pub use error::{Error, Result, StorageError};
 pub use event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+pub use observe::Observer;
 pub use primitives::Branch;
 pub use retry::{RetryPolicy, StepError};
 pub use saga::{

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::hub::{Hub, HubConfig, HubError, Listening};
 use crate::jobs::{JobDispatcher, SecretSource};
 use crate::logstore::{LogStore, LogStoreError};
+use crate::metrics::Metrics;
 use crate::pki::{HubPki, PkiConfig, PkiError};
 use hodei_core::EventStore;
 use tokio::net::TcpListener;
@@ -105,6 +106,7 @@ pub struct ControlPlaneBuilder {
     pki_config: PkiConfig,
     listen: SocketAddr,
     providers: Vec<(Arc<dyn Provider>, ProviderPolicy)>,
+    metrics: Option<Metrics>,
 }
 
 impl fmt::Debug for ControlPlaneBuilder {
@@ -145,6 +147,12 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Records the scheduler's and the log store's metrics in `metrics` (see [`Metrics`]).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Opens everything and starts the listeners. Must run inside a tokio runtime.
     pub async fn start(self) -> Result<ControlPlane, ControlPlaneError> {
         let data_dir = self.data_dir;
@@ -155,6 +163,9 @@ impl ControlPlaneBuilder {
                 .await
                 .map_err(|source| ControlPlaneError::Logs { path: data_dir.clone(), source })?,
         );
+        if let Some(metrics) = &self.metrics {
+            logs.record_metrics(metrics.clone());
+        }
         let hub = Hub::new(pki.clone(), self.hub_config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&[&self.listen.ip().to_string()]).map_err(pki_error)?;
         let listeners_file = data_dir.join(LISTENERS_FILE);
@@ -182,6 +193,9 @@ impl ControlPlaneBuilder {
         let mut scheduler = Scheduler::builder(hub.clone(), registration.local_addr(), sessions.local_addr());
         for (provider, policy) in self.providers {
             scheduler = scheduler.provider(provider, policy);
+        }
+        if let Some(metrics) = self.metrics {
+            scheduler = scheduler.metrics(metrics);
         }
         if !scheduler.has_providers() {
             let local = LocalProvider::in_process(data_dir.join("workers"));
@@ -212,6 +226,7 @@ impl ControlPlane {
             pki_config: PkiConfig::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             providers: Vec::new(),
+            metrics: None,
         }
     }
 

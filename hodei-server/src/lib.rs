@@ -17,6 +17,8 @@
 //!   and queues them, provisions workers on demand, reuses or destroys them, and reaps orphans;
 //! - [`control_plane`]: the [`ControlPlane`], the embedded default in one builder: PKI, log
 //!   store, hub listeners and scheduler;
+//! - [`metrics`]: Prometheus metrics of the engine, the control plane and the API, served at
+//!   `/metrics` by the operator API;
 //! - [`api`]: the operator API's bearer tokens (named, with a role, stored hashed);
 //! - [`files`]: the small files of the data directory, written atomically;
 //! - [`node`]: the [`Node`], one call that opens the data directory and starts the journal, the
@@ -28,6 +30,7 @@ pub mod files;
 pub mod hub;
 pub mod jobs;
 pub mod logstore;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod scheduler;

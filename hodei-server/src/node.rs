@@ -10,6 +10,7 @@ use hodei_core::{Engine, EngineBuilder, SagaDefinition, ShutdownReport, SledOpti
 
 use crate::control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneError};
 use crate::jobs::{JobDispatcher, MemorySecrets, SecretSource};
+use crate::metrics::Metrics;
 use crate::scheduler::ReapReport;
 
 /// What starting or stopping a [`Node`] can fail at, by the part that failed.
@@ -41,6 +42,7 @@ pub struct NodeBuilder {
     control_plane: ControlPlaneBuilder,
     secrets: Arc<dyn SecretSource>,
     sled: SledOptions,
+    metrics: Option<Metrics>,
 }
 
 impl fmt::Debug for NodeBuilder {
@@ -91,6 +93,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Records the engine's, the journal's and the control plane's metrics in `metrics`, which
+    /// [`ApiServer::for_node`](crate::api::ApiServer::for_node) then serves at `/metrics`.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.engine = self.engine.observer(Arc::new(metrics.clone()));
+        self.control_plane = self.control_plane.metrics(metrics.clone());
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// How the sled journal is opened (for instance, accepting a known data loss).
     pub fn sled_options(mut self, options: SledOptions) -> Self {
         self.sled = options;
@@ -101,7 +112,7 @@ impl NodeBuilder {
     /// (keeping those of sagas still in flight), then starts the engine, which resumes those
     /// sagas: each finds its adopted worker already there. A failure stops what was started.
     pub async fn start(self) -> Result<Node, NodeError> {
-        let NodeBuilder { data_dir, engine, control_plane, secrets, sled } = self;
+        let NodeBuilder { data_dir, engine, control_plane, secrets, sled, metrics } = self;
         let journal = SledStore::open_with(&data_dir, sled)
             .map_err(|source| NodeError::Journal { path: data_dir.clone(), source })?;
         let journal = Arc::new(journal);
@@ -116,7 +127,7 @@ impl NodeBuilder {
             Ok(engine) => engine,
             Err(e) => return Err(stop_after(control, NodeError::Engine(e)).await),
         };
-        Ok(Node { engine, control, dispatcher, reaped })
+        Ok(Node { engine, control, dispatcher, reaped, metrics })
     }
 }
 
@@ -151,6 +162,7 @@ pub struct Node {
     control: ControlPlane,
     dispatcher: JobDispatcher,
     reaped: ReapReport,
+    metrics: Option<Metrics>,
 }
 
 impl Node {
@@ -164,6 +176,7 @@ impl Node {
             data_dir,
             secrets: Arc::new(MemorySecrets::new()),
             sled: SledOptions::default(),
+            metrics: None,
         }
     }
 
@@ -186,6 +199,11 @@ impl Node {
     /// and those destroyed.
     pub fn reaped(&self) -> &ReapReport {
         &self.reaped
+    }
+
+    /// The metrics given to [`NodeBuilder::metrics`].
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref()
     }
 
     /// The data directory.

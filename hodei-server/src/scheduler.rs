@@ -52,10 +52,11 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::hub::Hub;
 use crate::jobs::{LeaseEnd, PoolError, WorkerLease, WorkerPool, WorkerRequest};
+use crate::metrics::Metrics;
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -221,12 +222,19 @@ pub struct SchedulerBuilder {
     registration_addr: SocketAddr,
     session_addr: SocketAddr,
     providers: Vec<Slot>,
+    metrics: Option<Metrics>,
 }
 
 impl SchedulerBuilder {
     /// Takes workers from `provider` under `policy`. Providers are tried in the order added.
     pub fn provider(mut self, provider: Arc<dyn Provider>, policy: ProviderPolicy) -> Self {
         self.providers.push(Slot { provider, policy });
+        self
+    }
+
+    /// Records queue waits, provisioning times and lost workers in `metrics`.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -261,6 +269,7 @@ impl SchedulerBuilder {
             next_worker: AtomicU64::new(0),
             watcher: Mutex::new(None),
             hub: self.hub,
+            metrics: self.metrics,
         });
         let watcher = inner.runtime.spawn(follow_hub(Arc::downgrade(&inner)));
         *inner.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(watcher);
@@ -288,7 +297,7 @@ impl Scheduler {
     /// A scheduler whose workers dial `hub` at `registration_addr` and `session_addr` (the
     /// addresses of its listeners, as the workers can reach them).
     pub fn builder(hub: Hub, registration_addr: SocketAddr, session_addr: SocketAddr) -> SchedulerBuilder {
-        SchedulerBuilder { hub, registration_addr, session_addr, providers: Vec::new() }
+        SchedulerBuilder { hub, registration_addr, session_addr, providers: Vec::new(), metrics: None }
     }
 
     /// Requests waiting and workers held, now.
@@ -299,6 +308,24 @@ impl Scheduler {
     /// The counts, notified on every change, so that callers wait on them rather than poll.
     pub fn watch_counts(&self) -> watch::Receiver<SchedulerCounts> {
         self.inner.counts.subscribe()
+    }
+
+    /// How many workers each provider has in each state (`provisioning`, `leased`, `idle`,
+    /// `destroying`), now. Every provider and state is listed, at zero too, so that a series
+    /// does not vanish when its last worker goes.
+    pub fn census(&self) -> BTreeMap<(String, &'static str), usize> {
+        let mut census = BTreeMap::new();
+        for slot in &self.inner.providers {
+            for state in Phase::NAMES {
+                census.insert((slot.provider.name().to_owned(), state), 0);
+            }
+        }
+        let state = self.inner.lock();
+        for worker in state.workers.values() {
+            let provider = self.inner.providers[worker.provider].provider.name().to_owned();
+            *census.entry((provider, worker.phase.name())).or_default() += 1;
+        }
+        census
     }
 
     /// The ids of the workers held now, with their provider's name.
@@ -462,6 +489,7 @@ impl Scheduler {
 #[async_trait::async_trait]
 impl WorkerPool for Scheduler {
     async fn acquire(&self, request: WorkerRequest) -> Result<WorkerLease, PoolError> {
+        let asked = Instant::now();
         let candidates = self.inner.candidates(&request)?;
         loop {
             let claim = self.inner.wait_for_claim(&request, candidates.clone()).await?;
@@ -469,11 +497,11 @@ impl WorkerPool for Scheduler {
             match &claim.kind {
                 ClaimKind::New => {
                     self.inner.provision(&claim, &request, slot).await?;
-                    return self.inner.lease(claim, &request.job_id);
+                    return self.inner.lease(claim, &request.job_id, asked);
                 }
                 ClaimKind::Idle { reserved_for: None } => {
                     if self.inner.hub.connected_workers().contains_key(&claim.worker_id) {
-                        return self.inner.lease(claim, &request.job_id);
+                        return self.inner.lease(claim, &request.job_id, asked);
                     }
                     // It left since it went idle, before the watcher could drop it.
                     self.inner.discard(claim);
@@ -487,7 +515,7 @@ impl WorkerPool for Scheduler {
                         self.inner.discard(claim);
                         return Err(e);
                     }
-                    return self.inner.lease(claim, &request.job_id);
+                    return self.inner.lease(claim, &request.job_id, asked);
                 }
             }
         }
@@ -512,6 +540,7 @@ struct Inner {
     id_prefix: String,
     next_worker: AtomicU64,
     watcher: Mutex<Option<JoinHandle<()>>>,
+    metrics: Option<Metrics>,
 }
 
 impl Drop for Inner {
@@ -591,6 +620,20 @@ enum Phase {
         reserved_for: Option<String>,
     },
     Destroying,
+}
+
+impl Phase {
+    const NAMES: [&'static str; 4] = ["provisioning", "leased", "idle", "destroying"];
+
+    /// Its name in metrics: one of [`Phase::NAMES`].
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Provisioning => "provisioning",
+            Phase::Leased => "leased",
+            Phase::Idle { .. } => "idle",
+            Phase::Destroying => "destroying",
+        }
+    }
 }
 
 /// What a waiter can be given.
@@ -908,6 +951,9 @@ impl Inner {
                 return;
             }
             let policy = &inner.providers[worker.provider].policy;
+            if let (LeaseEnd::WorkerLost, Some(metrics)) = (&end, &inner.metrics) {
+                metrics.worker_lost(inner.providers[worker.provider].provider.name());
+            }
             match (end, policy.reuse) {
                 (LeaseEnd::Finished, Reuse::Idle(timeout))
                     if !state.closed && inner.hub.connected_workers().contains_key(worker_id) =>
@@ -923,7 +969,13 @@ impl Inner {
         });
     }
 
-    fn lease(self: &Arc<Self>, mut claim: Claim, job_id: &str) -> Result<WorkerLease, PoolError> {
+    /// Hands the claimed worker to the job that asked for it at `asked`.
+    fn lease(
+        self: &Arc<Self>,
+        mut claim: Claim,
+        job_id: &str,
+        asked: Instant,
+    ) -> Result<WorkerLease, PoolError> {
         let leased = self.mutate(|_, state| {
             if state.closed {
                 return false;
@@ -938,6 +990,9 @@ impl Inner {
         if !leased {
             // Dropping the claim destroys the worker.
             return Err(PoolError::Unavailable { reason: "the scheduler is shutting down".to_owned() });
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.job_dequeued(self.providers[claim.provider].provider.name(), asked.elapsed());
         }
         let inner = Arc::downgrade(self);
         let worker_id = claim.worker_id.clone();
@@ -961,6 +1016,20 @@ impl Inner {
 
     /// Provisions the claimed worker and waits for it to register.
     async fn provision(&self, claim: &Claim, request: &WorkerRequest, slot: &Slot) -> Result<(), PoolError> {
+        let began = Instant::now();
+        let provisioned = self.provision_untimed(claim, request, slot).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.worker_provisioned(slot.provider.name(), provisioned.is_ok(), began.elapsed());
+        }
+        provisioned
+    }
+
+    async fn provision_untimed(
+        &self,
+        claim: &Claim,
+        request: &WorkerRequest,
+        slot: &Slot,
+    ) -> Result<(), PoolError> {
         let token = self.hub.pki().issue_token(&claim.worker_id).map_err(|e| PoolError::Unavailable {
             reason: format!("cannot issue a registration token for `{}`: {e}", claim.worker_id),
         })?;

@@ -1,5 +1,6 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::watch;
 
@@ -29,6 +30,17 @@ pub(crate) struct Control {
     pub inbox: Mutex<BTreeMap<u64, (String, Vec<u8>)>>,
     /// Bumped after each signal is added to the inbox.
     pub arrivals: watch::Sender<u64>,
+    /// The durable timers the saga waits on now ([`Control::timer_waiting`]).
+    timers: AtomicUsize,
+}
+
+/// Counts one timer wait while it lasts: dropped when it fires, or with its cancelled saga.
+pub(crate) struct TimerWaiting<'a>(&'a AtomicUsize);
+
+impl Drop for TimerWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Control {
@@ -42,7 +54,30 @@ impl Control {
             shutdown,
             inbox: Mutex::default(),
             arrivals: watch::Sender::new(0),
+            timers: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a live timer wait until the guard is dropped.
+    pub fn timer_waiting(&self) -> TimerWaiting<'_> {
+        self.timers.fetch_add(1, Ordering::Relaxed);
+        TimerWaiting(&self.timers)
+    }
+
+    /// How many durable timers the saga waits on now.
+    pub fn timers_waiting(&self) -> usize {
+        self.timers.load(Ordering::Relaxed)
+    }
+
+    /// How many signal waits the saga has now: a wait holds a subscription to
+    /// [`arrivals`](Self::arrivals) for as long as it waits, and nothing else subscribes.
+    pub fn signal_waits(&self) -> usize {
+        self.arrivals.receiver_count()
+    }
+
+    /// How many step and compensation attempts wait out a backoff now.
+    pub fn backoffs_waiting(&self) -> usize {
+        *self.backoffs.borrow()
     }
 
     /// Adds a journaled signal and wakes the saga's waits.

@@ -27,3 +27,13 @@ pub(super) async fn park(live: &LiveSaga, reason: String) -> Option<RecordedEven
     }
     None
 }
+
+/// The status a final event gives its saga.
+pub(crate) fn final_status(event: &Event) -> SagaStatus {
+    match event {
+        Event::SagaCompleted { .. } => SagaStatus::Completed,
+        Event::SagaCompensated { .. } => SagaStatus::Compensated,
+        Event::SagaCompensationFailed { .. } => SagaStatus::CompensationFailed,
+        _ => SagaStatus::Failed,
+    }
+}

@@ -2,10 +2,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
+use super::observed::Observed;
 use crate::bus::{EngineEvent, EngineEventKind};
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
 use crate::lock::lock;
+use crate::observe::Observer;
 use crate::store::EventStore;
 
 fn record_id(state: &Mutex<JournalState>) -> SagaId {
@@ -34,6 +36,8 @@ struct JournalState {
     /// compensating). The record shows `Paused` instead, and the driver's own changes between
     /// the two land here until the pause is lifted.
     under_pause: Option<SagaStatus>,
+    /// The engine's observer, once the saga is adopted; `None` (the default) costs nothing.
+    observed: Option<Observed>,
 }
 
 impl Journal {
@@ -44,13 +48,25 @@ impl Journal {
         next: u64,
         finished: bool,
     ) -> Self {
-        let state =
-            Mutex::new(JournalState { next, record, finished, pending: Vec::new(), under_pause: None });
+        let state = Mutex::new(JournalState {
+            next,
+            record,
+            finished,
+            pending: Vec::new(),
+            under_pause: None,
+            observed: None,
+        });
         Self { id: record_id(&state), store, bus, state }
     }
 
     pub fn record(&self) -> SagaRecord {
         lock(&self.state).record.clone()
+    }
+
+    /// Tells `observer` what every event written from now on says; `history` is the journal
+    /// so far, which it does not observe again.
+    pub fn observe(&self, observer: Arc<dyn Observer>, history: &[RecordedEvent]) {
+        lock(&self.state).observed = Some(Observed::new(observer, history));
     }
 
     fn publish(&self, kind: EngineEventKind) {
@@ -215,6 +231,12 @@ impl Journal {
         }
         state.next += batch.len() as u64;
         state.finished = batch.last().is_some_and(|r| r.event.is_final());
+        // Once the store took the batch, not once it is durable: the events are in the journal
+        // then, and each is written once, so every count is exact; a flush that fails stops
+        // the saga, whose events are still those.
+        if let Some(observed) = &mut state.observed {
+            observed.saw(&state.record, &batch);
+        }
         if self.bus.receiver_count() > 0 {
             for recorded in batch {
                 self.publish(EngineEventKind::Journaled(recorded));

@@ -21,6 +21,7 @@ mod interrupt;
 mod journal;
 mod lifecycle;
 mod live;
+mod observed;
 mod scope;
 mod shared;
 mod signal;
@@ -29,6 +30,7 @@ mod step;
 mod timer;
 
 pub(crate) use control::Control;
+pub(crate) use ending::final_status;
 pub(crate) use host::Host;
 pub(crate) use journal::Journal;
 pub(crate) use lifecycle::drive;

@@ -7,20 +7,24 @@ impl SagaShared {
     /// A durable timer: resolves at `due`, or at the due time the journal recorded for it.
     pub async fn sleep_until(&self, scope: &Scope, due: Timestamp) {
         let key = scope.next_key();
-        let due = match self.recorded(&key) {
+        // Counted from before its start is journaled, so that whoever sees the start in the
+        // journal finds it counted too.
+        let (due, waiting) = match self.recorded(&key) {
             Some(RecordedOp::Timer { fired: true, .. }) => return,
             Some(RecordedOp::Timer { due, .. }) => {
                 self.go_live(scope, "a timer").await;
-                *due
+                (*due, self.control.timer_waiting())
             }
             Some(other) => return self.mismatch(&key, "sets a timer".into(), other).await,
             None => {
                 self.go_live(scope, "a timer").await;
+                let waiting = self.control.timer_waiting();
                 self.durably(Event::TimerStarted { key: key.clone(), due }).await;
-                due
+                (due, waiting)
             }
         };
         self.interruptible(scope, self.host.timers.sleep_until(due)).await;
+        drop(waiting);
         // Staged: if it is lost in a crash, replay waits again for a due time already past.
         self.staged(Event::TimerFired { key }).await;
     }

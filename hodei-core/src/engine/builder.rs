@@ -10,6 +10,7 @@ use super::config::EngineConfig;
 use super::registry::Registry;
 use super::state::{Engine, Inner};
 use crate::error::Result;
+use crate::observe::Observer;
 use crate::resources::Resources;
 use crate::saga::SagaDefinition;
 use crate::store::EventStore;
@@ -88,9 +89,18 @@ impl EngineBuilder {
         self
     }
 
-    /// Replaces the configuration.
+    /// Replaces the configuration (an [`observer`](Self::observer) set before stays).
     pub fn config(mut self, config: EngineConfig) -> Self {
+        let observer = self.config.observer.take();
         self.config = config;
+        self.config.observer = observer.or(self.config.observer.take());
+        self
+    }
+
+    /// Tells `observer` what the engine journals and what its store's group commits take: see
+    /// [`Observer`]. None by default, and then none of it is computed.
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.config.observer = Some(observer);
         self
     }
 
@@ -111,6 +121,9 @@ impl EngineBuilder {
             #[cfg(feature = "sled")]
             StoreChoice::DataDir(path) => Arc::new(crate::store::SledStore::open(path)?),
         };
+        if let Some(observer) = &self.config.observer {
+            store.observe(observer.clone());
+        }
         let shutdown = watch::Sender::new(false);
         let inner = Arc::new(Inner {
             store,

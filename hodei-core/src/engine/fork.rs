@@ -55,6 +55,7 @@ impl Engine {
             }
             inner.store.append(&id, &rest, Some(&fork))?;
         }
+        inner.observe_start(&definition.name);
         let link = RecordedEvent {
             seq: history.len() as u64,
             at: now,

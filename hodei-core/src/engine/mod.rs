@@ -6,12 +6,14 @@
 //! ([`crate::driver`]), which tells it when its saga has finished.
 
 mod builder;
+mod census;
 mod children;
 mod config;
 mod filter;
 mod fork;
 mod handle;
 mod inspection;
+mod observing;
 mod operator;
 mod outcome;
 mod purge;
@@ -23,6 +25,7 @@ mod start;
 mod state;
 
 pub use builder::EngineBuilder;
+pub use census::Census;
 pub use config::EngineConfig;
 pub use filter::{Page, SagaFilter};
 pub use handle::{SagaHandle, TypedHandle};

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use super::state::{Engine, Inner};
+use crate::driver::final_status;
 use crate::error::Result;
 use crate::event::{Event, RecordedEvent, SagaRecord, SagaStatus};
 use crate::lock::lock;
@@ -43,6 +44,9 @@ impl Inner {
         let final_event =
             history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
         let live = self.new_live(record.clone(), next, final_event.is_some());
+        if let Ok(history) = &history {
+            self.observe_live(&live, history);
+        }
         let requests = history.as_ref().map(|h| Requests::of(h)).unwrap_or_default();
         if let Some(reason) = requests.cancel {
             // Known to the control too, so that a later cancel is not journaled twice.
@@ -121,13 +125,4 @@ impl Requests {
 /// The last event that says where the saga stands: links to other runs may follow it.
 pub(super) fn last_state(history: &[RecordedEvent]) -> Option<&RecordedEvent> {
     history.iter().rev().find(|r| !r.event.is_link())
-}
-
-pub(super) fn final_status(event: &Event) -> SagaStatus {
-    match event {
-        Event::SagaCompleted { .. } => SagaStatus::Completed,
-        Event::SagaCompensated { .. } => SagaStatus::Compensated,
-        Event::SagaCompensationFailed { .. } => SagaStatus::CompensationFailed,
-        _ => SagaStatus::Failed,
-    }
 }

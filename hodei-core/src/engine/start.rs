@@ -47,6 +47,8 @@ impl Engine {
                 Some(existing) => Err(existing),
                 None => {
                     let saga = inner.new_live(record, 1, false);
+                    inner.observe_live(&saga, std::slice::from_ref(&first));
+                    inner.observe_start(&definition.name);
                     live.insert(run.id.clone(), saga.clone());
                     Ok(saga)
                 }

@@ -10,12 +10,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result, StorageError};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
+use crate::observe::Observer;
 
 mod memory;
 #[cfg(feature = "sled")]
@@ -83,11 +85,19 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes a saga: its record, its journal and its index entry.
     fn remove(&self, id: &SagaId) -> Result<()>;
+
+    /// Tells `observer` about each group commit from now on
+    /// ([`Observer::journal_flushed`]), replacing any observer before. The engine calls it
+    /// when it starts with an observer. The default observes nothing: a store that makes
+    /// nothing durable has nothing to tell.
+    fn observe(&self, observer: Arc<dyn Observer>) {
+        let _ = observer;
+    }
 }
 
 /// A shared store is a store: lets several engines in turn (a restart in a test, say) or an
 /// engine and an inspector use one store.
-impl<T: EventStore + ?Sized> EventStore for std::sync::Arc<T> {
+impl<T: EventStore + ?Sized> EventStore for Arc<T> {
     fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>> {
         (**self).create(record, first)
     }
@@ -119,6 +129,9 @@ impl<T: EventStore + ?Sized> EventStore for std::sync::Arc<T> {
     }
     fn remove(&self, id: &SagaId) -> Result<()> {
         (**self).remove(id)
+    }
+    fn observe(&self, observer: Arc<dyn Observer>) {
+        (**self).observe(observer)
     }
 }
 

@@ -14,6 +14,7 @@ use super::{Durable, EventStore, check_sequence};
 use crate::codec::{FORMAT_V1, decode_record, decode_record_versioned, encode_record};
 use crate::error::{Error, Result, StorageError};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord};
+use crate::observe::Observer;
 
 mod acknowledged;
 
@@ -316,6 +317,10 @@ impl EventStore for SledStore {
         self.flusher.request()
     }
 
+    fn observe(&self, observer: Arc<dyn Observer>) {
+        self.flusher.shared.observer.set(observer);
+    }
+
     fn history(&self, id: &SagaId) -> Result<Vec<RecordedEvent>> {
         // Held across the read, as `append` holds it: an append ending the journal between the
         // read and the note below would leave a stale end noted, and refuse every later append.
@@ -520,6 +525,27 @@ struct FlushShared {
     queue: Mutex<FlushQueue>,
     wake: Condvar,
     flushes: std::sync::atomic::AtomicU64,
+    observer: FlushObserver,
+}
+
+/// Who is told of each group commit, if anyone ([`EventStore::observe`]).
+#[derive(Default)]
+struct FlushObserver(Mutex<Option<Arc<dyn Observer>>>);
+
+impl std::fmt::Debug for FlushObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("FlushObserver").field(&self.get().is_some()).finish()
+    }
+}
+
+impl FlushObserver {
+    fn get(&self) -> Option<Arc<dyn Observer>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, observer: Arc<dyn Observer>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -554,11 +580,15 @@ impl Flusher {
                     std::mem::take(&mut queue.waiters)
                 };
                 let position = last.next();
+                let began = Instant::now();
                 let result = flush_acknowledged(&db, &ack, position);
                 if result.is_ok() {
                     last = position;
                 }
                 worker.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(observer) = worker.observer.get() {
+                    observer.journal_flushed(began.elapsed(), batch.len());
+                }
                 for waiter in batch {
                     let _ = waiter.send(result.clone());
                 }

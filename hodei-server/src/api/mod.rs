@@ -16,8 +16,10 @@ mod auth;
 mod dashboard;
 mod error;
 mod logs;
+mod metrics;
 pub mod model;
 mod openapi;
+mod requests;
 mod runs;
 mod server;
 pub mod signature;
@@ -29,6 +31,7 @@ mod workers;
 
 pub use auth::{CSRF_HEADER, SESSION_COOKIE};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use metrics::MetricsAccess;
 pub use openapi::{ApiDoc, openapi_document};
 pub use server::{ApiServeError, ApiServer, ApiServerBuilder, DEFAULT_ADDR, MAX_BODY_BYTES, tls_config};
 pub use signature::{SIGNATURE_HEADER, SignatureError, verify_signature};

@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::model::*;
-use super::{admin, logs, runs, webhooks, workers};
+use super::{admin, logs, metrics, runs, webhooks, workers};
 
 /// The document.
 #[derive(Debug, OpenApi)]
@@ -21,7 +21,7 @@ use super::{admin, logs, runs, webhooks, workers};
         runs::pause, runs::resume, runs::retry_now, runs::retry_compensation,
         logs::read, workers::list, workers::drain, workers::remove, workers::metrics,
         admin::list_tokens, admin::issue_token, admin::revoke_token,
-        webhooks::trigger,
+        webhooks::trigger, metrics::scrape,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, Health, DefinitionView, StepShapeView, RunStatus, RunSummary, RunPage,
@@ -38,7 +38,7 @@ use super::{admin, logs, runs, webhooks, workers};
         (name = "definitions", description = "Registered saga definitions"),
         (name = "tokens", description = "API tokens (admin)"),
         (name = "webhooks", description = "Runs started by webhook deliveries"),
-        (name = "meta", description = "Health"),
+        (name = "meta", description = "Health and metrics"),
     )
 )]
 pub struct ApiDoc;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
 use axum::serve::ListenerExt;
+use axum::{Router, middleware};
 use hodei_agent::pki::{TlsIdentity, crypto_provider};
 use hodei_core::Engine;
 use tokio::net::TcpListener;
@@ -20,13 +20,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::error::ApiError;
+use super::metrics::{MetricsAccess, Scrapers};
 use super::openapi::openapi_json;
 use super::tokens::{ADMIN_TOKEN_FILE, API_DIR, TokenError, TokenStore};
 use super::webhooks::Webhook;
-use super::{admin, dashboard, logs, runs, webhooks, workers};
+use super::{admin, dashboard, logs, metrics, requests, runs, webhooks, workers};
 use crate::control_plane::ControlPlane;
 use crate::hub::Hub;
 use crate::logstore::LogStore;
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::scheduler::Scheduler;
 
@@ -49,6 +51,9 @@ pub(crate) struct ApiState {
     pub(crate) webhooks: Arc<BTreeMap<String, Webhook>>,
     /// Served over TLS: the session cookie is `Secure`.
     pub(crate) secure_cookies: bool,
+    /// What `/metrics` serves, if anything, and to whom.
+    pub(crate) metrics: Option<Metrics>,
+    pub(crate) scrapers: Arc<Scrapers>,
 }
 
 /// Why the API could not start.
@@ -74,6 +79,11 @@ pub enum ApiServeError {
     /// The token store could not be opened.
     #[error("the operator API's token store: {0}")]
     Tokens(#[from] TokenError),
+    /// Metrics open to anyone ([`MetricsAccess::Open`]) on an address other machines reach.
+    #[error(
+        "refusing to serve /metrics without a token on {0}: open metrics are for loopback; give a scrape token (MetricsAccess::ScrapeToken)"
+    )]
+    OpenMetrics(SocketAddr),
 }
 
 /// A TLS configuration for [`ApiServerBuilder::tls`] from a certificate chain (PEM, leaf
@@ -107,6 +117,8 @@ pub struct ApiServerBuilder {
     scheduler: Option<Scheduler>,
     tls: Option<Arc<rustls::ServerConfig>>,
     webhooks: BTreeMap<String, Webhook>,
+    metrics: Option<Metrics>,
+    metrics_access: MetricsAccess,
 }
 
 impl ApiServerBuilder {
@@ -159,11 +171,28 @@ impl ApiServerBuilder {
         self
     }
 
+    /// Serves `metrics` at `/metrics`, in Prometheus' text format, and counts the API's requests
+    /// there. Who may read them: [`metrics_access`](Self::metrics_access). Without it,
+    /// `/metrics` answers 404.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Who may read `/metrics`: by default any of the API's tokens.
+    pub fn metrics_access(mut self, access: MetricsAccess) -> Self {
+        self.metrics_access = access;
+        self
+    }
+
     /// Opens the token store (issuing the first admin token on the first start), binds and
     /// serves until [`ApiServer::shutdown`].
     pub async fn serve(self) -> Result<ApiServer, ApiServeError> {
         if !self.addr.ip().is_loopback() && self.tls.is_none() {
             return Err(ApiServeError::NeedsTls(self.addr));
+        }
+        if matches!(self.metrics_access, MetricsAccess::Open) && !self.addr.ip().is_loopback() {
+            return Err(ApiServeError::OpenMetrics(self.addr));
         }
         let (tokens, first_admin) = TokenStore::open(&self.data_dir)?;
         let admin_token_file = first_admin.map(|_| self.data_dir.join(API_DIR).join(ADMIN_TOKEN_FILE));
@@ -175,6 +204,8 @@ impl ApiServerBuilder {
             scheduler: self.scheduler,
             webhooks: Arc::new(self.webhooks),
             secure_cookies: self.tls.is_some(),
+            scrapers: Arc::new(Scrapers::from(&self.metrics_access)),
+            metrics: self.metrics,
         };
         let listener = TcpListener::bind(self.addr)
             .await
@@ -234,12 +265,20 @@ impl ApiServer {
             scheduler: None,
             tls: None,
             webhooks: BTreeMap::new(),
+            metrics: None,
+            metrics_access: MetricsAccess::default(),
         }
     }
 
-    /// An API over a node's engine and control plane, with its tokens in the node's directory.
+    /// An API over a node's engine and control plane, with its tokens in the node's directory,
+    /// serving the node's [`metrics`](crate::NodeBuilder::metrics) if it has them.
     pub fn for_node(node: &Node) -> ApiServerBuilder {
-        Self::builder(node.engine().clone(), node.data_dir()).control_plane(node.control_plane())
+        let builder =
+            Self::builder(node.engine().clone(), node.data_dir()).control_plane(node.control_plane());
+        match node.metrics() {
+            Some(metrics) => builder.metrics(metrics.clone()),
+            None => builder,
+        }
     }
 
     /// The address it listens on.
@@ -265,7 +304,7 @@ impl ApiServer {
 }
 
 fn router(state: ApiState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(dashboard::index))
         .route("/assets/{file}", get(dashboard::asset_file))
         .route("/api/v1/health", get(admin::health))
@@ -290,6 +329,7 @@ fn router(state: ApiState) -> Router {
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::issue_token))
         .route("/api/v1/tokens/{name}", delete(admin::revoke_token))
         .route("/api/v1/hooks/{name}", post(webhooks::trigger))
+        .route("/metrics", get(metrics::scrape))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -298,8 +338,13 @@ fn router(state: ApiState) -> Router {
                 "method not allowed here",
             )
         })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    // Outermost, so that it sees every answer, refusals of the body cap included.
+    let routes = match state.metrics.clone() {
+        Some(metrics) => routes.layer(middleware::from_fn_with_state(metrics, requests::count)),
+        None => routes,
+    };
+    routes.with_state(state)
 }
 
 /// Accepted TLS connections: handshakes run in their own tasks, so a slow or silent client

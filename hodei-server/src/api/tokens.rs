@@ -328,7 +328,7 @@ fn check_name(name: &str) -> Result<(), TokenError> {
     if valid { Ok(()) } else { Err(TokenError::InvalidName(name.to_owned())) }
 }
 
-fn digest(secret: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(secret: &[u8]) -> [u8; 32] {
     let mut out = [0; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, secret).as_ref());
     out

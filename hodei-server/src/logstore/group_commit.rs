@@ -1,7 +1,9 @@
 //! Making what was written durable, one fsync for every batch written meanwhile.
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::disk::blocking;
 use super::error::{LogStoreError, io_error};
@@ -32,17 +34,13 @@ impl LogStore {
                     match &s.file {
                         Some(file) => due.push((stream, Arc::clone(file), s.stored, s.generation)),
                         // A failed write dropped the writer: reopening reconciles and syncs.
-                        None => sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await?,
+                        None => self.sync_locked(&handle.dir, &mut state, stream).await?,
                     }
                 }
                 handle.publish(&state);
             }
             for (stream, file, upto, generation) in due {
-                let synced = blocking({
-                    let file = Arc::clone(&file);
-                    move || file.sync_data()
-                })
-                .await;
+                let synced = self.fsync(&file).await;
                 let mut state = handle.lock().await?;
                 let s = state.stream_mut(stream);
                 // A file cut or replaced meanwhile is not what this fsync covered.
@@ -65,33 +63,43 @@ impl LogStore {
     }
 }
 
-/// Makes what `stream` has written durable, holding the job's lock: for appends and the close.
-pub(super) async fn sync_locked(
-    dir: &Path,
-    logs_dir: &Path,
-    state: &mut JobState,
-    stream: LogStream,
-) -> Result<(), LogStoreError> {
-    let s = state.stream_mut(stream);
-    if s.synced >= s.stored {
-        return Ok(());
-    }
-    // Opening a writer syncs the file, so a stream without one is durable once it has one.
-    let reopened = s.file.is_none();
-    let file = state.open_writer(dir, logs_dir, stream).await?;
-    let s = state.stream_mut(stream);
-    if !reopened {
-        let synced = blocking({
-            let file = Arc::clone(&file);
-            move || file.sync_data()
-        })
-        .await;
-        if let Err(error) = synced {
+impl LogStore {
+    /// Makes what `stream` has written durable, holding the job's lock: for appends and the
+    /// close.
+    pub(super) async fn sync_locked(
+        &self,
+        dir: &Path,
+        state: &mut JobState,
+        stream: LogStream,
+    ) -> Result<(), LogStoreError> {
+        let s = state.stream_mut(stream);
+        if s.synced >= s.stored {
+            return Ok(());
+        }
+        // Opening a writer syncs the file, so a stream without one is durable once it has one.
+        let reopened = s.file.is_none();
+        let file = state.open_writer(dir, &self.logs_dir, stream).await?;
+        let s = state.stream_mut(stream);
+        if !reopened && let Err(error) = self.fsync(&file).await {
             s.roll_back(&file).await;
             return Err(io_error("syncing", &dir.join(stream.file_name()))(error));
         }
+        s.mark_synced(s.stored);
+        s.file = Some(file);
+        Ok(())
     }
-    s.mark_synced(s.stored);
-    s.file = Some(file);
-    Ok(())
+
+    /// One fsync of a log file's data, timed for the metrics.
+    async fn fsync(&self, file: &Arc<File>) -> std::io::Result<()> {
+        let began = Instant::now();
+        let synced = blocking({
+            let file = Arc::clone(file);
+            move || file.sync_data()
+        })
+        .await;
+        if let Some(metrics) = self.metrics.get() {
+            metrics.log_fsynced(began.elapsed());
+        }
+        synced
+    }
 }

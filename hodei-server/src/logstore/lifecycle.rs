@@ -6,7 +6,6 @@ use tokio::fs;
 
 use super::disk::replace_file;
 use super::error::{LogStoreError, io_error};
-use super::group_commit::sync_locked;
 use super::job_id::encode_job_id;
 use super::state_record::{StateRecord, write_state};
 use super::store::LogStore;
@@ -65,7 +64,7 @@ impl LogStore {
             state.ensure_dir(&handle.dir, &self.logs_dir).await?;
             // The log is complete before its end or result is recorded.
             for stream in LogStream::ALL {
-                sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await?;
+                self.sync_locked(&handle.dir, &mut state, stream).await?;
             }
             if let Some(result) = result {
                 let mut record = Vec::with_capacity(result.len() + 1);

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as SyncMutex, PoisonError};
+use std::sync::{Arc, Mutex as SyncMutex, OnceLock, PoisonError};
 
 use tokio::fs;
 
@@ -13,6 +13,7 @@ use super::error::{LogStoreError, io_error};
 use super::job::{Job, JobState};
 use super::job_id::encode_job_id;
 use super::status::LogStatus;
+use crate::metrics::Metrics;
 
 /// The store of every job's logs. One per directory: it holds a lock on `<data_dir>/logs`.
 #[derive(Debug)]
@@ -22,6 +23,8 @@ pub struct LogStore {
     /// Jobs with an open log, and closed ones while an operation is on them; closed jobs are
     /// dropped from here so that they hold no file handles.
     pub(super) jobs: SyncMutex<HashMap<String, Arc<Job>>>,
+    /// Set once, by [`LogStore::record_metrics`]; the store is shared by then.
+    pub(super) metrics: OnceLock<Metrics>,
     _lock: std::fs::File,
 }
 
@@ -46,7 +49,13 @@ impl LogStore {
             sync_dir(data_dir).await?;
         }
         let lock = lock_dir(logs_dir.clone()).await?;
-        Ok(Self { logs_dir, config, jobs: SyncMutex::default(), _lock: lock })
+        Ok(Self { logs_dir, config, jobs: SyncMutex::default(), metrics: OnceLock::new(), _lock: lock })
+    }
+
+    /// Counts the bytes of the batches written to it, and times its fsyncs, in `metrics`. Only
+    /// the first call counts.
+    pub fn record_metrics(&self, metrics: Metrics) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// The configuration the store was opened with.

@@ -9,7 +9,6 @@ use prost::bytes::Bytes;
 use super::batch::Batch;
 use super::disk::blocking;
 use super::error::{LogStoreError, io_error};
-use super::group_commit::sync_locked;
 use super::job::{Job, JobState};
 use super::overlap::check_overlap;
 use super::state_record::{Cut, write_state};
@@ -36,7 +35,7 @@ impl LogStore {
             let mut state = handle.lock().await?;
             let mut result = self.write_locked(job, &handle, &mut state, stream, offset, &bytes).await;
             if result.is_ok() {
-                result = sync_locked(&handle.dir, &self.logs_dir, &mut state, stream).await;
+                result = self.sync_locked(&handle.dir, &mut state, stream).await;
             }
             handle.publish(&state);
             result.map(|()| state.stream_mut(stream).ack())
@@ -80,6 +79,9 @@ impl LogStore {
         offset: u64,
         bytes: &Bytes,
     ) -> Result<(), LogStoreError> {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.log_received(stream, bytes.len());
+        }
         if state.closed {
             return Err(LogStoreError::Closed { job: id.to_owned() });
         }
