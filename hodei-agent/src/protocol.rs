@@ -15,7 +15,7 @@ pub mod v1 {
 use v1::ProtocolVersion;
 
 /// The protocol this build speaks.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// The per-job bound on unacknowledged output that a peer of protocol 1.0, which does not
 /// negotiate it, keeps to.
@@ -134,6 +134,8 @@ impl fmt::Debug for v1::JobSpec {
             .field("timeout_ms", &self.timeout_ms)
             .field("cancel_grace_ms", &self.cancel_grace_ms)
             .field("resources", &self.resources)
+            .field("traceparent", &self.traceparent)
+            .field("tracestate", &self.tracestate)
             .finish()
     }
 }

@@ -196,6 +196,9 @@ impl Replay {
                 // Whether the saga is paused is the engine's to restore (see `journaled_pause`):
                 // it changes when operations run, never what they return.
                 Event::Paused { .. } | Event::Resumed { .. } => {}
+                // Where the spans go, not what the body does: read by the engine when it spawns
+                // the driver.
+                Event::TraceStarted { .. } => {}
                 Event::RetryNowRequested { .. } => {
                     let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
                     let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);
