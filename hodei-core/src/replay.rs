@@ -324,6 +324,30 @@ mod tests {
     }
 
     #[test]
+    fn a_journaled_trace_context_changes_nothing_replay_decides() {
+        let plain = [
+            at(0, Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] }),
+            at(1, Event::StepStarted { step: 0, name: "a".into(), input: vec![1], compensable: true }),
+            at(2, Event::StepCompleted { step: 0, output: vec![9] }),
+            at(3, Event::TimerStarted { key: "1".into(), due: Timestamp(50) }),
+        ];
+        let mut traced = plain.to_vec();
+        let context = Event::TraceStarted {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: String::new(),
+        };
+        traced.insert(1, at(1, context));
+        for (seq, recorded) in traced.iter_mut().enumerate() {
+            recorded.seq = seq as u64;
+        }
+        let (plain, traced) = (Replay::new(&plain).unwrap(), Replay::new(&traced).unwrap());
+        assert_eq!(traced.keys, plain.keys);
+        assert_eq!(traced.next_step, plain.next_step);
+        assert_eq!(traced.steps[&0].completed, plain.steps[&0].completed);
+        assert!(matches!(traced.op("1"), Some((_, RecordedOp::Timer { fired: false, .. }))));
+    }
+
+    #[test]
     fn operator_requests_are_replayed_as_the_first_run_saw_them() {
         let history = [
             at(0, Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] }),
