@@ -19,6 +19,13 @@
 //! they wait. `--addr` picks another address (a non-loopback one needs TLS, which this example
 //! does not set up, and is refused); `--data` another directory; `--accept-data-loss` opens a
 //! directory that lost acknowledged writes.
+//!
+//! Logs go to stderr, as JSON lines with `HODEI_LOG_FORMAT=json` (each line inside a step
+//! names its saga and step). Built with `--features otel` and given
+//! `OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317`, it exports one trace per pipeline.
+
+#[path = "support/logging.rs"]
+mod logging;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -231,7 +238,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match serve(args).await {
+    let logging = match logging::init("ci_pipeline") {
+        Ok(logging) => logging,
+        Err(e) => {
+            eprintln!("error: logs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let served = serve(args).await;
+    logging.shutdown().await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -100,6 +100,13 @@ pub use hodei_server::jobs;
 #[cfg_attr(docsrs, doc(cfg(feature = "workers")))]
 pub use hodei_server::{ControlPlane, ControlPlaneBuilder, ControlPlaneError, Node, NodeBuilder, NodeError};
 
+/// OTLP export of the spans (feature `otel`): [`Otlp`](telemetry::Otlp), [`init_otlp`](telemetry::init_otlp).
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub use hodei_core::telemetry;
+/// Trace context: where a saga's spans sit in a distributed trace.
+pub use hodei_core::trace;
+
 #[doc(hidden)]
 pub use hodei_core::__private;
 pub use hodei_core::store;

@@ -15,7 +15,7 @@ pub mod v1 {
 use v1::ProtocolVersion;
 
 /// The protocol this build speaks.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// The per-job bound on unacknowledged output that a peer of protocol 1.0, which does not
 /// negotiate it, keeps to.
@@ -134,6 +134,8 @@ impl fmt::Debug for v1::JobSpec {
             .field("timeout_ms", &self.timeout_ms)
             .field("cancel_grace_ms", &self.cancel_grace_ms)
             .field("resources", &self.resources)
+            .field("traceparent", &self.traceparent)
+            .field("tracestate", &self.tracestate)
             .finish()
     }
 }
@@ -212,6 +214,42 @@ mod tests {
         let status = tonic::Status::from(newer);
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert_eq!(negotiate(v(1, 0), None), Err(VersionMismatch::Missing));
+    }
+
+    #[test]
+    fn the_trace_fields_of_1_2_round_trip_and_are_empty_from_an_older_peer() {
+        use prost::Message;
+        assert_eq!(PROTOCOL, v(1, 2));
+        let spec = v1::JobSpec {
+            job_id: "s/0#1".into(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: "congo=t61".into(),
+            ..Default::default()
+        };
+        assert_eq!(v1::JobSpec::decode(spec.encode_to_vec().as_slice()).unwrap(), spec);
+        // What a 1.1 hub sends: the same message without the new fields.
+        let older = v1::JobSpec { traceparent: String::new(), tracestate: String::new(), ..spec.clone() };
+        let decoded = v1::JobSpec::decode(older.encode_to_vec().as_slice()).unwrap();
+        assert!(decoded.traceparent.is_empty() && decoded.tracestate.is_empty());
+        let span = v1::Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            parent_span_id: vec![3; 8],
+            name: "job.run".into(),
+            start_unix_nanos: 1,
+            end_unix_nanos: 2,
+            attributes: [("hodei.outcome".to_owned(), "ok".to_owned())].into(),
+            error: String::new(),
+        };
+        let result = v1::JobResult { job_id: "s/0#1".into(), spans: vec![span], ..Default::default() };
+        assert_eq!(v1::JobResult::decode(result.encode_to_vec().as_slice()).unwrap(), result);
+        // A 1.1 hub reads a 1.2 result as it always did: an unknown field is skipped.
+        let as_before = v1::JobResult { spans: Vec::new(), ..result.clone() };
+        assert_eq!(
+            v1::ResultAck::decode(result.encode_to_vec().as_slice()).unwrap().job_id,
+            as_before.job_id,
+            "field 1 still decodes with the unknown ones skipped"
+        );
     }
 
     #[test]

@@ -415,6 +415,17 @@ pub enum Event {
         /// The JSON Schema (draft 2020-12) of the payload, as JSON text.
         schema: String,
     },
+    /// Where the saga's spans sit in a distributed trace: the W3C context of its `saga.start`
+    /// span, written with the saga's first step (staged: it costs no flush of its own). Every
+    /// run of the driver, the first and each one after a restart, is a child of it, so a
+    /// resumed saga continues its trace. Written only while spans are exported; a journal
+    /// without it (older, or exported since) starts a fresh trace on each resumption.
+    TraceStarted {
+        /// The W3C `traceparent` value.
+        traceparent: String,
+        /// The W3C `tracestate` value, empty for none.
+        tracestate: String,
+    },
     // Later events are appended here (see the compatibility rule at the top of this module).
 }
 
@@ -460,6 +471,18 @@ impl Event {
             // No other variant of the old format has a payload, and variants added since never
             // occur in old records.
             _ => {}
+        }
+    }
+
+    /// The trace context this event journals, if it is [`Event::TraceStarted`] and holds a
+    /// valid one. A malformed one (a damaged or foreign journal) is ignored: the run starts a
+    /// fresh trace.
+    pub fn trace_context(&self) -> Option<crate::trace::TraceContext> {
+        match self {
+            Event::TraceStarted { traceparent, tracestate } => {
+                crate::trace::TraceContext::parse_or_ignore(traceparent, tracestate, "journal")
+            }
+            _ => None,
         }
     }
 
@@ -633,6 +656,10 @@ mod tests {
             Event::RetryNowRequested { by: "ops".into() },
             Event::CompensationRetryRequested { by: "ops".into() },
             Event::SignalWaitExpects { key: "2".into(), schema: "{}".into() },
+            Event::TraceStarted {
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                tracestate: String::new(),
+            },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();

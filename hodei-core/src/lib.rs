@@ -112,8 +112,13 @@ mod retry;
 mod saga;
 mod step_context;
 pub mod store;
+/// OTLP export of the engine's spans.
+#[cfg(feature = "otel")]
+#[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
+pub mod telemetry;
 mod timeline;
 mod timers;
+pub mod trace;
 
 pub use bus::{EngineEvent, EngineEventKind};
 pub use codec::{PayloadCodec, PayloadError, payload_codec, payload_to_json};

@@ -198,6 +198,9 @@ impl Replay {
                 Event::Paused { .. } | Event::Resumed { .. } => {}
                 // What a wait expects is for operators; the wait's own event follows it.
                 Event::SignalWaitExpects { .. } => {}
+                // Where the spans go, not what the body does: read by the engine when it spawns
+                // the driver.
+                Event::TraceStarted { .. } => {}
                 Event::RetryNowRequested { .. } => {
                     let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
                     let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);
@@ -320,6 +323,30 @@ mod tests {
         let replay = Replay::new(&more).unwrap();
         assert_eq!(replay.steps[&1].attempts.started, 2);
         assert!(replay.steps[&1].attempts.interrupted(), "attempt 2 started and never reported");
+    }
+
+    #[test]
+    fn a_journaled_trace_context_changes_nothing_replay_decides() {
+        let plain = [
+            at(0, Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] }),
+            at(1, Event::StepStarted { step: 0, name: "a".into(), input: vec![1], compensable: true }),
+            at(2, Event::StepCompleted { step: 0, output: vec![9] }),
+            at(3, Event::TimerStarted { key: "1".into(), due: Timestamp(50) }),
+        ];
+        let mut traced = plain.to_vec();
+        let context = Event::TraceStarted {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: String::new(),
+        };
+        traced.insert(1, at(1, context));
+        for (seq, recorded) in traced.iter_mut().enumerate() {
+            recorded.seq = seq as u64;
+        }
+        let (plain, traced) = (Replay::new(&plain).unwrap(), Replay::new(&traced).unwrap());
+        assert_eq!(traced.keys, plain.keys);
+        assert_eq!(traced.next_step, plain.next_step);
+        assert_eq!(traced.steps[&0].completed, plain.steps[&0].completed);
+        assert!(matches!(traced.op("1"), Some((_, RecordedOp::Timer { fired: false, .. }))));
     }
 
     #[test]

@@ -86,6 +86,10 @@ impl fmt::Display for Timeline<'_> {
                 Event::CompensationFailed { step, error } => {
                     format!("compensation of {} failed for good: {error}", name(step))
                 }
+                Event::TraceStarted { traceparent, .. } => match recorded.event.trace_context() {
+                    Some(context) => format!("traced as {}", context.trace_id_hex()),
+                    None => format!("trace context ignored: `{traceparent}` is malformed"),
+                },
                 Event::SagaCompleted { .. } => "saga completed".into(),
                 Event::SagaFailed { cause } => format!("saga failed: {cause}"),
                 Event::SagaCompensated { .. } => "saga compensated".into(),
@@ -126,5 +130,21 @@ mod tests {
              \x20 +   40 ms  #2   build failed for good: exit 1\n\
              \x20 +   41 ms  #3   saga stopped: compensation of build failed; left undone: build\n"
         );
+    }
+
+    #[test]
+    fn a_journaled_trace_context_shows_its_trace_id() {
+        let traced = |traceparent: &str| {
+            let at = |seq, event| RecordedEvent { seq, at: Timestamp(5), event };
+            let journal = [
+                at(0, Event::SagaStarted { definition: "ci".into(), version: 1, input: vec![] }),
+                at(1, Event::TraceStarted { traceparent: traceparent.into(), tracestate: String::new() }),
+            ];
+            Timeline(&journal).to_string()
+        };
+        let good = traced("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(good.ends_with("#1   traced as 4bf92f3577b34da6a3ce929d0e0e4736\n"), "{good}");
+        let bad = traced("00-nonsense");
+        assert!(bad.ends_with("#1   trace context ignored: `00-nonsense` is malformed\n"), "{bad}");
     }
 }

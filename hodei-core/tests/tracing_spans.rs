@@ -63,9 +63,16 @@ async fn sagas_and_steps_have_spans_with_their_ids_and_names() {
 
     let spans = recorder.spans.lock().unwrap().clone();
     assert!(
-        spans.contains(&"saga saga.id=build-7 saga.definition=ci saga.version=3".to_string()),
+        spans.contains(
+            &"saga hodei.saga.id=build-7 hodei.saga.definition=ci hodei.saga.version=3".to_string()
+        ),
         "{spans:?}"
     );
-    assert!(spans.contains(&"step saga.id=build-7 step.name=compile step.index=0".to_string()), "{spans:?}");
-    assert!(spans.contains(&"step saga.id=build-7 step.name=test step.index=1".to_string()), "{spans:?}");
+    for (index, name) in ["compile", "test"].iter().enumerate() {
+        let step = format!(
+            "step hodei.saga.id=build-7 hodei.step.name={name} hodei.step.index={index} hodei.step.key={index}"
+        );
+        assert!(spans.contains(&step), "{spans:?}");
+    }
+    assert_eq!(spans.iter().filter(|s| s.starts_with("attempt hodei.attempt=1")).count(), 2, "{spans:?}");
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use tokio::sync::mpsc;
 
 use super::outbox::{Outbox, Outboxes};
+use super::trace::JobTrace;
 use super::wire::job_result;
 use crate::protocol::now_unix_ms;
 use crate::protocol::v1;
@@ -22,6 +23,8 @@ pub(super) struct JobTask {
     pub(super) outbox: Arc<Outbox>,
     pub(super) cancels: Cancels,
     pub(super) reason: Arc<OnceLock<String>>,
+    /// The run's span, when the hub traces the job.
+    pub(super) trace: Option<JobTrace>,
 }
 
 impl JobTask {
@@ -32,6 +35,7 @@ impl JobTask {
         mut samples: mpsc::Receiver<runner::MetricsSample>,
     ) {
         let job_id = self.outbox.job_id().to_owned();
+        let pid = job.pid();
         let source = job.metrics_source().clone();
         let wait = job.wait();
         tokio::pin!(wait);
@@ -56,7 +60,9 @@ impl JobTask {
         while let Some(batch) = batches.recv().await {
             self.keep(batch).await;
         }
-        self.outbox.finish(job_result(&job_id, finished, &source, self.reason.get()));
+        let mut result = job_result(&job_id, finished, &source, self.reason.get());
+        result.spans.extend(self.trace.as_ref().map(|trace| trace.finish(&result, pid)));
+        self.outbox.finish(result);
         self.outboxes.notify();
         self.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);
     }

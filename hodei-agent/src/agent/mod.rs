@@ -17,6 +17,7 @@ mod rotation;
 mod session;
 mod settings;
 mod status;
+mod trace;
 mod wire;
 mod worker;
 

@@ -99,5 +99,6 @@ pub(super) fn job_result(
         memory_peak_bytes: metrics.peak_memory_bytes.unwrap_or(0),
         wall_time_ms: u64::try_from(metrics.wall.as_millis()).unwrap_or(u64::MAX),
         metrics_source: metrics_source.to_owned(),
+        spans: Vec::new(),
     }
 }

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use super::job_task::{CancelMap, Cancels, JobTask};
 use super::outbox::Outboxes;
 use super::status::say;
+use super::trace::JobTrace;
 use super::wire::job_spec;
 use crate::pki::{AgentKey, TlsIdentity, WorkerCertificate};
 use crate::protocol::v1;
@@ -43,11 +44,16 @@ impl Worker {
     /// Starts the job, or records at once that it could not start. A job the agent already
     /// holds (a re-assignment after a reconnect) goes on as it is: its output and result are
     /// resent by every new session anyway.
-    pub(super) fn start(&mut self, runner: &JobRunner, spec: v1::JobSpec) {
+    pub(super) fn start(&mut self, runner: &JobRunner, mut spec: v1::JobSpec) {
         let job_id = spec.job_id.clone();
         if self.outboxes.contains(&job_id) {
             tracing::info!(job = %job_id, "job re-attached");
             return;
+        }
+        let trace = JobTrace::from_spec(&spec);
+        for (name, value) in trace.iter().flat_map(JobTrace::env) {
+            // A value the job sets itself is its own to keep.
+            spec.env.entry(name).or_insert(value);
         }
         // Sized like the runner's batches, so output waits in the pipe, not here.
         let (logs, batches) = mpsc::channel(16);
@@ -64,16 +70,18 @@ impl Worker {
                     outbox,
                     cancels: self.cancels.clone(),
                     reason,
+                    trace,
                 };
                 self.tasks.spawn(task.run(job, batches, metrics));
             }
             Err(e) => {
                 say(self.status_to_stderr, format_args!("job {job_id} could not start: {e}"));
-                let result = v1::JobResult {
+                let mut result = v1::JobResult {
                     job_id: job_id.clone(),
                     outcome: Some(v1::job_result::Outcome::FailedToStart(e.to_string())),
                     ..v1::JobResult::default()
                 };
+                result.spans.extend(trace.map(|trace| trace.finish(&result, 0)));
                 if let Some(outbox) = self.outboxes.open(&job_id, 0) {
                     outbox.finish(result);
                     self.outboxes.notify();

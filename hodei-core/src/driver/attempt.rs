@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::control::Control;
 use super::interrupt::Interrupt;
@@ -20,6 +21,34 @@ pub(super) enum Attempted<T> {
     /// With the number of attempts started so far (in the journal): a step stopped after it
     /// started has its end journaled.
     Stopped(Interrupt, u32),
+}
+
+/// Records how a step or compensation ended on its span: `hodei.outcome`, and the error
+/// status trace viewers show.
+pub(super) fn record_outcome<T>(span: &tracing::Span, attempted: &Attempted<T>) {
+    match attempted {
+        Attempted::Done(result) => record_result(span, result),
+        Attempted::Stopped(Interrupt::Cancelled(_) | Interrupt::BranchCancelled(_), _) => {
+            span.record("hodei.outcome", "cancelled");
+        }
+        Attempted::Stopped(..) => {
+            span.record("hodei.outcome", "interrupted");
+        }
+    }
+}
+
+/// Records one result on its span (an attempt's, or its step's last).
+fn record_result<T>(span: &tracing::Span, result: &Result<T, StepError>) {
+    match result {
+        Ok(_) => {
+            span.record("hodei.outcome", "ok");
+        }
+        Err(e) => {
+            span.record("hodei.outcome", if e.is_retryable() { "retryable_error" } else { "error" });
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", e.message());
+        }
+    }
 }
 
 /// What cancels a step's attempts: its saga's cancel, and its branch's.
@@ -174,14 +203,26 @@ where
                 return Attempted::Stopped(Interrupt::Storage(e.to_string()), history.started);
             }
             history = Attempts { started: n, retry_at: None };
-            let running = async {
-                match self.timeout {
-                    None => attempt(n).await,
-                    Some(limit) => tokio::time::timeout(limit, attempt(n)).await.unwrap_or_else(|_| {
+            let span = tracing::info_span!(
+                "attempt",
+                hodei.attempt = n,
+                hodei.outcome = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+            );
+            let recorded = span.clone();
+            let future = attempt(n);
+            let running = async move {
+                let result = match self.timeout {
+                    None => future.await,
+                    Some(limit) => tokio::time::timeout(limit, future).await.unwrap_or_else(|_| {
                         Err(StepError::retryable(format!("{} timed out after {limit:?}", self.what)))
                     }),
-                }
-            };
+                };
+                record_result(&recorded, &result);
+                result
+            }
+            .instrument(span);
             // A running attempt is stopped by a cancel (of its saga or its branch), not by
             // shutdown: shutdown lets running steps finish up to its deadline. A stopped attempt
             // is told why and may wind down (a remote job is cancelled and waited for) before

@@ -2,7 +2,7 @@
 
 use tracing::Instrument;
 
-use super::attempt::{AttemptLog, Attempted};
+use super::attempt::{AttemptLog, Attempted, record_outcome};
 use super::ending::{finish, park, unwritable};
 use super::interrupt::Interrupt;
 use super::live::LiveSaga;
@@ -69,21 +69,32 @@ pub(super) async fn compensate(live: &LiveSaga, shared: &SagaShared, cause: Stri
                         retry_at,
                     },
                 };
-                let span = tracing::info_span!("compensation", saga.id = %shared.id, step.name = %pending.name, step.index = step);
-                log.run(history.attempts, |attempt| {
-                    (pending.spec.run)(RawCompensation {
-                        saga_id: shared.id.clone(),
-                        step,
-                        name: pending.name.clone(),
-                        attempt,
-                        idempotency_key: key.clone(),
-                        input: pending.input.clone(),
-                        output: pending.output.clone(),
-                        resources: shared.host.resources.clone(),
+                let span = tracing::info_span!(
+                    "compensation",
+                    hodei.saga.id = %shared.id,
+                    hodei.step.name = %pending.name,
+                    hodei.step.index = step,
+                    hodei.outcome = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                    otel.status_description = tracing::field::Empty,
+                );
+                let attempted = log
+                    .run(history.attempts, |attempt| {
+                        (pending.spec.run)(RawCompensation {
+                            saga_id: shared.id.clone(),
+                            step,
+                            name: pending.name.clone(),
+                            attempt,
+                            idempotency_key: key.clone(),
+                            input: pending.input.clone(),
+                            output: pending.output.clone(),
+                            resources: shared.host.resources.clone(),
+                        })
                     })
-                })
-                .instrument(span)
-                .await
+                    .instrument(span.clone())
+                    .await;
+                record_outcome(&span, &attempted);
+                attempted
             }
         };
         let written = match result {

@@ -33,6 +33,7 @@ impl SagaShared {
             Some(other) => self.mismatch(&key, format!("runs the branches `{name}`"), other).await,
             None => {
                 self.go_live(scope, &format!("the branches `{name}`")).await;
+                tracing::info!(hodei.group.key = %key, hodei.group.name = name, count, ?mode, "branches started");
                 self.staged(Event::BranchesStarted { key: key.clone(), name: name.to_owned(), count, mode })
                     .await;
                 OpenGroup { key, finished: Vec::new() }
@@ -42,6 +43,10 @@ impl SagaShared {
 
     /// Journals a branch's end, in the order branches end.
     pub async fn branch_finished(&self, key: &str, branch: u32, error: Option<(String, bool)>) {
+        match &error {
+            None => tracing::info!(hodei.group.key = key, branch, "branch finished"),
+            Some((error, _)) => tracing::info!(hodei.group.key = key, branch, error, "branch failed"),
+        }
         self.staged(Event::BranchFinished { key: key.to_owned(), branch, error }).await
     }
 

@@ -60,6 +60,7 @@ impl SagaShared {
             }
         };
         tokio::pin!(deadline);
+        tracing::info!(hodei.signal.name = name, hodei.signal.key = %key, "waiting for a signal");
         loop {
             // Subscribed before looking, so that a signal delivered in between wakes us.
             let mut arrivals = self.control.arrivals.subscribe();

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::attempt::{AttemptLog, Attempted, Cancels};
+use super::attempt::{AttemptLog, Attempted, Cancels, record_outcome};
 use super::interrupt::Interrupt;
 use super::scope::Scope;
 use super::shared::{Pending, SagaShared};
@@ -158,7 +158,17 @@ impl SagaShared {
             failed: |attempt, error, retry_at| Event::StepAttemptFailed { step, attempt, error, retry_at },
         };
         let history = recorded.map(|(_, r)| r.attempts.clone()).unwrap_or_default();
-        let span = tracing::info_span!("step", saga.id = %self.id, step.name = %spec.name, step.index = step);
+        // Only a step that runs live has a span: one the journal answers did no work now.
+        let span = tracing::info_span!(
+            "step",
+            hodei.saga.id = %self.id,
+            hodei.step.name = %spec.name,
+            hodei.step.index = step,
+            hodei.step.key = %key,
+            hodei.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
         let attempted = log
             .run(history, |n| {
                 let ctx = StepContext {
@@ -172,8 +182,9 @@ impl SagaShared {
                 };
                 attempt(ctx, &spec.input)
             })
-            .instrument(span)
+            .instrument(span.clone())
             .await;
+        record_outcome(&span, &attempted);
         let result = match attempted {
             Attempted::Stopped(why, started) => {
                 if let Interrupt::Cancelled(reason) | Interrupt::BranchCancelled(reason) = &why {

@@ -1,3 +1,5 @@
+use tracing::Instrument;
+
 use super::scope::Scope;
 use super::shared::SagaShared;
 use crate::event::{Event, Timestamp};
@@ -23,7 +25,9 @@ impl SagaShared {
                 (due, waiting)
             }
         };
-        self.interruptible(scope, self.host.timers.sleep_until(due)).await;
+        // Only the wait this run does has a span: a timer the journal says fired has none.
+        let span = tracing::info_span!("timer", hodei.timer.key = %key, hodei.timer.due = %due.to_rfc3339());
+        self.interruptible(scope, self.host.timers.sleep_until(due)).instrument(span).await;
         drop(waiting);
         // Staged: if it is lost in a crash, replay waits again for a due time already past.
         self.staged(Event::TimerFired { key }).await;

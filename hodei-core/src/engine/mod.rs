@@ -23,6 +23,7 @@ mod requests;
 mod shutdown;
 mod start;
 mod state;
+mod traced;
 
 pub use builder::EngineBuilder;
 pub use census::Census;

@@ -8,6 +8,7 @@ use tracing::Instrument;
 
 use super::config::EngineConfig;
 use super::registry::Registry;
+use super::traced;
 use crate::bus::EngineEvent;
 use crate::driver::{Control, Host, Journal, LiveSaga, Scope, drive};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
@@ -85,13 +86,14 @@ impl Inner {
         definition: SagaDefinition,
         history: Vec<RecordedEvent>,
     ) {
-        let record = live.journal.record();
-        let span = tracing::info_span!(
-            "saga",
-            saga.id = %record.id,
-            saga.definition = %record.definition,
-            saga.version = record.version
-        );
+        let (span, trace_started) = traced::driver_span(&live.journal.record(), &history);
+        // Staged: written with the saga's first step, at no flush of its own. Lost with a crash
+        // before that, it is journaled again by the next run, which still begins at the start.
+        if let Some(event) = trace_started
+            && let Err(e) = live.journal.stage(event)
+        {
+            tracing::debug!(error = %e, "trace context not journaled");
+        }
         self.drivers.send_modify(|n| *n += 1);
         let guard = DriverGuard(self.drivers.clone());
         let inner = self.clone();

@@ -117,9 +117,11 @@ impl SessionTask {
     /// the waiter: the log is complete and the result durable by the time `run_job` returns,
     /// and a result nobody waits for (the control plane restarted since it assigned the job)
     /// is found by the step when it asks again.
-    pub(super) async fn result(&mut self, result: v1::JobResult) -> Flow {
+    pub(super) async fn result(&mut self, mut result: v1::JobResult) -> Flow {
         use prost::Message as _;
         let job_id = result.job_id.clone();
+        // Exported, not stored: they are the trace's, and a stored result is read again.
+        let spans = std::mem::take(&mut result.spans);
         self.agent_jobs.remove(&job_id);
         self.metrics.map().remove(&job_id);
         self.running.remove(&job_id);
@@ -151,6 +153,8 @@ impl SessionTask {
         }
         let flow = match stored {
             Ok(()) => {
+                // Once: a result not stored is sent again, spans and all.
+                super::spans::export(&self.guard.worker_id, spans);
                 let flow =
                     self.send(hub_message::Kind::ResultAck(ResultAck { job_id: job_id.clone() })).await;
                 // The agent may forget the job now; the step's completion is not journaled yet.

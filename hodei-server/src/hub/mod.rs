@@ -30,6 +30,7 @@ mod registry;
 mod results;
 mod rotation;
 mod session;
+mod spans;
 mod sync;
 mod task;
 

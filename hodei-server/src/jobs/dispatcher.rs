@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hodei_core::{RetryPolicy, StepError};
+use tracing::Instrument;
 
 use super::JobDispatcher;
 use super::attempt::JobAttempt;
@@ -66,6 +67,7 @@ impl JobDispatcher {
     }
 
     /// One attempt: resolve the secrets, run the job under the step's key, judge its result.
+    /// It has a `job` span, a child of the attempt's, whose context goes with the job.
     pub(super) async fn attempt(
         &self,
         step: &JobAttempt<'_>,
@@ -74,7 +76,40 @@ impl JobDispatcher {
     ) -> Result<JobOutcome, StepError> {
         let key = step.key();
         let job_id = format!("{key}#{}", step.attempt());
-        let job_id = job_id.as_str();
+        let span = tracing::info_span!(
+            "job",
+            hodei.job.name = name,
+            hodei.job.id = %job_id,
+            hodei.saga.id = %step.saga_id(),
+            hodei.worker.id = tracing::field::Empty,
+            hodei.outcome = tracing::field::Empty,
+            process.exit.code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        );
+        let result = self.attempt_in(step, name, job, &job_id).instrument(span.clone()).await;
+        match &result {
+            Ok(outcome) => {
+                span.record("hodei.outcome", "ok");
+                span.record("process.exit.code", outcome.exit_code);
+            }
+            Err(e) => {
+                span.record("hodei.outcome", if e.is_retryable() { "retryable_error" } else { "error" });
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.message());
+            }
+        }
+        result
+    }
+
+    async fn attempt_in(
+        &self,
+        step: &JobAttempt<'_>,
+        name: &str,
+        job: &Job,
+        job_id: &str,
+    ) -> Result<JobOutcome, StepError> {
+        let key = step.key();
         let previous: Vec<String> = (1..step.attempt()).rev().map(|n| format!("{key}#{n}")).collect();
         // A result this attempt or an earlier one stored (before a restart) is the answer:
         // looked for before anything else, so that a finished job needs no worker, and no
@@ -88,11 +123,17 @@ impl JobDispatcher {
         if let Some(result) = stored {
             return self.conclude(name, job_id, result, None).await;
         }
-        let spec = job
+        let mut spec = job
             .to_spec(job_id, self.secrets.as_ref())
             .map_err(|e| StepError::terminal(format!("job `{name}`: {e}")))?;
+        // The agent's run of the job becomes a child of this attempt's `job` span.
+        if let Some(context) = hodei_core::trace::current() {
+            spec.traceparent = context.traceparent();
+            spec.tracestate = context.tracestate().to_owned();
+        }
         let previous = previous.as_slice();
         let run = |worker: String, spec: v1::JobSpec| {
+            tracing::Span::current().record("hodei.worker.id", worker.as_str());
             let guard = AbandonGuard { hub: &self.hub, worker, job_id, step, armed: true };
             async move {
                 let worker = guard.worker.clone();

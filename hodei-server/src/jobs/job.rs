@@ -360,6 +360,8 @@ impl Job {
                 cpu_millis: self.resources.cpu_millis.unwrap_or(0),
                 memory_bytes: self.resources.memory_bytes.unwrap_or(0),
             }),
+            // Set by the dispatcher from the attempt's span, not journaled with the job.
+            ..v1::JobSpec::default()
         })
     }
 }

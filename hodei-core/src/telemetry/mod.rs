@@ -1,0 +1,219 @@
+//! Exporting the engine's spans over OTLP/gRPC (feature `otel`).
+//!
+//! [`Otlp`] builds an OpenTelemetry tracer provider whose exporter honours the standard
+//! `OTEL_EXPORTER_OTLP_*` variables (endpoint, headers, timeout, compression; the traces'
+//! own `OTEL_EXPORTER_OTLP_TRACES_*` first) and `OTEL_SERVICE_NAME`, and installs the
+//! [`trace`](crate::trace) hooks: a saga's trace context is journaled at its start, handed to
+//! its remote jobs, and its workers' spans are exported with its own. Add
+//! [`Otlp::layer`] to your `tracing` subscriber, or let [`init_otlp`] install one.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), hodei_core::telemetry::TelemetryError> {
+//! use tracing_subscriber::layer::SubscriberExt as _;
+//!
+//! // OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317, or the default http://localhost:4317
+//! let otlp = hodei_core::telemetry::Otlp::from_env("my-ci")?;
+//! let subscriber = tracing_subscriber::registry().with(otlp.layer());
+//! tracing::subscriber::set_global_default(subscriber).expect("no subscriber yet");
+//! // ... run the engine; before exiting:
+//! # let _ = async {
+//! otlp.shutdown().await?;
+//! # Ok::<_, hodei_core::telemetry::TelemetryError>(()) };
+//! # Ok(()) }
+//! ```
+
+mod bridge;
+mod shared;
+
+use std::fmt;
+use std::sync::Arc;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanProcessor as _};
+use tracing_subscriber::Layer;
+use tracing_subscriber::registry::LookupSpan;
+
+use self::bridge::OtelBridge;
+use self::shared::SharedProcessor;
+use crate::trace;
+
+/// Why export could not be set up or finished.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The OTLP exporter refused its configuration (a bad endpoint, header or timeout).
+    #[error("the OTLP exporter could not be built: {0}")]
+    Exporter(String),
+    /// The exporter's own runtime thread could not start.
+    #[error("the exporter's runtime could not start: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Another [`Otlp`] already holds the trace hooks: there is one per process, as there is
+    /// one global `tracing` subscriber.
+    #[error("an OTLP exporter is already installed in this process")]
+    AlreadyInstalled,
+    /// [`init_otlp`] found a global `tracing` subscriber already set.
+    #[error("a global tracing subscriber is already set: add `Otlp::layer` to it instead")]
+    SubscriberSet,
+    /// Flushing or shutting down the exporter failed (the collector did not answer in time).
+    #[error("the OTLP exporter could not flush: {0}")]
+    Flush(String),
+}
+
+/// An OTLP/gRPC span exporter and the trace hooks it feeds. One per process.
+///
+/// It runs its gRPC client on a runtime of its own (one thread), so it works whatever runtime,
+/// if any, the caller has, and survives the runtime it was built in.
+pub struct Otlp {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl fmt::Debug for Otlp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Otlp").field("exporting", &trace::is_on()).finish_non_exhaustive()
+    }
+}
+
+/// How to build an [`Otlp`]: the service name, and an endpoint that overrides the variables.
+#[derive(Debug, Clone)]
+pub struct OtlpBuilder {
+    service_name: String,
+    endpoint: Option<String>,
+}
+
+impl OtlpBuilder {
+    /// Sends to `endpoint` (`http://host:4317`) whatever `OTEL_EXPORTER_OTLP_ENDPOINT` says.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Builds the exporter and installs the trace hooks: export is on.
+    pub fn build(self) -> Result<Otlp, TelemetryError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("hodei-otlp")
+            .enable_all()
+            .build()
+            .map_err(TelemetryError::Runtime)?;
+        // tonic's channel starts its connection task on the runtime current at build time.
+        let exporter = {
+            let _entered = runtime.enter();
+            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let builder = match self.endpoint {
+                Some(endpoint) => builder.with_endpoint(endpoint),
+                None => builder,
+            };
+            builder.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?
+        };
+        // `OTEL_SERVICE_NAME` (read by the default detectors) beats the code's name.
+        let resource = match std::env::var_os("OTEL_SERVICE_NAME") {
+            Some(_) => Resource::builder().build(),
+            None => Resource::builder().with_service_name(self.service_name).build(),
+        };
+        let mut batch = BatchSpanProcessor::builder(exporter).build();
+        batch.set_resource(&resource);
+        let processor = Arc::new(SharedProcessor(Arc::new(batch)));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(SharedProcessor::clone(&processor))
+            .with_resource(resource)
+            .build();
+        if !trace::install(Box::new(OtelBridge { processor })) {
+            let _ = provider.shutdown();
+            runtime.shutdown_background();
+            return Err(TelemetryError::AlreadyInstalled);
+        }
+        let tracer = provider.tracer("hodei");
+        Ok(Otlp { provider, tracer, runtime: Some(runtime) })
+    }
+}
+
+impl Otlp {
+    /// A builder for the service `service_name` (unless `OTEL_SERVICE_NAME` says otherwise).
+    pub fn builder(service_name: impl Into<String>) -> OtlpBuilder {
+        OtlpBuilder { service_name: service_name.into(), endpoint: None }
+    }
+
+    /// An exporter configured by the `OTEL_EXPORTER_OTLP_*` variables alone.
+    pub fn from_env(service_name: impl Into<String>) -> Result<Self, TelemetryError> {
+        Self::builder(service_name).build()
+    }
+
+    /// The layer that turns `tracing` spans into exported ones: add it to your subscriber.
+    /// While export is off ([`set_export`](Self::set_export)) it lets everything pass by.
+    pub fn layer<S>(&self) -> impl Layer<S> + 'static
+    where
+        S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer()
+            .with_tracer(self.tracer.clone())
+            .with_filter(tracing_subscriber::filter::filter_fn(|_| trace::is_on()))
+    }
+
+    /// Turns export (and trace context propagation) on or off, for a comparison in one process
+    /// as the overhead benchmark makes. On from [`build`](OtlpBuilder::build).
+    pub fn set_export(&self, on: bool) {
+        trace::set_on(on);
+    }
+
+    /// Sends every span ended so far, and waits for the collector's answer.
+    pub async fn flush(&self) -> Result<(), TelemetryError> {
+        let provider = self.provider.clone();
+        self.blocking(move || provider.force_flush()).await
+    }
+
+    /// Flushes, then stops exporting for good.
+    pub async fn shutdown(mut self) -> Result<(), TelemetryError> {
+        trace::set_on(false);
+        let provider = self.provider.clone();
+        let done = self.blocking(move || provider.shutdown()).await;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        done
+    }
+
+    /// Runs a blocking call of the provider on the exporter's own runtime, whose gRPC client
+    /// it waits for: never on the caller's, which may have a single thread.
+    async fn blocking(
+        &self,
+        call: impl FnOnce() -> opentelemetry_sdk::error::OTelSdkResult + Send + 'static,
+    ) -> Result<(), TelemetryError> {
+        let Some(runtime) = &self.runtime else { return Ok(()) };
+        match runtime.spawn_blocking(call).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(TelemetryError::Flush(e.to_string())),
+            Err(e) => Err(TelemetryError::Flush(e.to_string())),
+        }
+    }
+}
+
+impl Drop for Otlp {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            trace::set_on(false);
+            // Spans ended so far still go out; the wait runs on the exporter's own thread.
+            let provider = self.provider.clone();
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Exports to the collector the `OTEL_EXPORTER_OTLP_*` variables name and installs a global
+/// subscriber: `RUST_LOG` (default `info`) to stderr as text, and every span to the exporter.
+/// Keep the returned [`Otlp`] alive, and [`shutdown`](Otlp::shutdown) it before exiting.
+pub fn init_otlp(service_name: impl Into<String>) -> Result<Otlp, TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let otlp = Otlp::from_env(service_name)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::registry()
+        .with(otlp.layer())
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter));
+    tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::SubscriberSet)?;
+    Ok(otlp)
+}

@@ -1,0 +1,80 @@
+//! Trace context: where a saga's spans sit in a distributed trace, and the hooks through which
+//! the engine and the control plane reach OpenTelemetry when it is on.
+//!
+//! The engine emits `tracing` spans (`saga.start`, `saga`, `step`, `attempt`, `compensation`,
+//! `timer`, `signal.wait`; the control plane adds `job`). These hooks give a span's W3C context
+//! (to journal it at a saga's start, or to send it with a job), make a span the child of a
+//! context read back (a resumed saga, a new engine), and record spans timed elsewhere (the
+//! agent's run of a job). They do nothing, at the cost of one atomic load, until an exporter is
+//! installed: see `telemetry::Otlp` (feature `otel`).
+
+mod context;
+mod remote;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub use context::{TraceContext, TraceContextError};
+pub use remote::RemoteSpan;
+
+/// What an installed exporter does for the hooks below.
+pub(crate) trait Bridge: Send + Sync {
+    fn context_of(&self, span: &tracing::Span) -> Option<TraceContext>;
+    fn set_parent(&self, span: &tracing::Span, parent: &TraceContext);
+    fn record(&self, span: RemoteSpan);
+}
+
+static BRIDGE: OnceLock<Box<dyn Bridge>> = OnceLock::new();
+/// Export on or off; off, the hooks are a branch and nothing propagates.
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Installs `bridge` (the first installation wins: OpenTelemetry's tracer provider is global
+/// too) and turns propagation on. Returns whether this one was installed.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn install(bridge: Box<dyn Bridge>) -> bool {
+    let installed = BRIDGE.set(bridge).is_ok();
+    ON.store(true, Ordering::Release);
+    installed
+}
+
+/// Turns propagation and export on or off, for an exporter already installed.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn set_on(on: bool) {
+    ON.store(on, Ordering::Release);
+}
+
+fn bridge() -> Option<&'static dyn Bridge> {
+    if !ON.load(Ordering::Acquire) {
+        return None;
+    }
+    BRIDGE.get().map(|bridge| &**bridge)
+}
+
+/// Whether spans are exported now, so that trace context is worth computing.
+pub fn is_on() -> bool {
+    bridge().is_some()
+}
+
+/// The W3C context of `span`, if spans are exported and this one is recorded.
+pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
+    bridge()?.context_of(span)
+}
+
+/// The context of the current span: what a remote call made now should carry.
+pub fn current() -> Option<TraceContext> {
+    bridge().and_then(|bridge| bridge.context_of(&tracing::Span::current()))
+}
+
+/// Makes `span`, not yet entered, the child of `parent` (read from a journal or a peer).
+pub fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+    if let Some(bridge) = bridge() {
+        bridge.set_parent(span, parent);
+    }
+}
+
+/// Exports a span timed in another process, ids as they are.
+pub fn record_remote(span: RemoteSpan) {
+    if let Some(bridge) = bridge() {
+        bridge.record(span);
+    }
+}
