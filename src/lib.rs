@@ -71,6 +71,9 @@
 pub use hodei_agent as agent;
 pub use hodei_core as core;
 pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use hodei_core::{PostgresError, PostgresOptions, PostgresStore};
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
 pub use hodei_core::{SledOptions, SledStore};

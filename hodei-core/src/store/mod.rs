@@ -18,12 +18,16 @@ use crate::error::{Error, Result, StorageError};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sled")]
 mod sled;
 
 #[cfg(feature = "sled")]
 pub use self::sled::{SledOptions, SledStore};
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresError, PostgresOptions, PostgresStore};
 
 /// Storage for saga journals and their summary records.
 ///
