@@ -70,10 +70,10 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "workers")))]
 pub use hodei_agent as agent;
 pub use hodei_core as core;
-pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use hodei_core::{PostgresError, PostgresOptions, PostgresStore};
+pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]
 pub use hodei_core::{SledOptions, SledStore};

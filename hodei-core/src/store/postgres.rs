@@ -96,7 +96,7 @@ impl Shared {
 }
 
 fn database(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
-    move |e| Error::Storage { operation, source: StorageError::new(e) }
+    move |e| Error::Storage { operation, source: StorageError::new(PostgresError::from(e)) }
 }
 
 fn refused(operation: &'static str, e: PostgresError) -> Error {

@@ -43,7 +43,29 @@ pub enum PostgresError {
         /// Where this store expected the journal to be (0 for a creation).
         expected: u64,
     },
+    /// The database, or the connection to it, failed.
+    #[error("{message}")]
+    Database {
+        /// What the server or the driver said.
+        message: String,
+        /// The SQLSTATE code, when the server answered with an error.
+        code: Option<String>,
+    },
     /// The store's background thread is gone (the store is closing).
     #[error("the store's background thread stopped")]
     Stopped,
+}
+
+impl From<tokio_postgres::Error> for PostgresError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The driver's own message for a server error is only "db error": the server's is
+        // in the source, as is the I/O error of a lost connection.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        Self::Database { message, code: e.code().map(|c| c.code().to_owned()) }
+    }
 }

@@ -1,7 +1,7 @@
 //! The writer: one task on the store's runtime that owns one connection and commits each batch
 //! of queued writes in one transaction (group commit), then answers the batch's waiters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
@@ -30,8 +30,11 @@ const UPDATE: &str = "UPDATE hodei_sagas AS s
     WHERE s.id = u.id COLLATE \"C\" AND (u.expected IS NULL OR s.next_seq = u.expected)
     RETURNING s.id";
 
+/// Appends events. One that exists is left alone, and missing from the count: its saga's
+/// `UPDATE` misses too, unless the tables disagree, and either way the batch is refused.
 const INSERT_EVENTS: &str = "INSERT INTO hodei_events (saga_id, seq, body)
-    SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])";
+    SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])
+    ON CONFLICT (saga_id, seq) DO NOTHING RETURNING saga_id";
 
 /// The writer's connection, with its statements prepared.
 pub(super) struct WriterConnection {
@@ -58,22 +61,22 @@ impl WriterConnection {
     /// Commits `ops` in one transaction, or nothing of them.
     async fn commit(&mut self, ops: &[Op]) -> Result<(), StorageError> {
         let merged = merge(ops);
-        let tx = self.client.transaction().await.map_err(StorageError::new)?;
+        let tx = self.client.transaction().await.map_err(database)?;
         // The three statements go out at once (tokio-postgres pipelines the queries of one
         // connection): one round trip, then the commit's.
         let (c, u, e) = (&merged.create, &merged.update, &merged.events);
         let creates: [&(dyn ToSql + Sync); 4] = [&c.ids, &c.next, &c.records, &c.in_flight];
         let updates: [&(dyn ToSql + Sync); 5] = [&u.ids, &u.expected, &u.next, &u.records, &u.in_flight];
         let events: [&(dyn ToSql + Sync); 3] = [&e.ids, &e.seqs, &e.bodies];
-        let (created, updated, _) = tokio::try_join!(
+        let (created, updated, inserted) = tokio::try_join!(
             tx.query(&self.create, &creates),
             tx.query(&self.update, &updates),
-            tx.execute(&self.insert_events, &events),
+            tx.query(&self.insert_events, &events),
         )
-        .map_err(StorageError::new)?;
+        .map_err(database)?;
         let returned =
             |rows: &[tokio_postgres::Row]| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>();
-        let (created, updated) = (returned(&created), returned(&updated));
+        let (created, updated, inserted) = (returned(&created), returned(&updated), returned(&inserted));
         let missing = merged
             .create
             .ids
@@ -89,14 +92,19 @@ impl WriterConnection {
                     .filter_map(|(id, expected)| Some((*id, (*expected)? as u64)))
                     .filter(|(id, _)| !updated.iter().any(|u| u == id)),
             )
+            .chain(merged.events.first_not_in(&inserted))
             .next();
         if let Some((id, expected)) = missing {
             // Dropping the transaction rolls it back.
             let id = SagaId::new(id).map_err(StorageError::new)?;
             return Err(StorageError::new(PostgresError::SequenceConflict { id, expected }));
         }
-        tx.commit().await.map_err(StorageError::new)
+        tx.commit().await.map_err(database)
     }
+}
+
+fn database(e: tokio_postgres::Error) -> StorageError {
+    StorageError::new(PostgresError::from(e))
 }
 
 /// One batch's writes as the columns of the three statements.
@@ -129,6 +137,24 @@ struct Events<'a> {
     ids: Vec<&'a str>,
     seqs: Vec<i64>,
     bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> Events<'a> {
+    /// The first event of a saga with fewer events in `inserted` than in the batch. Where the
+    /// batch expected that journal to be is not known here: the event's sequence number stands
+    /// for it.
+    fn first_not_in(&self, inserted: &[String]) -> Option<(&'a str, u64)> {
+        if inserted.len() == self.ids.len() {
+            return None;
+        }
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for id in inserted {
+            *counts.entry(id.as_str()).or_default() += 1;
+        }
+        let short =
+            |id: &str| counts.get(id).copied().unwrap_or(0) < self.ids.iter().filter(|i| **i == id).count();
+        self.ids.iter().zip(&self.seqs).find(|(id, _)| short(id)).map(|(id, seq)| (*id, *seq as u64))
+    }
 }
 
 /// One saga's writes in a batch, merged: the journal must be where its first append expects
@@ -232,12 +258,14 @@ async fn commit(
 ) -> Result<(), StorageError> {
     let conn = match connection {
         Some(conn) => conn,
-        None => connection
-            .insert(WriterConnection::open(shared.readers.connector()).await.map_err(StorageError::new)?),
+        None => {
+            connection.insert(WriterConnection::open(shared.readers.connector()).await.map_err(database)?)
+        }
     };
     let result = conn.commit(&batch.ops).await;
-    if conn.client.is_closed() {
-        // Opened again for the next batch.
+    if result.is_err() {
+        // A new one for the next batch: the server may be ending this one (a terminated
+        // backend answers with an error before the socket closes), and a refused batch is rare.
         *connection = None;
     }
     result
