@@ -16,7 +16,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{STEPS, Table, closed_loop, knob, median, noop_saga, noop_sagas, rate, scaled, thousands};
+use common::{STEPS, Table, knob, median, noop_saga, noop_sagas, rate, scaled, thousands};
 use hodei::{Engine, PostgresOptions, PostgresStore};
 use tokio::sync::{Notify, oneshot};
 
@@ -161,14 +161,8 @@ async fn raw_steps(url: &str, schema: &str, steps: usize) -> f64 {
             write(saga, seq + 1, vec![n as u8; common::OUTPUT_BYTES]).await.expect("the raw writer stopped");
         }
     };
-    let warm = CONCURRENCY.max(10) * STEPS as usize;
-    closed_loop(CONCURRENCY, warm, {
-        let step = step.clone();
-        move |n| step(steps + n)
-    })
-    .await;
-    let elapsed = closed_loop(CONCURRENCY, steps, step).await;
+    let per_second = common::raw_steps_per_second(CONCURRENCY, steps, step).await;
     done.notify_one();
     writer.await.expect("the raw writer panicked");
-    rate(steps, elapsed)
+    per_second
 }
