@@ -144,15 +144,8 @@ async fn raw_durable_steps(dir: &Path, concurrency: usize, steps: usize, start_a
             flusher.durable().await;
         }
     };
-    // The same warm-up round as hodei's (`hodei_steps`), on keys the timed run does not reuse.
-    let warm = concurrency.max(10) * STEPS as usize;
-    closed_loop(concurrency, warm, {
-        let step = step.clone();
-        move |n| step(steps + n)
-    })
-    .await;
-    let elapsed = closed_loop(concurrency, steps, step).await;
-    rate(steps, elapsed)
+    // The same warm-up round as hodei's (`hodei_steps`).
+    common::raw_steps_per_second(concurrency, steps, step).await
 }
 
 /// Durable steps per second of `sagas` no-op sagas through a fresh engine.

@@ -70,6 +70,9 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "workers")))]
 pub use hodei_agent as agent;
 pub use hodei_core as core;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use hodei_core::{PostgresError, PostgresOptions, PostgresStore};
 pub use hodei_core::{Saga, SagaShape, StepShape, TypedHandle};
 #[cfg(feature = "sled")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sled")))]

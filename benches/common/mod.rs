@@ -94,6 +94,23 @@ where
     started.elapsed()
 }
 
+/// Durable steps per second of a raw baseline's `step` (job `n` is step `n`): one warm-up round
+/// as long as `noop_sagas`' (on step numbers the timed run does not reuse), then `steps` steps
+/// timed, from `concurrency` closed-loop workers.
+pub async fn raw_steps_per_second<F, Fut>(concurrency: usize, steps: usize, step: F) -> f64
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let warm = concurrency.max(10) * STEPS as usize;
+    closed_loop(concurrency, warm, {
+        let step = step.clone();
+        move |n| step(steps + n)
+    })
+    .await;
+    rate(steps, closed_loop(concurrency, steps, step).await)
+}
+
 /// Starts one `noop_saga` run of `definition` and waits for its outcome, which must be a
 /// completion: a benchmark that counts failures as work would flatter the engine.
 pub async fn run_noop_saga(engine: &Engine, definition: &str, id: String) {

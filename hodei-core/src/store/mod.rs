@@ -20,12 +20,16 @@ use crate::event::{RecordedEvent, SagaId, SagaRecord};
 use crate::observe::Observer;
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sled")]
 mod sled;
 
 #[cfg(feature = "sled")]
 pub use self::sled::{SledOptions, SledStore};
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresError, PostgresOptions, PostgresStore};
 
 /// Storage for saga journals and their summary records.
 ///

@@ -1,0 +1,168 @@
+//! Hodei on PostgreSQL against raw inserts of the same rows on the same server.
+//!
+//! Run: `eval "$(bash .ci/postgres)"; cargo bench --bench postgres --features postgres`.
+//! Needs `HODEI_TEST_POSTGRES_URL` (skips with a message without it). Knobs:
+//! `HODEI_BENCH_SCALE` multiplies the saga count (default 2,000 sagas of 10 steps, at least 1),
+//! `HODEI_BENCH_ROUNDS` (default 3) sets the rounds; each round's ratio is taken within it.
+//!
+//! The baseline is what a journal on PostgreSQL must at least do to keep hodei's promises, with
+//! the same commit policy as `PostgresStore`: per step two rows (a 16-byte start, then the
+//! 100-byte output), each awaited until a group commit covers it, 256 writers at once, one
+//! writer connection committing everything queued in one transaction of one `INSERT`.
+
+#[allow(dead_code)]
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{STEPS, Table, knob, median, noop_saga, noop_sagas, rate, scaled, thousands};
+use hodei::{Engine, PostgresOptions, PostgresStore};
+use tokio::sync::{Notify, oneshot};
+
+const CONCURRENCY: usize = 256;
+
+fn main() {
+    let Ok(url) = std::env::var("HODEI_TEST_POSTGRES_URL") else {
+        println!("skipped: HODEI_TEST_POSTGRES_URL is not set (eval \"$(bash .ci/postgres)\" starts one)");
+        return;
+    };
+    let rt = common::runtime();
+    rt.block_on(async move {
+        println!("## hodei on PostgreSQL");
+        let rounds = knob("HODEI_BENCH_ROUNDS", 3).max(1);
+        let sagas = scaled(2_000);
+        let table = Table::new(
+            &format!(
+                "Step throughput on PostgreSQL: {CONCURRENCY} concurrent sagas of {STEPS} no-op steps (median of {rounds} rounds)"
+            ),
+            &["hodei durable steps/s", "raw inserts, start and end durable /s", "hodei / raw"],
+        );
+        let (mut ours, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let schema = format!("hodei_bench_{}_{round}", std::process::id());
+            let admin = Admin::connect(&url).await;
+            let round_ours = hodei_steps(&url, &schema, sagas).await;
+            let round_raw = raw_steps(&url, &format!("{schema}_raw"), sagas * STEPS as usize).await;
+            admin.drop_schemas(&[&schema, &format!("{schema}_raw")]).await;
+            ours.push(round_ours);
+            raw.push(round_raw);
+            ratio.push(round_ours / round_raw);
+        }
+        table.row(&[
+            thousands(median(ours)),
+            thousands(median(raw)),
+            format!("{:.0} %", 100.0 * median(ratio)),
+        ]);
+    });
+}
+
+async fn hodei_steps(url: &str, schema: &str, sagas: usize) -> f64 {
+    let store = PostgresStore::connect_with(url, PostgresOptions::default().schema(schema))
+        .await
+        .expect("connecting the store");
+    let engine = Engine::builder().store(store).register(noop_saga("noop")).start().await.expect("starting");
+    noop_sagas(&engine, "noop", "warm", CONCURRENCY, CONCURRENCY.max(10)).await;
+    let elapsed = noop_sagas(&engine, "noop", "timed", CONCURRENCY, sagas).await;
+    engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
+    rate(sagas * STEPS as usize, elapsed)
+}
+
+/// A connection of the bench's own.
+struct Admin(tokio_postgres::Client);
+
+impl Admin {
+    async fn connect(url: &str) -> Self {
+        let (client, connection) =
+            tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connecting");
+        tokio::spawn(connection);
+        Self(client)
+    }
+
+    async fn drop_schemas(&self, schemas: &[&str]) {
+        for schema in schemas {
+            self.0.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await.expect("dropping");
+        }
+    }
+}
+
+/// Rows waiting for the next raw group commit, and who waits for them.
+#[derive(Default)]
+struct RawQueue {
+    ids: Vec<String>,
+    seqs: Vec<i64>,
+    bodies: Vec<Vec<u8>>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// Durable steps per second of raw inserts: the baseline described in the header.
+async fn raw_steps(url: &str, schema: &str, steps: usize) -> f64 {
+    let admin = Admin::connect(url).await;
+    admin
+        .0
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.raw_events (saga_id text COLLATE \"C\", seq bigint, body bytea, PRIMARY KEY (saga_id, seq))"
+        ))
+        .await
+        .expect("creating the raw table");
+    let queue = Arc::new(Mutex::new(RawQueue::default()));
+    let wake = Arc::new(Notify::new());
+    let done = Arc::new(Notify::new());
+    let writer = tokio::spawn({
+        let (queue, wake, done, url, schema) =
+            (queue.clone(), wake.clone(), done.clone(), url.to_string(), schema.to_string());
+        async move {
+            let conn = Admin::connect(&url).await;
+            let insert = conn
+                .0
+                .prepare(&format!(
+                    "INSERT INTO {schema}.raw_events SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])"
+                ))
+                .await
+                .expect("preparing");
+            loop {
+                let batch = std::mem::take(&mut *queue.lock().expect("raw queue"));
+                if batch.waiters.is_empty() {
+                    tokio::select! {
+                        () = wake.notified() => continue,
+                        () = done.notified() => return,
+                    }
+                }
+                conn.0.batch_execute("BEGIN").await.expect("begin");
+                conn.0.execute(&insert, &[&batch.ids, &batch.seqs, &batch.bodies]).await.expect("raw insert");
+                conn.0.batch_execute("COMMIT").await.expect("commit");
+                for waiter in batch.waiters {
+                    let _ = waiter.send(());
+                }
+            }
+        }
+    });
+    let write = {
+        let (queue, wake) = (queue.clone(), wake.clone());
+        move |saga: usize, seq: i64, body: Vec<u8>| {
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut q = queue.lock().expect("raw queue");
+                q.ids.push(format!("saga-{saga}"));
+                q.seqs.push(seq);
+                q.bodies.push(body);
+                q.waiters.push(tx);
+            }
+            wake.notify_one();
+            rx
+        }
+    };
+    let step = move |n: usize| {
+        let write = write.clone();
+        async move {
+            let (saga, seq) = (n / STEPS as usize, 2 * (n % STEPS as usize) as i64);
+            write(saga, seq, vec![n as u8; 16]).await.expect("the raw writer stopped");
+            write(saga, seq + 1, vec![n as u8; common::OUTPUT_BYTES]).await.expect("the raw writer stopped");
+        }
+    };
+    let per_second = common::raw_steps_per_second(CONCURRENCY, steps, step).await;
+    done.notify_one();
+    writer.await.expect("the raw writer panicked");
+    per_second
+}
