@@ -31,7 +31,9 @@ use std::sync::Arc;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanProcessor as _};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanProcessor as _,
+};
 use tracing_subscriber::Layer;
 use tracing_subscriber::registry::LookupSpan;
 
@@ -82,12 +84,21 @@ impl fmt::Debug for Otlp {
 pub struct OtlpBuilder {
     service_name: String,
     endpoint: Option<String>,
+    max_queue_size: Option<usize>,
 }
 
 impl OtlpBuilder {
     /// Sends to `endpoint` (`http://host:4317`) whatever `OTEL_EXPORTER_OTLP_ENDPOINT` says.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Holds up to `spans` ended spans waiting for export (`OTEL_BSP_MAX_QUEUE_SIZE`, 2,048 by
+    /// default); spans beyond it are dropped. A busy engine ends two spans per step, so one
+    /// that runs thousands of steps a second needs more than the default.
+    pub fn max_queue_size(mut self, spans: usize) -> Self {
+        self.max_queue_size = Some(spans);
         self
     }
 
@@ -114,7 +125,12 @@ impl OtlpBuilder {
             Some(_) => Resource::builder().build(),
             None => Resource::builder().with_service_name(self.service_name).build(),
         };
-        let mut batch = BatchSpanProcessor::builder(exporter).build();
+        // The default reads the `OTEL_BSP_*` variables; the code's queue size beats them.
+        let config = match self.max_queue_size {
+            Some(spans) => BatchConfigBuilder::default().with_max_queue_size(spans),
+            None => BatchConfigBuilder::default(),
+        };
+        let mut batch = BatchSpanProcessor::builder(exporter).with_batch_config(config.build()).build();
         batch.set_resource(&resource);
         let processor = Arc::new(SharedProcessor(Arc::new(batch)));
         let provider = SdkTracerProvider::builder()
@@ -134,7 +150,7 @@ impl OtlpBuilder {
 impl Otlp {
     /// A builder for the service `service_name` (unless `OTEL_SERVICE_NAME` says otherwise).
     pub fn builder(service_name: impl Into<String>) -> OtlpBuilder {
-        OtlpBuilder { service_name: service_name.into(), endpoint: None }
+        OtlpBuilder { service_name: service_name.into(), endpoint: None, max_queue_size: None }
     }
 
     /// An exporter configured by the `OTEL_EXPORTER_OTLP_*` variables alone.
@@ -143,14 +159,23 @@ impl Otlp {
     }
 
     /// The layer that turns `tracing` spans into exported ones: add it to your subscriber.
-    /// While export is off ([`set_export`](Self::set_export)) it lets everything pass by.
+    /// It exports spans (and the events in them) at `INFO` and above, which Hodei's are; the
+    /// `DEBUG` and `TRACE` spans of the exporter's own transport (h2, tonic) would otherwise
+    /// be exported too, each export making more. While export is off
+    /// ([`set_export`](Self::set_export)) it lets everything pass by.
     pub fn layer<S>(&self) -> impl Layer<S> + 'static
     where
         S: tracing::Subscriber + for<'span> LookupSpan<'span>,
     {
         tracing_opentelemetry::layer()
             .with_tracer(self.tracer.clone())
-            .with_filter(tracing_subscriber::filter::filter_fn(|_| trace::is_on()))
+            // Per span, these would add busy and idle times (two clock reads at every poll of
+            // an instrumented future), the thread and the source location: seven attributes a
+            // span that the engine's own `hodei.*` ones make redundant, each encoded and sent.
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_filter(ExportSwitch)
     }
 
     /// Turns export (and trace context propagation) on or off, for a comparison in one process
@@ -216,4 +241,35 @@ pub fn init_otlp(service_name: impl Into<String>) -> Result<Otlp, TelemetryError
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter));
     tracing::subscriber::set_global_default(subscriber).map_err(|_| TelemetryError::SubscriberSet)?;
     Ok(otlp)
+}
+
+/// Export's on/off switch as the layer's filter. It decides for each span as it starts and
+/// never lets a callsite's interest be cached as "never": a span first met while export is off
+/// must still be exported once it is on (a `filter_fn` is cached at the callsite, and the
+/// overhead bench, which turns export off and on, lost every step span to it).
+struct ExportSwitch;
+
+impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for ExportSwitch {
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        trace::is_on() && *metadata.level() <= tracing::Level::INFO
+    }
+
+    fn callsite_enabled(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if *metadata.level() <= tracing::Level::INFO {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
+    }
 }
