@@ -132,6 +132,18 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
         // A run started elsewhere appears without a reload.
         served.post("/api/v1/runs", json!({"definition": "flaky", "id": "flaky-1", "input": false})).await;
         browser.wait().for_element(Locator::Css(r#"tr[data-run="flaky-1"]"#)).await.unwrap();
+        // The time filter: the page asks the API for runs started in the last hour (a time
+        // the API must accept), both are, and the choice is in the shareable URL.
+        let since = browser.find(Locator::Css("#since-filter")).await.unwrap();
+        since.select_by_label("last hour").await.unwrap();
+        // The list is drawn anew for the filter: wait until the old one is gone (a removed
+        // element reads as stale).
+        while let Ok(Some(connected)) = since.prop("isConnected").await
+            && connected == "true"
+        {}
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="flaky-1"]"#)).await.unwrap();
+        browser.wait().for_element(Locator::Css(r#"tr[data-run="deploy-1"]"#)).await.unwrap();
+        assert!(browser.current_url().await.unwrap().as_str().ends_with("#/?since=1h"));
         screenshot(&browser, "runs").await;
 
         browser.goto(&served.url("/#/runs/deploy-1")).await.unwrap();

@@ -180,14 +180,25 @@ function loginView(message) {
   token.focus();
 }
 
+/** The runs list's time filter: relative, so that a shared link keeps meaning "recent". */
+const SINCE = [
+  ["", "any time", 0],
+  ["1h", "last hour", 3600e3],
+  ["24h", "last 24 hours", 86400e3],
+  ["7d", "last 7 days", 7 * 86400e3],
+  ["30d", "last 30 days", 30 * 86400e3],
+];
+
 async function runsView(params) {
   const status = params.get("status") || "";
   const definition = params.get("definition") || "";
   const search = params.get("q") || "";
+  const since = SINCE.find(([key]) => key === (params.get("since") || "")) || SINCE[0];
   const query = new URLSearchParams();
   if (status) query.set("status", status);
   if (definition) query.set("definition", definition);
   if (search) query.set("q", search);
+  if (since[2]) query.set("created_after", new Date(Date.now() - since[2]).toISOString());
   const select = el(
     "select",
     { id: "status-filter", "aria-label": "Status" },
@@ -197,14 +208,21 @@ async function runsView(params) {
   );
   const definitionInput = el("input", { id: "definition-filter", placeholder: "definition", value: definition, "aria-label": "Definition" });
   const searchInput = el("input", { id: "search", placeholder: "search ids", value: search, "aria-label": "Search" });
+  const sinceSelect = el(
+    "select",
+    { id: "since-filter", "aria-label": "Started" },
+    SINCE.map(([key, label]) => el("option", { value: key, selected: key === since[0] }, label)),
+  );
   const apply = () => {
     const next = new URLSearchParams();
     if (select.value) next.set("status", select.value);
     if (definitionInput.value) next.set("definition", definitionInput.value);
     if (searchInput.value) next.set("q", searchInput.value);
+    if (sinceSelect.value) next.set("since", sinceSelect.value);
     location.hash = `#/?${next}`;
   };
   select.addEventListener("change", apply);
+  sinceSelect.addEventListener("change", apply);
   definitionInput.addEventListener("change", apply);
   searchInput.addEventListener("change", apply);
   const body = el("tbody", { id: "runs" });
@@ -241,7 +259,7 @@ async function runsView(params) {
   more.addEventListener("click", load);
   show(
     el("h1", {}, "Runs"),
-    el("div", { class: "filters" }, select, definitionInput, searchInput),
+    el("div", { class: "filters" }, select, definitionInput, searchInput, sinceSelect),
     el("table", {}, el("thead", {}, el("tr", {}, ["Run", "Definition", "Status", "Started", "Updated"].map((h) => el("th", {}, h)))), body),
     more,
   );
