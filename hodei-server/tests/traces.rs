@@ -2,10 +2,12 @@
 //! of a saga whose step runs a job on a worker (the agent's run loop in-process, over mutual TLS
 //! on loopback), and of a saga whose engine is dropped mid-saga and reopened on its journal.
 
+#[path = "support/otlp_collector.rs"]
+mod otlp_collector;
 mod support;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hodei_core::telemetry::Otlp;
@@ -15,33 +17,12 @@ use hodei_core::{
 };
 use hodei_server::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
 use hodei_server::logstore::LogStream;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use otlp_collector::Received;
 use support::sagas::{journaled, signal_wait};
 use support::{Setup, WORKER, within};
 use tracing_subscriber::layer::SubscriberExt as _;
-
-/// Every span the collector received, whatever the test.
-#[derive(Default, Clone)]
-struct Received(Arc<Mutex<Vec<Span>>>);
-
-#[tonic::async_trait]
-impl TraceService for Received {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans);
-        self.0.lock().unwrap().extend(spans.flat_map(|scope| scope.spans));
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
 
 /// The collector and the exporter pointed at it: one per process, as OpenTelemetry's tracer
 /// provider and the global subscriber are. The collector runs on a runtime of its own, so it
@@ -54,23 +35,9 @@ struct Harness {
 fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
-        let received = Received::default();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(received.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-                    .await
-                    .unwrap();
-            });
-        });
-        let otlp = Otlp::builder("hodei-traces-test").endpoint(format!("http://{addr}")).build().unwrap();
+        let (received, port) = otlp_collector::start(None);
+        let otlp =
+            Otlp::builder("hodei-traces-test").endpoint(format!("http://127.0.0.1:{port}")).build().unwrap();
         tracing::subscriber::set_global_default(tracing_subscriber::registry().with(otlp.layer())).unwrap();
         Harness { received, otlp }
     })

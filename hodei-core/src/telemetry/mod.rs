@@ -29,7 +29,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanProcessor as _,
@@ -85,6 +86,7 @@ pub struct OtlpBuilder {
     service_name: String,
     endpoint: Option<String>,
     max_queue_size: Option<usize>,
+    ca_certificate_pem: Option<Vec<u8>>,
 }
 
 impl OtlpBuilder {
@@ -102,6 +104,22 @@ impl OtlpBuilder {
         self
     }
 
+    /// Trusts this CA (PEM) as well as the system's roots for an `https://` collector: a
+    /// collector behind a company's own CA.
+    pub fn ca_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certificate_pem = Some(pem.into());
+        self
+    }
+
+    /// The endpoint spans go to: the code's, else the variables' (the traces' own first).
+    fn effective_endpoint(&self) -> Option<String> {
+        let variable = |name| std::env::var(name).ok().filter(|value: &String| !value.is_empty());
+        self.endpoint
+            .clone()
+            .or_else(|| variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .or_else(|| variable("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    }
+
     /// Builds the exporter and installs the trace hooks: export is on.
     pub fn build(self) -> Result<Otlp, TelemetryError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -113,10 +131,25 @@ impl OtlpBuilder {
         // tonic's channel starts its connection task on the runtime current at build time.
         let exporter = {
             let _entered = runtime.enter();
+            let https =
+                self.effective_endpoint().is_some_and(|e| e.to_ascii_lowercase().starts_with("https://"));
             let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
             let builder = match self.endpoint {
                 Some(endpoint) => builder.with_endpoint(endpoint),
                 None => builder,
+            };
+            // Left alone, an `https://` endpoint gets a TLS config with no roots at all, and
+            // every handshake fails.
+            let builder = match https {
+                true => {
+                    let tls = ClientTlsConfig::new().with_native_roots();
+                    let tls = match &self.ca_certificate_pem {
+                        Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                        None => tls,
+                    };
+                    builder.with_tls_config(tls)
+                }
+                false => builder,
             };
             builder.build().map_err(|e| TelemetryError::Exporter(e.to_string()))?
         };
@@ -150,7 +183,12 @@ impl OtlpBuilder {
 impl Otlp {
     /// A builder for the service `service_name` (unless `OTEL_SERVICE_NAME` says otherwise).
     pub fn builder(service_name: impl Into<String>) -> OtlpBuilder {
-        OtlpBuilder { service_name: service_name.into(), endpoint: None, max_queue_size: None }
+        OtlpBuilder {
+            service_name: service_name.into(),
+            endpoint: None,
+            max_queue_size: None,
+            ca_certificate_pem: None,
+        }
     }
 
     /// An exporter configured by the `OTEL_EXPORTER_OTLP_*` variables alone.
