@@ -79,7 +79,6 @@ struct Run {
 }
 
 async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bool, sagas: usize) -> Run {
-    let on = export;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let metrics = Metrics::new();
     let mut builder = Engine::builder().data_dir(dir.path()).register(noop_saga("noop"));
@@ -87,13 +86,13 @@ async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bo
         builder = builder.observer(Arc::new(metrics.clone()));
     }
     let engine = builder.start().await.expect("starting the engine");
-    otlp.set_export(on);
+    otlp.set_export(export);
     let before = collector.0.load(Ordering::Relaxed);
     // Warm sled's trees and the exporter's connection before the clock starts.
     noop_sagas(&engine, "noop", "warm", CONCURRENCY, CONCURRENCY).await;
     let started = Instant::now();
     noop_sagas(&engine, "noop", "timed", CONCURRENCY, sagas).await;
-    if on {
+    if export {
         otlp.flush().await.expect("flushing spans to the collector");
     }
     let elapsed = started.elapsed();
@@ -112,7 +111,7 @@ async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bo
     otlp.flush().await.expect("a flush after the run");
     let spans = collector.0.load(Ordering::Relaxed) - before;
     let runs = sagas + CONCURRENCY;
-    if on {
+    if export {
         // Every saga exported the same spans: none was dropped (the queue holds a round).
         assert_eq!(spans % runs, 0, "{spans} spans for {runs} sagas: some were dropped");
         assert!(spans / runs >= 2 + 2 * STEPS as usize, "{spans} spans for {runs} sagas");

@@ -152,19 +152,20 @@ async fn an_operator_logs_in_sees_runs_live_and_approves_a_gate() {
         browser.wait().for_element(Locator::Css("#shape .shape-node.status-completed")).await.unwrap();
         assert_eq!(text(&browser, "#shape .status-pending").await, "release pending");
         // The payload is a form built from the `Approval` type the saga waits for.
-        let field = |name: &str| Locator::Css(format!("#signal-form [name='{name}']").leak());
-        browser.find(field("comment")).await.unwrap().send_keys("ship it").await.unwrap();
-        browser.find(field("ticket?")).await.unwrap().click().await.unwrap();
-        browser.find(field("ticket")).await.unwrap().send_keys("42").await.unwrap();
-        browser.find(field("risk?")).await.unwrap().click().await.unwrap();
-        let risk = browser.find(field("risk")).await.unwrap();
+        let field = |name: &str| format!("#signal-form [name='{name}']");
+        browser.find(Locator::Css(&field("comment"))).await.unwrap().send_keys("ship it").await.unwrap();
+        browser.find(Locator::Css(&field("ticket?"))).await.unwrap().click().await.unwrap();
+        browser.find(Locator::Css(&field("ticket"))).await.unwrap().send_keys("42").await.unwrap();
+        browser.find(Locator::Css(&field("risk?"))).await.unwrap().click().await.unwrap();
+        let risk = browser.find(Locator::Css(&field("risk"))).await.unwrap();
         let mut variants = Vec::new();
         for option in risk.find_all(Locator::Css("option")).await.unwrap() {
             variants.push(option.text().await.unwrap());
         }
         assert_eq!(variants, ["low", "high"]);
         risk.select_by_label("high").await.unwrap();
-        browser.find(field("risk.high.mitigation")).await.unwrap().send_keys("canary first").await.unwrap();
+        let mitigation = browser.find(Locator::Css(&field("risk.high.mitigation"))).await.unwrap();
+        mitigation.send_keys("canary first").await.unwrap();
         screenshot(&browser, "signal-form").await;
         let approve = browser.find(Locator::XPath("//button[text()='Approve']")).await.unwrap();
         approve.click().await.unwrap();

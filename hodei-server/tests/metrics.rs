@@ -17,32 +17,11 @@ use hodei_core::{
 };
 use hodei_server::Node;
 use hodei_server::api::{ApiServeError, ApiServer, ApiServerBuilder, MetricsAccess};
-use hodei_server::jobs::{Job, JobOutcome, RemoteJobs};
+use hodei_server::jobs::JobOutcome;
 use hodei_server::metrics::Metrics;
 use reqwest::StatusCode;
+use support::node_sagas::deploy;
 use support::within;
-
-fn shell(script: &str) -> Job {
-    Job::pooled_script(["/bin/sh"], script).env("PATH", "/usr/bin:/bin")
-}
-
-/// Deploys with a rollback job, then fails for good when asked to.
-fn deploy() -> SagaDefinition {
-    SagaDefinition::new("deploy", 1, |ctx: SagaContext, fail: bool| async move {
-        let deployed = ctx
-            .job("deploy", shell("echo deployed"))
-            .rollback(shell("echo rolled back; echo 'undo log' >&2"))
-            .run()
-            .await?;
-        ctx.step("verify")
-            .input(fail)
-            .run(|_, fail: bool| async move {
-                if fail { Err(StepError::terminal("verification failed")) } else { Ok(()) }
-            })
-            .await?;
-        Ok::<JobOutcome, StepError>(deployed)
-    })
-}
 
 /// One step whose first attempt fails retryably.
 fn retried() -> SagaDefinition {

@@ -5,38 +5,17 @@ mod support;
 
 use std::time::Duration;
 
-use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaId, SagaRun, StepError};
+use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaId, SagaRun};
 use hodei_server::Node;
-use hodei_server::jobs::{Job, JobOutcome, RemoteJobs, saga_jobs};
+use hodei_server::jobs::{JobOutcome, RemoteJobs, saga_jobs};
 use hodei_server::logstore::LogStream;
+use support::node_sagas::{deploy, shell};
 use support::within;
-
-fn shell(script: &str) -> Job {
-    Job::pooled_script(["/bin/sh"], script).env("PATH", "/usr/bin:/bin")
-}
 
 /// Runs one job, `build`, through the dispatcher the context holds.
 fn build() -> SagaDefinition {
     SagaDefinition::new("build", 1, |ctx: SagaContext, (): ()| async move {
         ctx.run_job("build", shell("echo built")).await
-    })
-}
-
-/// Deploys with a rollback job, then fails for good when asked to.
-fn deploy() -> SagaDefinition {
-    SagaDefinition::new("deploy", 1, |ctx: SagaContext, fail: bool| async move {
-        let deployed = ctx
-            .job("deploy", shell("echo deployed"))
-            .rollback(shell("echo rolled back; echo 'undo log' >&2"))
-            .run()
-            .await?;
-        ctx.step("verify")
-            .input(fail)
-            .run(|_, fail: bool| async move {
-                if fail { Err(StepError::terminal("verification failed")) } else { Ok(()) }
-            })
-            .await?;
-        Ok::<JobOutcome, StepError>(deployed)
     })
 }
 

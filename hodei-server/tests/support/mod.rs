@@ -6,6 +6,7 @@
 
 pub mod agent_binary;
 pub mod browser;
+pub mod node_sagas;
 pub mod sagas;
 
 use std::sync::Arc;

@@ -372,8 +372,9 @@ function actions(run) {
     // untraceable type, a signal sent ahead of its wait, a journal from before schemas).
     const payloadSlot = el("span", { id: "signal-payload-slot" });
     let readPayload;
-    const offer = () => {
-      const wait = waiting.find((w) => w.name === name.value);
+    let offered = null; // the wait whose payload the slot holds a field for, if any
+    const offer = (wait) => {
+      offered = wait;
       if (wait && wait.payload_schema) {
         const form = payloadForm(wait.payload_schema);
         payloadSlot.replaceChildren(el("div", { class: "payload-form", id: "signal-form" }, form.node));
@@ -384,14 +385,12 @@ function actions(run) {
         readPayload = () => JSON.parse(box.value || "null");
       }
     };
-    let offeredFor = name.value;
+    // Rebuilt only when the name comes to mean another wait, so typing keeps what was filled.
+    const waitNamed = () => waiting.find((w) => w.name === name.value) || null;
     name.addEventListener("input", () => {
-      const before = waiting.find((w) => w.name === offeredFor);
-      const now = waiting.find((w) => w.name === name.value);
-      if (before !== now) offer();
-      offeredFor = name.value;
+      if (waitNamed() !== offered) offer(waitNamed());
     });
-    offer();
+    offer(waitNamed());
     buttons.push(
       el(
         "span",
