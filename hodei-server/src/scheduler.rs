@@ -934,13 +934,18 @@ impl Inner {
             return;
         }
         worker.phase = Phase::Destroying;
-        let (inner, worker_id) = (self.clone(), worker_id.to_owned());
+        // Weak, like every task the scheduler leaves behind: a destroy still running when the
+        // control plane stops must not hold the hub, and with it the data directory's lock,
+        // past the stop.
+        let (inner, worker_id) = (Arc::downgrade(self), worker_id.to_owned());
         let provider = self.providers[worker.provider].provider.clone();
         self.runtime.spawn(async move {
             if let Err(e) = provider.destroy(&worker_id).await {
                 tracing::warn!(worker = %worker_id, error = %e, "destroying a worker failed");
             }
-            inner.mutate(|_, state| state.workers.remove(&worker_id));
+            if let Some(inner) = inner.upgrade() {
+                inner.mutate(|_, state| state.workers.remove(&worker_id));
+            }
         });
     }
 

@@ -27,7 +27,6 @@ pub(super) struct PendingJob {
 
 /// One session's state, owned by its task.
 pub(super) struct SessionTask {
-    pub(super) outbound: mpsc::Sender<Result<HubMessage, Status>>,
     pub(super) commands: mpsc::Receiver<SessionCommand>,
     pub(super) logs: Option<Arc<LogStore>>,
     /// The output written and not yet durable, and the sync in flight.
@@ -47,6 +46,9 @@ pub(super) struct SessionTask {
     /// published in the registry.
     pub(super) running: HashSet<String>,
     pub(super) guard: ConnectionGuard,
+    /// Last, so dropped last: the server's graceful stop waits for the response stream, which
+    /// ends when this goes, and by then the session holds no log store or PKI any more.
+    pub(super) outbound: mpsc::Sender<Result<HubMessage, Status>>,
 }
 
 /// Whether the session goes on after a message.
