@@ -90,6 +90,11 @@ pub enum Error {
         /// The sequence number the writer expected to be next.
         expected: u64,
     },
+    /// Another engine owns the saga now: several engines share the store, this one's lease on
+    /// the saga lapsed and the saga was taken over (its epoch moved on). Nothing was written,
+    /// and this engine stops driving the saga.
+    #[error("saga `{0}` is owned by another engine now: this engine's write was refused (fenced)")]
+    Fenced(SagaId),
     /// A payload is over the configured size limit. Nothing was written.
     #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -213,7 +218,31 @@ impl StorageError {
     pub fn message(message: impl Into<String>) -> Self {
         Self { message: message.into().into(), source: None }
     }
+
+    /// The write of saga `id` was refused because another engine owns it now; it reaches the
+    /// writer as [`Error::Fenced`].
+    pub fn fenced(id: SagaId) -> Self {
+        Self::new(FencedWrite(id))
+    }
+
+    /// The saga whose write was fenced, if that is what this failure is.
+    pub fn fenced_saga(&self) -> Option<&SagaId> {
+        self.source.as_deref().and_then(|source| source.downcast_ref::<FencedWrite>()).map(|f| &f.0)
+    }
+
+    /// This failure as the crate's error, `operation` saying what was being done.
+    pub(crate) fn into_error(self, operation: &'static str) -> Error {
+        match self.fenced_saga() {
+            Some(id) => Error::Fenced(id.clone()),
+            None => Error::Storage { operation, source: self },
+        }
+    }
 }
+
+/// See [`StorageError::fenced`].
+#[derive(Debug, thiserror::Error)]
+#[error("saga `{0}` is owned by another engine now")]
+struct FencedWrite(SagaId);
 
 impl fmt::Debug for StorageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -16,25 +16,32 @@ use support::{Effects, saga};
 use test_database::TestDatabase;
 use tokio::sync::Notify;
 
-/// A three-step saga whose middle step hangs in the first engine.
-fn release(effects: &Effects, hang: bool, reached: Arc<Notify>) -> hodei_core::SagaDefinition {
+/// Where the middle step of `release` holds: it says it was reached, then waits to resume.
+#[derive(Clone, Default)]
+struct Hold {
+    reached: Arc<Notify>,
+    resume: Arc<Notify>,
+}
+
+/// A three-step saga whose middle step holds when given a `hold`.
+fn release(effects: &Effects, hold: Option<Hold>) -> hodei_core::SagaDefinition {
     let effects = effects.clone();
     saga("release", 1, move |ctx, version: u32| {
-        let (effects, reached) = (effects.clone(), reached.clone());
+        let (effects, hold) = (effects.clone(), hold.clone());
         async move {
             let mut total = version;
             for name in ["compile", "package", "publish"] {
-                let (effects, reached) = (effects.clone(), reached.clone());
+                let (effects, hold) = (effects.clone(), hold.clone());
                 total = ctx
                     .step(name)
                     .input(total)
                     .run(move |_, n: u32| {
-                        let (effects, reached) = (effects.clone(), reached.clone());
+                        let (effects, hold) = (effects.clone(), hold.clone());
                         async move {
                             effects.push(name.to_string());
-                            if name == "package" && hang {
-                                reached.notify_one();
-                                std::future::pending::<()>().await;
+                            if let Some(hold) = hold.filter(|_| name == "package") {
+                                hold.reached.notify_one();
+                                hold.resume.notified().await;
                             }
                             Ok::<_, StepError>(n * 10)
                         }
@@ -50,15 +57,15 @@ fn release(effects: &Effects, hang: bool, reached: Arc<Notify>) -> hodei_core::S
 async fn an_engine_on_postgres_resumes_a_saga_without_rerunning_its_journaled_steps() {
     let Some(db) = TestDatabase::new("engine") else { return };
     let effects = Effects::default();
-    let reached = Arc::new(Notify::new());
+    let hold = Hold::default();
     let engine = Engine::builder()
         .store(PostgresStore::connect_with(&db.url, db.options()).await.unwrap())
-        .register(release(&effects, true, reached.clone()))
+        .register(release(&effects, Some(hold.clone())))
         .start()
         .await
         .unwrap();
     engine.start(SagaRun::new("release", "r1", &7u32).unwrap()).await.unwrap();
-    reached.notified().await;
+    hold.reached.notified().await;
     engine.shutdown(Duration::ZERO).await.unwrap();
     drop(engine);
     assert_eq!(effects.take(), ["compile", "package"]);
@@ -66,14 +73,71 @@ async fn an_engine_on_postgres_resumes_a_saga_without_rerunning_its_journaled_st
     let store = PostgresStore::connect_with(&db.url, PostgresOptions::default().schema(db.schema.clone()))
         .await
         .unwrap();
-    let engine = Engine::builder()
-        .store(store)
-        .register(release(&effects, false, Arc::new(Notify::new())))
-        .start()
-        .await
-        .unwrap();
+    let engine = Engine::builder().store(store).register(release(&effects, None)).start().await.unwrap();
     let run = engine.handle(&SagaId::new("r1").unwrap()).unwrap();
     assert_eq!(run.outcome::<u32>().await.unwrap(), Outcome::Completed(7_000));
     assert_eq!(effects.take(), ["package", "publish"], "compile was journaled: it did not run again");
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// Two engines on one database. The first stalls in a step past its lease (here: its lease is
+/// ended by hand, and it is too long for the engine to renew it meanwhile); the second takes
+/// the saga over at its next beat and finishes it, without running the journaled step again.
+/// When the stalled step of the first returns, its write is refused and it stops driving the
+/// saga. Along the journal the epochs never go back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_of_a_stalled_engine_is_finished_by_another_and_the_zombie_is_fenced() {
+    let Some(db) = TestDatabase::new("takeover") else { return };
+    let (stalled_effects, heir_effects) = (Effects::default(), Effects::default());
+    let hold = Hold::default();
+    let stalled_store =
+        PostgresStore::connect_with(&db.url, db.options().lease(Duration::from_secs(86_400))).await.unwrap();
+    let stalled_id = stalled_store.engine_id().to_owned();
+    let stalled = Engine::builder()
+        .store(stalled_store)
+        .register(release(&stalled_effects, Some(hold.clone())))
+        .start()
+        .await
+        .unwrap();
+    let heir = Engine::builder()
+        .store(
+            PostgresStore::connect_with(&db.url, db.options().lease(Duration::from_millis(500)))
+                .await
+                .unwrap(),
+        )
+        .register(release(&heir_effects, None))
+        .start()
+        .await
+        .unwrap();
+    let id = SagaId::new("r1").unwrap();
+    stalled.start(SagaRun::new("release", "r1", &7u32).unwrap()).await.unwrap();
+    hold.reached.notified().await;
+
+    let admin = db.admin().await;
+    let lapse = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
+    assert_eq!(admin.execute(lapse, &[&stalled_id]).await.unwrap(), 1);
+    let outcome = heir.handle(&id).unwrap().outcome::<u32>().await;
+    assert_eq!(outcome.unwrap(), Outcome::Completed(7_000));
+    assert_eq!(heir_effects.take(), ["package", "publish"], "compile was journaled: it did not run again");
+
+    // The zombie's step returns; its write is refused, and it lets the saga go. Its handle
+    // then finds the outcome the heir journaled.
+    let on_stalled = stalled.handle(&id).unwrap();
+    hold.resume.notify_one();
+    assert_eq!(on_stalled.outcome::<u32>().await.unwrap(), Outcome::Completed(7_000));
+    assert_eq!(stalled_effects.take(), ["compile", "package"]);
+    assert!(stalled.census().runs.is_empty(), "{:?}", stalled.census());
+    let rows = admin
+        .query("SELECT seq, epoch FROM hodei_events WHERE saga_id = 'r1' ORDER BY seq", &[])
+        .await
+        .unwrap();
+    let epochs: Vec<i64> = rows.iter().map(|row| row.get(1)).collect();
+    assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "epochs went back: {epochs:?}");
+    assert_eq!((epochs.first(), epochs.last()), (Some(&1), Some(&2)), "{epochs:?}");
+    let completed = heir.history(&id).unwrap();
+    let steps_done =
+        completed.iter().filter(|r| matches!(r.event, hodei_core::Event::StepCompleted { .. })).count();
+    assert_eq!(steps_done, 3, "each step completed once: the zombie's completion was refused");
+    heir.shutdown(Duration::from_secs(5)).await.unwrap();
+    stalled.shutdown(Duration::from_secs(5)).await.unwrap();
 }

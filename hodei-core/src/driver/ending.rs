@@ -19,6 +19,11 @@ pub(super) fn unwritable(e: &dyn std::fmt::Display) -> String {
 
 /// Parks the saga. A parked saga has not finished, so there is no final event to return.
 pub(super) async fn park(live: &LiveSaga, reason: String) -> Option<RecordedEvent> {
+    if live.journal.fenced() {
+        // Not parked: another engine drives it now, and this one may write nothing more.
+        tracing::warn!(reason = %reason, "saga taken over by another engine; no longer driven here");
+        return None;
+    }
     tracing::error!(reason = %reason, "saga parked");
     // If even this write fails, the saga stays in flight as it was and is retried at the next
     // start; the in-memory status below still shows why to anyone inspecting it now.

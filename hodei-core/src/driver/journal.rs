@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
@@ -21,6 +22,9 @@ pub(crate) struct Journal {
     store: Arc<dyn EventStore>,
     bus: broadcast::Sender<EngineEvent>,
     state: Mutex<JournalState>,
+    /// Set when the store refused a write because another engine owns the saga now: from then
+    /// on nothing more is written here, not even why the saga stopped.
+    fenced: AtomicBool,
 }
 
 struct JournalState {
@@ -56,7 +60,7 @@ impl Journal {
             under_pause: None,
             observed: None,
         });
-        Self { id: record_id(&state), store, bus, state }
+        Self { id: record_id(&state), store, bus, state, fenced: AtomicBool::new(false) }
     }
 
     pub fn record(&self) -> SagaRecord {
@@ -92,7 +96,24 @@ impl Journal {
             return Ok(());
         }
         self.write(None, None)?;
-        self.store.durable().await
+        self.durable().await
+    }
+
+    /// Whether another engine took the saga over: see [`Error::Fenced`].
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Waits until what was written is durable, noting a refusal for a lost lease.
+    async fn durable(&self) -> Result<()> {
+        self.store.durable().await.map_err(|e| self.noted(e))
+    }
+
+    fn noted(&self, error: Error) -> Error {
+        if matches!(error, Error::Fenced(_)) {
+            self.fenced.store(true, Ordering::Release);
+        }
+        error
     }
 
     /// Changes the status without waiting for durability; nothing is written if the record
@@ -130,7 +151,7 @@ impl Journal {
             state.under_pause = Some(under);
             recorded
         };
-        self.store.durable().await?;
+        self.durable().await?;
         Ok(recorded)
     }
 
@@ -150,7 +171,7 @@ impl Journal {
             }
             written?
         };
-        self.store.durable().await?;
+        self.durable().await?;
         Ok(recorded)
     }
 
@@ -174,7 +195,7 @@ impl Journal {
     /// exactly.
     pub async fn append_durable_at(&self, event: impl FnOnce(Timestamp) -> Event) -> Result<RecordedEvent> {
         let recorded = self.write_at(|at| Some(event(at)), None)?;
-        self.store.durable().await?;
+        self.durable().await?;
         recorded.ok_or_else(|| Error::SagaFinished(self.id.clone()))
     }
 
@@ -186,7 +207,7 @@ impl Journal {
         status: SagaStatus,
     ) -> Result<Option<RecordedEvent>> {
         let recorded = self.write(event, Some(status))?;
-        self.store.durable().await?;
+        self.durable().await?;
         Ok(recorded)
     }
 
@@ -209,6 +230,9 @@ impl Journal {
         event: impl FnOnce(Timestamp) -> Option<Event>,
         status: Option<SagaStatus>,
     ) -> Result<Option<RecordedEvent>> {
+        if self.fenced() {
+            return Err(Error::Fenced(self.id.clone()));
+        }
         let at = Timestamp::now();
         let event = event(at);
         if state.finished && event.is_some() {
@@ -227,7 +251,7 @@ impl Journal {
         if let Err(e) = self.store.append(&self.id, &batch, record.as_ref()) {
             batch.truncate(batch.len() - recorded.is_some() as usize);
             state.pending = batch;
-            return Err(e);
+            return Err(self.noted(e));
         }
         state.next += batch.len() as u64;
         state.finished = batch.last().is_some_and(|r| r.event.is_final());

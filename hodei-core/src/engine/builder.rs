@@ -135,6 +135,7 @@ impl EngineBuilder {
             accepting: AtomicBool::new(true),
             drivers: Arc::new(watch::Sender::new(0)),
             recovered: watch::Sender::new(false),
+            beats: watch::Sender::new(0),
             config: self.config,
             resources,
         });

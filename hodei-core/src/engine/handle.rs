@@ -42,32 +42,41 @@ impl SagaHandle {
     /// Waits for the saga to finish and returns how it ended, decoding the output as `O`.
     ///
     /// A parked saga is not finished: this keeps waiting until it is fixed and resumes, or
-    /// fails with [`Error::EngineStopped`] when the engine shuts down first.
+    /// fails with [`Error::EngineStopped`] when the engine shuts down first. On a store shared
+    /// by several engines it waits wherever the saga runs: on another engine, or on this one
+    /// after a takeover (it looks again at every beat of the engine's lease).
     pub async fn outcome<O: DeserializeOwned>(&self) -> Result<Outcome<O>> {
-        let end = match self.inner.live(&self.id) {
-            Some(live) => {
+        let shared = self.inner.store.leases().is_some();
+        let stopped = || Error::EngineStopped(self.id.clone());
+        loop {
+            let mut beats = self.inner.beats.subscribe();
+            if let Some(live) = self.inner.live(&self.id) {
                 let mut finished = live.finished.subscribe();
                 drop(live);
-                let end = finished
-                    .wait_for(Option::is_some)
-                    .await
-                    .map_err(|_| Error::EngineStopped(self.id.clone()))?;
-                end.as_ref().map(|e| (**e).clone())
-            }
-            None => None,
-        };
-        let end = match end {
-            Some(end) => end,
-            None => {
-                let history = self.inner.store.history(&self.id)?;
-                match last_state(&history) {
-                    Some(last) if last.event.is_final() => last.clone(),
-                    Some(_) => return Err(Error::EngineStopped(self.id.clone())),
-                    None => return Err(Error::SagaNotFound(self.id.clone())),
+                let end =
+                    finished.wait_for(Option::is_some).await.map(|end| end.as_ref().map(|e| (**e).clone()));
+                match end {
+                    Ok(Some(end)) => return self.decode_outcome(end.event),
+                    // Dropped without an end: the engine stopped driving it. On a shared store
+                    // that may be a takeover by another engine: look where it is now.
+                    _ if !shared || self.inner.stopping() => return Err(stopped()),
+                    _ => {}
                 }
             }
-        };
-        self.decode_outcome(end.event)
+            let history = self.inner.store.history(&self.id)?;
+            match last_state(&history) {
+                Some(last) if last.event.is_final() => return self.decode_outcome(last.event.clone()),
+                Some(_) if shared => {
+                    let mut shutdown = self.inner.shutdown.subscribe();
+                    tokio::select! {
+                        changed = beats.changed() => changed.map_err(|_| stopped())?,
+                        _ = shutdown.wait_for(|stopping| *stopping) => return Err(stopped()),
+                    }
+                }
+                Some(_) => return Err(stopped()),
+                None => return Err(Error::SagaNotFound(self.id.clone())),
+            }
+        }
     }
 
     fn decode_outcome<O: DeserializeOwned>(&self, event: Event) -> Result<Outcome<O>> {

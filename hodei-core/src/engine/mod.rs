@@ -13,6 +13,7 @@ mod filter;
 mod fork;
 mod handle;
 mod inspection;
+mod leasing;
 mod observing;
 mod operator;
 mod outcome;

@@ -9,7 +9,15 @@ use crate::saga::SagaDefinition;
 
 impl Engine {
     pub(super) fn recover(&self) -> Result<()> {
-        let in_flight = self.inner.store.in_flight()?;
+        let in_flight = match self.inner.store.leases() {
+            // Shared with other engines: only the sagas this one claims, then more at each beat.
+            Some(leases) => {
+                let claimed = leases.renew(usize::MAX)?.claimed;
+                super::leasing::start(&self.inner, leases.beat());
+                claimed
+            }
+            None => self.inner.store.in_flight()?,
+        };
         tracing::info!(sagas = in_flight.len(), "resuming sagas in flight");
         for record in in_flight {
             self.inner.adopt(record)?;

@@ -44,6 +44,9 @@ pub(super) struct Inner {
     /// Set once recovery has adopted every saga in flight: drivers wait for it, so that a
     /// resumed parent finds its resumed children (recovery adopts in id order).
     pub(super) recovered: watch::Sender<bool>,
+    /// Counts the beats of the engine's lease on a shared store: whoever waits for a saga
+    /// that runs elsewhere looks again at each.
+    pub(super) beats: watch::Sender<u64>,
     pub(super) config: EngineConfig,
     pub(super) resources: Arc<Resources>,
 }
@@ -60,6 +63,11 @@ impl Drop for DriverGuard {
 }
 
 impl Inner {
+    /// Whether the engine is shutting down.
+    pub(super) fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     pub(super) fn live(&self, id: &SagaId) -> Option<Arc<LiveSaga>> {
         lock(&self.live).get(id).cloned()
     }
@@ -69,6 +77,16 @@ impl Inner {
     pub(super) fn finished(&self, live: &LiveSaga, end: RecordedEvent) {
         lock(&self.live).remove(&live.journal.id);
         live.finished.send_replace(Some(Arc::new(end)));
+    }
+
+    /// Stops driving a saga another engine took over: its driver is aborted if it still runs,
+    /// and it leaves the live set without an outcome (it has none yet).
+    pub(super) fn lost(&self, id: &SagaId) {
+        let Some(live) = lock(&self.live).remove(id) else { return };
+        if let Some(task) = lock(&live.task).take() {
+            task.abort();
+        }
+        tracing::warn!(saga.id = %id, "saga taken over by another engine; no longer driven here");
     }
 
     pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {
@@ -115,8 +133,10 @@ impl Inner {
                 {
                     let (inner, task_live, host, body) = (inner, task_live, host, body);
                     let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
-                    if let Some(end) = drive(host, task_live.clone(), body, history).await {
-                        inner.finished(&task_live, end);
+                    match drive(host, task_live.clone(), body, history).await {
+                        Some(end) => inner.finished(&task_live, end),
+                        None if task_live.journal.fenced() => inner.lost(&task_live.journal.id),
+                        None => {}
                     }
                 }
                 drop(guard);

@@ -19,6 +19,7 @@ use crate::error::{Error, Result, StorageError};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
 use crate::observe::Observer;
 
+mod leases;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -27,9 +28,10 @@ mod sled;
 
 #[cfg(feature = "sled")]
 pub use self::sled::{SledOptions, SledStore};
+pub use leases::{Leases, Renewal};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresError, PostgresOptions, PostgresStore};
+pub use postgres::{DEFAULT_LEASE, PostgresError, PostgresOptions, PostgresStore};
 
 /// Storage for saga journals and their summary records.
 ///
@@ -97,6 +99,13 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     fn observe(&self, observer: Arc<dyn Observer>) {
         let _ = observer;
     }
+
+    /// How the store shares its sagas among several engines, if it does: the engine then
+    /// drives only the sagas it claims (see [`Leases`]). `None`, the default: the store's
+    /// engine drives every saga in flight.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
 }
 
 /// A shared store is a store: lets several engines in turn (a restart in a test, say) or an
@@ -137,6 +146,9 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
     fn observe(&self, observer: Arc<dyn Observer>) {
         (**self).observe(observer)
     }
+    fn leases(&self) -> Option<&dyn Leases> {
+        (**self).leases()
+    }
 }
 
 /// A future that resolves when earlier writes are durable. See [`EventStore::durable`].
@@ -174,7 +186,7 @@ impl Future for Durable {
                 Poll::Ready(Err(_)) => Err(StorageError::message("the flusher thread stopped")),
             },
         };
-        Poll::Ready(result.map_err(|source| Error::Storage { operation: "flushing", source }))
+        Poll::Ready(result.map_err(|source| source.into_error("flushing")))
     }
 }
 

@@ -42,8 +42,10 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio_postgres::Row;
@@ -56,6 +58,7 @@ use crate::event::{RecordedEvent, SagaId, SagaRecord};
 
 mod connection;
 mod error;
+mod leases;
 mod migrations;
 mod options;
 mod overlay;
@@ -64,7 +67,7 @@ mod writer;
 
 use connection::{Connector, Readers};
 pub use error::PostgresError;
-pub use options::PostgresOptions;
+pub use options::{DEFAULT_LEASE, PostgresOptions};
 use overlay::{Op, Overlay};
 
 /// Journals in PostgreSQL (feature `postgres`). See the [module docs](self) for the design.
@@ -86,6 +89,11 @@ struct Shared {
     wake: Notify,
     readers: Readers,
     runtime: tokio::runtime::Handle,
+    /// This engine's id among those sharing the database.
+    member: String,
+    lease: Duration,
+    /// Set by the first renewal, which also takes back this engine's own sagas.
+    renewed: AtomicBool,
 }
 
 impl Shared {
@@ -113,6 +121,7 @@ impl PostgresStore {
     /// [`connect`](Self::connect), with options.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
         let connector = Connector::new(url, &options)?;
+        let lease = options.checked_lease().map_err(|e| refused("connecting to PostgreSQL", e))?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
             Error::Storage { operation: "starting the PostgreSQL thread", source: StorageError::new(e) }
         })?;
@@ -121,6 +130,9 @@ impl PostgresStore {
             wake: Notify::new(),
             readers: Readers::new(connector),
             runtime: runtime.handle().clone(),
+            member: options.member(),
+            lease,
+            renewed: AtomicBool::new(false),
         });
         let (ready, started) = oneshot::channel();
         let worker = shared.clone();
@@ -131,7 +143,8 @@ impl PostgresStore {
                     match open_writer(&worker).await {
                         Ok(connection) => {
                             let _ = ready.send(Ok(()));
-                            writer::run(worker, Some(connection)).await;
+                            writer::run(worker.clone(), Some(connection)).await;
+                            release(&worker).await;
                         }
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -175,9 +188,29 @@ impl PostgresStore {
         Arc::as_ptr(&self.shared) as usize
     }
 
+    /// This engine's id among the engines sharing the database.
+    pub fn engine_id(&self) -> &str {
+        &self.shared.member
+    }
+
+    /// Takes a saga this store does not own (one reopened or forked, or one this engine lost
+    /// and whose new owner died): refused with [`Error::Fenced`] while a live engine holds it.
+    fn take_over(&self, id: &SagaId) -> Result<()> {
+        match self.claim_one(id)? {
+            Some((epoch, next)) => {
+                let mut overlay = self.shared.overlay();
+                overlay.own(id, epoch);
+                overlay.learn_next(id, next);
+                Ok(())
+            }
+            None if self.next_in_database(id)?.is_none() => Err(Error::SagaNotFound(id.clone())),
+            None => Err(Error::Fenced(id.clone())),
+        }
+    }
+
     /// Queues a checked write.
     fn push(&self, overlay: &mut Overlay, op: Op, events: &[RecordedEvent], record: Option<&SagaRecord>) {
-        Unsynced::note(self.id(), overlay.failures);
+        Unsynced::note(self.id(), overlay.failures, &op.id);
         overlay.push(op, events, record);
         self.shared.wake.notify_one();
     }
@@ -289,6 +322,20 @@ async fn open_writer(shared: &Shared) -> Result<writer::WriterConnection> {
     writer::WriterConnection::open(connector).await.map_err(database("connecting to PostgreSQL"))
 }
 
+/// Lets go of this engine's lease as the store closes: the others take its sagas at once.
+async fn release(shared: &Shared) {
+    if !shared.renewed.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    let released = async {
+        let client = shared.readers.get().await?;
+        client.execute(leases::RELEASE, &[&shared.member]).await
+    };
+    if let Err(e) = released.await {
+        tracing::warn!(error = %e, "the engine's lease was not released; it lapses on its own");
+    }
+}
+
 /// A query parameter, owned: it travels to the background runtime.
 type Param = Box<dyn ToSql + Send + Sync>;
 
@@ -325,6 +372,7 @@ impl EventStore for PostgresStore {
             expected: Some(0),
             events: encode_events(id, std::slice::from_ref(first))?,
             record: Some(encode_saga(record)?),
+            epoch: 1,
         };
         if self.shared.overlay().knows(id) {
             return self.existing(id);
@@ -338,18 +386,25 @@ impl EventStore for PostgresStore {
             drop(overlay);
             return self.existing(id);
         }
+        overlay.own(id, 1);
         self.push(&mut overlay, op, std::slice::from_ref(first), Some(record));
         Ok(None)
     }
 
     fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()> {
         let encoded_record = record.map(encode_saga).transpose()?;
+        if self.shared.overlay().epoch(id).is_none() {
+            self.take_over(id)?;
+        }
         if events.is_empty() {
             // A status change alone: no sequence to check, so it works for a journal that
             // cannot be read.
             if let Some(record) = record {
-                let op = Op { id: id.clone(), expected: None, events: Vec::new(), record: encoded_record };
-                self.push(&mut self.shared.overlay(), op, &[], Some(record));
+                let mut overlay = self.shared.overlay();
+                let epoch = overlay.epoch(id).ok_or_else(|| Error::Fenced(id.clone()))?;
+                let op =
+                    Op { id: id.clone(), expected: None, events: Vec::new(), record: encoded_record, epoch };
+                self.push(&mut overlay, op, &[], Some(record));
             }
             return Ok(());
         }
@@ -360,6 +415,8 @@ impl EventStore for PostgresStore {
             None => Some(self.next_in_database(id)?.ok_or_else(|| Error::SagaNotFound(id.clone()))?),
         };
         let mut overlay = self.shared.overlay();
+        // Taken by another engine since the check above: the write is theirs to make.
+        let epoch = overlay.epoch(id).ok_or_else(|| Error::Fenced(id.clone()))?;
         let next = match (overlay.next(id), from_database) {
             (Some(next), _) => next,
             (None, Some(read)) => overlay.learn_next(id, read),
@@ -370,14 +427,21 @@ impl EventStore for PostgresStore {
             }
         };
         check_sequence(id, events, next)?;
-        let op = Op { id: id.clone(), expected: Some(next), events: encoded, record: encoded_record };
+        let op = Op { id: id.clone(), expected: Some(next), events: encoded, record: encoded_record, epoch };
         self.push(&mut overlay, op, events, record);
         Ok(())
     }
 
     fn durable(&self) -> Durable {
-        let since = Unsynced::take(self.id());
+        let (since, sagas) = Unsynced::take(self.id()).unzip();
+        let sagas = sagas.unwrap_or_default();
         let mut overlay = self.shared.overlay();
+        if let Err(fenced) = overlay.answer(&sagas, &Ok(())) {
+            // A write of this thread's was dropped: another engine owns its saga now.
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(fenced));
+            return Durable::waiting(rx);
+        }
         if let Some(failure) = since.filter(|&at| overlay.failures > at).and(overlay.last_failure.clone()) {
             // A batch failed after this thread's oldest write that was not waited for: that
             // write may be among those dropped.
@@ -389,7 +453,7 @@ impl EventStore for PostgresStore {
             return Durable::ready();
         }
         let (tx, rx) = oneshot::channel();
-        overlay.wait(tx);
+        overlay.wait((tx, sagas));
         drop(overlay);
         self.shared.wake.notify_one();
         Durable::waiting(rx)
@@ -457,6 +521,10 @@ impl EventStore for PostgresStore {
         Ok(out)
     }
 
+    fn leases(&self) -> Option<&dyn super::Leases> {
+        Some(self)
+    }
+
     fn remove(&self, id: &SagaId) -> Result<()> {
         // Everything queued first, so that no queued write of the saga lands after the delete.
         let durable = self.durable();
@@ -483,28 +551,34 @@ impl Drop for PostgresStore {
 
 thread_local! {
     /// Per store, the failure count when this thread made its oldest write not yet followed by
-    /// a `durable()` on this thread.
-    static UNSYNCED: RefCell<Vec<(usize, u64)>> = const { RefCell::new(Vec::new()) };
+    /// a `durable()` on this thread, and the sagas it wrote since.
+    static UNSYNCED: RefCell<Vec<(usize, u64, Vec<SagaId>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// See `UNSYNCED`.
 struct Unsynced;
 
 impl Unsynced {
-    fn note(store: usize, failures: u64) {
+    fn note(store: usize, failures: u64, saga: &SagaId) {
         UNSYNCED.with(|unsynced| {
             let mut unsynced = unsynced.borrow_mut();
-            if !unsynced.iter().any(|(s, _)| *s == store) {
-                unsynced.push((store, failures));
+            match unsynced.iter_mut().find(|(s, _, _)| *s == store) {
+                Some((_, _, sagas)) => {
+                    if !sagas.contains(saga) {
+                        sagas.push(saga.clone());
+                    }
+                }
+                None => unsynced.push((store, failures, vec![saga.clone()])),
             }
         });
     }
 
-    fn take(store: usize) -> Option<u64> {
+    fn take(store: usize) -> Option<(u64, Vec<SagaId>)> {
         UNSYNCED.with(|unsynced| {
             let mut unsynced = unsynced.borrow_mut();
-            let at = unsynced.iter().position(|(s, _)| *s == store)?;
-            Some(unsynced.swap_remove(at).1)
+            let at = unsynced.iter().position(|(s, _, _)| *s == store)?;
+            let (_, failures, sagas) = unsynced.swap_remove(at);
+            Some((failures, sagas))
         })
     }
 }

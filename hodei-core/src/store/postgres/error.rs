@@ -43,6 +43,9 @@ pub enum PostgresError {
         /// Where this store expected the journal to be (0 for a creation).
         expected: u64,
     },
+    /// The lease asked for is under 100 ms or over a day.
+    #[error("an engine's lease of {0:?} is out of range: give 100 ms to one day")]
+    InvalidLease(std::time::Duration),
     /// The database, or the connection to it, failed.
     #[error("{message}")]
     Database {

@@ -9,7 +9,10 @@ use tokio_postgres::Client;
 use super::PostgresError;
 
 /// `(version, name, SQL)`, in order. A released migration never changes; a change is a new one.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "journal", include_str!("migrations/0001_journal.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "journal", include_str!("migrations/0001_journal.sql")),
+    (2, "leases", include_str!("migrations/0002_leases.sql")),
+];
 
 /// The advisory lock of Hodei's migrations (any fixed number; "hodei" in ASCII). It is
 /// database-wide, so stores on different schemas of one database also take turns; that costs

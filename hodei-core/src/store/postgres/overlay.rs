@@ -5,15 +5,16 @@
 //!
 //! Plain data behind the store's mutex: no I/O here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio::sync::oneshot;
 
 use crate::error::StorageError;
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
 
-/// A waiter of [`EventStore::durable`](crate::store::EventStore::durable).
-pub(super) type Waiter = oneshot::Sender<Result<(), StorageError>>;
+/// A waiter of [`EventStore::durable`](crate::store::EventStore::durable), and the sagas its
+/// thread wrote since its last wait: a write of one that another engine took is refused alone.
+pub(super) type Waiter = (oneshot::Sender<Result<(), StorageError>>, Vec<SagaId>);
 
 /// One write, encoded, as the writer commits it.
 #[derive(Debug)]
@@ -26,6 +27,8 @@ pub(super) struct Op {
     pub events: Vec<(u64, Vec<u8>)>,
     /// The encoded record, and whether it keeps the saga in flight.
     pub record: Option<(Vec<u8>, bool)>,
+    /// The epoch of this store's ownership of the saga: the database must still be at it.
+    pub epoch: i64,
 }
 
 /// One saga's uncommitted writes.
@@ -48,6 +51,12 @@ pub(super) struct Batch {
 #[derive(Debug, Default)]
 pub(super) struct Overlay {
     next: HashMap<SagaId, u64>,
+    /// The sagas this store owns, at the epoch it owns them.
+    epochs: HashMap<SagaId, i64>,
+    /// Sagas another engine took from this one: their writers are told so.
+    lost: HashSet<SagaId>,
+    /// Those of them the engine has not been told of by a renewal yet.
+    unreported: Vec<SagaId>,
     pending: HashMap<SagaId, Pending>,
     queue: Vec<Op>,
     waiters: Vec<Waiter>,
@@ -86,6 +95,54 @@ impl Overlay {
             self.next.insert(op.id.clone(), last.seq + 1);
         }
         self.queue.push(op);
+    }
+
+    /// The epoch this store owns the saga at, if it does.
+    pub(super) fn epoch(&self, id: &SagaId) -> Option<i64> {
+        self.epochs.get(id).copied()
+    }
+
+    /// This store owns the saga at `epoch` from now on (it created or claimed it).
+    pub(super) fn own(&mut self, id: &SagaId, epoch: i64) {
+        self.lost.remove(id);
+        self.epochs.insert(id.clone(), epoch);
+    }
+
+    /// The sagas this store owns, with their epochs.
+    pub(super) fn owned(&self) -> Vec<(SagaId, i64)> {
+        self.epochs.iter().map(|(id, epoch)| (id.clone(), *epoch)).collect()
+    }
+
+    /// Another engine owns these sagas now: this store forgets their uncommitted writes and
+    /// where their journals end, and drops their queued writes, whose waiters are told.
+    pub(super) fn fence(&mut self, ids: &HashSet<SagaId>) {
+        for id in ids {
+            self.epochs.remove(id);
+            self.next.remove(id);
+            self.pending.remove(id);
+            if self.lost.insert(id.clone()) {
+                self.unreported.push(id.clone());
+            }
+        }
+        self.queue.retain(|op| !ids.contains(&op.id));
+    }
+
+    /// The sagas lost since the last call.
+    pub(super) fn take_unreported(&mut self) -> Vec<SagaId> {
+        std::mem::take(&mut self.unreported)
+    }
+
+    /// The answer for a waiter whose thread wrote `sagas`: the batch's, unless one of them was
+    /// taken by another engine.
+    pub(super) fn answer(
+        &self,
+        sagas: &[SagaId],
+        batch: &Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        match sagas.iter().find(|id| self.lost.contains(*id)) {
+            Some(id) => Err(StorageError::fenced(id.clone())),
+            None => batch.clone(),
+        }
     }
 
     /// Whether the saga has uncommitted writes or a known journal here.
@@ -149,6 +206,8 @@ impl Overlay {
                 // memory. One that is reopened reads its end from the database again.
                 if in_flight.get(&op.id) == Some(&false) {
                     self.next.remove(&op.id);
+                    // The database let go of a finished saga's owner.
+                    self.epochs.remove(&op.id);
                 }
             }
         }
@@ -173,5 +232,7 @@ impl Overlay {
     pub(super) fn forget(&mut self, id: &SagaId) {
         self.next.remove(id);
         self.pending.remove(id);
+        self.epochs.remove(id);
+        self.lost.remove(id);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::test_database::TestDatabase;
 use super::*;
 use crate::event::{Event, SagaStatus, Timestamp};
-use crate::store::conformance;
+use crate::store::{Leases, conformance};
 
 async fn open(db: &TestDatabase) -> PostgresStore {
     PostgresStore::connect_with(&db.url, db.options()).await.unwrap()
@@ -99,44 +99,148 @@ fn postgres_error(error: &Error) -> Option<&PostgresError> {
     std::error::Error::source(source)?.downcast_ref::<PostgresError>()
 }
 
+/// Two engines' stores, each with its lease taken.
+async fn engines(db: &TestDatabase) -> (PostgresStore, PostgresStore) {
+    let (first, second) = (open(db).await, open(db).await);
+    first.renew(0).unwrap();
+    second.renew(0).unwrap();
+    (first, second)
+}
+
+/// Creates the saga `id` in `store`, durably; returns its first event.
+async fn created(store: &PostgresStore, id: &str) -> (SagaId, RecordedEvent) {
+    let id = SagaId::new(id).unwrap();
+    let (record, start) = started(&id);
+    assert_eq!(store.create(&record, &start).unwrap(), None);
+    store.durable().await.unwrap();
+    (id, start)
+}
+
+/// Ends `store`'s lease now, as if its engine had stopped beating past it.
+async fn lapse(db: &TestDatabase, store: &PostgresStore) {
+    let sql = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
+    assert_eq!(db.admin().await.execute(sql, &[&store.engine_id()]).await.unwrap(), 1);
+}
+
+/// `(seq, epoch)` of each event of the saga's journal, from the database.
+async fn epochs(db: &TestDatabase, id: &SagaId) -> Vec<(i64, i64)> {
+    let sql = "SELECT seq, epoch FROM hodei_events WHERE saga_id = $1 ORDER BY seq";
+    db.admin().await.query(sql, &[&id.as_str()]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
 #[tokio::test]
-async fn two_stores_appending_one_saga_one_wins_and_the_other_changes_nothing() {
-    let Some(db) = TestDatabase::new("two writers") else { return };
-    let (first, second) = (open(&db).await, open(&db).await);
+async fn a_saga_owned_by_a_live_engine_is_refused_to_another() {
+    let Some(db) = TestDatabase::new("owned elsewhere") else { return };
+    let (first, second) = engines(&db).await;
     let id = SagaId::new("contended").unwrap();
     let (record, start) = started(&id);
     assert_eq!(first.create(&record, &start).unwrap(), None);
     first.durable().await.unwrap();
     assert_eq!(second.create(&record, &start).unwrap(), Some(record.clone()), "the second sees it created");
 
-    // The first store noted the journal's end when it created it; the second appends there
-    // and commits, so the first one's note is stale: its append passes its own check, and the
-    // database refuses it.
-    second.append(&id, &[step(1, 2)], None).unwrap();
-    second.durable().await.unwrap();
-    first.append(&id, &[step(1, 1)], None).unwrap();
-    let lost = first.durable().await.unwrap_err();
-    let (winner, loser) = (&second, &first);
+    let err = second.append(&id, &[step(1, 2)], None).unwrap_err();
+    assert!(matches!(&err, Error::Fenced(fenced) if *fenced == id), "{err:?}");
+    let renewal = second.renew(10).unwrap();
+    assert!(renewal.claimed.is_empty() && renewal.lost.is_empty(), "{renewal:?}");
+    assert_eq!(open(&db).await.history(&id).unwrap(), [start], "nothing of the refused write");
+}
+
+/// The zombie: an engine that stopped beating past its lease, whose saga another engine took
+/// over, comes back and writes. Its write is refused, the database keeps the new owner's, and
+/// along the journal the epochs never go back.
+#[tokio::test]
+async fn a_saga_taken_over_refuses_its_old_owners_late_write() {
+    let Some(db) = TestDatabase::new("zombie") else { return };
+    let (zombie, heir) = engines(&db).await;
+    let (id, start) = created(&zombie, "taken").await;
+    assert!(heir.renew(10).unwrap().claimed.is_empty(), "not while its owner's lease holds");
+
+    lapse(&db, &zombie).await;
+    let renewal = heir.renew(10).unwrap();
+    assert_eq!(renewal.claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id]);
+    heir.append(&id, &[step(1, 2)], None).unwrap();
+    heir.durable().await.unwrap();
+
+    // The zombie still believes it owns the saga, and where its journal ends: its own check
+    // passes, and the database's epoch refuses it.
+    zombie.append(&id, &[step(1, 1)], None).unwrap();
+    let err = zombie.durable().await.unwrap_err();
+    assert!(matches!(&err, Error::Fenced(fenced) if *fenced == id), "{err:?}");
+    let expected = vec![start, step(1, 2)];
+    assert_eq!(open(&db).await.history(&id).unwrap(), expected, "the heir's write alone");
+    assert_eq!(zombie.history(&id).unwrap(), expected, "the zombie forgot its refused write");
+    assert_eq!(epochs(&db, &id).await, [(0, 1), (1, 2)]);
+
+    // Its next beat finds its lease lapsed and tells what it lost; its writes stay refused
+    // while the heir lives.
+    let renewal = zombie.renew(10).unwrap();
+    assert_eq!(renewal.lost, std::slice::from_ref(&id));
+    assert!(renewal.claimed.is_empty(), "{renewal:?}");
+    let err = zombie.append(&id, &[step(2, 1)], None).unwrap_err();
+    assert!(matches!(&err, Error::Fenced(_)), "{err:?}");
+}
+
+/// A batch with a write of a saga this engine lost and one of a saga it still owns: the second
+/// commits, and only the first's writer is told it was fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_write_fails_alone_in_its_batch() {
+    let Some(db) = TestDatabase::new("fenced alone") else { return };
+    let (zombie, heir) = engines(&db).await;
+    let (lost, kept) = (SagaId::new("a-lost").unwrap(), SagaId::new("b-kept").unwrap());
+    for id in [&lost, &kept] {
+        let (record, start) = started(id);
+        zombie.create(&record, &start).unwrap();
+    }
+    zombie.durable().await.unwrap();
+    lapse(&db, &zombie).await;
+    // One claim: the first in id order.
+    assert_eq!(heir.renew(1).unwrap().claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&lost]);
+
+    let write = |id: &SagaId| {
+        zombie.append(id, &[step(1, 1)], None).unwrap();
+        zombie.durable()
+    };
+    let (on_lost, on_kept) = (write(&lost), write(&kept));
+    let (on_lost, on_kept) = tokio::join!(on_lost, on_kept);
+    assert!(matches!(&on_lost, Err(Error::Fenced(id)) if *id == lost), "{on_lost:?}");
+    on_kept.unwrap();
+    assert_eq!(open(&db).await.history(&kept).unwrap().len(), 2);
+    assert_eq!(open(&db).await.history(&lost).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_store_closed_hands_its_sagas_over_at_once() {
+    let Some(db) = TestDatabase::new("handover") else { return };
+    let (leaving, staying) = engines(&db).await;
+    let (id, _) = created(&leaving, "handed").await;
+    assert!(staying.renew(10).unwrap().claimed.is_empty());
+    drop(leaving);
+    let renewal = staying.renew(10).unwrap();
+    assert_eq!(renewal.claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id], "no wait for the lease");
+    staying.append(&id, &[step(1, 1)], None).unwrap();
+    staying.durable().await.unwrap();
+    assert_eq!(epochs(&db, &id).await, [(0, 1), (1, 2)]);
+}
+
+/// The database checks the sequence too: a journal moved on behind the store's back (here by
+/// hand) refuses the store's append whole, and the store reads where it is before the next.
+#[tokio::test]
+async fn a_journal_moved_on_in_the_database_refuses_the_stale_append() {
+    let Some(db) = TestDatabase::new("stale seq") else { return };
+    let store = open(&db).await;
+    let (id, start) = created(&store, "moved").await;
+    let admin = db.admin().await;
+    admin.execute("UPDATE hodei_sagas SET next_seq = 2 WHERE id = $1", &[&id.as_str()]).await.unwrap();
+
+    store.append(&id, &[step(1, 1)], None).unwrap();
+    let lost = store.durable().await.unwrap_err();
     assert!(
         matches!(postgres_error(&lost), Some(PostgresError::SequenceConflict { id: conflict, expected: 1 }) if *conflict == id),
         "{lost:?}"
     );
-    let expected = vec![start.clone(), step(1, 2)];
-    assert_eq!(
-        open(&db).await.history(&id).unwrap(),
-        expected,
-        "the database holds the winner's write alone"
-    );
-    assert_eq!(winner.history(&id).unwrap(), expected);
-    assert_eq!(loser.history(&id).unwrap(), expected, "the loser forgot its refused write");
-
-    // The loser's next append reads where the journal is: the same sequence is refused at once,
-    // the next one goes through.
-    let err = loser.append(&id, &[step(1, 3)], None).unwrap_err();
+    assert_eq!(store.history(&id).unwrap(), [start], "the refused write is forgotten");
+    let err = store.append(&id, &[step(1, 3)], None).unwrap_err();
     assert!(matches!(err, Error::SequenceConflict { expected: 2, .. }), "{err:?}");
-    loser.append(&id, &[step(2, 3)], None).unwrap();
-    loser.durable().await.unwrap();
-    assert_eq!(winner.history(&id).unwrap().len(), 3);
 }
 
 #[tokio::test]
@@ -196,7 +300,7 @@ async fn stores_starting_at_once_apply_the_migrations_once() {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    assert_eq!(applied, [(1, 1)]);
+    assert_eq!(applied, [(1, 1), (2, 1)]);
     // And every store works on the one schema.
     for (n, store) in stores.iter().enumerate() {
         let (record, start) = started(&SagaId::new(format!("s{n}")).unwrap());
@@ -217,7 +321,7 @@ async fn a_schema_from_a_newer_build_is_refused() {
         .unwrap();
     let err = PostgresStore::connect_with(&db.url, db.options()).await.unwrap_err();
     assert!(
-        matches!(postgres_error(&err), Some(PostgresError::NewerSchema { found: 999, known: 1 })),
+        matches!(postgres_error(&err), Some(PostgresError::NewerSchema { found: 999, known: 2 })),
         "{err:?}"
     );
 }

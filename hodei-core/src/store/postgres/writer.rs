@@ -1,7 +1,7 @@
 //! The writer: one task on the store's runtime that owns one connection and commits each batch
 //! of queued writes in one transaction (group commit), then answers the batch's waiters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
@@ -13,28 +13,36 @@ use super::{PostgresError, Shared};
 use crate::error::StorageError;
 use crate::event::SagaId;
 
-/// Creates sagas; an id that exists is left alone, and missing from what it returns.
-const CREATE: &str = "INSERT INTO hodei_sagas (id, next_seq, record, in_flight)
-    SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::bool[])
+/// Creates sagas, owned by this engine at epoch 1; an id that exists is left alone, and
+/// missing from what it returns.
+const CREATE: &str = "INSERT INTO hodei_sagas (id, next_seq, record, in_flight, owner, epoch)
+    SELECT u.*, $5, 1 FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::bool[]) AS u
     ON CONFLICT (id) DO NOTHING RETURNING id";
 
-/// Moves journals on and replaces records. A journal that is not where the batch expects it is
-/// left alone, and missing from what it returns. Its row stays locked until the transaction
-/// ends, so a second process's append to it waits, then sees the new `next_seq` and misses.
+/// Moves journals on and replaces records. A journal that is not where the batch expects it,
+/// or no longer at this engine's epoch (another engine took it over), is left alone, and
+/// missing from what it returns. Its row stays locked until the transaction ends, so a second
+/// process's append or claim waits, then sees the new `next_seq` or epoch. A finished saga
+/// loses its owner: anyone may reopen it.
 const UPDATE: &str = "UPDATE hodei_sagas AS s
     SET next_seq = coalesce(u.next_seq, s.next_seq),
         record = coalesce(u.record, s.record),
-        in_flight = coalesce(u.in_flight, s.in_flight)
-    FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bool[])
-        AS u(id, expected, next_seq, record, in_flight)
+        in_flight = coalesce(u.in_flight, s.in_flight),
+        owner = CASE WHEN u.in_flight = false THEN NULL ELSE s.owner END
+    FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bool[], $6::int8[])
+        AS u(id, expected, next_seq, record, in_flight, epoch)
     WHERE s.id = u.id COLLATE \"C\" AND (u.expected IS NULL OR s.next_seq = u.expected)
+        AND s.epoch = u.epoch
     RETURNING s.id";
 
 /// Appends events. One that exists is left alone, and missing from the count: its saga's
 /// `UPDATE` misses too, unless the tables disagree, and either way the batch is refused.
-const INSERT_EVENTS: &str = "INSERT INTO hodei_events (saga_id, seq, body)
-    SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[])
+const INSERT_EVENTS: &str = "INSERT INTO hodei_events (saga_id, seq, body, epoch)
+    SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::int8[])
     ON CONFLICT (saga_id, seq) DO NOTHING RETURNING saga_id";
+
+/// Where the sagas of a refused batch are now: which of them another engine took over.
+const EPOCHS: &str = "SELECT id, epoch FROM hodei_sagas WHERE id = ANY($1::text[])";
 
 /// The writer's connection, with its statements prepared.
 pub(super) struct WriterConnection {
@@ -50,6 +58,20 @@ impl std::fmt::Debug for WriterConnection {
     }
 }
 
+/// Why a batch was not committed.
+pub(super) enum Refusal {
+    /// Another engine owns these sagas now; the rest of the batch may go without them.
+    Fenced(HashSet<SagaId>),
+    /// Nothing of the batch may go.
+    Failed(StorageError),
+}
+
+impl From<StorageError> for Refusal {
+    fn from(e: StorageError) -> Self {
+        Self::Failed(e)
+    }
+}
+
 impl WriterConnection {
     pub(super) async fn open(connector: &Connector) -> Result<Self, tokio_postgres::Error> {
         let client = connector.connect().await?;
@@ -58,16 +80,17 @@ impl WriterConnection {
         Ok(Self { client, create, update, insert_events })
     }
 
-    /// Commits `ops` in one transaction, or nothing of them.
-    async fn commit(&mut self, ops: &[Op]) -> Result<(), StorageError> {
+    /// Commits `ops` in one transaction, or nothing of them; `member` is this engine.
+    async fn commit(&mut self, ops: &[Op], member: &str) -> Result<(), Refusal> {
         let merged = merge(ops);
         let tx = self.client.transaction().await.map_err(database)?;
         // The three statements go out at once (tokio-postgres pipelines the queries of one
         // connection): one round trip, then the commit's.
         let (c, u, e) = (&merged.create, &merged.update, &merged.events);
-        let creates: [&(dyn ToSql + Sync); 4] = [&c.ids, &c.next, &c.records, &c.in_flight];
-        let updates: [&(dyn ToSql + Sync); 5] = [&u.ids, &u.expected, &u.next, &u.records, &u.in_flight];
-        let events: [&(dyn ToSql + Sync); 3] = [&e.ids, &e.seqs, &e.bodies];
+        let creates: [&(dyn ToSql + Sync); 5] = [&c.ids, &c.next, &c.records, &c.in_flight, &member];
+        let updates: [&(dyn ToSql + Sync); 6] =
+            [&u.ids, &u.expected, &u.next, &u.records, &u.in_flight, &u.epochs];
+        let events: [&(dyn ToSql + Sync); 4] = [&e.ids, &e.seqs, &e.bodies, &e.epochs];
         let (created, updated, inserted) = tokio::try_join!(
             tx.query(&self.create, &creates),
             tx.query(&self.update, &updates),
@@ -94,13 +117,42 @@ impl WriterConnection {
             )
             .chain(merged.events.first_not_in(&inserted))
             .next();
-        if let Some((id, expected)) = missing {
-            // Dropping the transaction rolls it back.
-            let id = SagaId::new(id).map_err(StorageError::new)?;
-            return Err(StorageError::new(PostgresError::SequenceConflict { id, expected }));
+        if missing.is_none() && updated.len() == merged.update.ids.len() {
+            return tx.commit().await.map_err(|e| database(e).into());
         }
-        tx.commit().await.map_err(database)
+        // Asked why before anything is decided: a saga at another epoch was taken by another
+        // engine; otherwise the journal moved on under this store.
+        let fenced = fenced(&tx, &merged.update).await?;
+        if !fenced.is_empty() {
+            tx.rollback().await.map_err(database)?;
+            return Err(Refusal::Fenced(fenced));
+        }
+        match missing {
+            Some((id, expected)) => {
+                // Dropping the transaction rolls it back.
+                let id = SagaId::new(id).map_err(StorageError::new)?;
+                Err(StorageError::new(PostgresError::SequenceConflict { id, expected }).into())
+            }
+            // Only status changes of sagas that are gone missed: nothing to change there.
+            None => tx.commit().await.map_err(|e| database(e).into()),
+        }
     }
+}
+
+/// The sagas of `updates` whose epoch in the database is not this engine's.
+async fn fenced(
+    tx: &tokio_postgres::Transaction<'_>,
+    updates: &Updates<'_>,
+) -> Result<HashSet<SagaId>, StorageError> {
+    let rows = tx.query(EPOCHS, &[&updates.ids]).await.map_err(database)?;
+    let now: HashMap<String, i64> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let mut fenced = HashSet::new();
+    for (id, epoch) in updates.ids.iter().zip(&updates.epochs) {
+        if now.get(*id).is_some_and(|now| now != epoch) {
+            fenced.insert(SagaId::new(*id).map_err(StorageError::new)?);
+        }
+    }
+    Ok(fenced)
 }
 
 fn database(e: tokio_postgres::Error) -> StorageError {
@@ -130,6 +182,7 @@ struct Updates<'a> {
     next: Vec<Option<i64>>,
     records: Vec<Option<&'a [u8]>>,
     in_flight: Vec<Option<bool>>,
+    epochs: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -137,6 +190,7 @@ struct Events<'a> {
     ids: Vec<&'a str>,
     seqs: Vec<i64>,
     bodies: Vec<&'a [u8]>,
+    epochs: Vec<i64>,
 }
 
 impl<'a> Events<'a> {
@@ -162,6 +216,7 @@ impl<'a> Events<'a> {
 #[derive(Default)]
 struct SagaWrite<'a> {
     create: bool,
+    epoch: i64,
     expected: Option<u64>,
     next: Option<u64>,
     record: Option<(&'a [u8], bool)>,
@@ -174,6 +229,7 @@ fn merge(ops: &[Op]) -> Merged<'_> {
     for op in ops {
         let saga = sagas.entry(op.id.as_str()).or_default();
         saga.create |= op.expected == Some(0);
+        saga.epoch = op.epoch;
         if saga.expected.is_none() && !op.events.is_empty() {
             saga.expected = op.expected;
         }
@@ -187,6 +243,7 @@ fn merge(ops: &[Op]) -> Merged<'_> {
             merged.events.ids.push(op.id.as_str());
             merged.events.seqs.push(*seq as i64);
             merged.events.bodies.push(body);
+            merged.events.epochs.push(op.epoch);
         }
     }
     for (id, saga) in sagas {
@@ -204,6 +261,7 @@ fn merge(ops: &[Op]) -> Merged<'_> {
                 merged.update.next.push(saga.next.map(|n| n as i64));
                 merged.update.records.push(saga.record.map(|(r, _)| r));
                 merged.update.in_flight.push(saga.record.map(|(_, f)| f));
+                merged.update.epochs.push(saga.epoch);
             }
         }
     }
@@ -218,7 +276,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut connection: Option<WriterConnec
             let mut overlay = shared.overlay();
             overlay.take().ok_or(overlay.closed)
         };
-        let batch = match taken {
+        let mut batch = match taken {
             Ok(batch) => batch,
             Err(true) => return,
             Err(false) => {
@@ -226,27 +284,38 @@ pub(super) async fn run(shared: Arc<Shared>, mut connection: Option<WriterConnec
                 continue;
             }
         };
-        let result = if batch.ops.is_empty() {
-            // Every earlier batch has been answered: what its waiters wrote is committed.
-            Ok(())
-        } else {
-            commit(&shared, &mut connection, &batch).await
-        };
-        let dropped = {
-            let mut overlay = shared.overlay();
-            match &result {
-                Ok(()) => {
-                    overlay.committed(&batch);
-                    Vec::new()
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, writes = batch.ops.len(), "a PostgreSQL group commit failed");
-                    overlay.failed(&batch, e.clone())
+        let result = loop {
+            if batch.ops.is_empty() {
+                // Every earlier batch has been answered: what its waiters wrote is committed.
+                break Ok(());
+            }
+            match commit(&shared, &mut connection, &batch).await {
+                Ok(()) => break Ok(()),
+                Err(Refusal::Failed(e)) => break Err(e),
+                // The others' writes go on without those of the sagas this engine lost.
+                Err(Refusal::Fenced(lost)) => {
+                    tracing::warn!(
+                        sagas = lost.len(),
+                        "writes refused: another engine took these sagas over"
+                    );
+                    shared.overlay().fence(&lost);
+                    batch.ops.retain(|op| !lost.contains(&op.id));
                 }
             }
         };
-        for waiter in batch.waiters.into_iter().chain(dropped) {
-            let _ = waiter.send(result.clone());
+        let mut overlay = shared.overlay();
+        let dropped = match &result {
+            Ok(()) => {
+                overlay.committed(&batch);
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, writes = batch.ops.len(), "a PostgreSQL group commit failed");
+                overlay.failed(&batch, e.clone())
+            }
+        };
+        for (waiter, sagas) in batch.waiters.into_iter().chain(dropped) {
+            let _ = waiter.send(overlay.answer(&sagas, &result));
         }
     }
 }
@@ -255,15 +324,15 @@ async fn commit(
     shared: &Shared,
     connection: &mut Option<WriterConnection>,
     batch: &Batch,
-) -> Result<(), StorageError> {
+) -> Result<(), Refusal> {
     let conn = match connection {
         Some(conn) => conn,
         None => {
             connection.insert(WriterConnection::open(shared.readers.connector()).await.map_err(database)?)
         }
     };
-    let result = conn.commit(&batch.ops).await;
-    if result.is_err() {
+    let result = conn.commit(&batch.ops, &shared.member).await;
+    if let Err(Refusal::Failed(_)) = result {
         // A new one for the next batch: the server may be ending this one (a terminated
         // backend answers with an error before the socket closes), and a refused batch is rare.
         *connection = None;
