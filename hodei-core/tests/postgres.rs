@@ -141,3 +141,59 @@ async fn a_saga_of_a_stalled_engine_is_finished_by_another_and_the_zombie_is_fen
     heir.shutdown(Duration::from_secs(5)).await.unwrap();
     stalled.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// Operators' requests reach a saga from any engine: a signal and a pause sent through an
+/// engine that does not drive the saga are posted for its owner, which applies each exactly
+/// once (the request is deleted by the very write that journals it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_through_another_engine_reach_the_saga_once() {
+    let Some(db) = TestDatabase::new("requests") else { return };
+    let approval = || {
+        saga("approval", 1, |ctx, (): ()| async move {
+            let approver: String = ctx.wait_signal("approve").await?;
+            Ok(approver)
+        })
+    };
+    let engine = |lease| {
+        let options = db.options().lease(lease);
+        let url = db.url.clone();
+        async move {
+            Engine::builder()
+                .store(PostgresStore::connect_with(&url, options).await.unwrap())
+                .register(approval())
+                .start()
+                .await
+                .unwrap()
+        }
+    };
+    // The owner's beat is a day: only the notification can bring the request in time.
+    let owner = engine(Duration::from_secs(86_400)).await;
+    let other = engine(Duration::from_secs(10)).await;
+    let id = SagaId::new("a1").unwrap();
+    owner.start(SagaRun::new("approval", "a1", &()).unwrap()).await.unwrap();
+
+    other.pause(&id, "ops").await.unwrap();
+    other.resume(&id, "ops").await.unwrap();
+    other.signal_as(&id, "approve", &"alice".to_string(), "alice").await.unwrap();
+    let outcome = owner.handle(&id).unwrap().outcome::<String>().await.unwrap();
+    assert_eq!(outcome, Outcome::Completed("alice".to_string()));
+
+    let history = owner.history(&id).unwrap();
+    let applied: Vec<&'static str> = history
+        .iter()
+        .filter_map(|r| match &r.event {
+            hodei_core::Event::Paused { .. } => Some("paused"),
+            hodei_core::Event::Resumed { .. } => Some("resumed"),
+            hodei_core::Event::SignalReceivedBy { by, .. } if by == "alice" => Some("signal"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, ["paused", "resumed", "signal"], "each request once, in order");
+    let admin = db.admin().await;
+    let left: i64 = admin.query_one("SELECT count(*) FROM hodei_requests", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0, "every applied request was deleted with its write");
+    let err = other.signal(&id, "approve", &"late".to_string()).await.unwrap_err();
+    assert!(matches!(err, hodei_core::Error::SagaFinished(_)), "{err:?}");
+    other.shutdown(Duration::from_secs(5)).await.unwrap();
+    owner.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -10,6 +10,7 @@ use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timesta
 use crate::lock::lock;
 use crate::observe::Observer;
 use crate::store::EventStore;
+use crate::store::leases::APPLYING;
 
 fn record_id(state: &Mutex<JournalState>) -> SagaId {
     lock(state).record.id.clone()
@@ -248,6 +249,10 @@ impl Journal {
         });
         let mut batch = std::mem::take(&mut state.pending);
         batch.extend(recorded.iter().cloned());
+        // Under the journal's lock, so that no other write of this saga comes between.
+        if let (Ok(request), Some(leases)) = (APPLYING.try_with(|request| *request), self.store.leases()) {
+            leases.applying(&self.id, request);
+        }
         if let Err(e) = self.store.append(&self.id, &batch, record.as_ref()) {
             batch.truncate(batch.len() - recorded.is_some() as usize);
             state.pending = batch;

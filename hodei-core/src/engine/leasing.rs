@@ -4,28 +4,86 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::state::Inner;
-use crate::store::Renewal;
+use tokio::sync::Notify;
+
+use super::state::{Engine, Inner};
+use crate::error::Error;
+use crate::store::leases::APPLYING;
+use crate::store::{Posted, Renewal, Request};
 
 /// Sagas claimed at one beat, at most: engines beating at once share out a dead engine's sagas
 /// (claims skip the rows another engine is claiming) instead of the first taking them all.
 const CLAIMS_PER_BEAT: usize = 256;
 
-/// Starts the beat; it ends with the engine's shutdown, or once the engine is gone.
-pub(super) fn start(inner: &Arc<Inner>, beat: Duration) {
+/// Starts the beat; it ends with the engine's shutdown, or once the engine is gone. Between
+/// beats, a notification of a posted request wakes it for the requests alone.
+pub(super) fn start(inner: &Arc<Inner>, beat: Duration, wake: Arc<Notify>) {
     let mut shutdown = inner.shutdown.subscribe();
     let inner = Arc::downgrade(inner);
     tokio::spawn(async move {
+        let mut next_beat = tokio::time::Instant::now() + beat;
         loop {
-            tokio::select! {
+            let beating = tokio::select! {
                 _ = shutdown.wait_for(|stopping| *stopping) => return,
-                () = tokio::time::sleep(beat) => {}
+                () = tokio::time::sleep_until(next_beat) => true,
+                () = wake.notified() => false,
+            };
+            if beating {
+                next_beat += beat;
+                if !beat_once(&inner).await {
+                    return;
+                }
             }
-            if !beat_once(&inner).await {
-                return;
-            }
+            let Some(engine) = inner.upgrade().map(|inner| Engine { inner }) else { return };
+            engine.apply_posted().await;
         }
     });
+}
+
+impl Engine {
+    /// Applies the requests other engines posted for the sagas this one drives, each exactly
+    /// once: the journal write that applies one deletes it in the same transaction.
+    async fn apply_posted(&self) {
+        let store = self.inner.store.clone();
+        let posted = tokio::task::spawn_blocking(move || store.leases().map(|leases| leases.posted()));
+        let posted = match posted.await {
+            Ok(Some(Ok(posted))) => posted,
+            Ok(None) => return,
+            Ok(Some(Err(e))) => return tracing::warn!(error = %e, "reading the posted requests failed"),
+            Err(e) => return tracing::error!(error = %e, "the posted requests task failed"),
+        };
+        for posted in posted {
+            // Not driven here (yet): its owner applies it, or this engine once it claims it.
+            if self.inner.live(&posted.saga).is_none() {
+                continue;
+            }
+            let applied = APPLYING.scope(posted.number, self.apply(&posted)).await;
+            // Not written: the saga went to another engine, or the database failed; it stays.
+            let keep =
+                matches!(applied, Err(Error::Fenced(_) | Error::Storage { .. } | Error::EngineStopped(_)));
+            if let Err(e) = &applied {
+                tracing::info!(saga.id = %posted.saga, error = %e, "a posted request was not applied");
+            }
+            let store = self.inner.store.clone();
+            let number = posted.number;
+            let settled =
+                tokio::task::spawn_blocking(move || store.leases().map(|leases| leases.settle(number, keep)));
+            if let Ok(Some(Err(e))) = settled.await {
+                tracing::warn!(error = %e, "settling a posted request failed; it is looked at again");
+            }
+        }
+    }
+
+    async fn apply(&self, posted: &Posted) -> crate::Result<()> {
+        let id = &posted.saga;
+        match posted.request.clone() {
+            Request::Cancel { reason, by } => self.cancel_by(id, reason, by).await,
+            Request::Signal { name, payload, by } => self.signal_encoded(id, name, payload, by).await,
+            Request::Pause { by } => self.pause(id, by).await,
+            Request::Resume { by } => self.resume(id, by).await,
+            Request::RetryNow { by } => self.retry_now(id, by).await,
+        }
+    }
 }
 
 /// One beat; false once the engine is gone.

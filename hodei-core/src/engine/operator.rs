@@ -13,6 +13,7 @@ use crate::driver::LiveSaga;
 use crate::error::{Error, Result};
 use crate::event::{Event, SagaId, SagaStatus};
 use crate::lock::lock;
+use crate::store::Request;
 
 /// The longest actor name accepted, in bytes.
 const MAX_ACTOR_LEN: usize = 256;
@@ -54,7 +55,12 @@ impl Engine {
     /// engine does not run.
     pub async fn pause(&self, id: &SagaId, actor: impl Into<String>) -> Result<()> {
         let by = validate_actor(actor.into())?;
-        let live = self.live_for(id, "pause")?;
+        let live = match self.live_for(id, "pause") {
+            Err(Error::EngineStopped(_)) if self.posts() => {
+                return self.post(id, Request::Pause { by }).await;
+            }
+            live => live?,
+        };
         let _requests = live.control.requests.lock().await;
         if live.journal.pause(Event::Paused { by: by.clone() }).await?.is_some() {
             live.control.paused.send_replace(true);
@@ -70,7 +76,12 @@ impl Engine {
     /// journals nothing. Fails as [`pause`](Self::pause) does.
     pub async fn resume(&self, id: &SagaId, actor: impl Into<String>) -> Result<()> {
         let by = validate_actor(actor.into())?;
-        let live = self.live_for(id, "resume")?;
+        let live = match self.live_for(id, "resume") {
+            Err(Error::EngineStopped(_)) if self.posts() => {
+                return self.post(id, Request::Resume { by }).await;
+            }
+            live => live?,
+        };
         let _requests = live.control.requests.lock().await;
         let status = live.journal.record().status;
         match live.journal.lift_pause(Event::Resumed { by: by.clone() }, true).await? {
@@ -93,7 +104,12 @@ impl Engine {
     pub async fn retry_now(&self, id: &SagaId, actor: impl Into<String>) -> Result<()> {
         const ACTION: &str = "retry now";
         let by = validate_actor(actor.into())?;
-        let live = self.live_for(id, ACTION)?;
+        let live = match self.live_for(id, ACTION) {
+            Err(Error::EngineStopped(_)) if self.posts() => {
+                return self.post(id, Request::RetryNow { by }).await;
+            }
+            live => live?,
+        };
         let _requests = live.control.requests.lock().await;
         let status = live.journal.record().status;
         if status.is_final() {

@@ -13,7 +13,7 @@ impl Engine {
             // Shared with other engines: only the sagas this one claims, then more at each beat.
             Some(leases) => {
                 let claimed = leases.renew(usize::MAX)?.claimed;
-                super::leasing::start(&self.inner, leases.beat());
+                super::leasing::start(&self.inner, leases.beat(), leases.wake());
                 claimed
             }
             None => self.inner.store.in_flight()?,

@@ -7,6 +7,8 @@ use crate::codec::encode_payload;
 use crate::driver::LiveSaga;
 use crate::error::{Error, Result};
 use crate::event::{Event, SagaId};
+use crate::store::Request;
+use crate::store::leases::APPLYING;
 
 impl Engine {
     /// Asks a saga to cancel: its running step is cancelled, then its compensations run.
@@ -21,7 +23,12 @@ impl Engine {
     }
 
     pub(super) async fn cancel_by(&self, id: &SagaId, reason: String, by: Option<String>) -> Result<()> {
-        let live = self.live_or_why(id)?;
+        let live = match self.live_or_why(id) {
+            Err(Error::EngineStopped(_)) if self.posts() => {
+                return self.post(id, Request::Cancel { reason, by }).await;
+            }
+            live => live?,
+        };
         let _requests = live.control.requests.lock().await;
         if live.journal.record().status.is_final() {
             return Err(Error::SagaFinished(id.clone()));
@@ -74,7 +81,23 @@ impl Engine {
                 limit: self.inner.config.max_payload_bytes,
             });
         }
-        let live = self.live_or_why(id)?;
+        self.signal_encoded(id, name, payload, by).await
+    }
+
+    /// [`signal`](Self::signal) with the payload encoded and checked already.
+    pub(super) async fn signal_encoded(
+        &self,
+        id: &SagaId,
+        name: String,
+        payload: Vec<u8>,
+        by: Option<String>,
+    ) -> Result<()> {
+        let live = match self.live_or_why(id) {
+            Err(Error::EngineStopped(_)) if self.posts() => {
+                return self.post(id, Request::Signal { name, payload, by }).await;
+            }
+            live => live?,
+        };
         let event = match by {
             Some(by) => Event::SignalReceivedBy { name: name.clone(), payload: payload.clone(), by },
             None => Event::SignalReceived { name: name.clone(), payload: payload.clone() },
@@ -82,6 +105,28 @@ impl Engine {
         let recorded = live.journal.append_durable(event).await?;
         live.control.deliver(recorded.seq, name, payload);
         Ok(())
+    }
+
+    /// Whether a request for a saga this engine does not drive is posted for its owner: on a
+    /// store shared by several engines, unless this engine is stopping or is applying a posted
+    /// request itself (which must not bounce).
+    pub(super) fn posts(&self) -> bool {
+        self.inner.store.leases().is_some() && !self.inner.stopping() && APPLYING.try_with(|_| ()).is_err()
+    }
+
+    /// Posts `request` for the engine that drives saga `id` (see [`Leases::post`]).
+    ///
+    /// [`Leases::post`]: crate::store::Leases::post
+    pub(super) async fn post(&self, id: &SagaId, request: Request) -> Result<()> {
+        let (store, id) = (self.inner.store.clone(), id.clone());
+        let posted = tokio::task::spawn_blocking(move || match store.leases() {
+            Some(leases) => leases.post(&id, &request),
+            None => Err(Error::EngineStopped(id)),
+        });
+        posted.await.map_err(|e| Error::Storage {
+            operation: "posting a request",
+            source: crate::error::StorageError::message(e.to_string()),
+        })?
     }
 
     /// The running saga, or the typed reason it cannot take a request.

@@ -19,7 +19,7 @@ use crate::error::{Error, Result, StorageError};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
 use crate::observe::Observer;
 
-mod leases;
+pub(crate) mod leases;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -28,7 +28,7 @@ mod sled;
 
 #[cfg(feature = "sled")]
 pub use self::sled::{SledOptions, SledStore};
-pub use leases::{Leases, Renewal};
+pub use leases::{Leases, Posted, Renewal, Request};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{DEFAULT_LEASE, PostgresError, PostgresOptions, PostgresStore};

@@ -94,6 +94,12 @@ struct Shared {
     lease: Duration,
     /// Set by the first renewal, which also takes back this engine's own sagas.
     renewed: AtomicBool,
+    /// Woken when a request is posted for one of this engine's sagas.
+    posted: Arc<Notify>,
+    /// When the listener last heard a notification for this engine, and whether the engine
+    /// was told that notifications do not seem to arrive.
+    heard: Mutex<Option<std::time::Instant>>,
+    warned_unheard: AtomicBool,
 }
 
 impl Shared {
@@ -133,6 +139,9 @@ impl PostgresStore {
             member: options.member(),
             lease,
             renewed: AtomicBool::new(false),
+            posted: Arc::new(Notify::new()),
+            heard: Mutex::new(None),
+            warned_unheard: AtomicBool::new(false),
         });
         let (ready, started) = oneshot::channel();
         let worker = shared.clone();
@@ -143,6 +152,7 @@ impl PostgresStore {
                     match open_writer(&worker).await {
                         Ok(connection) => {
                             let _ = ready.send(Ok(()));
+                            tokio::spawn(leases::listen(worker.clone()));
                             writer::run(worker.clone(), Some(connection)).await;
                             release(&worker).await;
                         }
@@ -373,6 +383,7 @@ impl EventStore for PostgresStore {
             events: encode_events(id, std::slice::from_ref(first))?,
             record: Some(encode_saga(record)?),
             epoch: 1,
+            applies: Vec::new(),
         };
         if self.shared.overlay().knows(id) {
             return self.existing(id);
@@ -402,8 +413,14 @@ impl EventStore for PostgresStore {
             if let Some(record) = record {
                 let mut overlay = self.shared.overlay();
                 let epoch = overlay.epoch(id).ok_or_else(|| Error::Fenced(id.clone()))?;
-                let op =
-                    Op { id: id.clone(), expected: None, events: Vec::new(), record: encoded_record, epoch };
+                let op = Op {
+                    id: id.clone(),
+                    expected: None,
+                    events: Vec::new(),
+                    record: encoded_record,
+                    epoch,
+                    applies: Vec::new(),
+                };
                 self.push(&mut overlay, op, &[], Some(record));
             }
             return Ok(());
@@ -427,7 +444,14 @@ impl EventStore for PostgresStore {
             }
         };
         check_sequence(id, events, next)?;
-        let op = Op { id: id.clone(), expected: Some(next), events: encoded, record: encoded_record, epoch };
+        let op = Op {
+            id: id.clone(),
+            expected: Some(next),
+            events: encoded,
+            record: encoded_record,
+            epoch,
+            applies: Vec::new(),
+        };
         self.push(&mut overlay, op, events, record);
         Ok(())
     }

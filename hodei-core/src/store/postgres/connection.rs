@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio_postgres::{Client, Config};
+use tokio_postgres::{AsyncMessage, Client, Config};
 
 use super::tls::Rustls;
 use super::{PostgresError, PostgresOptions};
@@ -66,6 +66,39 @@ impl Connector {
             }
         });
         Ok(client)
+    }
+}
+
+impl Connector {
+    /// Listens on `channel` on a connection of its own, handing each notification's payload
+    /// to `heard`, until the connection ends (then returns why).
+    pub(super) async fn listen(
+        &self,
+        channel: &str,
+        mut heard: impl FnMut(String),
+    ) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = self.config.connect(self.tls.clone()).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // The connection must be polled for the LISTEN to be sent, and for what it hears.
+        let pump = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        while let Some(payload) = rx.recv().await {
+            heard(payload);
+        }
+        pump.await.unwrap_or(Ok(()))
     }
 }
 

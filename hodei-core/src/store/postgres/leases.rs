@@ -11,10 +11,15 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Param, PostgresStore, database, decode_saga};
-use crate::error::Result;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::{Param, PostgresStore, Shared, database, decode_saga};
+use crate::codec::decode_record;
+use crate::error::{Error, Result};
 use crate::event::SagaId;
-use crate::store::{Leases, Renewal};
+use crate::store::{Leases, Posted, Renewal, Request};
 
 /// Extends the lease if it has not lapsed; no row back means it had (or never existed).
 const RENEW: &str = "UPDATE hodei_engines SET lease_until = now() + $2::float8 * interval '1 second'
@@ -53,6 +58,28 @@ const CLAIM_ONE: &str = "UPDATE hodei_sagas s SET owner = $1, epoch = s.epoch + 
 /// Forgets engines whose lease lapsed and that own nothing in flight any more.
 const FORGET_DEAD: &str = "DELETE FROM hodei_engines e WHERE e.lease_until <= now() AND e.id <> $1
     AND NOT EXISTS (SELECT 1 FROM hodei_sagas s WHERE s.in_flight AND s.owner = e.id)";
+
+/// Posts a request and notifies the saga's owner, in one statement (so one transaction: the
+/// notification goes out on commit).
+const POST: &str = "WITH posted AS (
+        INSERT INTO hodei_requests (saga_id, body) VALUES ($1, $2) RETURNING saga_id)
+    SELECT pg_notify('hodei_requests', coalesce(s.owner, ''))
+    FROM posted p JOIN hodei_sagas s ON s.id = p.saga_id";
+
+/// The requests for this engine's sagas, oldest first, with whether each waited past `$2`
+/// seconds (a notification should have brought it sooner).
+const POSTED: &str = "SELECT r.id, r.saga_id, r.body, r.posted_at < now() - $2::float8 * interval '1 second'
+    FROM hodei_requests r JOIN hodei_sagas s ON s.id = r.saga_id
+    WHERE s.owner = $1 ORDER BY r.id LIMIT 256";
+
+/// Requests for sagas that finished before their owner took them: nothing to apply them to.
+const STALE_REQUESTS: &str = "DELETE FROM hodei_requests r USING hodei_sagas s
+    WHERE s.id = r.saga_id AND NOT s.in_flight";
+
+const DELETE_REQUEST: &str = "DELETE FROM hodei_requests WHERE id = $1";
+
+/// The channel of posted requests; a notification's payload is the owner's engine id.
+const CHANNEL: &str = "hodei_requests";
 
 /// Lets go of the lease at once, so that the other engines take the sagas over at their next
 /// beat instead of after the lease.
@@ -109,9 +136,96 @@ impl Leases for PostgresStore {
         }
         Ok(renewal)
     }
+
+    fn post(&self, id: &SagaId, request: &Request) -> Result<()> {
+        self.request_posted(id, request)
+    }
+
+    fn posted(&self) -> Result<Vec<Posted>> {
+        self.requests_posted()
+    }
+
+    fn applying(&self, id: &SagaId, request: i64) {
+        self.shared.overlay().applying(id, request);
+    }
+
+    fn settle(&self, request: i64, keep: bool) -> Result<()> {
+        let unapplied = self.shared.overlay().unapplied(request);
+        if unapplied && !keep {
+            self.query("deleting a request", DELETE_REQUEST, vec![Box::new(request)])?;
+        }
+        Ok(())
+    }
+
+    fn wake(&self) -> Arc<Notify> {
+        self.shared.posted.clone()
+    }
+}
+
+/// Listens for requests posted for this engine's sagas, for as long as the store's runtime
+/// runs, reconnecting a beat after a failure.
+pub(super) async fn listen(shared: Arc<Shared>) {
+    loop {
+        let heard = shared.readers.connector().listen(CHANNEL, |owner| {
+            if owner == shared.member {
+                *shared.heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+                shared.posted.notify_one();
+            }
+        });
+        if let Err(e) = heard.await {
+            tracing::debug!(error = %e, "the listener's connection ended; requests wait for the beat");
+        }
+        tokio::time::sleep(shared.lease / 5).await;
+    }
 }
 
 impl PostgresStore {
+    fn request_posted(&self, id: &SagaId, request: &Request) -> Result<()> {
+        let body = super::encode(id, || "a posted request".into(), request)?;
+        let params: Vec<Param> = vec![Box::new(id.as_str().to_owned()), Box::new(body)];
+        self.query("posting a request", POST, params)?;
+        Ok(())
+    }
+
+    fn requests_posted(&self) -> Result<Vec<Posted>> {
+        let member = self.shared.member.clone();
+        // Half a beat: a notified request is taken within milliseconds of its posting.
+        let late = self.beat().as_secs_f64() / 2.0;
+        let operation = "reading the posted requests";
+        let rows = self.call(operation, move |shared| async move {
+            let client = shared.readers.get().await.map_err(database(operation))?;
+            client.execute(STALE_REQUESTS, &[]).await.map_err(database(operation))?;
+            client.query(POSTED, &[&member, &late]).await.map_err(database(operation))
+        })?;
+        let mut posted = Vec::with_capacity(rows.len());
+        for row in rows {
+            let saga: String = row.get(1);
+            let request = decode_record(row.get(2)).map_err(|reason| Error::CorruptRecord {
+                saga: saga.clone(),
+                seq: None,
+                reason,
+            })?;
+            if row.get::<_, bool>(3) {
+                self.unheard();
+            }
+            posted.push(Posted { number: row.get(0), saga: SagaId::new(saga)?, request });
+        }
+        Ok(posted)
+    }
+
+    /// A request waited for the beat: if the listener is up, notifications are not reaching
+    /// it (a pooler in transaction mode drops `LISTEN`). Said once; the beat still applies them.
+    fn unheard(&self) {
+        if !self.shared.warned_unheard.swap(true, Ordering::AcqRel) {
+            let heard = *self.shared.heard.lock().unwrap_or_else(|p| p.into_inner());
+            tracing::warn!(
+                last_heard = ?heard.map(|at| at.elapsed()),
+                "a posted request waited for the beat: notifications (LISTEN/NOTIFY) are not reaching this \
+                 engine, as behind a pooler in transaction mode; requests are applied at every beat instead"
+            );
+        }
+    }
+
     /// Takes `id` for this engine if no live engine owns it; returns its epoch and where its
     /// journal ends, or `None` if another engine holds it.
     pub(super) fn claim_one(&self, id: &SagaId) -> Result<Option<(i64, u64)>> {

@@ -29,6 +29,8 @@ pub(super) struct Op {
     pub record: Option<(Vec<u8>, bool)>,
     /// The epoch of this store's ownership of the saga: the database must still be at it.
     pub epoch: i64,
+    /// Posted requests this write applies: deleted in its transaction.
+    pub applies: Vec<i64>,
 }
 
 /// One saga's uncommitted writes.
@@ -57,6 +59,8 @@ pub(super) struct Overlay {
     lost: HashSet<SagaId>,
     /// Those of them the engine has not been told of by a renewal yet.
     unreported: Vec<SagaId>,
+    /// Posted requests that the next write of their saga applies.
+    applying: HashMap<SagaId, Vec<i64>>,
     pending: HashMap<SagaId, Pending>,
     queue: Vec<Op>,
     waiters: Vec<Waiter>,
@@ -83,8 +87,27 @@ impl Overlay {
         *self.next.entry(id.clone()).or_insert(next)
     }
 
+    /// The next write of `id` applies posted request `request`.
+    pub(super) fn applying(&mut self, id: &SagaId, request: i64) {
+        self.applying.entry(id.clone()).or_default().push(request);
+    }
+
+    /// Forgets `request` unless a write took it; returns whether none did.
+    pub(super) fn unapplied(&mut self, request: i64) -> bool {
+        let mut found = false;
+        self.applying.retain(|_, requests| {
+            found |= requests.contains(&request);
+            requests.retain(|r| *r != request);
+            !requests.is_empty()
+        });
+        found
+    }
+
     /// Queues a write that the caller checked against [`next`](Self::next).
-    pub(super) fn push(&mut self, op: Op, events: &[RecordedEvent], record: Option<&SagaRecord>) {
+    pub(super) fn push(&mut self, mut op: Op, events: &[RecordedEvent], record: Option<&SagaRecord>) {
+        if let Some(requests) = self.applying.remove(&op.id) {
+            op.applies.extend(requests);
+        }
         let pending = self.pending.entry(op.id.clone()).or_default();
         pending.events.extend_from_slice(events);
         if let Some(record) = record {

@@ -41,6 +41,9 @@ const INSERT_EVENTS: &str = "INSERT INTO hodei_events (saga_id, seq, body, epoch
     SELECT * FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::int8[])
     ON CONFLICT (saga_id, seq) DO NOTHING RETURNING saga_id";
 
+/// Deletes the posted requests that the batch's writes apply.
+const APPLIED: &str = "DELETE FROM hodei_requests WHERE id = ANY($1::int8[])";
+
 /// Where the sagas of a refused batch are now: which of them another engine took over.
 const EPOCHS: &str = "SELECT id, epoch FROM hodei_sagas WHERE id = ANY($1::text[])";
 
@@ -117,6 +120,10 @@ impl WriterConnection {
             )
             .chain(merged.events.first_not_in(&inserted))
             .next();
+        if !merged.applied.is_empty() {
+            // Rare (an operator's request from another engine): its own round trip.
+            tx.execute(APPLIED, &[&merged.applied]).await.map_err(database)?;
+        }
         if missing.is_none() && updated.len() == merged.update.ids.len() {
             return tx.commit().await.map_err(|e| database(e).into());
         }
@@ -165,6 +172,7 @@ struct Merged<'a> {
     create: Creates<'a>,
     update: Updates<'a>,
     events: Events<'a>,
+    applied: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -230,6 +238,7 @@ fn merge(ops: &[Op]) -> Merged<'_> {
         let saga = sagas.entry(op.id.as_str()).or_default();
         saga.create |= op.expected == Some(0);
         saga.epoch = op.epoch;
+        merged.applied.extend(&op.applies);
         if saga.expected.is_none() && !op.events.is_empty() {
             saga.expected = op.expected;
         }
