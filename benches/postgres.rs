@@ -34,37 +34,81 @@ fn main() {
         let sagas = scaled(2_000);
         let table = Table::new(
             &format!(
-                "Step throughput on PostgreSQL: {CONCURRENCY} concurrent sagas of {STEPS} no-op steps (median of {rounds} rounds)"
+                "Step throughput on PostgreSQL: {CONCURRENCY} concurrent sagas of {STEPS} no-op steps, spread over 1, 2 and 3 engines on one database (median of {rounds} rounds)"
             ),
-            &["hodei durable steps/s", "raw inserts, start and end durable /s", "hodei / raw"],
+            &[
+                "hodei, 1 engine: steps/s",
+                "2 engines",
+                "3 engines",
+                "raw inserts, start and end durable /s",
+                "1 engine / raw",
+                "2 / 1 engine",
+                "3 / 1 engine",
+            ],
         );
-        let (mut ours, mut raw, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        // Per round: steps/s on 1, 2 and 3 engines, then raw inserts; the ratios within it.
+        let (mut rates, mut raws, mut ratios) = ([vec![], vec![], vec![]], vec![], [vec![], vec![], vec![]]);
         for round in 0..rounds {
             let schema = format!("hodei_bench_{}_{round}", std::process::id());
             let admin = Admin::connect(&url).await;
-            let round_ours = hodei_steps(&url, &schema, sagas).await;
-            let round_raw = raw_steps(&url, &format!("{schema}_raw"), sagas * STEPS as usize).await;
-            admin.drop_schemas(&[&schema, &format!("{schema}_raw")]).await;
-            ours.push(round_ours);
-            raw.push(round_raw);
-            ratio.push(round_ours / round_raw);
+            let mut engines = [0.0; 3];
+            for (n, rate) in engines.iter_mut().enumerate() {
+                let schema = format!("{schema}_{}", n + 1);
+                *rate = hodei_steps(&url, &schema, n + 1, sagas).await;
+                admin.drop_schemas(&[&schema]).await;
+            }
+            let raw = raw_steps(&url, &format!("{schema}_raw"), sagas * STEPS as usize).await;
+            admin.drop_schemas(&[&format!("{schema}_raw")]).await;
+            for (all, rate) in rates.iter_mut().zip(engines) {
+                all.push(rate);
+            }
+            raws.push(raw);
+            for (all, ratio) in ratios.iter_mut().zip([engines[0] / raw, engines[1] / engines[0], engines[2] / engines[0]]) {
+                all.push(ratio);
+            }
         }
+        let [one, two, three] = rates.map(median);
+        let [per_raw, two_per_one, three_per_one] = ratios.map(median);
         table.row(&[
-            thousands(median(ours)),
-            thousands(median(raw)),
-            format!("{:.0} %", 100.0 * median(ratio)),
+            thousands(one),
+            thousands(two),
+            thousands(three),
+            thousands(median(raws)),
+            format!("{:.0} %", 100.0 * per_raw),
+            format!("{two_per_one:.2}"),
+            format!("{three_per_one:.2}"),
         ]);
     });
 }
 
-async fn hodei_steps(url: &str, schema: &str, sagas: usize) -> f64 {
-    let store = PostgresStore::connect_with(url, PostgresOptions::default().schema(schema))
-        .await
-        .expect("connecting the store");
-    let engine = Engine::builder().store(store).register(noop_saga("noop")).start().await.expect("starting");
-    noop_sagas(&engine, "noop", "warm", CONCURRENCY, CONCURRENCY.max(10)).await;
-    let elapsed = noop_sagas(&engine, "noop", "timed", CONCURRENCY, sagas).await;
-    engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
+/// Steps/s of `sagas` no-op sagas spread over `engines` engines on one schema (each with its
+/// own store, as separate processes would have), `CONCURRENCY` at once in all.
+async fn hodei_steps(url: &str, schema: &str, engines: usize, sagas: usize) -> f64 {
+    let mut started = Vec::with_capacity(engines);
+    for _ in 0..engines {
+        let store = PostgresStore::connect_with(url, PostgresOptions::default().schema(schema))
+            .await
+            .expect("connecting the store");
+        let engine =
+            Engine::builder().store(store).register(noop_saga("noop")).start().await.expect("starting");
+        started.push(engine);
+    }
+    let share = |total: usize, n: usize| total / engines + usize::from(n < total % engines);
+    let prefixes: Vec<(String, String)> =
+        (0..engines).map(|n| (format!("warm-{n}"), format!("timed-{n}"))).collect();
+    let warm = started.iter().zip(&prefixes).enumerate().map(|(n, (engine, (warm, _)))| {
+        noop_sagas(engine, "noop", warm, share(CONCURRENCY, n), share(CONCURRENCY.max(10), n))
+    });
+    futures_util::future::join_all(warm).await;
+    let begun = std::time::Instant::now();
+    let timed = started.iter().zip(&prefixes).enumerate().map(|(n, (engine, (_, timed)))| {
+        noop_sagas(engine, "noop", timed, share(CONCURRENCY, n), share(sagas, n))
+    });
+    futures_util::future::join_all(timed).await;
+    let elapsed = begun.elapsed();
+    for engine in started {
+        engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
+    }
     rate(sagas * STEPS as usize, elapsed)
 }
 
