@@ -36,13 +36,23 @@ const LOST: &str = "SELECT s.id FROM unnest($1::text[], $2::int8[]) AS u(id, epo
 
 /// Claims sagas in flight that no live engine owns (and, with `$3`, this engine's own from an
 /// earlier life), in id order, skipping those another engine is claiming at the same moment.
-const CLAIM: &str = "WITH candidates AS (
+/// Each engine takes its share of the orphans (their number over the live engines', rounded
+/// up), so that the survivors of a death split its sagas instead of the first to beat taking
+/// them all; at most `$2`.
+const CLAIM: &str = "WITH dead AS (
+        SELECT id FROM hodei_engines WHERE lease_until <= now() AND id <> $1),
+    share AS (
+        SELECT ceil((SELECT count(*) FROM hodei_sagas s
+                     WHERE s.in_flight AND (s.owner IS NULL OR s.owner IN (SELECT id FROM dead)))::float8
+                    / greatest(1, (SELECT count(*) FROM hodei_engines WHERE lease_until > now())))::int8 AS n),
+    candidates AS (
         SELECT s.id FROM hodei_sagas s
         WHERE s.in_flight AND (
             s.owner IS NULL
-            OR s.owner IN (SELECT id FROM hodei_engines WHERE lease_until <= now() AND id <> $1)
+            OR s.owner IN (SELECT id FROM dead)
             OR ($3 AND s.owner = $1))
-        ORDER BY s.id LIMIT $2
+        ORDER BY s.id
+        LIMIT CASE WHEN $3 THEN $2 ELSE least($2, (SELECT n FROM share)) END
         FOR UPDATE SKIP LOCKED)
     UPDATE hodei_sagas s SET owner = $1, epoch = s.epoch + 1
     FROM candidates c WHERE s.id = c.id

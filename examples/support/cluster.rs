@@ -1,0 +1,220 @@
+//! Engines on one PostgreSQL, each in a process of its own, one of them killed: shared by
+//! `examples/cluster.rs` and `hodei-core/tests/postgres_failover.rs`.
+//!
+//! An engine process ([`engine_process`]) starts its own runs of a four-step pipeline, prints
+//! [`READY`], then a line for each step it runs ([`EFFECT`]) and for each run that finishes on
+//! it ([`FINISHED`]), whoever started the run: after a takeover, the heir prints the dead
+//! engine's runs. It stops when its standard input closes. The parent ([`Cluster`]) starts the
+//! processes, reads what they print, and kills one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use hodei_core::{
+    Engine, EngineEventKind, PostgresOptions, PostgresStore, SagaDefinition, SagaRun, StepError,
+};
+
+pub const READY: &str = "cluster: ready";
+pub const EFFECT: &str = "cluster: effect";
+pub const FINISHED: &str = "cluster: finished";
+
+/// The pipeline's steps, in order.
+pub const STEPS: [&str; 4] = ["build", "test", "package", "deploy"];
+
+/// Each engine's lease: how long a dead engine's runs wait before another takes them.
+pub const LEASE: Duration = Duration::from_secs(1);
+
+/// The pipeline: each step appends `run step` to the engine's `effects` file (its side effect,
+/// which outlives a SIGKILL in the page cache), says so, and takes `step_time`.
+pub fn pipeline(effects: &Path, step_time: Duration) -> SagaDefinition {
+    let effects = Arc::new(effects.to_path_buf());
+    SagaDefinition::new("pipeline", 1, move |ctx, (): ()| {
+        let (effects, run) = (effects.clone(), ctx.id().to_string());
+        async move {
+            for step in STEPS {
+                let (effects, run) = (effects.clone(), run.clone());
+                ctx.step(step)
+                    .run(move |_, (): ()| {
+                        let (effects, run) = (effects.clone(), run.clone());
+                        async move {
+                            let mut file = std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(&*effects)
+                                .map_err(|e| {
+                                    StepError::retryable(format!("opening the effects file: {e}"))
+                                })?;
+                            writeln!(file, "{run} {step}")
+                                .map_err(|e| StepError::retryable(format!("recording the effect: {e}")))?;
+                            println!("{EFFECT} {run} {step}");
+                            tokio::time::sleep(step_time).await;
+                            Ok::<_, StepError>(())
+                        }
+                    })
+                    .await?;
+            }
+            Ok(())
+        }
+    })
+}
+
+/// One engine process: named `name`, on `schema` of the database at `url`, starting `runs`
+/// runs named `{name}-{k}`, until its standard input closes.
+pub async fn engine_process(
+    url: &str,
+    schema: &str,
+    name: &str,
+    runs: usize,
+    effects: &Path,
+    step_time: Duration,
+) -> Result<(), hodei_core::Error> {
+    let options = PostgresOptions::default().schema(schema).lease(LEASE).engine_id(name);
+    let store = PostgresStore::connect_with(url, options).await?;
+    let engine = Engine::builder().store(store).register(pipeline(effects, step_time)).start().await?;
+    let mut events = engine.subscribe();
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            if let EngineEventKind::Journaled(recorded) = &event.kind
+                && recorded.event.is_final()
+            {
+                println!("{FINISHED} {}", event.saga_id);
+            }
+        }
+    });
+    for k in 0..runs {
+        engine.start(SagaRun::new("pipeline", format!("{name}-{k}"), &())?).await?;
+    }
+    println!("{READY} {name}");
+    // Until the parent closes our standard input (or kills us).
+    let mut stdin = tokio::io::stdin();
+    let mut sink = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdin, &mut sink).await;
+    engine.shutdown(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// Engine processes started by this one, and what they print.
+pub struct Cluster {
+    children: Vec<Child>,
+    lines: mpsc::UnboundedReceiver<(usize, String)>,
+}
+
+/// How the runs of a killed engine went on: see [`Cluster::kill_and_finish`].
+#[derive(Debug)]
+pub struct Failover {
+    /// From the SIGKILL to the first step of one of its runs on another engine.
+    pub after: Duration,
+    /// Where each of its runs went on.
+    pub heirs: BTreeMap<String, usize>,
+}
+
+impl Cluster {
+    /// Starts one process per `commands` entry (the engine's name, and the command that runs
+    /// [`engine_process`] under it).
+    pub fn start(commands: impl IntoIterator<Item = Command>) -> Cluster {
+        let (tx, lines) = mpsc::unbounded_channel();
+        let children = commands
+            .into_iter()
+            .enumerate()
+            .map(|(n, mut command)| {
+                let mut child = command
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("starting an engine process");
+                let mut stdout = BufReader::new(child.stdout.take().expect("a piped stdout")).lines();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(text)) = stdout.next_line().await {
+                        if tx.send((n, text)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                child
+            })
+            .collect();
+        Cluster { children, lines }
+    }
+
+    /// Waits until every engine is up and engine `victim` has begun its `runs` runs, kills it
+    /// with SIGKILL, and returns once all `total` runs have finished on the others.
+    pub async fn kill_and_finish(&mut self, victim: usize, runs: usize, total: usize) -> Failover {
+        let (mut ready, mut begun, mut finished) = (0, BTreeSet::new(), BTreeSet::new());
+        while ready < self.children.len() || begun.len() < runs {
+            let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
+            match said(&text) {
+                Said::Ready => ready += 1,
+                Said::Effect(run) if engine == victim => drop(begun.insert(run)),
+                Said::Finished(run) => drop(finished.insert(run)),
+                _ => {}
+            }
+        }
+        let victim_runs: BTreeSet<String> = begun;
+        self.children[victim].start_kill().expect("killing the engine");
+        let killed = Instant::now();
+        self.children[victim].wait().await.expect("waiting for the killed engine");
+        let (mut after, mut heirs) = (None, BTreeMap::new());
+        while finished.len() < total {
+            let (engine, text) = self.lines.recv().await.expect("the live engines print until they stop");
+            match said(&text) {
+                Said::Effect(run) if victim_runs.contains(&run) => {
+                    assert_ne!(engine, victim, "the killed engine printed after its death");
+                    after.get_or_insert_with(|| killed.elapsed());
+                    heirs.insert(run, engine);
+                }
+                Said::Finished(run) => drop(finished.insert(run)),
+                _ => {}
+            }
+        }
+        Failover { after: after.expect("the killed engine's runs went on elsewhere"), heirs }
+    }
+
+    /// Closes the live engines' standard input and waits for each to stop; true if all
+    /// stopped cleanly.
+    pub async fn stop(mut self) -> bool {
+        let mut clean = true;
+        for child in &mut self.children {
+            if child.id().is_none() {
+                continue;
+            }
+            drop(child.stdin.take());
+            clean &= child.wait().await.is_ok_and(|status| status.success());
+        }
+        clean
+    }
+}
+
+/// What a line of an engine process says.
+enum Said {
+    Ready,
+    /// A step of this run ran.
+    Effect(String),
+    Finished(String),
+    Other,
+}
+
+fn said(text: &str) -> Said {
+    let after = |marker: &str| text.find(marker).map(|at| text[at + marker.len()..].trim().to_owned());
+    if text.contains(READY) {
+        Said::Ready
+    } else if let Some(rest) = after(EFFECT) {
+        match rest.split_once(' ') {
+            Some((run, _step)) => Said::Effect(run.to_owned()),
+            None => Said::Other,
+        }
+    } else if let Some(run) = after(FINISHED) {
+        Said::Finished(run)
+    } else {
+        Said::Other
+    }
+}
