@@ -197,3 +197,53 @@ async fn requests_sent_through_another_engine_reach_the_saga_once() {
     other.shutdown(Duration::from_secs(5)).await.unwrap();
     owner.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A durable timer survives a takeover: the saga's new owner fires it at its journaled time,
+/// and the stalled owner's own firing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fires_on_the_new_owner_at_its_journaled_time() {
+    let Some(db) = TestDatabase::new("timer takeover") else { return };
+    let soak = || {
+        saga("soak", 1, |ctx, (): ()| async move {
+            ctx.sleep(Duration::from_millis(1_500)).await;
+            Ok(())
+        })
+    };
+    let stalled_store =
+        PostgresStore::connect_with(&db.url, db.options().lease(Duration::from_secs(86_400))).await.unwrap();
+    let stalled_id = stalled_store.engine_id().to_owned();
+    let stalled = Engine::builder().store(stalled_store).register(soak()).start().await.unwrap();
+    let mut journaled = stalled.subscribe();
+    let id = SagaId::new("s1").unwrap();
+    stalled.start(SagaRun::new("soak", "s1", &()).unwrap()).await.unwrap();
+    let due = loop {
+        let event = journaled.recv().await.unwrap();
+        if let hodei_core::EngineEventKind::Journaled(recorded) = event.kind
+            && let hodei_core::Event::TimerStarted { due, .. } = recorded.event
+        {
+            break due;
+        }
+    };
+
+    let admin = db.admin().await;
+    let lapse = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
+    assert_eq!(admin.execute(lapse, &[&stalled_id]).await.unwrap(), 1);
+    let heir_store =
+        PostgresStore::connect_with(&db.url, db.options().lease(Duration::from_millis(500))).await.unwrap();
+    let heir = Engine::builder().store(heir_store).register(soak()).start().await.unwrap();
+    assert_eq!(heir.handle(&id).unwrap().outcome::<()>().await.unwrap(), Outcome::Completed(()));
+
+    let history = heir.history(&id).unwrap();
+    let fired = history.iter().find(|r| matches!(r.event, hodei_core::Event::TimerFired { .. })).unwrap();
+    assert!(fired.at >= due, "fired at {:?}, before its journaled due time {due:?}", fired.at);
+    let epoch: i64 = admin
+        .query_one("SELECT epoch FROM hodei_events WHERE saga_id = 's1' AND seq = $1", &[&(fired.seq as i64)])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epoch, 2, "the heir journaled the firing");
+    // The stalled engine's own firing is refused; its handle finds the heir's outcome.
+    assert_eq!(stalled.handle(&id).unwrap().outcome::<()>().await.unwrap(), Outcome::Completed(()));
+    heir.shutdown(Duration::from_secs(5)).await.unwrap();
+    stalled.shutdown(Duration::from_secs(5)).await.unwrap();
+}
