@@ -247,3 +247,44 @@ async fn a_timer_fires_on_the_new_owner_at_its_journaled_time() {
     heir.shutdown(Duration::from_secs(5)).await.unwrap();
     stalled.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// The database drops the engine's connections (as in a restart) while a step runs: the step's
+/// completion cannot be written, and the saga is not parked for it. It is resumed from the
+/// journal the database holds at the next beat; the step whose end was lost runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_write_failed_resumes_once_the_database_answers_again() {
+    let Some(db) = TestDatabase::new("db restart") else { return };
+    // A name of its own, so that the test ends only its own engine's connections.
+    let application = db.schema.clone();
+    let url = format!("{}?application_name={application}", db.url);
+    let effects = Effects::default();
+    let hold = Hold::default();
+    let engine = Engine::builder()
+        .store(
+            PostgresStore::connect_with(&url, db.options().lease(Duration::from_millis(500))).await.unwrap(),
+        )
+        .register(release(&effects, Some(hold.clone())))
+        .start()
+        .await
+        .unwrap();
+    let id = SagaId::new("r1").unwrap();
+    engine.start(SagaRun::new("release", "r1", &7u32).unwrap()).await.unwrap();
+    hold.reached.notified().await;
+
+    let admin = db.admin().await;
+    let ended = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&application],
+        )
+        .await
+        .unwrap();
+    assert!(!ended.is_empty(), "the engine's connections were found");
+    hold.resume.notify_one();
+    // The step's end was not written: it runs again once the saga resumes.
+    hold.reached.notified().await;
+    hold.resume.notify_one();
+    assert_eq!(engine.handle(&id).unwrap().outcome::<u32>().await.unwrap(), Outcome::Completed(7_000));
+    assert_eq!(effects.take(), ["compile", "package", "package", "publish"]);
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}

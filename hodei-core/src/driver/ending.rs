@@ -1,5 +1,6 @@
 //! How a saga's run ends in its journal: finished, or parked for an operator.
 
+use super::journal::Halt;
 use super::live::LiveSaga;
 use crate::event::{Event, RecordedEvent, SagaStatus};
 
@@ -19,10 +20,18 @@ pub(super) fn unwritable(e: &dyn std::fmt::Display) -> String {
 
 /// Parks the saga. A parked saga has not finished, so there is no final event to return.
 pub(super) async fn park(live: &LiveSaga, reason: String) -> Option<RecordedEvent> {
-    if live.journal.fenced() {
+    match live.journal.halted() {
         // Not parked: another engine drives it now, and this one may write nothing more.
-        tracing::warn!(reason = %reason, "saga taken over by another engine; no longer driven here");
-        return None;
+        Some(Halt::Fenced) => {
+            tracing::warn!(reason = %reason, "saga taken over by another engine; no longer driven here");
+            return None;
+        }
+        // Not parked: the database may be restarting; the engine resumes it from its journal.
+        Some(Halt::Unwritten) => {
+            tracing::warn!(reason = %reason, "a journal write failed; the saga resumes once the store answers");
+            return None;
+        }
+        None => {}
     }
     tracing::error!(reason = %reason, "saga parked");
     // If even this write fails, the saga stays in flight as it was and is retried at the next

@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
@@ -23,9 +23,20 @@ pub(crate) struct Journal {
     store: Arc<dyn EventStore>,
     bus: broadcast::Sender<EngineEvent>,
     state: Mutex<JournalState>,
-    /// Set when the store refused a write because another engine owns the saga now: from then
-    /// on nothing more is written here, not even why the saga stopped.
-    fenced: AtomicBool,
+    /// Why this journal takes no more writes, if it does not ([`Halt`] as a number; 0: it
+    /// does). Not even why the saga stopped is written then.
+    halt: AtomicU8,
+}
+
+/// Why a journal takes no more writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Halt {
+    /// The store refused a write because another engine owns the saga now.
+    Fenced = 1,
+    /// A write failed on a store shared by several engines (the database went away): the saga
+    /// is resumed from its journal as the database has it, once it answers again, instead of
+    /// being parked for what may be a restart of the database.
+    Unwritten = 2,
 }
 
 struct JournalState {
@@ -61,7 +72,7 @@ impl Journal {
             under_pause: None,
             observed: None,
         });
-        Self { id: record_id(&state), store, bus, state, fenced: AtomicBool::new(false) }
+        Self { id: record_id(&state), store, bus, state, halt: AtomicU8::new(0) }
     }
 
     pub fn record(&self) -> SagaRecord {
@@ -100,9 +111,13 @@ impl Journal {
         self.durable().await
     }
 
-    /// Whether another engine took the saga over: see [`Error::Fenced`].
-    pub fn fenced(&self) -> bool {
-        self.fenced.load(Ordering::Acquire)
+    /// Why the journal takes no more writes, if it does not.
+    pub fn halted(&self) -> Option<Halt> {
+        match self.halt.load(Ordering::Acquire) {
+            1 => Some(Halt::Fenced),
+            2 => Some(Halt::Unwritten),
+            _ => None,
+        }
     }
 
     /// Waits until what was written is durable, noting a refusal for a lost lease.
@@ -111,9 +126,13 @@ impl Journal {
     }
 
     fn noted(&self, error: Error) -> Error {
-        if matches!(error, Error::Fenced(_)) {
-            self.fenced.store(true, Ordering::Release);
-        }
+        let halt = match &error {
+            Error::Fenced(_) => Halt::Fenced,
+            Error::Storage { .. } if self.store.leases().is_some() => Halt::Unwritten,
+            _ => return error,
+        };
+        // A fence is final; a failed write does not hide one found before.
+        let _ = self.halt.compare_exchange(0, halt as u8, Ordering::AcqRel, Ordering::Acquire);
         error
     }
 
@@ -231,8 +250,19 @@ impl Journal {
         event: impl FnOnce(Timestamp) -> Option<Event>,
         status: Option<SagaStatus>,
     ) -> Result<Option<RecordedEvent>> {
-        if self.fenced() {
-            return Err(Error::Fenced(self.id.clone()));
+        match self.halted() {
+            Some(Halt::Fenced) => return Err(Error::Fenced(self.id.clone())),
+            // What this journal numbered after the failed write may not be where the database
+            // is: only a journal read again from it may write.
+            Some(Halt::Unwritten) => {
+                return Err(Error::Storage {
+                    operation: "writing a journal",
+                    source: crate::error::StorageError::message(
+                        "an earlier write failed; the saga resumes later",
+                    ),
+                });
+            }
+            None => {}
         }
         let at = Timestamp::now();
         let event = event(at);

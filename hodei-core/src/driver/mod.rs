@@ -32,7 +32,7 @@ mod timer;
 pub(crate) use control::Control;
 pub(crate) use ending::final_status;
 pub(crate) use host::Host;
-pub(crate) use journal::Journal;
+pub(crate) use journal::{Halt, Journal};
 pub(crate) use lifecycle::drive;
 pub(crate) use live::LiveSaga;
 pub(crate) use scope::Scope;

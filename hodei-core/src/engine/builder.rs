@@ -136,6 +136,7 @@ impl EngineBuilder {
             drivers: Arc::new(watch::Sender::new(0)),
             recovered: watch::Sender::new(false),
             beats: watch::Sender::new(0),
+            unwritten: Mutex::default(),
             config: self.config,
             resources,
         });

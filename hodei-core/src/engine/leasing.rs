@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 
 use super::state::{Engine, Inner};
 use crate::error::Error;
+use crate::lock::lock;
 use crate::store::leases::APPLYING;
 use crate::store::{Posted, Renewal, Request};
 
@@ -100,6 +101,27 @@ async fn beat_once(inner: &Weak<Inner>) -> bool {
         Ok(Ok(renewal)) => {
             for id in &renewal.lost {
                 inner.lost(id);
+            }
+            // The database answers again: resume what a failed write stopped, from its journal
+            // there (unless another engine took it meanwhile: then it is not in flight here).
+            let unwritten = std::mem::take(&mut *lock(&inner.unwritten));
+            for id in unwritten {
+                if inner.live(&id).is_some() {
+                    continue;
+                }
+                match inner.store.record(&id) {
+                    Ok(Some(record)) if !record.status.is_final() => {
+                        tracing::info!(saga.id = %id, "resuming a saga after a failed journal write");
+                        if let Err(e) = inner.adopt(record) {
+                            tracing::error!(saga.id = %id, error = %e, "the saga could not be resumed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(saga.id = %id, error = %e, "the saga is resumed at a later beat");
+                        lock(&inner.unwritten).push(id);
+                    }
+                }
             }
             for record in renewal.claimed {
                 if inner.live(&record.id).is_some() {

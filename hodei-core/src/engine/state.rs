@@ -10,7 +10,7 @@ use super::config::EngineConfig;
 use super::registry::Registry;
 use super::traced;
 use crate::bus::EngineEvent;
-use crate::driver::{Control, Host, Journal, LiveSaga, Scope, drive};
+use crate::driver::{Control, Halt, Host, Journal, LiveSaga, Scope, drive};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
 use crate::lock::lock;
 use crate::resources::Resources;
@@ -47,6 +47,9 @@ pub(super) struct Inner {
     /// Counts the beats of the engine's lease on a shared store: whoever waits for a saga
     /// that runs elsewhere looks again at each.
     pub(super) beats: watch::Sender<u64>,
+    /// Sagas this engine stopped driving after a journal write failed (a shared store only):
+    /// resumed from the database's journal at the next beat that reaches it.
+    pub(super) unwritten: Mutex<Vec<SagaId>>,
     pub(super) config: EngineConfig,
     pub(super) resources: Arc<Resources>,
 }
@@ -87,6 +90,13 @@ impl Inner {
             task.abort();
         }
         tracing::warn!(saga.id = %id, "saga taken over by another engine; no longer driven here");
+    }
+
+    /// Stops driving a saga whose journal write failed on a shared store, to resume it from
+    /// the journal the database holds at a later beat.
+    pub(super) fn resume_later(&self, id: &SagaId) {
+        lock(&self.live).remove(id);
+        lock(&self.unwritten).push(id.clone());
     }
 
     pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {
@@ -133,10 +143,11 @@ impl Inner {
                 {
                     let (inner, task_live, host, body) = (inner, task_live, host, body);
                     let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
-                    match drive(host, task_live.clone(), body, history).await {
-                        Some(end) => inner.finished(&task_live, end),
-                        None if task_live.journal.fenced() => inner.lost(&task_live.journal.id),
-                        None => {}
+                    match (drive(host, task_live.clone(), body, history).await, task_live.journal.halted()) {
+                        (Some(end), _) => inner.finished(&task_live, end),
+                        (None, Some(Halt::Fenced)) => inner.lost(&task_live.journal.id),
+                        (None, Some(Halt::Unwritten)) => inner.resume_later(&task_live.journal.id),
+                        (None, None) => {}
                     }
                 }
                 drop(guard);
