@@ -25,6 +25,8 @@ use hodei_core::{
 pub const READY: &str = "cluster: ready";
 pub const EFFECT: &str = "cluster: effect";
 pub const FINISHED: &str = "cluster: finished";
+/// A step's body returned (its side effect and its work done); its end is written next.
+pub const RETURNED: &str = "cluster: returned";
 
 /// The pipeline's steps, in order.
 pub const STEPS: [&str; 4] = ["build", "test", "package", "deploy"];
@@ -56,6 +58,7 @@ pub fn pipeline(effects: &Path, step_time: Duration) -> SagaDefinition {
                                 .map_err(|e| StepError::retryable(format!("recording the effect: {e}")))?;
                             println!("{EFFECT} {run} {step}");
                             tokio::time::sleep(step_time).await;
+                            println!("{RETURNED} {run} {step}");
                             Ok::<_, StepError>(())
                         }
                     })
@@ -146,10 +149,15 @@ impl Cluster {
         Cluster { children, lines }
     }
 
-    /// Waits until every engine is up and engine `victim` has begun its `runs` runs, kills it
-    /// with SIGKILL, and returns once all `total` runs have finished on the others.
-    pub async fn kill_and_finish(&mut self, victim: usize, runs: usize, total: usize) -> Failover {
-        let (mut ready, mut begun, mut finished) = (0, BTreeSet::new(), BTreeSet::new());
+    /// Waits until every engine is up and engine `victim` has begun its `runs` runs; returns
+    /// those runs, and notes in `finished` the runs that finished meanwhile.
+    async fn until_begun(
+        &mut self,
+        victim: usize,
+        runs: usize,
+        finished: &mut BTreeSet<String>,
+    ) -> BTreeSet<String> {
+        let (mut ready, mut begun) = (0, BTreeSet::new());
         while ready < self.children.len() || begun.len() < runs {
             let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
             match said(&text) {
@@ -159,7 +167,47 @@ impl Cluster {
                 _ => {}
             }
         }
-        let victim_runs: BTreeSet<String> = begun;
+        begun
+    }
+
+    /// The zombie: waits until engine `victim` has begun its `runs` runs, stops it with
+    /// SIGSTOP until another engine has stepped one of them (its lease lapsed and the run was
+    /// taken over), resumes it with SIGCONT, and returns once all `total` runs have finished.
+    pub async fn freeze_until_taken_over(&mut self, victim: usize, runs: usize, total: usize) -> Zombie {
+        let mut finished = BTreeSet::new();
+        let victim_runs = self.until_begun(victim, runs, &mut finished).await;
+        let pid = self.children[victim].id().expect("the engine is running").to_string();
+        let signal = |name: &str| {
+            let sent = std::process::Command::new("kill").args([name, &pid]).status();
+            assert!(sent.is_ok_and(|status| status.success()), "kill {name} {pid}");
+        };
+        signal("-STOP");
+        let (mut resumed, mut zombie) = (false, Zombie::default());
+        while finished.len() < total {
+            let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
+            match said(&text) {
+                Said::Effect(run) if engine != victim && victim_runs.contains(&run) => {
+                    zombie.taken.entry(run).or_insert(engine);
+                    if !resumed {
+                        signal("-CONT");
+                        resumed = true;
+                    }
+                }
+                Said::Returned(run) if engine == victim && zombie.taken.contains_key(&run) => {
+                    zombie.returned_late.insert(run);
+                }
+                Said::Finished(run) => drop(finished.insert(run)),
+                _ => {}
+            }
+        }
+        zombie
+    }
+
+    /// Waits until every engine is up and engine `victim` has begun its `runs` runs, kills it
+    /// with SIGKILL, and returns once all `total` runs have finished on the others.
+    pub async fn kill_and_finish(&mut self, victim: usize, runs: usize, total: usize) -> Failover {
+        let mut finished = BTreeSet::new();
+        let victim_runs = self.until_begun(victim, runs, &mut finished).await;
         self.children[victim].start_kill().expect("killing the engine");
         let killed = Instant::now();
         self.children[victim].wait().await.expect("waiting for the killed engine");
@@ -194,11 +242,23 @@ impl Cluster {
     }
 }
 
+/// How the runs of a frozen engine went on: see [`Cluster::freeze_until_taken_over`].
+#[derive(Debug, Default)]
+pub struct Zombie {
+    /// Its runs that another engine stepped, and the first such engine.
+    pub taken: BTreeMap<String, usize>,
+    /// Those of them in which a step of the zombie returned after it was resumed: it went on
+    /// to write that step's end, which must have been refused.
+    pub returned_late: BTreeSet<String>,
+}
+
 /// What a line of an engine process says.
 enum Said {
     Ready,
     /// A step of this run ran.
     Effect(String),
+    /// A step of this run returned.
+    Returned(String),
     Finished(String),
     Other,
 }
@@ -210,6 +270,11 @@ fn said(text: &str) -> Said {
     } else if let Some(rest) = after(EFFECT) {
         match rest.split_once(' ') {
             Some((run, _step)) => Said::Effect(run.to_owned()),
+            None => Said::Other,
+        }
+    } else if let Some(rest) = after(RETURNED) {
+        match rest.split_once(' ') {
+            Some((run, _step)) => Said::Returned(run.to_owned()),
             None => Said::Other,
         }
     } else if let Some(run) = after(FINISHED) {

@@ -10,6 +10,7 @@ mod cluster;
 mod test_database;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use cluster::Cluster;
@@ -19,25 +20,19 @@ use tokio::process::Command;
 
 const RUNS: usize = 4;
 const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
-const STEP_TIME: Duration = Duration::from_millis(150);
+/// Long enough that every engine's runs are still in their steps when one is killed or
+/// frozen (four steps: over a second a run).
+const STEP_TIME: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_engines_runs_finish_on_the_others_after_its_lease() {
+    const TEST: &str = "a_killed_engines_runs_finish_on_the_others_after_its_lease";
     if let Ok(name) = std::env::var("HODEI_CLUSTER_ENGINE") {
         return child(&name).await;
     }
     let Some(db) = TestDatabase::new("failover") else { return };
     let effects = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(ENGINES.map(|name| {
-        let mut command = Command::new(std::env::current_exe().unwrap());
-        command
-            .args(["--exact", "a_killed_engines_runs_finish_on_the_others_after_its_lease", "--nocapture"])
-            .env("HODEI_CLUSTER_ENGINE", name)
-            .env("HODEI_CLUSTER_URL", &db.url)
-            .env("HODEI_CLUSTER_SCHEMA", &db.schema)
-            .env("HODEI_CLUSTER_EFFECTS", effects.path());
-        command
-    }));
+    let mut cluster = start(TEST, &db, effects.path());
     let failover = cluster.kill_and_finish(0, RUNS, ENGINES.len() * RUNS).await;
     println!(
         "failover: {:?} from SIGKILL to a dead engine's run stepping on another (lease {:?})",
@@ -46,36 +41,80 @@ async fn a_killed_engines_runs_finish_on_the_others_after_its_lease() {
     );
     println!("engine-a's runs went on on engines {:?}", failover.heirs);
     assert_eq!(failover.heirs.len(), RUNS, "{failover:?}");
+    check_runs(&db, effects.path()).await;
+    assert!(cluster.stop().await, "the live engines stopped cleanly");
+}
 
-    // Every run completed; a step ran once, except the step a killed run was in, which ran
-    // again on its heir (steps are at least once: its end was not journaled).
+/// The zombie, between processes: engine-b is stopped with SIGSTOP past its lease, another
+/// engine takes its runs over, and once it is resumed its steps return and it goes on to write
+/// their ends; those writes are refused, so every step's end is journaled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_engines_late_writes_are_refused_after_its_runs_were_taken_over() {
+    const TEST: &str = "a_frozen_engines_late_writes_are_refused_after_its_runs_were_taken_over";
+    if let Ok(name) = std::env::var("HODEI_CLUSTER_ENGINE") {
+        return child(&name).await;
+    }
+    let Some(db) = TestDatabase::new("zombie processes") else { return };
+    let effects = tempfile::tempdir().unwrap();
+    let mut cluster = start(TEST, &db, effects.path());
+    let zombie = cluster.freeze_until_taken_over(1, RUNS, ENGINES.len() * RUNS).await;
+    println!(
+        "engine-b's runs taken over: {:?}; its steps that returned late: {:?}",
+        zombie.taken, zombie.returned_late
+    );
+    assert!(!zombie.returned_late.is_empty(), "the zombie went on after its resume: {zombie:?}");
+    check_runs(&db, effects.path()).await;
+    assert!(cluster.stop().await, "the engines stopped cleanly");
+}
+
+fn start(test: &str, db: &TestDatabase, effects: &Path) -> Cluster {
+    Cluster::start(ENGINES.map(|name| {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", test, "--nocapture"])
+            .env("HODEI_CLUSTER_ENGINE", name)
+            .env("HODEI_CLUSTER_URL", &db.url)
+            .env("HODEI_CLUSTER_SCHEMA", &db.schema)
+            .env("HODEI_CLUSTER_EFFECTS", effects);
+        command
+    }))
+}
+
+/// Every run completed, with each step's end journaled once; a step's side effect happened
+/// once, or again when an interruption (a kill, a takeover) came before its end was journaled;
+/// and along every journal the epochs never go back: no run was driven by two engines at once.
+async fn check_runs(db: &TestDatabase, effects: &Path) {
     let store = PostgresStore::connect_with(&db.url, db.options()).await.unwrap();
     let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for entry in std::fs::read_dir(effects.path()).unwrap() {
+    for entry in std::fs::read_dir(effects).unwrap() {
         for line in std::fs::read_to_string(entry.unwrap().path()).unwrap().lines() {
             let (run, step) = line.split_once(' ').unwrap();
             *counts.entry((run.to_owned(), step.to_owned())).or_default() += 1;
         }
     }
-    let mut rerun = Vec::new();
+    let mut again = Vec::new();
     for engine in ENGINES {
         for k in 0..RUNS {
-            let run = format!("{engine}-{k}");
-            let record = store.record(&SagaId::new(run.clone()).unwrap()).unwrap().unwrap();
-            assert_eq!(record.status, SagaStatus::Completed, "{run}");
+            let id = SagaId::new(format!("{engine}-{k}")).unwrap();
+            let record = store.record(&id).unwrap().unwrap();
+            assert_eq!(record.status, SagaStatus::Completed, "{id}");
+            let ends = store
+                .history(&id)
+                .unwrap()
+                .iter()
+                .filter(|r| matches!(r.event, hodei_core::Event::StepCompleted { .. }))
+                .count();
+            assert_eq!(ends, cluster::STEPS.len(), "{id}: each step's end journaled once");
             for step in cluster::STEPS {
-                match counts.get(&(run.clone(), step.to_owned())).copied().unwrap_or(0) {
+                match counts.get(&(id.to_string(), step.to_owned())).copied().unwrap_or(0) {
+                    0 => panic!("{id} {step} never ran"),
                     1 => {}
-                    2 if engine == "engine-a" => rerun.push(format!("{run} {step}")),
-                    n => panic!("{run} {step} ran {n} times"),
+                    n => again.push(format!("{id} {step} x{n}")),
                 }
             }
         }
     }
-    println!("steps in flight at the kill, run again by the heir: {rerun:?}");
-    assert!(rerun.len() <= RUNS, "at most the one step each killed run was in: {rerun:?}");
-
-    // No run was ever driven by two engines at once: along each journal, epochs never go back.
+    println!("steps in flight at an interruption, run again: {again:?}");
     let admin = db.admin().await;
     let rows =
         admin.query("SELECT saga_id, seq, epoch FROM hodei_events ORDER BY saga_id, seq", &[]).await.unwrap();
@@ -85,7 +124,6 @@ async fn a_killed_engines_runs_finish_on_the_others_after_its_lease() {
         let before = last.insert(run.clone(), epoch).unwrap_or(epoch);
         assert!(before <= epoch, "{run}: epoch {epoch} after {before}");
     }
-    assert!(cluster.stop().await, "the live engines stopped cleanly");
 }
 
 /// The child's side: one engine process.
