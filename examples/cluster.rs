@@ -11,6 +11,8 @@
 //! The example starts copies of itself as the engines (`--engine <name>`), in a schema of its
 //! own that it drops at the end.
 
+// The zombie scenario of the same module is for the tests (hodei-core/tests/postgres_failover.rs).
+#[allow(dead_code)]
 #[path = "support/cluster.rs"]
 mod cluster;
 
