@@ -123,8 +123,8 @@ pub mod trace;
 pub use bus::{EngineEvent, EngineEventKind};
 pub use codec::{PayloadCodec, PayloadError, payload_codec, payload_to_json};
 pub use engine::{
-    Census, DefinitionInfo, Engine, EngineBuilder, EngineConfig, Outcome, Page, SagaFilter, SagaHandle,
-    ShutdownReport, StepRef, TypedHandle,
+    Census, DefinitionInfo, Engine, EngineBuilder, EngineConfig, JournalFollower, Outcome, Page, SagaFilter,
+    SagaHandle, ShutdownReport, StepRef, TypedHandle,
 };
 pub use error::{Error, Result, StorageError};
 pub use event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};

@@ -168,10 +168,20 @@ async fn requests_sent_through_another_engine_reach_the_saga_once() {
     };
     // The owner's beat is a day: only the notification can bring the request in time.
     let owner = engine(Duration::from_secs(86_400)).await;
-    let other = engine(Duration::from_secs(10)).await;
+    // The other's beats bring what it follows of a run driven elsewhere.
+    let other = engine(Duration::from_millis(500)).await;
     let id = SagaId::new("a1").unwrap();
     owner.start(SagaRun::new("approval", "a1", &()).unwrap()).await.unwrap();
 
+    // Followed from the engine that does not drive it: the journal as it grows, to its end.
+    let mut follower = other.follow(&id, 0).unwrap();
+    let followed = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(recorded) = follower.next().await {
+            seen.push(recorded.unwrap());
+        }
+        seen
+    });
     other.pause(&id, "ops").await.unwrap();
     other.resume(&id, "ops").await.unwrap();
     other.signal_as(&id, "approve", &"alice".to_string(), "alice").await.unwrap();
@@ -189,6 +199,7 @@ async fn requests_sent_through_another_engine_reach_the_saga_once() {
         })
         .collect();
     assert_eq!(applied, ["paused", "resumed", "signal"], "each request once, in order");
+    assert_eq!(followed.await.unwrap(), history, "the other engine followed every event to the end");
     let admin = db.admin().await;
     let left: i64 = admin.query_one("SELECT count(*) FROM hodei_requests", &[]).await.unwrap().get(0);
     assert_eq!(left, 0, "every applied request was deleted with its write");

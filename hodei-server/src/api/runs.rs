@@ -242,50 +242,20 @@ pub(crate) async fn events(
         }
         None => query.after,
     };
-    // Subscribed before the journal is read, so nothing journaled in between is missed; the
-    // sequence numbers drop what both deliver.
-    let live = state.engine.subscribe();
-    let history = state.engine.history(&id)?;
     let after = |seq: u64| last_seen.is_none_or(|last| seq > last);
     if !query.follow.unwrap_or(false) {
+        let history = state.engine.history(&id)?;
         let views: Vec<EventView> = history.iter().filter(|r| after(r.seq)).map(event_view).collect();
         return Ok(Json(views).into_response());
     }
+    // From any engine: one that does not drive the run reads its journal at each beat.
+    let mut follower = state.engine.follow(&id, last_seen.map_or(0, |last| last + 1))?;
     let (tx, rx) = mpsc::channel(64);
-    let engine = state.engine.clone();
     tokio::spawn(async move {
-        let mut next = last_seen.map_or(0, |last| last + 1);
-        let mut live = live;
-        let mut backlog = history;
-        loop {
-            let mut ended = false;
-            for recorded in backlog.drain(..) {
-                ended |= recorded.event.is_final();
-                if recorded.seq < next {
-                    continue;
-                }
-                next = recorded.seq + 1;
-                if tx.send(sse_event(&recorded)).await.is_err() {
-                    return;
-                }
-            }
-            // The stream ends with the run (a reconnect after its end gets nothing new).
-            if ended {
+        // The stream ends with the run (a reconnect after its end gets nothing new).
+        while let Some(Ok(recorded)) = follower.next().await {
+            if tx.send(sse_event(&recorded)).await.is_err() {
                 return;
-            }
-            match live.recv().await {
-                Ok(engine_event) if engine_event.saga_id == id => {
-                    if let EngineEventKind::Journaled(recorded) = engine_event.kind {
-                        backlog.push(recorded);
-                    }
-                }
-                Ok(_) => {}
-                // Fell behind the engine's buffer: the journal has everything missed.
-                Err(broadcast::error::RecvError::Lagged(_)) => match engine.history(&id) {
-                    Ok(history) => backlog = history,
-                    Err(_) => return,
-                },
-                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     });
