@@ -78,7 +78,59 @@ fn main() {
             format!("{two_per_one:.2}"),
             format!("{three_per_one:.2}"),
         ]);
+        idle_load(&url).await;
     });
+}
+
+/// What idle engines cost the database: transactions committed per second on it while three
+/// engines with nothing to do beat (a 1 s lease here, so a beat every 200 ms; the default 10 s
+/// lease beats every 2 s), against what the design issues per beat: a renewal, a claim, and a
+/// look at the posted requests (a clean-up and a read), 4 statements, each of which
+/// tokio-postgres prepares and then runs, 2 transactions in the server's count.
+async fn idle_load(url: &str) {
+    const ENGINES: usize = 3;
+    let lease = Duration::from_secs(1);
+    let schema = format!("hodei_bench_idle_{}", std::process::id());
+    let admin = Admin::connect(url).await;
+    let mut engines = Vec::with_capacity(ENGINES);
+    for _ in 0..ENGINES {
+        let options = PostgresOptions::default().schema(schema.as_str()).lease(lease);
+        let store = PostgresStore::connect_with(url, options).await.expect("connecting the store");
+        engines.push(
+            Engine::builder().store(store).register(noop_saga("noop")).start().await.expect("starting"),
+        );
+    }
+    let commits = || async {
+        let sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
+        // The statistics of the current transaction are frozen: a new snapshot per read.
+        admin.0.batch_execute("SELECT pg_stat_clear_snapshot()").await.expect("clearing the snapshot");
+        admin.0.query_one(sql, &[]).await.expect("reading the commit count").get::<_, i64>(0)
+    };
+    let window = Duration::from_secs(5);
+    let before = commits().await;
+    tokio::time::sleep(window).await;
+    let after = commits().await;
+    for engine in engines {
+        engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
+    }
+    admin.drop_schemas(&[&schema]).await;
+    // Two of the counted transactions are this function's own reads.
+    let per_second = (after - before - 2) as f64 / window.as_secs_f64();
+    let beats_per_second = ENGINES as f64 / (lease.as_secs_f64() / 5.0);
+    let table = Table::new(
+        &format!(
+            "Idle load: {ENGINES} engines with nothing to do, a {lease:?} lease (a beat every {:?})",
+            lease / 5
+        ),
+        &["transactions/s on the database", "per engine per beat", "by design per beat", "measured / design"],
+    );
+    let per_beat = per_second / beats_per_second;
+    table.row(&[
+        format!("{per_second:.1}"),
+        format!("{per_beat:.2}"),
+        "8".into(),
+        format!("{:.2}", per_beat / 8.0),
+    ]);
 }
 
 /// Steps/s of `sagas` no-op sagas spread over `engines` engines on one schema (each with its
