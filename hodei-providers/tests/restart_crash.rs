@@ -310,9 +310,13 @@ async fn summary(logs: &LogStore, jobs: &[JobOutcome]) -> String {
 /// Where a run of the child is killed: after this many journal events, or at the k-th (from 1)
 /// kill point of a named window; either way at "only lint left" if it comes first. `Never`:
 /// the run is let finish.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum KillAt {
     Events(u64),
+    /// After at least this many journal events, at the first of a kind not in the list: while
+    /// random kills have landed after too few kinds of event, they are steered to new ones
+    /// (left to chance, one seed in CI hit three kinds in sixteen rounds).
+    NewKindAfter(u64, Vec<String>),
     Point(Window, u64),
     Never,
 }
@@ -321,6 +325,7 @@ impl std::fmt::Display for KillAt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KillAt::Events(n) => write!(f, "after {n} journal events"),
+            KillAt::NewKindAfter(n, _) => write!(f, "after {n} journal events, at a kind not hit yet"),
             KillAt::Point(window, k) => write!(f, "at {} #{k}", window.tag()),
             KillAt::Never => write!(f, "never"),
         }
@@ -378,16 +383,22 @@ fn run_child(root: &Path, kill: KillAt) -> RunEnd {
         if let Some((window, _)) = point {
             *end.points.entry(window).or_default() += 1;
         }
-        let kill_here = match (kill, &point) {
+        let kill_here = match (&kill, &point) {
             (KillAt::Never, _) => None,
             // A run to be killed that has nothing left to do but wait for lint is killed there.
             _ if line.contains(ONLY_LINT) => Some((Window::OnlyLintLeft, String::new())),
             (KillAt::Events(after), None) => line.split_once(EVENT).and_then(|(_, event)| {
                 events += 1;
-                (events > after).then(|| (Window::JournalEvent, event.trim().to_owned()))
+                (events > *after).then(|| (Window::JournalEvent, event.trim().to_owned()))
+            }),
+            (KillAt::NewKindAfter(after, hit), None) => line.split_once(EVENT).and_then(|(_, event)| {
+                events += 1;
+                let kind = event.trim();
+                (events > *after && !hit.iter().any(|h| h == kind))
+                    .then(|| (Window::JournalEvent, kind.to_owned()))
             }),
             (KillAt::Point(aim, k), Some((window, what))) => {
-                (*window == aim && end.points[window] == k as u32).then(|| (aim, (*what).to_owned()))
+                (window == aim && end.points[window] == *k as u32).then(|| (*aim, (*what).to_owned()))
             }
             _ => None,
         };
@@ -554,15 +565,24 @@ async fn a_control_plane_killed_while_jobs_run_never_starts_a_job_twice() {
                     aims += 1;
                     KillAt::Point(window, 1 + rng.below(aim_spread(window)))
                 }
-                0 => KillAt::Events(rng.below(MAX_EVENTS_PER_RUN + 1)),
-                _ => KillAt::Events(rng.below(MAX_EVENTS_PER_RESUMED_RUN + 1)),
+                n => {
+                    let max = if n == 0 { MAX_EVENTS_PER_RUN } else { MAX_EVENTS_PER_RESUMED_RUN };
+                    let after = rng.below(max + 1);
+                    match after_events.len() < MIN_EVENT_KINDS {
+                        true => KillAt::NewKindAfter(after, after_events.keys().cloned().collect()),
+                        false => KillAt::Events(after),
+                    }
+                }
             };
             if let KillAt::Never = kill {
                 open_gate(&root);
             }
             let root_for_child = root.clone();
             let run_started = Instant::now();
-            let end = tokio::task::spawn_blocking(move || run_child(&root_for_child, kill)).await.unwrap();
+            let kill_for_child = kill.clone();
+            let end = tokio::task::spawn_blocking(move || run_child(&root_for_child, kill_for_child))
+                .await
+                .unwrap();
             let Some((window, what)) = end.killed else {
                 outcomes.push((rounds, end.outcomes));
                 println!("round {rounds} run {run} ({:.0?}): finished", run_started.elapsed());
