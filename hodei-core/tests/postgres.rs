@@ -113,9 +113,8 @@ async fn a_saga_of_a_stalled_engine_is_finished_by_another_and_the_zombie_is_fen
     stalled.start(SagaRun::new("release", "r1", &7u32).unwrap()).await.unwrap();
     hold.reached.notified().await;
 
+    db.lapse(&stalled_id).await;
     let admin = db.admin().await;
-    let lapse = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
-    assert_eq!(admin.execute(lapse, &[&stalled_id]).await.unwrap(), 1);
     let outcome = heir.handle(&id).unwrap().outcome::<u32>().await;
     assert_eq!(outcome.unwrap(), Outcome::Completed(7_000));
     assert_eq!(heir_effects.take(), ["package", "publish"], "compile was journaled: it did not run again");
@@ -236,9 +235,8 @@ async fn a_timer_fires_on_the_new_owner_at_its_journaled_time() {
         }
     };
 
+    db.lapse(&stalled_id).await;
     let admin = db.admin().await;
-    let lapse = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
-    assert_eq!(admin.execute(lapse, &[&stalled_id]).await.unwrap(), 1);
     let heir_store =
         PostgresStore::connect_with(&db.url, db.options().lease(Duration::from_millis(500))).await.unwrap();
     let heir = Engine::builder().store(heir_store).register(soak()).start().await.unwrap();

@@ -20,7 +20,7 @@ use hodei_server::api::{ApiServeError, ApiServer, ApiServerBuilder, MetricsAcces
 use hodei_server::jobs::JobOutcome;
 use hodei_server::metrics::Metrics;
 use reqwest::StatusCode;
-use support::node_sagas::deploy;
+use support::node_sagas::{deploy, run};
 use support::within;
 
 /// One step whose first attempt fails retryably.
@@ -42,16 +42,6 @@ fn sleeper() -> SagaDefinition {
         ctx.sleep(Duration::from_secs(3600)).await;
         Ok::<_, StepError>(())
     })
-}
-
-async fn run<T: serde::de::DeserializeOwned>(
-    engine: &Engine,
-    saga: &str,
-    id: &str,
-    input: &impl serde::Serialize,
-) -> Outcome<T> {
-    let handle = engine.start(SagaRun::new(saga, id, input).unwrap()).await.unwrap();
-    within(handle.outcome::<T>()).await.unwrap()
 }
 
 /// The samples of a text exposition, by series (`name{labels}`).

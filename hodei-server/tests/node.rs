@@ -5,11 +5,11 @@ mod support;
 
 use std::time::Duration;
 
-use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaId, SagaRun};
+use hodei_core::{Engine, MemoryStore, Outcome, SagaContext, SagaDefinition, SagaId};
 use hodei_server::Node;
 use hodei_server::jobs::{JobOutcome, RemoteJobs, saga_jobs};
 use hodei_server::logstore::LogStream;
-use support::node_sagas::{deploy, shell};
+use support::node_sagas::{deploy, run, shell};
 use support::within;
 
 /// Runs one job, `build`, through the dispatcher the context holds.
@@ -17,16 +17,6 @@ fn build() -> SagaDefinition {
     SagaDefinition::new("build", 1, |ctx: SagaContext, (): ()| async move {
         ctx.run_job("build", shell("echo built")).await
     })
-}
-
-async fn run<T: serde::de::DeserializeOwned>(
-    engine: &Engine,
-    saga: &str,
-    id: &str,
-    input: &impl serde::Serialize,
-) -> Outcome<T> {
-    let handle = engine.start(SagaRun::new(saga, id, input).unwrap()).await.unwrap();
-    within(handle.outcome::<T>()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,10 @@
 //! Sagas whose steps run shell jobs on a `Node`'s pooled local workers, shared by the tests
 //! that run a whole node.
 
-use hodei_core::{SagaContext, SagaDefinition, StepError};
+use hodei_core::{Engine, Outcome, SagaContext, SagaDefinition, SagaRun, StepError};
 use hodei_server::jobs::{Job, JobOutcome, RemoteJobs};
+
+use super::within;
 
 /// `sh -c script` on a pooled worker, with a minimal PATH (jobs start with an empty environment).
 pub fn shell(script: &str) -> Job {
@@ -25,4 +27,15 @@ pub fn deploy() -> SagaDefinition {
             .await?;
         Ok::<JobOutcome, StepError>(deployed)
     })
+}
+
+/// Starts `saga` as run `id` and waits (bounded) for its outcome.
+pub async fn run<T: serde::de::DeserializeOwned>(
+    engine: &Engine,
+    saga: &str,
+    id: &str,
+    input: &impl serde::Serialize,
+) -> Outcome<T> {
+    let handle = engine.start(SagaRun::new(saga, id, input).unwrap()).await.unwrap();
+    within(handle.outcome::<T>()).await.unwrap()
 }

@@ -56,6 +56,18 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Ends the lease of engine `engine_id` now, as if it had stopped beating past it.
+    pub async fn lapse(&self, engine_id: &str) {
+        let sql = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
+        assert_eq!(
+            self.admin().await.execute(sql, &[&engine_id]).await.unwrap(),
+            1,
+            "no lease of {engine_id}"
+        );
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let (url, schema) = (self.url.clone(), self.schema.clone());

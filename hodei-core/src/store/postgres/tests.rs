@@ -116,12 +116,6 @@ async fn created(store: &PostgresStore, id: &str) -> (SagaId, RecordedEvent) {
     (id, start)
 }
 
-/// Ends `store`'s lease now, as if its engine had stopped beating past it.
-async fn lapse(db: &TestDatabase, store: &PostgresStore) {
-    let sql = "UPDATE hodei_engines SET lease_until = now() - interval '1 second' WHERE id = $1";
-    assert_eq!(db.admin().await.execute(sql, &[&store.engine_id()]).await.unwrap(), 1);
-}
-
 /// `(seq, epoch)` of each event of the saga's journal, from the database.
 async fn epochs(db: &TestDatabase, id: &SagaId) -> Vec<(i64, i64)> {
     let sql = "SELECT seq, epoch FROM hodei_events WHERE saga_id = $1 ORDER BY seq";
@@ -155,7 +149,7 @@ async fn a_saga_taken_over_refuses_its_old_owners_late_write() {
     let (id, start) = created(&zombie, "taken").await;
     assert!(heir.renew(10).unwrap().claimed.is_empty(), "not while its owner's lease holds");
 
-    lapse(&db, &zombie).await;
+    db.lapse(zombie.engine_id()).await;
     let renewal = heir.renew(10).unwrap();
     assert_eq!(renewal.claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id]);
     heir.append(&id, &[step(1, 2)], None).unwrap();
@@ -192,7 +186,7 @@ async fn a_fenced_write_fails_alone_in_its_batch() {
         zombie.create(&record, &start).unwrap();
     }
     zombie.durable().await.unwrap();
-    lapse(&db, &zombie).await;
+    db.lapse(zombie.engine_id()).await;
     // One claim: the first in id order.
     assert_eq!(heir.renew(1).unwrap().claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&lost]);
 
