@@ -134,26 +134,30 @@ impl Inner {
         };
         let body =
             move |shared, input| (definition.body)(SagaContext { shared, scope: Scope::root() }, input);
-        let handle = tokio::spawn(
-            async move {
-                // Everything that holds the engine (and so the store) is moved into this inner
-                // block and dropped at its end, before the guard: once the count reads zero,
-                // no driver holds the store, and a shut-down engine's directory reopens at
-                // once. (Captured values would otherwise be dropped with the task, after it.)
-                {
-                    let (inner, task_live, host, body) = (inner, task_live, host, body);
+        let handle = tokio::spawn(async move {
+            // Everything that holds the engine (and so the store) is moved into this inner
+            // block and dropped at its end, before the guard: once the count reads zero, no
+            // driver holds the store, and a shut-down engine's directory reopens at once.
+            // (Captured values would otherwise be dropped with the task, after it.)
+            {
+                let (inner, task_live, host, body) = (inner, task_live, host, body);
+                // The driver's span ends before its outcome is published: whoever sees the
+                // outcome and then flushes the exporter finds the saga's whole trace.
+                let end = async {
                     let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
-                    match (drive(host, task_live.clone(), body, history).await, task_live.journal.halted()) {
-                        (Some(end), _) => inner.finished(&task_live, end),
-                        (None, Some(Halt::Fenced)) => inner.lost(&task_live.journal.id),
-                        (None, Some(Halt::Unwritten)) => inner.resume_later(&task_live.journal.id),
-                        (None, None) => {}
-                    }
+                    drive(host, task_live.clone(), body, history).await
                 }
-                drop(guard);
+                .instrument(span)
+                .await;
+                match (end, task_live.journal.halted()) {
+                    (Some(end), _) => inner.finished(&task_live, end),
+                    (None, Some(Halt::Fenced)) => inner.lost(&task_live.journal.id),
+                    (None, Some(Halt::Unwritten)) => inner.resume_later(&task_live.journal.id),
+                    (None, None) => {}
+                }
             }
-            .instrument(span),
-        );
+            drop(guard);
+        });
         *lock(&live.task) = Some(handle.abort_handle());
     }
 }
