@@ -12,11 +12,18 @@
 //! multiplies the saga count, `HODEI_BENCH_ROUNDS` (default 5) the rounds. Each round runs off,
 //! metrics only, export only, both, then the same backwards, and takes the ratios within the
 //! round: the split says which of the two costs what.
+//!
+//! Then the program runs itself again with `HODEI_BENCH_SAMPLE_RATIO=0.1`: the same, with the
+//! exporter keeping one saga's trace in ten (`Otlp::sample_ratio`), as a busy fleet would run.
+//! Set the variable to run only that. On Linux each part also says where the CPU went, per
+//! step, by thread: the engine's runtime, the journal's threads (sled's and the flusher), the
+//! exporter's (the batch processor and the gRPC client) and the collector's.
 
 #[path = "common/mod.rs"]
 #[allow(dead_code)]
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -34,6 +41,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const CONCURRENCY: usize = 256;
+/// The spans of one traced saga of the bench: its start, its run, and per step the step and
+/// its attempt.
+const SPANS_PER_SAGA: usize = 2 + 2 * STEPS as usize;
 
 /// Counts the spans it is sent; keeps none.
 #[derive(Default, Clone)]
@@ -59,7 +69,8 @@ fn start_collector() -> (Collector, String) {
     listener.set_nonblocking(true).expect("a non-blocking listener");
     let addr = listener.local_addr().expect("the collector's address");
     let service = TraceServiceServer::new(collector.clone());
-    std::thread::spawn(move || {
+    let thread = std::thread::Builder::new().name("collector".into());
+    let _ = thread.spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
@@ -75,10 +86,60 @@ fn start_collector() -> (Collector, String) {
 
 struct Run {
     steps_per_second: f64,
-    spans_per_saga: usize,
+    spans: usize,
+    /// CPU time per step while timed, by group of threads, in µs.
+    cpu: BTreeMap<&'static str, f64>,
 }
 
-async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bool, sagas: usize) -> Run {
+/// What each group of this process's threads has run so far, in clock ticks, from
+/// `/proc/self/task` (empty elsewhere than on Linux). A thread that ended is not counted.
+fn cpu_ticks() -> BTreeMap<&'static str, u64> {
+    let mut groups = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return groups };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // `pid (comm) state ...`: the name may hold spaces, the fields after it do not.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let (Some(user), Some(system)) = (fields.get(11), fields.get(12)) else { continue };
+        let ticks = user.parse::<u64>().unwrap_or(0) + system.parse::<u64>().unwrap_or(0);
+        let group = match &stat[open + 1..close] {
+            "tokio-rt-worker" => "engine",
+            name if name.starts_with("sled-io") || name == "hodei-flusher" => "journal",
+            "OpenTelemetry.T" | "hodei-otlp" => "exporter",
+            "collector" => "collector",
+            _ => "other",
+        };
+        *groups.entry(group).or_insert(0) += ticks;
+    }
+    groups
+}
+
+/// CPU µs per step between two readings.
+fn cpu_per_step(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+    steps: usize,
+) -> BTreeMap<&'static str, f64> {
+    // Linux's USER_HZ, which /proc reports in, is 100 on every architecture it runs on.
+    const TICK_MICROS: f64 = 10_000.0;
+    after
+        .iter()
+        .map(|(group, ticks)| {
+            let spent = ticks.saturating_sub(before.get(group).copied().unwrap_or(0));
+            (*group, spent as f64 * TICK_MICROS / steps as f64)
+        })
+        .collect()
+}
+
+async fn run_with(
+    otlp: &Otlp,
+    collector: &Collector,
+    sampled: Option<f64>,
+    export: bool,
+    observed: bool,
+    sagas: usize,
+) -> Run {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let metrics = Metrics::new();
     let mut builder = Engine::builder().data_dir(dir.path()).register(noop_saga("noop"));
@@ -90,12 +151,14 @@ async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bo
     let before = collector.0.load(Ordering::Relaxed);
     // Warm sled's trees and the exporter's connection before the clock starts.
     noop_sagas(&engine, "noop", "warm", CONCURRENCY, CONCURRENCY).await;
+    let ticks = cpu_ticks();
     let started = Instant::now();
     noop_sagas(&engine, "noop", "timed", CONCURRENCY, sagas).await;
     if export {
         otlp.flush().await.expect("flushing spans to the collector");
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_per_step(&ticks, &cpu_ticks(), sagas * STEPS as usize);
     if observed {
         // The metrics saw every run: the warm-up's and the timed ones.
         let text = metrics.encode(Sources { engine: &engine, scheduler: None, hub: None });
@@ -111,31 +174,66 @@ async fn run_with(otlp: &Otlp, collector: &Collector, export: bool, observed: bo
     otlp.flush().await.expect("a flush after the run");
     let spans = collector.0.load(Ordering::Relaxed) - before;
     let runs = sagas + CONCURRENCY;
-    if export {
-        // Every saga exported the same spans: none was dropped (the queue holds a round).
-        assert_eq!(spans % runs, 0, "{spans} spans for {runs} sagas: some were dropped");
-        assert!(spans / runs >= 2 + 2 * STEPS as usize, "{spans} spans for {runs} sagas");
-    } else {
-        assert_eq!(spans, 0, "export was off, yet spans arrived");
+    match (export, sampled) {
+        // Every saga exported all its spans: none was dropped (the queue holds a round).
+        (true, None) => assert_eq!(spans, runs * SPANS_PER_SAGA, "{spans} spans for {runs} sagas"),
+        // Each saga's trace went out whole or not at all.
+        (true, Some(_)) => assert!(
+            spans > 0 && spans.is_multiple_of(SPANS_PER_SAGA),
+            "{spans} spans for {runs} sagas sampled: a trace went out in part"
+        ),
+        (false, _) => assert_eq!(spans, 0, "export was off, yet spans arrived"),
     }
-    Run { steps_per_second: rate(sagas * STEPS as usize, elapsed), spans_per_saga: spans / runs }
+    Run { steps_per_second: rate(sagas * STEPS as usize, elapsed), spans, cpu }
+}
+
+/// `HODEI_BENCH_SAMPLE_RATIO`: the share of sagas whose traces are exported, all unless set.
+fn sample_ratio() -> Option<f64> {
+    let value = std::env::var("HODEI_BENCH_SAMPLE_RATIO").ok()?;
+    match value.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Some(ratio),
+        _ => panic!("HODEI_BENCH_SAMPLE_RATIO={value} is not a number from 0 to 1"),
+    }
+}
+
+/// The groups of threads a breakdown shows, in its order.
+const GROUPS: [&str; 5] = ["engine", "journal", "exporter", "collector", "other"];
+
+fn breakdown(runs: &[&Run]) -> String {
+    GROUPS
+        .iter()
+        .map(|group| {
+            let mean = runs.iter().map(|run| run.cpu.get(group).copied().unwrap_or(0.0)).sum::<f64>()
+                / runs.len() as f64;
+            format!("{group} {mean:.1}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn main() {
+    let sampled = sample_ratio();
     let rt = common::runtime();
     let (collector, endpoint) = start_collector();
     let sagas = scaled(4_000);
-    let otlp = Otlp::builder("hodei-bench")
+    let builder = Otlp::builder("hodei-bench")
         .endpoint(endpoint)
         // A whole round's spans fit: a full queue would drop spans, and their export cost.
-        .max_queue_size(((sagas + CONCURRENCY) * 32).max(2_048))
-        .build()
-        .expect("building the OTLP exporter");
+        .max_queue_size(((sagas + CONCURRENCY) * 32).max(2_048));
+    let builder = match sampled {
+        Some(ratio) => builder.sample_ratio(ratio),
+        None => builder,
+    };
+    let otlp = builder.build().expect("building the OTLP exporter");
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(otlp.layer()))
         .expect("installing the subscriber");
     let rounds = knob("HODEI_BENCH_ROUNDS", 5).max(1);
+    let exported = match sampled {
+        Some(ratio) => format!("the traces of {:.0} % of the sagas exported", 100.0 * ratio),
+        None => "every span exported".to_owned(),
+    };
     rt.block_on(async {
-        println!("## hodei observability overhead (sled, durability on)");
+        println!("## hodei observability overhead (sled, durability on; {exported})");
         let table = Table::new(
             &format!(
                 "Step throughput, {CONCURRENCY} concurrent sagas of 10 no-op steps, against both off (median of {rounds} rounds)"
@@ -143,10 +241,12 @@ fn main() {
             &["round", "off: steps/s", "metrics only", "OTLP export only", "both on: steps/s", "spans per saga", "both / off"],
         );
         let (mut metrics_ratios, mut export_ratios, mut both_ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut cpu = (Vec::new(), Vec::new());
         for round in 1..=rounds {
             // off, metrics, export, both, both, export, metrics, off: each pair's mean is
             // centred on the same moment, so a drift of the machine shifts all alike.
-            let rate = |export: bool, observed: bool| run_with(&otlp, &collector, export, observed, sagas);
+            let rate =
+                |export: bool, observed: bool| run_with(&otlp, &collector, sampled, export, observed, sagas);
             let off_a = rate(false, false).await;
             let metrics_a = rate(false, true).await;
             let export_a = rate(true, false).await;
@@ -167,15 +267,31 @@ fn main() {
                 format!("{} ({:.3})", thousands(metrics), metrics / off),
                 format!("{} ({:.3})", thousands(export), export / off),
                 thousands(both),
-                both_a.spans_per_saga.to_string(),
+                format!("{:.1}", (both_a.spans + both_b.spans) as f64 / (2 * (sagas + CONCURRENCY)) as f64),
                 format!("{:.3}", both / off),
             ]);
+            cpu.0.extend([off_a, off_b]);
+            cpu.1.extend([both_a, both_b]);
         }
         let (metrics, export, both) = (median(metrics_ratios), median(export_ratios), median(both_ratios));
         println!(
             "\nmedian against off: metrics {metrics:.3}, OTLP export {export:.3}, both {both:.3} (cost {:.1} %; target: at most 5 %)",
             100.0 * (1.0 - both)
         );
+        if cfg!(target_os = "linux") {
+            let (off, on): (Vec<&Run>, Vec<&Run>) = (cpu.0.iter().collect(), cpu.1.iter().collect());
+            println!("CPU µs per step, off: {}", breakdown(&off));
+            println!("CPU µs per step, both on: {}", breakdown(&on));
+        }
         otlp.flush().await.expect("a last flush");
     });
+    if sampled.is_none() {
+        // The sampled run needs an exporter of its own, and there is one per process.
+        let status = std::process::Command::new(std::env::current_exe().expect("this program's path"))
+            .args(std::env::args_os().skip(1))
+            .env("HODEI_BENCH_SAMPLE_RATIO", "0.1")
+            .status()
+            .expect("running the sampled part");
+        assert!(status.success(), "the sampled part failed: {status}");
+    }
 }

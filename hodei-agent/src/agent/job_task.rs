@@ -61,7 +61,7 @@ impl JobTask {
             self.keep(batch).await;
         }
         let mut result = job_result(&job_id, finished, &source, self.reason.get());
-        result.spans.extend(self.trace.as_ref().map(|trace| trace.finish(&result, pid)));
+        result.spans.extend(self.trace.as_ref().and_then(|trace| trace.finish(&result, pid)));
         self.outbox.finish(result);
         self.outboxes.notify();
         self.cancels.lock().unwrap_or_else(PoisonError::into_inner).remove(&job_id);

@@ -29,10 +29,13 @@ pub(super) struct JobTrace {
     span_id: [u8; 8],
     state: String,
     started: SystemTime,
+    /// An unsampled trace is not recorded, by the hub nor here: the job's process is handed the
+    /// hub's context as it came, so that what it traces stays out as well.
+    sampled: bool,
 }
 
 impl JobTrace {
-    /// The run of the job `spec` names, if it carries a sampled trace context (protocol 1.2).
+    /// The run of the job `spec` names, if it carries a trace context (protocol 1.2).
     pub(super) fn from_spec(spec: &v1::JobSpec) -> Option<Self> {
         let traceparent = spec.traceparent.as_str();
         if traceparent.is_empty() {
@@ -51,11 +54,9 @@ impl JobTrace {
         if version == 0xff || (version == 0 && parts.len() != 4) || trace == 0 || parent == 0 {
             return ignored(traceparent, "an invalid version or an all-zero id");
         }
-        // An unsampled trace is not recorded by the hub either.
-        if flags & 1 == 0 {
-            return None;
-        }
-        let mut span_id = [0u8; 8];
+        let parent_id = u64::try_from(parent).unwrap_or_default().to_be_bytes();
+        let sampled = flags & 1 == 1;
+        let mut span_id = if sampled { [0u8; 8] } else { parent_id };
         while span_id == [0; 8] {
             if ring::rand::SystemRandom::new().fill(&mut span_id).is_err() {
                 return ignored(traceparent, "no randomness for a span id");
@@ -65,26 +66,33 @@ impl JobTrace {
             spec.tracestate.len() <= 512 && spec.tracestate.bytes().all(|b| (0x20..0x7f).contains(&b));
         Some(Self {
             trace_id: trace.to_be_bytes(),
-            parent_id: u64::try_from(parent).unwrap_or_default().to_be_bytes(),
+            parent_id,
             span_id,
             state: if printable { spec.tracestate.clone() } else { String::new() },
             started: SystemTime::now(),
+            sampled,
         })
     }
 
-    /// `TRACEPARENT` (and `TRACESTATE`) for the job's process: its parent is this run.
+    /// `TRACEPARENT` (and `TRACESTATE`) for the job's process: its parent is this run, or the
+    /// hub's context itself when the trace is not sampled.
     pub(super) fn env(&self) -> Vec<(String, String)> {
-        let mut env =
-            vec![("TRACEPARENT".to_owned(), format!("00-{}-{}-01", hex(&self.trace_id), hex(&self.span_id)))];
+        let flags = if self.sampled { "01" } else { "00" };
+        let traceparent = format!("00-{}-{}-{flags}", hex(&self.trace_id), hex(&self.span_id));
+        let mut env = vec![("TRACEPARENT".to_owned(), traceparent)];
         if !self.state.is_empty() {
             env.push(("TRACESTATE".to_owned(), self.state.clone()));
         }
         env
     }
 
-    /// This run as a finished span, described by the result it ended with.
-    pub(super) fn finish(&self, result: &v1::JobResult, pid: u32) -> v1::Span {
+    /// This run as a finished span, described by the result it ended with; none when the trace
+    /// is not sampled.
+    pub(super) fn finish(&self, result: &v1::JobResult, pid: u32) -> Option<v1::Span> {
         use v1::job_result::Outcome;
+        if !self.sampled {
+            return None;
+        }
         let mut attributes = vec![("hodei.job.id", result.job_id.clone())];
         if pid > 0 {
             attributes.push(("process.pid", pid.to_string()));
@@ -105,7 +113,7 @@ impl JobTrace {
             attributes.push(("process.exit.code", "0".to_owned()));
         }
         attributes.push(("hodei.outcome", outcome.to_owned()));
-        v1::Span {
+        Some(v1::Span {
             trace_id: self.trace_id.to_vec(),
             span_id: self.span_id.to_vec(),
             parent_span_id: self.parent_id.to_vec(),
@@ -114,7 +122,7 @@ impl JobTrace {
             end_unix_nanos: unix_nanos(SystemTime::now()),
             attributes: attributes.into_iter().map(|(key, value)| (key.to_owned(), value)).collect(),
             error,
-        }
+        })
     }
 }
 
@@ -157,7 +165,7 @@ mod tests {
             outcome: Some(v1::job_result::Outcome::ExitCode(2)),
             ..Default::default()
         };
-        let span = run.finish(&result, 42);
+        let span = run.finish(&result, 42).unwrap();
         assert_eq!(span.parent_span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
         assert_eq!(span.span_id, run.span_id);
         assert_eq!(span.trace_id, run.trace_id);
@@ -168,11 +176,19 @@ mod tests {
     }
 
     #[test]
-    fn no_or_bad_or_unsampled_context_means_no_span() {
+    fn an_unsampled_context_reaches_the_process_as_it_came_and_makes_no_span() {
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let run = JobTrace::from_spec(&spec(unsampled, "")).unwrap();
+        assert_eq!(run.env(), [("TRACEPARENT".to_owned(), unsampled.to_owned())]);
+        let result = v1::JobResult { job_id: "s/0#1".into(), ..Default::default() };
+        assert_eq!(run.finish(&result, 42), None);
+    }
+
+    #[test]
+    fn no_or_bad_context_means_no_span() {
         for traceparent in [
             "",
             "nonsense",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",

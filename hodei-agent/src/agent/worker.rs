@@ -81,7 +81,7 @@ impl Worker {
                     outcome: Some(v1::job_result::Outcome::FailedToStart(e.to_string())),
                     ..v1::JobResult::default()
                 };
-                result.spans.extend(trace.map(|trace| trace.finish(&result, 0)));
+                result.spans.extend(trace.and_then(|trace| trace.finish(&result, 0)));
                 if let Some(outbox) = self.outboxes.open(&job_id, 0) {
                     outbox.finish(result);
                     self.outboxes.notify();

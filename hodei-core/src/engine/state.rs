@@ -17,6 +17,7 @@ use crate::resources::Resources;
 use crate::saga::{SagaContext, SagaDefinition};
 use crate::store::EventStore;
 use crate::timers::Timers;
+use crate::trace::Unsampled;
 
 /// The durable saga engine. Cheap to clone; every clone drives the same sagas.
 #[derive(Clone)]
@@ -114,7 +115,8 @@ impl Inner {
         definition: SagaDefinition,
         history: Vec<RecordedEvent>,
     ) {
-        let (span, trace_started) = traced::driver_span(&live.journal.record(), &history);
+        let traced::DriverTrace { span, started: trace_started, unsampled } =
+            traced::driver_span(&live.journal.record(), &history);
         // Staged: written with the saga's first step, at no flush of its own. Lost with a crash
         // before that, it is journaled again by the next run, which still begins at the start.
         if let Some(event) = trace_started
@@ -143,10 +145,10 @@ impl Inner {
                 let (inner, task_live, host, body) = (inner, task_live, host, body);
                 // The driver's span ends before its outcome is published: whoever sees the
                 // outcome and then flushes the exporter finds the saga's whole trace.
-                let end = async {
+                let end = Unsampled::new(unsampled, async {
                     let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
                     drive(host, task_live.clone(), body, history).await
-                }
+                })
                 .instrument(span)
                 .await;
                 match (end, task_live.journal.halted()) {

@@ -1,7 +1,18 @@
 //! The span a saga's driver runs in, and the trace context journaled at the saga's start.
 
 use crate::event::{Event, RecordedEvent, SagaRecord};
-use crate::trace;
+use crate::trace::{self, TraceContext};
+
+/// How one run of a saga's driver is traced.
+pub(super) struct DriverTrace {
+    /// The span the driver runs in.
+    pub(super) span: tracing::Span,
+    /// The event to journal if this run starts the saga's trace.
+    pub(super) started: Option<Event>,
+    /// The saga's context when its trace is not sampled: the driver is polled with it on the
+    /// thread, so that none of its spans is exported (see `trace::Unsampled`).
+    pub(super) unsampled: Option<TraceContext>,
+}
 
 /// The span for one run of a saga's driver, with the event to journal if this run starts the
 /// saga's trace.
@@ -11,8 +22,9 @@ use crate::trace;
 /// It ends at once, so it is exported even if the process dies mid-saga, and its context is
 /// journaled: every run of the driver, this one and each one after a restart, is a `saga` span
 /// under it. A journal without a context, from before or from a run not exported, gets a fresh
-/// trace for each run.
-pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> (tracing::Span, Option<Event>) {
+/// trace for each run. The sampler decides once, at the start: a journaled context flagged not
+/// sampled keeps every later run of the saga out of the export too.
+pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> DriverTrace {
     if !trace::is_on() {
         let span = tracing::info_span!(
             "saga",
@@ -20,13 +32,13 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> (tr
             hodei.saga.definition = %record.definition,
             hodei.saga.version = record.version
         );
-        return (span, None);
+        return DriverTrace { span, started: None, unsampled: None };
     }
     let journaled = history.iter().find_map(|recorded| recorded.event.trace_context());
     // Only a run that begins at the saga's first event is its start; any other journal has
     // run before without a context, and its earlier spans are in traces of their own.
     let fresh = history.len() == 1;
-    let (parent, journal) = match journaled {
+    let (parent, started) = match journaled {
         Some(context) => (Some(context), None),
         None if fresh => {
             let start = tracing::info_span!(
@@ -35,7 +47,9 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> (tr
                 hodei.saga.definition = %record.definition,
                 hodei.saga.version = record.version
             );
-            let context = trace::context_of(&start);
+            // Started by an unsampled saga (a child), the start is not recorded: the parent's
+            // context stands for it, and its flag carries the sampler's decision down.
+            let context = trace::context_of(&start).or_else(trace::current);
             let event = context.as_ref().map(|context| Event::TraceStarted {
                 traceparent: context.traceparent(),
                 tracestate: context.tracestate().to_owned(),
@@ -44,21 +58,28 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> (tr
         }
         None => (None, None),
     };
-    let span = tracing::info_span!(
-        parent: None,
-        "saga",
-        hodei.saga.id = %record.id,
-        hodei.saga.definition = %record.definition,
-        hodei.saga.version = record.version,
-        hodei.saga.resumed = !fresh,
-        trace_id = tracing::field::Empty
-    );
+    let unsampled = parent.clone().filter(|context| !context.sampled());
+    let make = || {
+        tracing::info_span!(
+            parent: None,
+            "saga",
+            hodei.saga.id = %record.id,
+            hodei.saga.definition = %record.definition,
+            hodei.saga.version = record.version,
+            hodei.saga.resumed = !fresh,
+            trace_id = tracing::field::Empty
+        )
+    };
+    let span = match &unsampled {
+        Some(context) => trace::within_unsampled(context, make),
+        None => make(),
+    };
     if let Some(parent) = &parent {
         trace::set_parent(&span, parent);
     }
     // For the logs: each line inside the saga names its trace, which a log store can link.
-    if let Some(context) = trace::context_of(&span) {
+    if let Some(context) = trace::context_of(&span).or_else(|| unsampled.clone()) {
         span.record("trace_id", context.trace_id_hex());
     }
-    (span, journal)
+    DriverTrace { span, started, unsampled }
 }

@@ -33,7 +33,7 @@ use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanProcessor as _,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanProcessor as _,
 };
 use tracing_subscriber::Layer;
 use tracing_subscriber::registry::LookupSpan;
@@ -59,6 +59,9 @@ pub enum TelemetryError {
     /// [`init_otlp`] found a global `tracing` subscriber already set.
     #[error("a global tracing subscriber is already set: add `Otlp::layer` to it instead")]
     SubscriberSet,
+    /// A sample ratio outside 0 to 1.
+    #[error("the sample ratio {0} is not between 0 and 1")]
+    SampleRatio(f64),
     /// Flushing or shutting down the exporter failed (the collector did not answer in time).
     #[error("the OTLP exporter could not flush: {0}")]
     Flush(String),
@@ -87,6 +90,7 @@ pub struct OtlpBuilder {
     endpoint: Option<String>,
     max_queue_size: Option<usize>,
     ca_certificate_pem: Option<Vec<u8>>,
+    sample_ratio: Option<f64>,
 }
 
 impl OtlpBuilder {
@@ -101,6 +105,15 @@ impl OtlpBuilder {
     /// that runs thousands of steps a second needs more than the default.
     pub fn max_queue_size(mut self, spans: usize) -> Self {
         self.max_queue_size = Some(spans);
+        self
+    }
+
+    /// Exports the traces of about `ratio` (0 to 1) of the sagas started with no sampled caller
+    /// above them, and all of a saga or none of it: `parentbased_traceidratio`, as
+    /// `OTEL_TRACES_SAMPLER` would set it, which the code's ratio beats. A saga left out costs
+    /// its engine what it costs with export off: none of its spans reaches the exporter.
+    pub fn sample_ratio(mut self, ratio: f64) -> Self {
+        self.sample_ratio = Some(ratio);
         self
     }
 
@@ -122,6 +135,9 @@ impl OtlpBuilder {
 
     /// Builds the exporter and installs the trace hooks: export is on.
     pub fn build(self) -> Result<Otlp, TelemetryError> {
+        if let Some(ratio) = self.sample_ratio.filter(|ratio| !(0.0..=1.0).contains(ratio)) {
+            return Err(TelemetryError::SampleRatio(ratio));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("hodei-otlp")
@@ -168,8 +184,15 @@ impl OtlpBuilder {
         let processor = Arc::new(SharedProcessor(Arc::new(batch)));
         let provider = SdkTracerProvider::builder()
             .with_span_processor(SharedProcessor::clone(&processor))
-            .with_resource(resource)
-            .build();
+            .with_resource(resource);
+        // Unset, the provider reads `OTEL_TRACES_SAMPLER` (parent-based, always on, by default).
+        let provider = match self.sample_ratio {
+            Some(ratio) => {
+                provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))))
+            }
+            None => provider,
+        }
+        .build();
         if !trace::install(Box::new(OtelBridge { processor })) {
             let _ = provider.shutdown();
             runtime.shutdown_background();
@@ -188,6 +211,7 @@ impl Otlp {
             endpoint: None,
             max_queue_size: None,
             ca_certificate_pem: None,
+            sample_ratio: None,
         }
     }
 
@@ -281,7 +305,8 @@ pub fn init_otlp(service_name: impl Into<String>) -> Result<Otlp, TelemetryError
     Ok(otlp)
 }
 
-/// Export's on/off switch as the layer's filter. It decides for each span as it starts and
+/// Export's on/off switch as the layer's filter, which also turns away the spans of a saga
+/// whose trace is not sampled (see `trace::Unsampled`). It decides for each span as it starts and
 /// never lets a callsite's interest be cached as "never": a span first met while export is off
 /// must still be exported once it is on (a `filter_fn` is cached at the callsite, and the
 /// overhead bench, which turns export off and on, lost every step span to it).
@@ -293,7 +318,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for ExportSwit
         metadata: &tracing::Metadata<'_>,
         _: &tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        trace::is_on() && *metadata.level() <= tracing::Level::INFO
+        trace::is_on() && *metadata.level() <= tracing::Level::INFO && !trace::sampled_out()
     }
 
     fn callsite_enabled(

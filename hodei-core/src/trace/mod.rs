@@ -10,12 +10,14 @@
 
 mod context;
 mod remote;
+mod unsampled;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use context::{TraceContext, TraceContextError};
 pub use remote::RemoteSpan;
+pub(crate) use unsampled::{Unsampled, within as within_unsampled};
 
 /// What an installed exporter does for the hooks below.
 pub(crate) trait Bridge: Send + Sync {
@@ -60,9 +62,18 @@ pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
     bridge()?.context_of(span)
 }
 
-/// The context of the current span: what a remote call made now should carry.
+/// The context of the current span: what a remote call made now should carry. Inside a saga
+/// whose trace is not sampled, that saga's context, flagged so.
 pub fn current() -> Option<TraceContext> {
-    bridge().and_then(|bridge| bridge.context_of(&tracing::Span::current()))
+    let bridge = bridge()?;
+    unsampled::current().or_else(|| bridge.context_of(&tracing::Span::current()))
+}
+
+/// Whether spans made now belong to a saga whose trace is not sampled: the exporter's layer
+/// turns them away.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) fn sampled_out() -> bool {
+    unsampled::active()
 }
 
 /// Makes `span`, not yet entered, the child of `parent` (read from a journal or a peer).
