@@ -12,12 +12,15 @@
 
 #[allow(dead_code)]
 mod common;
+#[path = "common/postgres_admin.rs"]
+mod postgres_admin;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{STEPS, Table, knob, median, noop_saga, noop_sagas, rate, scaled, thousands};
 use hodei::{Engine, PostgresOptions, PostgresStore};
+use postgres_admin::Admin;
 use tokio::sync::{Notify, oneshot};
 
 const CONCURRENCY: usize = 256;
@@ -162,24 +165,6 @@ async fn hodei_steps(url: &str, schema: &str, engines: usize, sagas: usize) -> f
         engine.shutdown(Duration::from_secs(5)).await.expect("shutting down");
     }
     rate(sagas * STEPS as usize, elapsed)
-}
-
-/// A connection of the bench's own.
-struct Admin(tokio_postgres::Client);
-
-impl Admin {
-    async fn connect(url: &str) -> Self {
-        let (client, connection) =
-            tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connecting");
-        tokio::spawn(connection);
-        Self(client)
-    }
-
-    async fn drop_schemas(&self, schemas: &[&str]) {
-        for schema in schemas {
-            self.0.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await.expect("dropping");
-        }
-    }
 }
 
 /// Rows waiting for the next raw group commit, and who waits for them.
