@@ -297,3 +297,115 @@ async fn a_saga_whose_write_failed_resumes_once_the_database_answers_again() {
     assert_eq!(effects.take(), ["compile", "package", "package", "publish"]);
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// A parent and the child it waits for, each taken over by a different engine: the parent's
+/// heir re-attaches to the child (one child, never a second), waits for its outcome journaled
+/// by the other heir, and goes on. Two heirs claim the stalled engine's two sagas by share;
+/// which heir takes which is theirs to race, so the scenario is run until the pair was split
+/// between them (each run asserting the whole outcome), at most five times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_and_its_child_taken_over_by_two_engines_finish_together() {
+    let mut split = 0;
+    for attempt in 0..5 {
+        let Some(db) = TestDatabase::new(&format!("child takeover {attempt}")) else { return };
+        split += usize::from(parent_and_child_taken_over(&db).await);
+        if split > 0 {
+            println!("the pair split between the heirs in run {}", attempt + 1);
+            break;
+        }
+    }
+    assert!(split > 0, "in five runs, one heir took both the parent and the child each time");
+}
+
+/// One run of the scenario above; true if the parent and the child ended on different heirs.
+async fn parent_and_child_taken_over(db: &TestDatabase) -> bool {
+    let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let gate = tokio::sync::watch::Sender::new(false);
+    let definitions = |effects: &Effects| {
+        let (child_effects, parent_effects) = (effects.clone(), effects.clone());
+        let (gate, reached_tx) = (gate.clone(), reached_tx.clone());
+        let child = saga("unit", 1, move |ctx, n: u32| {
+            let (effects, gate, reached_tx) = (child_effects.clone(), gate.clone(), reached_tx.clone());
+            async move {
+                ctx.step("inner")
+                    .run(move |_, ()| {
+                        let (effects, gate, reached_tx) = (effects.clone(), gate.clone(), reached_tx.clone());
+                        async move {
+                            effects.push(format!("inner {n}"));
+                            let _ = reached_tx.send(());
+                            let _ = gate.subscribe().wait_for(|open| *open).await;
+                            Ok::<_, StepError>(n * 10)
+                        }
+                    })
+                    .await
+            }
+        });
+        let parent = saga("suite", 1, move |ctx, n: u32| {
+            let effects = parent_effects.clone();
+            async move {
+                let record = |name: &'static str| {
+                    let effects = effects.clone();
+                    move |_, ()| {
+                        effects.push(format!("{name} {n}"));
+                        std::future::ready(Ok::<_, StepError>(()))
+                    }
+                };
+                ctx.step("before").run(record("before")).await?;
+                let built: u32 = ctx.child(SagaRun::new("unit", format!("c-{n}"), &n).unwrap()).await?;
+                ctx.step("after").run(record("after")).await?;
+                Ok(built + 1)
+            }
+        });
+        [parent, child]
+    };
+    let engine = |lease, effects: &Effects| {
+        let (options, url, [parent, child]) =
+            (db.options().lease(lease), db.url.clone(), definitions(effects));
+        async move {
+            let store = PostgresStore::connect_with(&url, options).await.unwrap();
+            let id = store.engine_id().to_owned();
+            (Engine::builder().store(store).register(parent).register(child).start().await.unwrap(), id)
+        }
+    };
+    let effects = [Effects::default(), Effects::default(), Effects::default()];
+    let (stalled, stalled_id) = engine(Duration::from_secs(86_400), &effects[0]).await;
+    let heirs = [
+        engine(Duration::from_millis(500), &effects[1]).await.0,
+        engine(Duration::from_millis(500), &effects[2]).await.0,
+    ];
+    let parent = SagaId::new("p-1").unwrap();
+    stalled.start(SagaRun::new("suite", "p-1", &1u32).unwrap()).await.unwrap();
+    reached.recv().await.unwrap();
+
+    db.lapse(&stalled_id).await;
+    // A heir claimed the child and reached its step again: only now may the stalled engine's
+    // step return, and its write is refused.
+    reached.recv().await.unwrap();
+    gate.send_replace(true);
+    let outcome = heirs[0].handle(&parent).unwrap().outcome::<u32>().await.unwrap();
+    assert_eq!(outcome, Outcome::Completed(11));
+    let child = SagaId::new("c-1").unwrap();
+    assert_eq!(heirs[1].handle(&child).unwrap().outcome::<u32>().await.unwrap(), Outcome::Completed(10));
+
+    let [on_stalled, first, second] = effects.each_ref().map(Effects::take);
+    assert_eq!(on_stalled, ["before 1", "inner 1"], "the stalled engine got as far as the child's step");
+    let ran = |effect: &str| [&first, &second].map(|heir| heir.iter().filter(|e| *e == effect).count());
+    assert_eq!(ran("before 1"), [0, 0], "the parent's journaled step did not run again");
+    let inner = ran("inner 1");
+    let after = ran("after 1");
+    assert_eq!(inner.iter().sum::<usize>(), 1, "the child's step ran again once, on one heir: {inner:?}");
+    assert_eq!(after.iter().sum::<usize>(), 1, "the parent's last step ran once: {after:?}");
+    // One child, started once: the heir re-attached to it rather than starting another.
+    let history = heirs[0].history(&parent).unwrap();
+    let children_started =
+        history.iter().filter(|r| r.event.step_start().is_some_and(|(_, name)| name == "child unit")).count();
+    assert_eq!(children_started, 1, "{history:?}");
+    let child_history = heirs[0].history(&child).unwrap();
+    let finals = child_history.iter().filter(|r| r.event.is_final()).count();
+    assert_eq!(finals, 1, "{child_history:?}");
+    for heir in heirs {
+        heir.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+    stalled.shutdown(Duration::from_secs(5)).await.unwrap();
+    inner != after
+}
