@@ -236,10 +236,10 @@ impl PostgresStore {
     /// Runs one query on a reader connection, blocking this thread until it answers.
     fn query(&self, operation: &'static str, sql: &'static str, params: Vec<Param>) -> Result<Vec<Row>> {
         self.call(operation, move |shared| async move {
-            let client = shared.readers.get().await.map_err(database(operation))?;
+            let mut client = shared.readers.get().await.map_err(database(operation))?;
             let params: Vec<&(dyn ToSql + Sync)> =
                 params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
-            client.query(sql, &params).await.map_err(database(operation))
+            client.query_prepared(sql, &params).await.map_err(database(operation))
         })
     }
 

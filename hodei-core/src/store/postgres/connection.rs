@@ -1,10 +1,12 @@
 //! Opening connections, and the small pool of the store's readers. Everything here runs on
 //! the store's background runtime, which owns every connection's I/O task.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, Client, Config};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
 use super::tls::Rustls;
 use super::{PostgresError, PostgresOptions};
@@ -106,7 +108,19 @@ impl Connector {
 #[derive(Debug)]
 pub(super) struct Readers {
     connector: Connector,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Reader>>,
+}
+
+/// A reader connection and the statements prepared on it so far.
+///
+/// A statement run by its text is parsed and described by the server, a round trip of its own
+/// (and a transaction in `pg_stat_database`), every time: an idle engine's beat would cost
+/// twice what it must. Prepared once per connection, it is only bound and run afterwards. The
+/// texts are the store's own constants, so the cache is as small as they are few.
+#[derive(Debug)]
+struct Reader {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
 }
 
 impl Readers {
@@ -118,18 +132,18 @@ impl Readers {
         &self.connector
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A reader connection, back in the pool when dropped (unless it failed).
     pub(super) async fn get(&self) -> Result<Pooled<'_>, tokio_postgres::Error> {
-        let reused = std::iter::from_fn(|| self.idle().pop()).find(|c| !c.is_closed());
-        let client = match reused {
-            Some(client) => client,
-            None => self.connector.connect().await?,
+        let reused = std::iter::from_fn(|| self.idle().pop()).find(|r| !r.client.is_closed());
+        let reader = match reused {
+            Some(reader) => reader,
+            None => Reader { client: self.connector.connect().await?, prepared: HashMap::new() },
         };
-        Ok(Pooled { readers: self, client: Some(client) })
+        Ok(Pooled { readers: self, reader: Some(reader) })
     }
 }
 
@@ -137,7 +151,45 @@ impl Readers {
 #[derive(Debug)]
 pub(super) struct Pooled<'a> {
     readers: &'a Readers,
-    client: Option<Client>,
+    reader: Option<Reader>,
+}
+
+impl Pooled<'_> {
+    fn reader(&mut self) -> &mut Reader {
+        // Taken only in `drop`.
+        self.reader.as_mut().unwrap_or_else(|| unreachable!())
+    }
+
+    /// `sql`, prepared on this connection the first time it runs here.
+    async fn prepared(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let reader = self.reader();
+        if let Some(statement) = reader.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = reader.client.prepare(sql).await?;
+        reader.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs one of the store's statements, prepared once per connection.
+    pub(super) async fn query_prepared(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.prepared(sql).await?;
+        self.query(&statement, params).await
+    }
+
+    /// [`query_prepared`](Self::query_prepared) for a statement that returns no rows.
+    pub(super) async fn execute_prepared(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.prepared(sql).await?;
+        self.execute(&statement, params).await
+    }
 }
 
 impl std::ops::Deref for Pooled<'_> {
@@ -145,17 +197,17 @@ impl std::ops::Deref for Pooled<'_> {
 
     fn deref(&self) -> &Client {
         // Taken only in `drop`.
-        self.client.as_ref().unwrap_or_else(|| unreachable!())
+        &self.reader.as_ref().unwrap_or_else(|| unreachable!()).client
     }
 }
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
-        let Some(client) = self.client.take() else { return };
-        if !client.is_closed() {
+        let Some(reader) = self.reader.take() else { return };
+        if !reader.client.is_closed() {
             let mut idle = self.readers.idle();
             if idle.len() < IDLE_READERS {
-                idle.push(client);
+                idle.push(reader);
             }
         }
     }

@@ -108,22 +108,27 @@ impl Leases for PostgresStore {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let operation = "renewing the engine's lease";
         let (lost, claimed) = self.call(operation, move |shared| async move {
-            let client = shared.readers.get().await.map_err(database(operation))?;
-            let renewed = client.query(RENEW, &[&member, &lease]).await.map_err(database(operation))?;
+            let mut client = shared.readers.get().await.map_err(database(operation))?;
+            let renewed =
+                client.query_prepared(RENEW, &[&member, &lease]).await.map_err(database(operation))?;
             let mut lost = Vec::new();
             if renewed.is_empty() {
-                client.execute(JOIN, &[&member, &lease]).await.map_err(database(operation))?;
+                client.execute_prepared(JOIN, &[&member, &lease]).await.map_err(database(operation))?;
                 if !owned.is_empty() {
                     let (ids, epochs): (Vec<String>, Vec<i64>) =
                         owned.into_iter().map(|(id, epoch)| (id.to_string(), epoch)).unzip();
-                    let rows = client.query(LOST, &[&ids, &epochs]).await.map_err(database(operation))?;
+                    let rows =
+                        client.query_prepared(LOST, &[&ids, &epochs]).await.map_err(database(operation))?;
                     lost = rows.iter().map(|row| row.get::<_, String>(0)).collect();
                 }
             }
             if first {
-                client.execute(FORGET_DEAD, &[&member]).await.map_err(database(operation))?;
+                client.execute_prepared(FORGET_DEAD, &[&member]).await.map_err(database(operation))?;
             }
-            let rows = client.query(CLAIM, &[&member, &limit, &first]).await.map_err(database(operation))?;
+            let rows = client
+                .query_prepared(CLAIM, &[&member, &limit, &first])
+                .await
+                .map_err(database(operation))?;
             let claimed: Vec<(String, i64, Vec<u8>)> =
                 rows.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect();
             Ok((lost, claimed))
@@ -203,9 +208,9 @@ impl PostgresStore {
         let late = self.beat().as_secs_f64() / 2.0;
         let operation = "reading the posted requests";
         let rows = self.call(operation, move |shared| async move {
-            let client = shared.readers.get().await.map_err(database(operation))?;
-            client.execute(STALE_REQUESTS, &[]).await.map_err(database(operation))?;
-            client.query(POSTED, &[&member, &late]).await.map_err(database(operation))
+            let mut client = shared.readers.get().await.map_err(database(operation))?;
+            client.execute_prepared(STALE_REQUESTS, &[]).await.map_err(database(operation))?;
+            client.query_prepared(POSTED, &[&member, &late]).await.map_err(database(operation))
         })?;
         let mut posted = Vec::with_capacity(rows.len());
         for row in rows {
