@@ -94,6 +94,10 @@ struct Shared {
     lease: Duration,
     /// Set by the first renewal, which also takes back this engine's own sagas.
     renewed: AtomicBool,
+    /// A claim failed on its way back (the database went away mid-call): it may have committed
+    /// without this engine hearing of it, so the next renewal looks for sagas the database
+    /// says this engine owns that it does not know it owns.
+    unsure: AtomicBool,
     /// Woken when a request is posted for one of this engine's sagas.
     posted: Arc<Notify>,
     /// When the listener last heard a notification for this engine, and whether the engine
@@ -139,6 +143,7 @@ impl PostgresStore {
             member: options.member(),
             lease,
             renewed: AtomicBool::new(false),
+            unsure: AtomicBool::new(false),
             posted: Arc::new(Notify::new()),
             heard: Mutex::new(None),
             warned_unheard: AtomicBool::new(false),

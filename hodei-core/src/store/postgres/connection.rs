@@ -143,7 +143,7 @@ impl Readers {
             Some(reader) => reader,
             None => Reader { client: self.connector.connect().await?, prepared: HashMap::new() },
         };
-        Ok(Pooled { readers: self, reader: Some(reader) })
+        Ok(Pooled { readers: self, reader: Some(reader), broken: false })
     }
 }
 
@@ -152,6 +152,7 @@ impl Readers {
 pub(super) struct Pooled<'a> {
     readers: &'a Readers,
     reader: Option<Reader>,
+    broken: bool,
 }
 
 impl Pooled<'_> {
@@ -177,8 +178,9 @@ impl Pooled<'_> {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = self.prepared(sql).await?;
-        self.query(&statement, params).await
+        let statement = self.prepared(sql).await.inspect_err(|e| self.failed(e))?;
+        let rows = self.query(&statement, params).await;
+        rows.inspect_err(|e| self.failed(e))
     }
 
     /// [`query_prepared`](Self::query_prepared) for a statement that returns no rows.
@@ -187,8 +189,16 @@ impl Pooled<'_> {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement = self.prepared(sql).await?;
-        self.execute(&statement, params).await
+        let statement = self.prepared(sql).await.inspect_err(|e| self.failed(e))?;
+        let done = self.execute(&statement, params).await;
+        done.inspect_err(|e| self.failed(e))
+    }
+
+    /// Keeps a connection that failed out of the pool: a backend terminated by the server
+    /// answers with an error of its own before it closes, and may not read as closed yet when
+    /// the next call takes it. A fresh connection costs less than a second failure.
+    fn failed(&mut self, _: &tokio_postgres::Error) {
+        self.broken = true;
     }
 }
 
@@ -204,7 +214,7 @@ impl std::ops::Deref for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let Some(reader) = self.reader.take() else { return };
-        if !reader.client.is_closed() {
+        if !self.broken && !reader.client.is_closed() {
             let mut idle = self.readers.idle();
             if idle.len() < IDLE_READERS {
                 idle.push(reader);

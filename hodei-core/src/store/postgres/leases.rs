@@ -58,6 +58,12 @@ const CLAIM: &str = "WITH dead AS (
     FROM candidates c WHERE s.id = c.id
     RETURNING s.id, s.epoch, s.record";
 
+/// Sagas in flight that the database says this engine owns and that it does not know it owns
+/// (`$2`): those of a claim whose answer was lost. Claimed sagas are at epoch 2 or more; one
+/// this engine is creating right now is at 1, and is known before its row is written.
+const UNHEARD: &str = "SELECT s.id, s.epoch, s.record FROM hodei_sagas s
+    WHERE s.owner = $1 AND s.in_flight AND s.epoch > 1 AND NOT (s.id = ANY($2::text[]))";
+
 /// Takes one saga if no live engine owns it.
 const CLAIM_ONE: &str = "UPDATE hodei_sagas s SET owner = $1, epoch = s.epoch + 1
     WHERE s.id = $2 AND (
@@ -102,12 +108,15 @@ impl Leases for PostgresStore {
 
     fn renew(&self, max: usize) -> Result<Renewal> {
         let first = !self.shared.renewed.swap(true, Ordering::AcqRel);
+        // The first renewal takes back all of this engine's own sagas anyway.
+        let unsure = self.shared.unsure.swap(false, Ordering::AcqRel) && !first;
         let owned = self.shared.overlay().owned();
         let member = self.shared.member.clone();
         let lease = self.shared.lease.as_secs_f64();
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let operation = "renewing the engine's lease";
-        let (lost, claimed) = self.call(operation, move |shared| async move {
+        let owned_ids: Vec<String> = owned.iter().map(|(id, _)| id.to_string()).collect();
+        let result = self.call(operation, move |shared| async move {
             let mut client = shared.readers.get().await.map_err(database(operation))?;
             let renewed =
                 client.query_prepared(RENEW, &[&member, &lease]).await.map_err(database(operation))?;
@@ -125,14 +134,22 @@ impl Leases for PostgresStore {
             if first {
                 client.execute_prepared(FORGET_DEAD, &[&member]).await.map_err(database(operation))?;
             }
+            let mut unheard = Vec::new();
+            if unsure {
+                let known: Vec<String> = owned_ids;
+                unheard =
+                    client.query_prepared(UNHEARD, &[&member, &known]).await.map_err(database(operation))?;
+            }
             let rows = client
                 .query_prepared(CLAIM, &[&member, &limit, &first])
                 .await
                 .map_err(database(operation))?;
             let claimed: Vec<(String, i64, Vec<u8>)> =
-                rows.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect();
+                rows.iter().chain(&unheard).map(|row| (row.get(0), row.get(1), row.get(2))).collect();
             Ok((lost, claimed))
-        })?;
+        });
+        // Whatever the database did with this call's claim, this engine did not hear of it.
+        let (lost, claimed) = result.inspect_err(|_| self.shared.unsure.store(true, Ordering::Release))?;
         let lost: HashSet<SagaId> = lost.into_iter().filter_map(|id| SagaId::new(id).ok()).collect();
         let mut records = Vec::with_capacity(claimed.len());
         for (id, epoch, record) in &claimed {
@@ -245,7 +262,9 @@ impl PostgresStore {
     /// journal ends, or `None` if another engine holds it.
     pub(super) fn claim_one(&self, id: &SagaId) -> Result<Option<(i64, u64)>> {
         let params: Vec<Param> = vec![Box::new(self.shared.member.clone()), Box::new(id.as_str().to_owned())];
-        let rows = self.query("claiming a saga", CLAIM_ONE, params)?;
+        let rows = self
+            .query("claiming a saga", CLAIM_ONE, params)
+            .inspect_err(|_| self.shared.unsure.store(true, Ordering::Release))?;
         Ok(rows.first().map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64)))
     }
 }

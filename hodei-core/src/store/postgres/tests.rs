@@ -320,6 +320,20 @@ async fn a_schema_from_a_newer_build_is_refused() {
     );
 }
 
+/// The backend that waits for a lock `holder` holds, once one does.
+async fn blocked_by(admin: &tokio_postgres::Client, holder: i32) -> i32 {
+    loop {
+        let rows = admin
+            .query("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", &[&holder])
+            .await
+            .unwrap();
+        if let Some(row) = rows.first() {
+            return row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The writer's connection killed while its batch waits on a row lock: every waiter fails with
 /// a typed error, nothing of the batch (nor of what was queued behind it) is visible, and the
 /// next batch goes through on a new connection.
@@ -345,16 +359,7 @@ async fn a_connection_killed_mid_batch_fails_the_batch_whole_and_the_store_recov
     let durable = store.durable();
 
     let watcher = db.admin().await;
-    let writer_pid: i32 = loop {
-        let rows = watcher
-            .query("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", &[&holder_pid])
-            .await
-            .unwrap();
-        if let Some(row) = rows.first() {
-            break row.get(0);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let writer_pid = blocked_by(&watcher, holder_pid).await;
     let killed: bool =
         watcher.query_one("SELECT pg_terminate_backend($1)", &[&writer_pid]).await.unwrap().get(0);
     assert!(killed);
@@ -375,4 +380,57 @@ async fn a_connection_killed_mid_batch_fails_the_batch_whole_and_the_store_recov
     for id in &ids {
         assert_eq!(fresh.history(id).unwrap(), [started(id).1, step(1, 2)], "{id}");
     }
+}
+
+/// A claim that commits while its answer is lost (the connection dies on the way back): the
+/// database says this engine owns the saga, the engine never heard of it, and no other engine
+/// will take it while this one's lease holds. The next renewal finds it and hands it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_was_lost_is_found_at_the_next_renewal() {
+    let Some(db) = TestDatabase::new("lost claim answer") else { return };
+    let (gone, heir) = engines(&db).await;
+    let heir = std::sync::Arc::new(heir);
+    let (id, start) = created(&gone, "unheard").await;
+    db.lapse(gone.engine_id()).await;
+    drop(gone);
+
+    // The heir's renewal blocks on its own lease row, held by the test; meanwhile the claim it
+    // would make commits (the test makes it), and the renewal's connection is killed.
+    let admin = db.admin().await;
+    admin
+        .execute(
+            "UPDATE hodei_sagas SET owner = $1, epoch = epoch + 1 WHERE id = $2",
+            &[&heir.engine_id(), &id.as_str()],
+        )
+        .await
+        .unwrap();
+    let holder = db.admin().await;
+    let holder_pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM hodei_engines WHERE id = '{}' FOR UPDATE",
+            heir.engine_id()
+        ))
+        .await
+        .unwrap();
+    let renewing = tokio::task::spawn_blocking({
+        let heir = heir.clone();
+        move || heir.renew(10)
+    });
+    let renewer = blocked_by(&admin, holder_pid).await;
+    let killed: bool = admin.query_one("SELECT pg_terminate_backend($1)", &[&renewer]).await.unwrap().get(0);
+    assert!(killed);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let err = renewing.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Storage { .. }), "{err:?}");
+
+    let renewal = heir.renew(10).unwrap();
+    assert_eq!(renewal.claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id], "{renewal:?}");
+    // Owned now at the epoch the database holds: its writes go through.
+    heir.append(&id, &[step(1, 2)], None).unwrap();
+    heir.durable().await.unwrap();
+    assert_eq!(open(&db).await.history(&id).unwrap(), [start, step(1, 2)]);
+    assert_eq!(epochs(&db, &id).await, [(0, 1), (1, 2)]);
+    // Found once: the renewal after it has nothing more.
+    assert!(heir.renew(10).unwrap().claimed.is_empty());
 }
