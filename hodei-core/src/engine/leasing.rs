@@ -106,7 +106,10 @@ async fn beat_once(inner: &Weak<Inner>) -> bool {
             // there (unless another engine took it meanwhile: then it is not in flight here).
             let unwritten = std::mem::take(&mut *lock(&inner.unwritten));
             for id in unwritten {
-                if inner.live(&id).is_some() {
+                // Lost while this engine could not write (its lease lapsed, and another took
+                // the saga): the new owner drives it, and running its step here too would
+                // repeat the step's side effect only to have the write refused.
+                if inner.live(&id).is_some() || renewal.lost.contains(&id) {
                     continue;
                 }
                 match inner.store.record(&id) {

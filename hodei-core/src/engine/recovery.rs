@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use super::state::{Engine, Inner};
 use crate::driver::final_status;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaRecord, SagaStatus};
 use crate::lock::lock;
 use crate::saga::SagaDefinition;
@@ -48,6 +48,15 @@ impl Inner {
     pub(super) fn adopt(self: &Arc<Self>, record: SagaRecord) -> Result<()> {
         let id = record.id.clone();
         let history = self.store.history(&id);
+        // On a shared store the database may only be away for a moment: the saga is resumed at
+        // a later beat, not parked (nor left live with no driver, which no beat would retry).
+        if let Err(Error::Storage { .. }) = &history
+            && self.store.leases().is_some()
+        {
+            tracing::warn!(saga.id = %id, "the journal could not be read; the saga is resumed at a later beat");
+            lock(&self.unwritten).push(id);
+            return Ok(());
+        }
         let next = history.as_ref().map_or(0, |h| h.len() as u64);
         let final_event =
             history.as_ref().ok().and_then(|h| last_state(h).filter(|r| r.event.is_final()).cloned());
