@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 use hodei_core::{
-    Engine, EngineEventKind, PostgresOptions, PostgresStore, SagaDefinition, SagaRun, StepError,
+    Engine, EngineEventKind, PostgresOptions, PostgresStore, RetryPolicy, SagaDefinition, SagaRun, StepError,
 };
 
 pub const READY: &str = "cluster: ready";
@@ -30,6 +30,10 @@ pub const RETURNED: &str = "cluster: returned";
 
 /// The pipeline's steps, in order.
 pub const STEPS: [&str; 4] = ["build", "test", "package", "deploy"];
+
+/// Attempts of each step: enough for the faults of a chaos run to land on one step again and
+/// again (three by default).
+pub const ATTEMPTS: u32 = 10;
 
 /// Each engine's lease: how long a dead engine's runs wait before another takes them.
 pub const LEASE: Duration = Duration::from_secs(1);
@@ -44,6 +48,10 @@ pub fn pipeline(effects: &Path, step_time: Duration) -> SagaDefinition {
             for step in STEPS {
                 let (effects, run) = (effects.clone(), run.clone());
                 ctx.step(step)
+                    // An interruption (its engine killed, frozen or cut off, the database
+                    // restarted) uses up an attempt of the step that was running, as a crash
+                    // does: under chaos a step may be interrupted several times.
+                    .retry(RetryPolicy::attempts(ATTEMPTS))
                     .run(move |_, (): ()| {
                         let (effects, run) = (effects.clone(), run.clone());
                         async move {
@@ -54,7 +62,9 @@ pub fn pipeline(effects: &Path, step_time: Duration) -> SagaDefinition {
                                 .map_err(|e| {
                                     StepError::retryable(format!("opening the effects file: {e}"))
                                 })?;
-                            writeln!(file, "{run} {step}")
+                            // One write: `writeln!` writes each piece on its own, and a kill
+                            // between two would leave half a line.
+                            file.write_all(format!("{run} {step}\n").as_bytes())
                                 .map_err(|e| StepError::retryable(format!("recording the effect: {e}")))?;
                             println!("{EFFECT} {run} {step}");
                             tokio::time::sleep(step_time).await;
@@ -92,8 +102,15 @@ pub async fn engine_process(
             }
         }
     });
+    // All at once: one after the other, each waiting for its own commit, the last would start
+    // long after the first on a busy machine.
+    let mut starts = tokio::task::JoinSet::new();
     for k in 0..runs {
-        engine.start(SagaRun::new("pipeline", format!("{name}-{k}"), &())?).await?;
+        let (engine, run) = (engine.clone(), SagaRun::new("pipeline", format!("{name}-{k}"), &())?);
+        starts.spawn(async move { engine.start(run).await.map(drop) });
+    }
+    while let Some(started) = starts.join_next().await {
+        started.expect("a start does not panic")?;
     }
     println!("{READY} {name}");
     // Until the parent closes our standard input (or kills us).
@@ -108,6 +125,27 @@ pub async fn engine_process(
 pub struct Cluster {
     children: Vec<Child>,
     lines: mpsc::UnboundedReceiver<(usize, String)>,
+    tx: mpsc::UnboundedSender<(usize, String)>,
+}
+
+/// Starts engine `n`'s process, its lines sent on `tx`.
+fn spawn(n: usize, mut command: Command, tx: &mpsc::UnboundedSender<(usize, String)>) -> Child {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting an engine process");
+    let mut stdout = BufReader::new(child.stdout.take().expect("a piped stdout")).lines();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(text)) = stdout.next_line().await {
+            if tx.send((n, text)).is_err() {
+                return;
+            }
+        }
+    });
+    child
 }
 
 /// How the runs of a killed engine went on: see [`Cluster::kill_and_finish`].
@@ -124,29 +162,30 @@ impl Cluster {
     /// [`engine_process`] under it).
     pub fn start(commands: impl IntoIterator<Item = Command>) -> Cluster {
         let (tx, lines) = mpsc::unbounded_channel();
-        let children = commands
-            .into_iter()
-            .enumerate()
-            .map(|(n, mut command)| {
-                let mut child = command
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .expect("starting an engine process");
-                let mut stdout = BufReader::new(child.stdout.take().expect("a piped stdout")).lines();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    while let Ok(Some(text)) = stdout.next_line().await {
-                        if tx.send((n, text)).is_err() {
-                            return;
-                        }
-                    }
-                });
-                child
-            })
-            .collect();
-        Cluster { children, lines }
+        let children = commands.into_iter().enumerate().map(|(n, command)| spawn(n, command, &tx)).collect();
+        Cluster { children, lines, tx }
+    }
+
+    /// Starts engine `n` again with `command`, once its last process has exited.
+    pub fn restart(&mut self, n: usize, command: Command) {
+        self.children[n] = spawn(n, command, &self.tx);
+    }
+
+    /// The process id of engine `n`, while it runs.
+    pub fn pid(&self, n: usize) -> Option<u32> {
+        self.children[n].id()
+    }
+
+    /// Kills engine `n` with SIGKILL and waits for it to exit.
+    pub async fn kill(&mut self, n: usize) {
+        self.children[n].start_kill().expect("killing the engine");
+        self.children[n].wait().await.expect("waiting for the killed engine");
+    }
+
+    /// The next line an engine printed, and which engine printed it.
+    pub async fn heard(&mut self) -> (usize, Heard) {
+        let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
+        (engine, said(&text))
     }
 
     /// Waits until every engine is up and engine `victim` has begun its `runs` runs; returns
@@ -159,11 +198,11 @@ impl Cluster {
     ) -> BTreeSet<String> {
         let (mut ready, mut begun) = (0, BTreeSet::new());
         while ready < self.children.len() || begun.len() < runs {
-            let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
-            match said(&text) {
-                Said::Ready => ready += 1,
-                Said::Effect(run) if engine == victim => drop(begun.insert(run)),
-                Said::Finished(run) => drop(finished.insert(run)),
+            let (engine, heard) = self.heard().await;
+            match heard {
+                Heard::Ready => ready += 1,
+                Heard::Effect(run) if engine == victim => drop(begun.insert(run)),
+                Heard::Finished(run) => drop(finished.insert(run)),
                 _ => {}
             }
         }
@@ -184,19 +223,19 @@ impl Cluster {
         signal("-STOP");
         let (mut resumed, mut zombie) = (false, Zombie::default());
         while finished.len() < total {
-            let (engine, text) = self.lines.recv().await.expect("the engines print until they stop");
-            match said(&text) {
-                Said::Effect(run) if engine != victim && victim_runs.contains(&run) => {
+            let (engine, heard) = self.heard().await;
+            match heard {
+                Heard::Effect(run) if engine != victim && victim_runs.contains(&run) => {
                     zombie.taken.entry(run).or_insert(engine);
                     if !resumed {
                         signal("-CONT");
                         resumed = true;
                     }
                 }
-                Said::Returned(run) if engine == victim && zombie.taken.contains_key(&run) => {
+                Heard::Returned(run) if engine == victim && zombie.taken.contains_key(&run) => {
                     zombie.returned_late.insert(run);
                 }
-                Said::Finished(run) => drop(finished.insert(run)),
+                Heard::Finished(run) => drop(finished.insert(run)),
                 _ => {}
             }
         }
@@ -208,19 +247,18 @@ impl Cluster {
     pub async fn kill_and_finish(&mut self, victim: usize, runs: usize, total: usize) -> Failover {
         let mut finished = BTreeSet::new();
         let victim_runs = self.until_begun(victim, runs, &mut finished).await;
-        self.children[victim].start_kill().expect("killing the engine");
         let killed = Instant::now();
-        self.children[victim].wait().await.expect("waiting for the killed engine");
+        self.kill(victim).await;
         let (mut after, mut heirs) = (None, BTreeMap::new());
         while finished.len() < total {
-            let (engine, text) = self.lines.recv().await.expect("the live engines print until they stop");
-            match said(&text) {
-                Said::Effect(run) if victim_runs.contains(&run) => {
+            let (engine, heard) = self.heard().await;
+            match heard {
+                Heard::Effect(run) if victim_runs.contains(&run) => {
                     assert_ne!(engine, victim, "the killed engine printed after its death");
                     after.get_or_insert_with(|| killed.elapsed());
                     heirs.insert(run, engine);
                 }
-                Said::Finished(run) => drop(finished.insert(run)),
+                Heard::Finished(run) => drop(finished.insert(run)),
                 _ => {}
             }
         }
@@ -253,7 +291,8 @@ pub struct Zombie {
 }
 
 /// What a line of an engine process says.
-enum Said {
+#[derive(Debug)]
+pub enum Heard {
     Ready,
     /// A step of this run ran.
     Effect(String),
@@ -263,23 +302,23 @@ enum Said {
     Other,
 }
 
-fn said(text: &str) -> Said {
+fn said(text: &str) -> Heard {
     let after = |marker: &str| text.find(marker).map(|at| text[at + marker.len()..].trim().to_owned());
     if text.contains(READY) {
-        Said::Ready
+        Heard::Ready
     } else if let Some(rest) = after(EFFECT) {
         match rest.split_once(' ') {
-            Some((run, _step)) => Said::Effect(run.to_owned()),
-            None => Said::Other,
+            Some((run, _step)) => Heard::Effect(run.to_owned()),
+            None => Heard::Other,
         }
     } else if let Some(rest) = after(RETURNED) {
         match rest.split_once(' ') {
-            Some((run, _step)) => Said::Returned(run.to_owned()),
-            None => Said::Other,
+            Some((run, _step)) => Heard::Returned(run.to_owned()),
+            None => Heard::Other,
         }
     } else if let Some(run) = after(FINISHED) {
-        Said::Finished(run)
+        Heard::Finished(run)
     } else {
-        Said::Other
+        Heard::Other
     }
 }

@@ -4,17 +4,19 @@
 //! Skipped (with a line saying so) without `HODEI_TEST_POSTGRES_URL`.
 #![cfg(all(feature = "postgres", unix))]
 
+#[path = "cluster/checks.rs"]
+mod checks;
 #[path = "../../examples/support/cluster.rs"]
+#[allow(dead_code)]
 mod cluster;
 #[path = "../src/store/postgres/test_database.rs"]
 mod test_database;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use cluster::Cluster;
-use hodei_core::{EventStore, PostgresOptions, PostgresStore, SagaId, SagaStatus};
+use hodei_core::PostgresOptions;
 use test_database::TestDatabase;
 use tokio::process::Command;
 
@@ -80,50 +82,12 @@ fn start(test: &str, db: &TestDatabase, effects: &Path) -> Cluster {
     }))
 }
 
-/// Every run completed, with each step's end journaled once; a step's side effect happened
-/// once, or again when an interruption (a kill, a takeover) came before its end was journaled;
-/// and along every journal the epochs never go back: no run was driven by two engines at once.
+/// The runs and effects after the faults: see `cluster/checks.rs`.
 async fn check_runs(db: &TestDatabase, effects: &Path) {
-    let store = PostgresStore::connect_with(&db.url, db.options()).await.unwrap();
-    let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for entry in std::fs::read_dir(effects).unwrap() {
-        for line in std::fs::read_to_string(entry.unwrap().path()).unwrap().lines() {
-            let (run, step) = line.split_once(' ').unwrap();
-            *counts.entry((run.to_owned(), step.to_owned())).or_default() += 1;
-        }
-    }
-    let mut again = Vec::new();
-    for engine in ENGINES {
-        for k in 0..RUNS {
-            let id = SagaId::new(format!("{engine}-{k}")).unwrap();
-            let record = store.record(&id).unwrap().unwrap();
-            assert_eq!(record.status, SagaStatus::Completed, "{id}");
-            let ends = store
-                .history(&id)
-                .unwrap()
-                .iter()
-                .filter(|r| matches!(r.event, hodei_core::Event::StepCompleted { .. }))
-                .count();
-            assert_eq!(ends, cluster::STEPS.len(), "{id}: each step's end journaled once");
-            for step in cluster::STEPS {
-                match counts.get(&(id.to_string(), step.to_owned())).copied().unwrap_or(0) {
-                    0 => panic!("{id} {step} never ran"),
-                    1 => {}
-                    n => again.push(format!("{id} {step} x{n}")),
-                }
-            }
-        }
-    }
+    let runs: Vec<String> =
+        ENGINES.iter().flat_map(|engine| (0..RUNS).map(move |k| format!("{engine}-{k}"))).collect();
+    let again = checks::check_runs(db, effects, &runs).await;
     println!("steps in flight at an interruption, run again: {again:?}");
-    let admin = db.admin().await;
-    let rows =
-        admin.query("SELECT saga_id, seq, epoch FROM hodei_events ORDER BY saga_id, seq", &[]).await.unwrap();
-    let mut last: BTreeMap<String, i64> = BTreeMap::new();
-    for row in rows {
-        let (run, epoch): (String, i64) = (row.get(0), row.get(2));
-        let before = last.insert(run.clone(), epoch).unwrap_or(epoch);
-        assert!(before <= epoch, "{run}: epoch {epoch} after {before}");
-    }
 }
 
 /// The child's side: one engine process.
