@@ -253,10 +253,12 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
     }
     if let Some((victim, _, runs)) = &failing_over {
         let by: Vec<_> = runs.iter().map(|run| (run, finished_by.get(run))).collect();
-        println!("chaos: {}'s runs never stepped again; finished by {by:?}", ENGINES[*victim]);
+        println!("chaos: {}'s runs were not seen going on; finished by {by:?}", ENGINES[*victim]);
     }
     assert!(faults.next().is_none(), "every fault hit while runs were in flight: {log:?}");
-    assert!(!failovers.is_empty() && failing_over.is_none(), "every kill's runs went on: {log:?}");
+    // A kill's runs may all have journaled their ends just before it, unheard: then there is no
+    // failover to time, and the checks below still see every run completed.
+    assert!(!failovers.is_empty(), "no kill's runs were seen going on elsewhere: {log:?}");
     failovers.sort();
     println!(
         "chaos: {total} runs in {elapsed:?}; failover (SIGKILL to a run going on) median {:?}, max {:?} over {} kills",
