@@ -1,7 +1,10 @@
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use tokio::sync::{broadcast, watch};
 use tracing::Instrument;
@@ -55,14 +58,33 @@ pub(super) struct Inner {
     pub(super) resources: Arc<Resources>,
 }
 
-/// Decrements the driver count however the driver ends, aborted included. It holds the counter
-/// alone, not the engine: once the count reaches zero no driver holds the store any more, so a
-/// shut-down engine that is dropped releases its data directory at once.
-struct DriverGuard(Arc<watch::Sender<usize>>);
+/// A driver's task, counted until its future, and everything the future holds (the engine,
+/// and through it the store), is dropped: when it ends, and when it is aborted. An aborted
+/// future's parts are dropped in an order the code does not choose, so a guard inside it
+/// could count the driver gone while the engine was still held. Once the count reaches zero
+/// no driver holds the store, and a shut-down engine that is dropped releases its data
+/// directory at once.
+struct Counted<F> {
+    future: Option<Pin<Box<F>>>,
+    drivers: Arc<watch::Sender<usize>>,
+}
 
-impl Drop for DriverGuard {
+impl<F: Future<Output = ()>> Future for Counted<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let Some(future) = this.future.as_mut() else { return Poll::Ready(()) };
+        std::task::ready!(future.as_mut().poll(cx));
+        this.future = None;
+        Poll::Ready(())
+    }
+}
+
+impl<F> Drop for Counted<F> {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.future.take();
+        self.drivers.send_modify(|n| *n -= 1);
     }
 }
 
@@ -125,7 +147,7 @@ impl Inner {
             tracing::debug!(error = %e, "trace context not journaled");
         }
         self.drivers.send_modify(|n| *n += 1);
-        let guard = DriverGuard(self.drivers.clone());
+        let drivers = self.drivers.clone();
         let inner = self.clone();
         let task_live = live.clone();
         let host = Host {
@@ -136,30 +158,23 @@ impl Inner {
         };
         let body =
             move |shared, input| (definition.body)(SagaContext { shared, scope: Scope::root() }, input);
-        let handle = tokio::spawn(async move {
-            // Everything that holds the engine (and so the store) is moved into this inner
-            // block and dropped at its end, before the guard: once the count reads zero, no
-            // driver holds the store, and a shut-down engine's directory reopens at once.
-            // (Captured values would otherwise be dropped with the task, after it.)
-            {
-                let (inner, task_live, host, body) = (inner, task_live, host, body);
-                // The driver's span ends before its outcome is published: whoever sees the
-                // outcome and then flushes the exporter finds the saga's whole trace.
-                let end = Unsampled::new(unsampled, async {
-                    let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
-                    drive(host, task_live.clone(), body, history).await
-                })
-                .instrument(span)
-                .await;
-                match (end, task_live.journal.halted()) {
-                    (Some(end), _) => inner.finished(&task_live, end),
-                    (None, Some(Halt::Fenced)) => inner.lost(&task_live.journal.id),
-                    (None, Some(Halt::Unwritten)) => inner.resume_later(&task_live.journal.id),
-                    (None, None) => {}
-                }
+        let driver = async move {
+            // The driver's span ends before its outcome is published: whoever sees the outcome
+            // and then flushes the exporter finds the saga's whole trace.
+            let end = Unsampled::new(unsampled, async {
+                let _ = inner.recovered.subscribe().wait_for(|done| *done).await;
+                drive(host, task_live.clone(), body, history).await
+            })
+            .instrument(span)
+            .await;
+            match (end, task_live.journal.halted()) {
+                (Some(end), _) => inner.finished(&task_live, end),
+                (None, Some(Halt::Fenced)) => inner.lost(&task_live.journal.id),
+                (None, Some(Halt::Unwritten)) => inner.resume_later(&task_live.journal.id),
+                (None, None) => {}
             }
-            drop(guard);
-        });
+        };
+        let handle = tokio::spawn(Counted { future: Some(Box::pin(driver)), drivers });
         *lock(&live.task) = Some(handle.abort_handle());
     }
 }
