@@ -171,9 +171,11 @@ impl Cluster {
         self.children[n] = spawn(n, command, &self.tx);
     }
 
-    /// The process id of engine `n`, while it runs.
-    pub fn pid(&self, n: usize) -> Option<u32> {
-        self.children[n].id()
+    /// Sends engine `n`, which runs, the signal `name` (`-STOP`, `-CONT`).
+    pub fn signal(&self, n: usize, name: &str) {
+        let pid = self.children[n].id().expect("the engine is running").to_string();
+        let sent = std::process::Command::new("kill").args([name, &pid]).status();
+        assert!(sent.is_ok_and(|status| status.success()), "kill {name} {pid}");
     }
 
     /// Kills engine `n` with SIGKILL and waits for it to exit.
@@ -215,12 +217,7 @@ impl Cluster {
     pub async fn freeze_until_taken_over(&mut self, victim: usize, runs: usize, total: usize) -> Zombie {
         let mut finished = BTreeSet::new();
         let victim_runs = self.until_begun(victim, runs, &mut finished).await;
-        let pid = self.children[victim].id().expect("the engine is running").to_string();
-        let signal = |name: &str| {
-            let sent = std::process::Command::new("kill").args([name, &pid]).status();
-            assert!(sent.is_ok_and(|status| status.success()), "kill {name} {pid}");
-        };
-        signal("-STOP");
+        self.signal(victim, "-STOP");
         let (mut resumed, mut zombie) = (false, Zombie::default());
         while finished.len() < total {
             let (engine, heard) = self.heard().await;
@@ -228,7 +225,7 @@ impl Cluster {
                 Heard::Effect(run) if engine != victim && victim_runs.contains(&run) => {
                     zombie.taken.entry(run).or_insert(engine);
                     if !resumed {
-                        signal("-CONT");
+                        self.signal(victim, "-CONT");
                         resumed = true;
                     }
                 }

@@ -39,6 +39,35 @@ const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
 /// A run takes at least four of these: the faults all land while runs are in their steps.
 const STEP_TIME: Duration = Duration::from_secs(2);
 
+/// What the engines said of the runs so far.
+#[derive(Default)]
+struct Runs {
+    /// Runs in flight, and the engine that last ran a step of each.
+    owner: BTreeMap<String, usize>,
+    finished: BTreeSet<String>,
+    /// Which engine said each run finished.
+    finished_by: BTreeMap<String, usize>,
+}
+
+impl Runs {
+    fn note(&mut self, engine: usize, heard: Heard) {
+        match heard {
+            Heard::Effect(run) => drop(self.owner.insert(run, engine)),
+            Heard::Finished(run) => {
+                self.owner.remove(&run);
+                self.finished_by.insert(run.clone(), engine);
+                self.finished.insert(run);
+            }
+            _ => {}
+        }
+    }
+
+    /// The runs engine `n` was last seen running.
+    fn on(&self, n: usize) -> BTreeSet<String> {
+        self.owner.iter().filter(|(_, e)| **e == n).map(|(run, _)| run.clone()).collect()
+    }
+}
+
 /// How long the runs in flight may stay the same, with nothing heard, before the test gives
 /// up and says which they are: far beyond any fault's effect (a lease, a restart).
 const STUCK: Duration = Duration::from_secs(60);
@@ -83,18 +112,11 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
     };
     let mut cluster = Cluster::start((0..ENGINES.len()).map(|n| command(n, RUNS)));
     let total = ENGINES.len() * RUNS;
-    let (mut ready, mut finished, mut owner) = (0, BTreeSet::new(), BTreeMap::<String, usize>::new());
-    let mut finished_by = BTreeMap::<String, usize>::new();
+    let (mut ready, mut seen) = (0, Runs::default());
     while ready < ENGINES.len() {
         match cluster.heard().await {
             (_, Heard::Ready) => ready += 1,
-            (engine, Heard::Effect(run)) => drop(owner.insert(run, engine)),
-            (engine, Heard::Finished(run)) => {
-                owner.remove(&run);
-                finished_by.insert(run.clone(), engine);
-                finished.insert(run);
-            }
-            _ => {}
+            (engine, heard) => seen.note(engine, heard),
         }
     }
     let began = Instant::now();
@@ -113,7 +135,7 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
     let mut cut: Option<Instant> = None;
     let hold = cluster::LEASE * 2;
     let mut stuck: Option<(Vec<String>, Instant)> = None;
-    while finished.len() < total {
+    while seen.finished.len() < total {
         let next_fault = faults.peek().map(|(at, _)| began + *at);
         let thaw = [frozen.map(|(_, at)| at + hold), cut.map(|at| at + hold)].into_iter().flatten().min();
         // A quiet spell: a killed engine may have journaled a run's end without living to say
@@ -133,7 +155,7 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
                     log.push(format!(
                         "{:?} nothing in flight; {} runs finished as heard",
                         began.elapsed(),
-                        finished.len()
+                        seen.finished.len()
                     ));
                     break;
                 }
@@ -153,7 +175,7 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
                 }
             }
             if let Some((victim, at)) = frozen.filter(|(_, at)| now >= *at + hold) {
-                signal("-CONT", cluster.pid(victim).unwrap());
+                cluster.signal(victim, "-CONT");
                 log.push(format!("{:?} SIGCONT {}", at.duration_since(began) + hold, ENGINES[victim]));
                 frozen = None;
             }
@@ -164,14 +186,10 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
             }
             if let Some((when, fault)) = faults.peek().copied().filter(|(at, _)| now >= began + *at) {
                 faults.next();
-                let pending =
-                    |victim| owner.iter().filter(|(_, e)| **e == victim).map(|(r, _)| r.clone()).collect();
                 match *fault {
                     Fault::Kill if failing_over.is_none() => {
-                        let victim = (0..ENGINES.len())
-                            .max_by_key(|n| owner.values().filter(|e| **e == *n).count())
-                            .unwrap_or(0);
-                        let runs: BTreeSet<String> = pending(victim);
+                        let victim = (0..ENGINES.len()).max_by_key(|n| seen.on(*n).len()).unwrap_or(0);
+                        let runs = seen.on(victim);
                         cluster.kill(victim).await;
                         log.push(format!(
                             "{when:?} SIGKILL {} with {} runs in flight",
@@ -186,8 +204,8 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
                     }
                     Fault::Kill => log.push(format!("{when:?} SIGKILL skipped: a failover is under way")),
                     Fault::Freeze(victim) => {
-                        zombie_runs = pending(victim);
-                        signal("-STOP", cluster.pid(victim).unwrap());
+                        zombie_runs = seen.on(victim);
+                        cluster.signal(victim, "-STOP");
                         log.push(format!("{when:?} SIGSTOP {}", ENGINES[victim]));
                         frozen = Some((victim, Instant::now()));
                     }
@@ -233,17 +251,11 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
             Heard::Returned(run)
                 if zombie.is_some_and(|z| z == engine)
                     && zombie_runs.contains(&run)
-                    && owner.get(&run).is_some_and(|now| *now != engine) =>
+                    && seen.owner.get(&run).is_some_and(|now| *now != engine) =>
             {
                 returned_late.insert(run);
             }
-            Heard::Effect(run) => drop(owner.insert(run, engine)),
-            Heard::Finished(run) => {
-                owner.remove(&run);
-                finished_by.insert(run.clone(), engine);
-                finished.insert(run);
-            }
-            _ => {}
+            heard => seen.note(engine, heard),
         }
     }
     let elapsed = began.elapsed();
@@ -252,7 +264,7 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
         println!("chaos: {line}");
     }
     if let Some((victim, _, runs)) = &failing_over {
-        let by: Vec<_> = runs.iter().map(|run| (run, finished_by.get(run))).collect();
+        let by: Vec<_> = runs.iter().map(|run| (run, seen.finished_by.get(run))).collect();
         println!("chaos: {}'s runs were not seen going on; finished by {by:?}", ENGINES[*victim]);
     }
     assert!(faults.next().is_none(), "every fault hit while runs were in flight: {log:?}");
@@ -358,11 +370,6 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
-}
-
-fn signal(name: &str, pid: u32) {
-    let sent = std::process::Command::new("kill").args([name, &pid.to_string()]).status();
-    assert!(sent.is_ok_and(|status| status.success()), "kill {name} {pid}");
 }
 
 fn engine_command(name: &str, runs: usize, url: &str, schema: &str, effects: &Path) -> Command {

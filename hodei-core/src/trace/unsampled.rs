@@ -33,19 +33,15 @@ pub(super) fn active() -> bool {
 /// Runs `make` as if polled by the unsampled saga of `context`: for the span a saga's driver
 /// runs in, made before its first poll.
 pub(crate) fn within<T>(context: &TraceContext, make: impl FnOnce() -> T) -> T {
-    let previous = CURRENT.with(|current| current.replace(Some(context.clone())));
-    let _restore = Restore(previous);
-    make()
+    on_thread(&mut Some(context.clone()), make)
 }
 
-/// Puts back what was on the thread, also when the poll panics.
-struct Restore(Option<TraceContext>);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let previous = self.0.take();
-        CURRENT.with(|current| *current.borrow_mut() = previous);
-    }
+/// Runs `run` with `slot`'s context moved onto the thread, and moves it back after, panicking
+/// or not: moved, not cloned, as a saga is polled often.
+fn on_thread<T>(slot: &mut Option<TraceContext>, run: impl FnOnce() -> T) -> T {
+    let previous = CURRENT.with(|current| current.replace(slot.take()));
+    let _back = Back { slot, previous };
+    run()
 }
 
 /// `inner`, polled with `context` on the thread when there is one.
@@ -68,14 +64,12 @@ impl<F: Future> Future for Unsampled<F> {
         if this.context.is_none() {
             return this.inner.as_mut().poll(cx);
         }
-        // Moved onto the thread and back at every poll, not cloned: a saga is polled often.
-        let previous = CURRENT.with(|current| current.replace(this.context.take()));
-        let _back = Back { slot: &mut this.context, previous };
-        this.inner.as_mut().poll(cx)
+        let inner = &mut this.inner;
+        on_thread(&mut this.context, || inner.as_mut().poll(cx))
     }
 }
 
-/// Takes the saga's context back off the thread after a poll, panicking or not.
+/// Takes the context back off the thread into its slot, and puts back what was there.
 struct Back<'a> {
     slot: &'a mut Option<TraceContext>,
     previous: Option<TraceContext>,

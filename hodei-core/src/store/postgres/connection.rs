@@ -178,9 +178,9 @@ impl Pooled<'_> {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = self.prepared(sql).await.inspect_err(|e| self.failed(e))?;
+        let statement = self.prepared(sql).await.inspect_err(|_| self.failed())?;
         let rows = self.query(&statement, params).await;
-        rows.inspect_err(|e| self.failed(e))
+        rows.inspect_err(|_| self.failed())
     }
 
     /// [`query_prepared`](Self::query_prepared) for a statement that returns no rows.
@@ -189,15 +189,15 @@ impl Pooled<'_> {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement = self.prepared(sql).await.inspect_err(|e| self.failed(e))?;
+        let statement = self.prepared(sql).await.inspect_err(|_| self.failed())?;
         let done = self.execute(&statement, params).await;
-        done.inspect_err(|e| self.failed(e))
+        done.inspect_err(|_| self.failed())
     }
 
     /// Keeps a connection that failed out of the pool: a backend terminated by the server
     /// answers with an error of its own before it closes, and may not read as closed yet when
     /// the next call takes it. A fresh connection costs less than a second failure.
-    fn failed(&mut self, _: &tokio_postgres::Error) {
+    fn failed(&mut self) {
         self.broken = true;
     }
 }

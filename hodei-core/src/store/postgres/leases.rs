@@ -115,7 +115,6 @@ impl Leases for PostgresStore {
         let lease = self.shared.lease.as_secs_f64();
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let operation = "renewing the engine's lease";
-        let owned_ids: Vec<String> = owned.iter().map(|(id, _)| id.to_string()).collect();
         let result = self.call(operation, move |shared| async move {
             let mut client = shared.readers.get().await.map_err(database(operation))?;
             let renewed =
@@ -125,7 +124,7 @@ impl Leases for PostgresStore {
                 client.execute_prepared(JOIN, &[&member, &lease]).await.map_err(database(operation))?;
                 if !owned.is_empty() {
                     let (ids, epochs): (Vec<String>, Vec<i64>) =
-                        owned.into_iter().map(|(id, epoch)| (id.to_string(), epoch)).unzip();
+                        owned.iter().map(|(id, epoch)| (id.to_string(), *epoch)).unzip();
                     let rows =
                         client.query_prepared(LOST, &[&ids, &epochs]).await.map_err(database(operation))?;
                     lost = rows.iter().map(|row| row.get::<_, String>(0)).collect();
@@ -136,7 +135,7 @@ impl Leases for PostgresStore {
             }
             let mut unheard = Vec::new();
             if unsure {
-                let known: Vec<String> = owned_ids;
+                let known: Vec<String> = owned.iter().map(|(id, _)| id.to_string()).collect();
                 unheard =
                     client.query_prepared(UNHEARD, &[&member, &known]).await.map_err(database(operation))?;
             }
