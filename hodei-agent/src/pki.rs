@@ -234,7 +234,7 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 
 #[doc(hidden)]
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(bytes)
 }
 
 #[doc(hidden)]

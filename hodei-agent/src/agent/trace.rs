@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::rand::SecureRandom as _;
 
+use crate::pki::hex;
 use crate::protocol::v1;
 
 /// What a malformed context from the hub turns into: nothing, with a debug line; the job runs.
@@ -124,10 +125,6 @@ impl JobTrace {
             error,
         })
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_nanos(time: SystemTime) -> u64 {

@@ -161,10 +161,11 @@ impl SagaShared {
         // Only a step that runs live has a span: one the journal answers did no work now.
         let span = tracing::info_span!(
             "step",
-            hodei.saga.id = %self.id,
-            hodei.step.name = %spec.name,
+            // As `&str`, not `%`: a string is recorded as it is, with no formatter run for it.
+            hodei.saga.id = self.id.as_str(),
+            hodei.step.name = spec.name.as_str(),
             hodei.step.index = step,
-            hodei.step.key = %key,
+            hodei.step.key = key.as_str(),
             hodei.outcome = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
             otel.status_description = tracing::field::Empty,

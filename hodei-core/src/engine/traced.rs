@@ -1,7 +1,7 @@
 //! The span a saga's driver runs in, and the trace context journaled at the saga's start.
 
 use crate::event::{Event, RecordedEvent, SagaRecord};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, RootDraw, TraceContext};
 
 /// How one run of a saga's driver is traced.
 pub(super) struct DriverTrace {
@@ -28,8 +28,8 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> Dri
     if !trace::is_on() {
         let span = tracing::info_span!(
             "saga",
-            hodei.saga.id = %record.id,
-            hodei.saga.definition = %record.definition,
+            hodei.saga.id = record.id.as_str(),
+            hodei.saga.definition = record.definition.as_str(),
             hodei.saga.version = record.version
         );
         return DriverTrace { span, started: None, unsampled: None };
@@ -41,15 +41,29 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> Dri
     let (parent, started) = match journaled {
         Some(context) => (Some(context), None),
         None if fresh => {
-            let start = tracing::info_span!(
-                "saga.start",
-                hodei.saga.id = %record.id,
-                hodei.saga.definition = %record.definition,
-                hodei.saga.version = record.version
-            );
-            // Started by an unsampled saga (a child), the start is not recorded: the parent's
-            // context stands for it, and its flag carries the sampler's decision down.
-            let context = trace::context_of(&start).or_else(trace::current);
+            // A saga started by a traced caller (a parent saga, a traced request) follows its
+            // decision; one with none draws its own before it makes a span, and one dropped
+            // makes none (see `telemetry::head`).
+            let caller = trace::current();
+            let drawn = if caller.is_none() { trace::draw_root() } else { RootDraw::AtStart };
+            let context = match drawn {
+                RootDraw::Dropped(context) => Some(context),
+                drawn => {
+                    let start = tracing::info_span!(
+                        "saga.start",
+                        hodei.saga.id = record.id.as_str(),
+                        hodei.saga.definition = record.definition.as_str(),
+                        hodei.saga.version = record.version
+                    );
+                    // Started by an unsampled saga (a child), the start is not recorded: the
+                    // parent's context stands for it, and its flag carries the decision down.
+                    let started = match drawn {
+                        RootDraw::Kept => trace::context_of_kept(&start),
+                        _ => trace::context_of(&start),
+                    };
+                    started.or(caller)
+                }
+            };
             let event = context.as_ref().map(|context| Event::TraceStarted {
                 traceparent: context.traceparent(),
                 tracestate: context.tracestate().to_owned(),
@@ -63,8 +77,8 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> Dri
         tracing::info_span!(
             parent: None,
             "saga",
-            hodei.saga.id = %record.id,
-            hodei.saga.definition = %record.definition,
+            hodei.saga.id = record.id.as_str(),
+            hodei.saga.definition = record.definition.as_str(),
             hodei.saga.version = record.version,
             hodei.saga.resumed = !fresh,
             trace_id = tracing::field::Empty
@@ -77,7 +91,11 @@ pub(super) fn driver_span(record: &SagaRecord, history: &[RecordedEvent]) -> Dri
     if let Some(parent) = &parent {
         trace::set_parent(&span, parent);
     }
-    // For the logs: each line inside the saga names its trace, which a log store can link.
+    // For the logs: each line inside the saga names its trace, which a log store can link. A
+    // span no layer records (a saga left out, with no log layer) has no lines to name it in.
+    if span.is_disabled() {
+        return DriverTrace { span, started, unsampled };
+    }
     if let Some(context) = trace::context_of(&span).or_else(|| unsampled.clone()) {
         span.record("trace_id", context.trace_id_hex());
     }

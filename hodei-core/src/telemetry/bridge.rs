@@ -9,16 +9,19 @@ use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{Context, InstrumentationScope, KeyValue};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks, SpanProcessor};
+use opentelemetry_sdk::trace::{Sampler, SpanData, SpanEvents, SpanLinks, SpanProcessor};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::head;
 use super::shared::SharedProcessor;
-use crate::trace::{Bridge, RemoteSpan, TraceContext};
+use crate::trace::{Bridge, RemoteSpan, RootDraw, TraceContext};
 
 pub(super) struct OtelBridge {
     /// The processor behind the tracer provider: remote spans keep their ids, which the
     /// tracer API would replace.
     pub(super) processor: Arc<SharedProcessor>,
+    /// The sampler of root traces, when the code set it: drawn ahead (see `head`).
+    pub(super) root_sampler: Option<Sampler>,
 }
 
 fn span_context(context: &TraceContext, remote: bool) -> SpanContext {
@@ -49,6 +52,20 @@ impl Bridge for OtelBridge {
         // An OpenTelemetry state is valid W3C by construction; if not, the ids alone still join.
         let header = context.trace_state().header();
         Some(ours.clone().with_state(&header).unwrap_or(ours))
+    }
+
+    fn draw_root(&self) -> RootDraw {
+        match &self.root_sampler {
+            Some(sampler) => head::draw(sampler).map_or(RootDraw::Kept, RootDraw::Dropped),
+            None => RootDraw::AtStart,
+        }
+    }
+
+    fn context_of_kept(&self, span: &tracing::Span) -> Option<TraceContext> {
+        match self.root_sampler {
+            Some(_) => head::start_kept(|| self.context_of(span)),
+            None => self.context_of(span),
+        }
     }
 
     fn set_parent(&self, span: &tracing::Span, parent: &TraceContext) {

@@ -19,9 +19,22 @@ pub use context::{TraceContext, TraceContextError};
 pub use remote::RemoteSpan;
 pub(crate) use unsampled::{Unsampled, within as within_unsampled};
 
+/// A saga's new trace with no caller, as the exporter's sampler decides it ahead of any span.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) enum RootDraw {
+    /// Dropped: the saga runs under this context, flagged not sampled, and makes no span.
+    Dropped(TraceContext),
+    /// Kept: its first span is started through [`context_of_kept`].
+    Kept,
+    /// Not drawn ahead (the sampler is the variables' own): its first span's start decides.
+    AtStart,
+}
+
 /// What an installed exporter does for the hooks below.
 pub(crate) trait Bridge: Send + Sync {
     fn context_of(&self, span: &tracing::Span) -> Option<TraceContext>;
+    fn draw_root(&self) -> RootDraw;
+    fn context_of_kept(&self, span: &tracing::Span) -> Option<TraceContext>;
     fn set_parent(&self, span: &tracing::Span, parent: &TraceContext);
     fn record(&self, span: RemoteSpan);
 }
@@ -60,6 +73,16 @@ pub fn is_on() -> bool {
 /// The W3C context of `span`, if spans are exported and this one is recorded.
 pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
     bridge()?.context_of(span)
+}
+
+/// Draws the sampler's decision for a saga's trace that has no caller, before its first span.
+pub(crate) fn draw_root() -> RootDraw {
+    bridge().map_or(RootDraw::AtStart, |bridge| bridge.draw_root())
+}
+
+/// The context of `span`, just made, of a trace drawn as kept: started with the sampler told so.
+pub(crate) fn context_of_kept(span: &tracing::Span) -> Option<TraceContext> {
+    bridge()?.context_of_kept(span)
 }
 
 /// The context of the current span: what a remote call made now should carry. Inside a saga
