@@ -157,6 +157,17 @@ pub enum PkiError {
     /// The operating system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+    /// The database the control planes share their PKI in failed or is out of reach: nothing
+    /// was issued, redeemed or revoked, and a handshake is refused rather than let through
+    /// unchecked.
+    #[error("the shared PKI could not {action}: {source}")]
+    Shared {
+        /// What was being done.
+        action: &'static str,
+        /// The database's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The result of this module's and the CA's operations.

@@ -138,7 +138,7 @@ pub use saga::{
 pub use step_context::{StepContext, StepStop};
 pub use store::{EventStore, MemoryStore};
 #[cfg(feature = "postgres")]
-pub use store::{PostgresError, PostgresOptions, PostgresStore};
+pub use store::{PostgresError, PostgresOptions, PostgresStore, SqlParam, SqlRow};
 #[cfg(feature = "sled")]
 pub use store::{SledOptions, SledStore};
 pub use timeline::Timeline;

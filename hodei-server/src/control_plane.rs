@@ -107,6 +107,8 @@ pub struct ControlPlaneBuilder {
     listen: SocketAddr,
     providers: Vec<(Arc<dyn Provider>, ProviderPolicy)>,
     metrics: Option<Metrics>,
+    #[cfg(feature = "postgres")]
+    shared_pki: Option<Arc<hodei_core::PostgresStore>>,
 }
 
 impl fmt::Debug for ControlPlaneBuilder {
@@ -147,6 +149,16 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Keeps the PKI in the database of `store`, shared by every control plane on it
+    /// ([`HubPki::open_shared`]), instead of in the data directory: one CA, so that an agent
+    /// registered with one is accepted by all, and tokens, revocations and rotations that hold
+    /// across them.
+    #[cfg(feature = "postgres")]
+    pub fn shared_pki(mut self, store: Arc<hodei_core::PostgresStore>) -> Self {
+        self.shared_pki = Some(store);
+        self
+    }
+
     /// Records the scheduler's and the log store's metrics in `metrics` (see [`Metrics`]).
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
@@ -157,7 +169,14 @@ impl ControlPlaneBuilder {
     pub async fn start(self) -> Result<ControlPlane, ControlPlaneError> {
         let data_dir = self.data_dir;
         let pki_error = |source| ControlPlaneError::Pki { path: data_dir.clone(), source };
-        let pki = Arc::new(HubPki::open(&data_dir, self.pki_config).map_err(pki_error)?);
+        #[cfg(feature = "postgres")]
+        let pki = match self.shared_pki {
+            Some(store) => HubPki::open_shared(store, self.pki_config),
+            None => HubPki::open(&data_dir, self.pki_config),
+        };
+        #[cfg(not(feature = "postgres"))]
+        let pki = HubPki::open(&data_dir, self.pki_config);
+        let pki = Arc::new(pki.map_err(pki_error)?);
         let logs = Arc::new(
             LogStore::open(&data_dir)
                 .await
@@ -227,6 +246,8 @@ impl ControlPlane {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             providers: Vec::new(),
             metrics: None,
+            #[cfg(feature = "postgres")]
+            shared_pki: None,
         }
     }
 

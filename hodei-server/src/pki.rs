@@ -63,17 +63,21 @@
 mod ca;
 mod certified;
 mod revocation;
+#[cfg(feature = "postgres")]
+mod shared;
 mod tokens;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use hodei_agent::pki::{
     CertificateSerial, Clock, ManualClock, PkiError, Result, SystemClock, TlsIdentity, WorkerCertificate,
 };
 use hodei_agent::pki::{crypto_provider, root_store, server_config, unix_time, validate_worker_id};
+#[cfg(feature = "postgres")]
+use hodei_core::PostgresStore;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
@@ -86,7 +90,9 @@ pub use revocation::REVOCATIONS_FILE;
 pub use tokens::RegistrationToken;
 
 use certified::Certified;
-use revocation::{RevocationCheckingVerifier, Revocations};
+use revocation::{RevocationCheck, RevocationCheckingVerifier, Revocations};
+#[cfg(feature = "postgres")]
+use shared::{Revoked, SharedPki};
 use tokens::RegistrationTokens;
 
 /// The subdirectory of the control plane's data directory that holds the CA and revocations.
@@ -151,21 +157,27 @@ pub fn pki_dir(data_dir: &Path) -> PathBuf {
 /// Cheap to share behind an `Arc`: every method takes `&self`.
 pub struct HubPki {
     ca: CertificateAuthority,
-    tokens: RegistrationTokens,
-    revocations: Arc<Revocations>,
-    certified: Certified,
+    state: State,
     webpki: Arc<dyn ClientCertVerifier>,
     provider: Arc<CryptoProvider>,
     config: PkiConfig,
+}
+
+/// Where tokens, revocations and the record of certified workers are kept.
+#[derive(Debug)]
+enum State {
+    /// By this control plane alone: tokens in memory, the rest in its data directory.
+    Local { tokens: RegistrationTokens, revocations: Arc<Revocations>, certified: Certified },
+    /// In the database the control planes share.
+    #[cfg(feature = "postgres")]
+    Shared(Arc<SharedPki>),
 }
 
 impl std::fmt::Debug for HubPki {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HubPki")
             .field("ca", &self.ca)
-            .field("tokens", &self.tokens)
-            .field("revocations", &self.revocations)
-            .field("certified", &self.certified)
+            .field("state", &self.state)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -177,8 +189,26 @@ impl HubPki {
     pub fn open(data_dir: &Path, config: PkiConfig) -> Result<Self> {
         let dir = pki_dir(data_dir);
         let ca = CertificateAuthority::open_or_create(&dir, config.clock.now())?;
-        let revocations = Arc::new(Revocations::load(&dir)?);
-        let certified = Certified::load(&dir, config.clock.now())?;
+        let state = State::Local {
+            tokens: RegistrationTokens::default(),
+            revocations: Arc::new(Revocations::load(&dir)?),
+            certified: Certified::load(&dir, config.clock.now())?,
+        };
+        Self::with(ca, state, config)
+    }
+
+    /// The PKI shared by every control plane on the database of `store`: one CA (created by
+    /// the first to open it), tokens any of them redeems once, revocations that hold on all of
+    /// them from the moment they commit, and one record of certified workers. An agent may
+    /// then reach any of them with the same certificate.
+    #[cfg(feature = "postgres")]
+    pub fn open_shared(store: Arc<PostgresStore>, config: PkiConfig) -> Result<Self> {
+        let shared = Arc::new(SharedPki::new(store));
+        let ca = shared.ca(config.clock.now())?;
+        Self::with(ca, State::Shared(shared), config)
+    }
+
+    fn with(ca: CertificateAuthority, state: State, config: PkiConfig) -> Result<Self> {
         let provider = crypto_provider();
         let webpki = WebPkiClientVerifier::builder_with_provider(
             Arc::new(root_store(std::slice::from_ref(ca.cert_der()))?),
@@ -186,15 +216,31 @@ impl HubPki {
         )
         .build()
         .map_err(|e| PkiError::TlsConfig(e.to_string()))?;
-        Ok(Self {
-            ca,
-            tokens: RegistrationTokens::default(),
-            revocations,
-            certified,
-            webpki,
-            provider,
-            config,
-        })
+        Ok(Self { ca, state, webpki, provider, config })
+    }
+
+    fn check_worker(&self, worker_id: &str) -> Result<()> {
+        match &self.state {
+            State::Local { revocations, .. } => revocations.check_worker(worker_id),
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.check_worker(worker_id),
+        }
+    }
+
+    fn revocation_check(&self) -> Arc<dyn RevocationCheck> {
+        match &self.state {
+            State::Local { revocations, .. } => revocations.clone(),
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.clone(),
+        }
+    }
+
+    fn record_certified(&self, worker_id: &str, not_after: SystemTime, now: SystemTime) -> Result<()> {
+        match &self.state {
+            State::Local { certified, .. } => certified.record(worker_id, not_after, now),
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.record_certified(worker_id, not_after),
+        }
     }
 
     /// The CA itself, to issue certificates with an explicit validity.
@@ -210,8 +256,13 @@ impl HubPki {
     /// A one-time token with which `worker_id` can register once, within the token TTL.
     pub fn issue_token(&self, worker_id: &str) -> Result<RegistrationToken> {
         validate_worker_id(worker_id)?;
-        self.revocations.check_worker(worker_id)?;
-        self.tokens.issue(worker_id, self.config.clock.now(), self.config.token_ttl)
+        self.check_worker(worker_id)?;
+        let (now, ttl) = (self.config.clock.now(), self.config.token_ttl);
+        match &self.state {
+            State::Local { tokens, .. } => tokens.issue(worker_id, now, ttl),
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.issue_token(worker_id, now, ttl),
+        }
     }
 
     /// Redeems `token` for `worker_id` and signs the CSR with a certificate for that id.
@@ -222,12 +273,16 @@ impl HubPki {
     pub fn register(&self, token: &str, worker_id: &str, csr_pem: &str) -> Result<WorkerCertificate> {
         validate_worker_id(worker_id)?;
         let csr = ca::parse_csr(csr_pem)?;
-        self.revocations.check_worker(worker_id)?;
+        self.check_worker(worker_id)?;
         let now = self.config.clock.now();
-        self.tokens.redeem(token, worker_id, now)?;
+        match &self.state {
+            State::Local { tokens, .. } => tokens.redeem(token, worker_id, now)?,
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.redeem(token, worker_id, now)?,
+        }
         let certificate =
             self.ca.sign_worker(worker_id, &csr, Validity::starting_at(now, self.config.worker_cert_ttl)?)?;
-        self.certified.record(worker_id, certificate.not_after, now)?;
+        self.record_certified(worker_id, certificate.not_after, now)?;
         tracing::info!(worker = worker_id, serial = %certificate.serial, "worker registered");
         Ok(certificate)
     }
@@ -243,7 +298,7 @@ impl HubPki {
         let now = self.config.clock.now();
         let validity = Validity::starting_at(now, self.config.worker_cert_ttl)?;
         let certificate = self.ca.sign_worker(&worker_id, &csr, validity)?;
-        self.certified.record(&worker_id, certificate.not_after, now)?;
+        self.record_certified(&worker_id, certificate.not_after, now)?;
         tracing::info!(worker = %worker_id, serial = %certificate.serial, "worker certificate rotated");
         Ok(certificate)
     }
@@ -255,20 +310,39 @@ impl HubPki {
     /// the control plane that issued its token has stopped, never will), or its certificates have
     /// all expired. So it runs no job for this hub. Revocation does not change the answer; see
     /// [`is_worker_revoked`](Self::is_worker_revoked). Certificates signed directly with
-    /// [`ca`](Self::ca) are not recorded.
+    /// [`ca`](Self::ca) are not recorded. With a shared PKI whose database is out of reach,
+    /// the answer is yes (logged): a worker is not destroyed for a database hiccup, and the
+    /// handshake still checks it.
     pub fn has_certified(&self, worker_id: &str) -> bool {
-        self.certified.holds_certificate(worker_id, self.config.clock.now())
+        let now = self.config.clock.now();
+        match &self.state {
+            State::Local { certified, .. } => certified.holds_certificate(worker_id, now),
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.holds_certificate(worker_id, now).unwrap_or_else(|e| {
+                tracing::warn!(worker = worker_id, error = %e, "assumed certified");
+                true
+            }),
+        }
     }
 
-    /// Whether `worker_id` is revoked as a whole ([`revoke_worker`](Self::revoke_worker)).
+    /// Whether `worker_id` is revoked as a whole ([`revoke_worker`](Self::revoke_worker)). With
+    /// a shared PKI whose database is out of reach, the answer is no (logged), for the reason
+    /// [`has_certified`](Self::has_certified) gives.
     pub fn is_worker_revoked(&self, worker_id: &str) -> bool {
-        self.revocations.check_worker(worker_id).is_err()
+        match self.check_worker(worker_id) {
+            Ok(()) => false,
+            Err(PkiError::WorkerRevoked(_)) => true,
+            Err(e) => {
+                tracing::warn!(worker = worker_id, error = %e, "assumed not revoked");
+                false
+            }
+        }
     }
 
     /// Checks a worker certificate (DER) as the mTLS handshake does and returns its worker id.
     pub fn verify_worker_certificate(&self, der: &[u8]) -> Result<String> {
         let parsed = hodei_agent::pki::parse_worker_cert(der)?;
-        self.revocations.check(&parsed)?;
+        self.revocation_check().check(&parsed)?;
         self.webpki
             .verify_client_cert(&CertificateDer::from(der), &[], unix_time(self.config.clock.now())?)
             .map_err(PkiError::CertificateRejected)?;
@@ -279,7 +353,13 @@ impl HubPki {
     /// [`reinstate_worker`](Self::reinstate_worker). Returns whether it was not revoked already.
     pub fn revoke_worker(&self, worker_id: &str) -> Result<bool> {
         validate_worker_id(worker_id)?;
-        let changed = self.revocations.update(|set| set.workers.insert(worker_id.to_owned()))?;
+        let changed = match &self.state {
+            State::Local { revocations, .. } => {
+                revocations.update(|set| set.workers.insert(worker_id.to_owned()))?
+            }
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.set_revoked(Revoked::Worker, worker_id, true)?,
+        };
         if changed {
             tracing::warn!(worker = worker_id, "worker revoked");
         }
@@ -289,7 +369,11 @@ impl HubPki {
     /// Lifts a worker's revocation. Its unexpired certificates become valid again, unless their
     /// serials were revoked on their own. Returns whether it was revoked.
     pub fn reinstate_worker(&self, worker_id: &str) -> Result<bool> {
-        let changed = self.revocations.update(|set| set.workers.remove(worker_id))?;
+        let changed = match &self.state {
+            State::Local { revocations, .. } => revocations.update(|set| set.workers.remove(worker_id))?,
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.set_revoked(Revoked::Worker, worker_id, false)?,
+        };
         if changed {
             tracing::warn!(worker = worker_id, "worker reinstated");
         }
@@ -298,7 +382,13 @@ impl HubPki {
 
     /// Revokes one certificate. Returns whether it was not revoked already.
     pub fn revoke_serial(&self, serial: &CertificateSerial) -> Result<bool> {
-        let changed = self.revocations.update(|set| set.serials.insert(serial.clone()))?;
+        let changed = match &self.state {
+            State::Local { revocations, .. } => {
+                revocations.update(|set| set.serials.insert(serial.clone()))?
+            }
+            #[cfg(feature = "postgres")]
+            State::Shared(shared) => shared.set_revoked(Revoked::Serial, &serial.to_string(), true)?,
+        };
         if changed {
             tracing::warn!(%serial, "certificate revoked");
         }
@@ -307,7 +397,7 @@ impl HubPki {
 
     /// The client-certificate verifier of the mTLS listener: webpki's checks, then revocation.
     pub fn client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        Arc::new(RevocationCheckingVerifier::new(self.webpki.clone(), self.revocations.clone()))
+        Arc::new(RevocationCheckingVerifier::new(self.webpki.clone(), self.revocation_check()))
     }
 
     /// A fresh server certificate and key for the hub, valid for the server certificate TTL, for

@@ -31,7 +31,7 @@ pub use self::sled::{SledOptions, SledStore};
 pub use leases::{Leases, Posted, Renewal, Request};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{DEFAULT_LEASE, PostgresError, PostgresOptions, PostgresStore};
+pub use postgres::{DEFAULT_LEASE, PostgresError, PostgresOptions, PostgresStore, SqlParam, SqlRow};
 
 /// Storage for saga journals and their summary records.
 ///

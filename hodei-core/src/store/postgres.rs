@@ -203,6 +203,20 @@ impl PostgresStore {
         Arc::as_ptr(&self.shared) as usize
     }
 
+    /// Runs one statement on one of the store's connections, in a transaction of its own,
+    /// blocking this thread until the database answers. For what is built on the store and
+    /// shares its database: the control plane keeps its PKI (`hodei_pki_*`, created by this
+    /// store's migrations) there, so that every engine trusts one CA. `sql` is prepared once
+    /// per connection.
+    pub fn run_statement(
+        &self,
+        operation: &'static str,
+        sql: &'static str,
+        params: Vec<SqlParam>,
+    ) -> Result<Vec<SqlRow>> {
+        self.query(operation, sql, params)
+    }
+
     /// This engine's id among the engines sharing the database.
     pub fn engine_id(&self) -> &str {
         &self.shared.member
@@ -352,7 +366,11 @@ async fn release(shared: &Shared) {
 }
 
 /// A query parameter, owned: it travels to the background runtime.
-type Param = Box<dyn ToSql + Send + Sync>;
+/// A statement's parameter, owned: it crosses to the store's thread.
+pub type SqlParam = Box<dyn ToSql + Send + Sync>;
+type Param = SqlParam;
+/// A row a statement of [`PostgresStore::run_statement`] returned.
+pub type SqlRow = Row;
 
 fn decode_saga(id: &str, bytes: &[u8]) -> Result<SagaRecord> {
     decode_record(bytes).map_err(|reason| Error::CorruptRecord { saga: id.into(), seq: None, reason })

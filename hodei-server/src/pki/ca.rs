@@ -92,6 +92,17 @@ impl CertificateAuthority {
     }
 
     fn create(dir: &Path, now: SystemTime) -> Result<Self> {
+        let (key_pem, cert_pem) = Self::generate(now)?;
+        crate::files::create_private_dir(dir)?;
+        crate::files::write_atomically(&dir.join(CA_KEY_FILE), key_pem.as_bytes(), 0o600)?;
+        crate::files::write_atomically(&dir.join(CA_CERT_FILE), cert_pem.as_bytes(), 0o644)?;
+        tracing::info!(dir = %dir.display(), "created the control-plane CA");
+        // Through the same path as a reopen, so that what was written is what is used.
+        Self::load(dir, &key_pem, cert_pem)
+    }
+
+    /// A new CA, valid from `now`: its key and certificate, PEM.
+    pub(super) fn generate(now: SystemTime) -> Result<(String, String)> {
         let key = KeyPair::generate().map_err(PkiError::Generation)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -105,17 +116,12 @@ impl CertificateAuthority {
         params.serial_number = Some(SerialNumber::from_slice(CertificateSerial::random()?.as_bytes()));
         apply_validity(&mut params, Validity::starting_at(now, CA_LIFETIME)?);
         let cert = params.self_signed(&key).map_err(PkiError::Generation)?;
-
-        crate::files::create_private_dir(dir)?;
-        let key_pem = key.serialize_pem();
-        crate::files::write_atomically(&dir.join(CA_KEY_FILE), key_pem.as_bytes(), 0o600)?;
-        crate::files::write_atomically(&dir.join(CA_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
-        tracing::info!(dir = %dir.display(), "created the control-plane CA");
-        // Through the same path as a reopen, so that what was written is what is used.
-        Self::load(dir, &key_pem, cert.pem())
+        Ok((key.serialize_pem(), cert.pem()))
     }
 
-    fn load(dir: &Path, key_pem: &str, cert_pem: String) -> Result<Self> {
+    /// The CA of `key_pem` and `cert_pem`, checked as a reopened one is; `dir` names where
+    /// they were read from in errors.
+    pub(super) fn load(dir: &Path, key_pem: &str, cert_pem: String) -> Result<Self> {
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         let corrupt = |path: &Path, reason: String| PkiError::CorruptFile { path: path.to_owned(), reason };

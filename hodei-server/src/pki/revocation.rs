@@ -13,6 +13,18 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use super::{PkiError, Result, validate_worker_id};
 use hodei_agent::pki::{CertificateSerial, ParsedWorkerCert, parse_worker_cert};
 
+/// What the handshake asks of revocations: a local set, or the shared one in the database.
+pub(super) trait RevocationCheck: std::fmt::Debug + Send + Sync {
+    /// Refuses `cert` if it, or its worker, is revoked.
+    fn check(&self, cert: &ParsedWorkerCert) -> Result<()>;
+}
+
+impl RevocationCheck for Revocations {
+    fn check(&self, cert: &ParsedWorkerCert) -> Result<()> {
+        Revocations::check(self, cert)
+    }
+}
+
 /// The revocation set in the PKI directory: one `worker <id>` or `serial <hex>` a line.
 pub const REVOCATIONS_FILE: &str = "revoked.txt";
 
@@ -117,11 +129,11 @@ impl Revocations {
 #[derive(Debug)]
 pub(super) struct RevocationCheckingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    revocations: Arc<Revocations>,
+    revocations: Arc<dyn RevocationCheck>,
 }
 
 impl RevocationCheckingVerifier {
-    pub(super) fn new(inner: Arc<dyn ClientCertVerifier>, revocations: Arc<Revocations>) -> Self {
+    pub(super) fn new(inner: Arc<dyn ClientCertVerifier>, revocations: Arc<dyn RevocationCheck>) -> Self {
         Self { inner, revocations }
     }
 }

@@ -1,4 +1,6 @@
-//! One-time registration tokens, kept in memory only.
+//! One-time registration tokens: what they are and how one is judged, and the ones a control
+//! plane of its own keeps in memory (control planes sharing a database keep theirs there: see
+//! `shared.rs`).
 //!
 //! A token is `<selector>.<secret>`: the selector (8 random bytes, hex) finds the entry, the
 //! secret (32 random bytes, hex) is compared in constant time. Looking the whole token up in a
@@ -19,7 +21,57 @@ const SECRET_BYTES: usize = 32;
 
 /// How long a used or expired token is remembered, so that presenting it again says "replayed"
 /// or "expired" rather than "unknown" for a while, without the map growing for ever.
-const RETENTION: Duration = Duration::from_secs(60 * 60);
+pub(super) const RETENTION: Duration = Duration::from_secs(60 * 60);
+
+/// A fresh token for `worker_id` (already validated), redeemable until `now + ttl`, with its
+/// selector and secret.
+pub(super) fn mint(
+    worker_id: &str,
+    now: SystemTime,
+    ttl: Duration,
+) -> Result<(RegistrationToken, String, String)> {
+    let expires_at = now.checked_add(ttl).ok_or(PkiError::TimeOutOfRange("token expiry"))?;
+    let selector = hex(&random_bytes::<SELECTOR_BYTES>()?);
+    let secret = hex(&random_bytes::<SECRET_BYTES>()?);
+    let token = RegistrationToken {
+        token: format!("{selector}.{secret}"),
+        worker_id: worker_id.to_owned(),
+        expires_at,
+    };
+    Ok((token, selector, secret))
+}
+
+/// What is known of the token a selector names, to judge a presentation of it.
+pub(super) struct Issued<'a> {
+    /// Whether the secret presented is the token's, compared in constant time.
+    pub(super) secret_matches: bool,
+    pub(super) used: bool,
+    pub(super) expires_at: SystemTime,
+    pub(super) worker_id: &'a str,
+}
+
+/// Whether `issued` may be redeemed by `worker_id` at `now`, or why not.
+///
+/// A wrong secret is reported as unknown, like a selector never issued, so that the answer
+/// tells a guesser nothing. A token presented for the wrong worker is not consumed: the worker
+/// it is bound to can still use it.
+pub(super) fn judge(issued: &Issued<'_>, worker_id: &str, now: SystemTime) -> Result<()> {
+    if !issued.secret_matches {
+        return Err(PkiError::UnknownToken);
+    }
+    if issued.used {
+        tracing::warn!(worker = %issued.worker_id, "a used registration token was presented again");
+        return Err(PkiError::TokenReplayed);
+    }
+    if now >= issued.expires_at {
+        return Err(PkiError::TokenExpired);
+    }
+    if issued.worker_id != worker_id {
+        tracing::warn!(bound = %issued.worker_id, claimed = worker_id, "registration token used for another worker");
+        return Err(PkiError::TokenWrongWorker { claimed: worker_id.to_owned() });
+    }
+    Ok(())
+}
 
 /// A registration token as issued, to hand to the worker out of band.
 #[derive(Clone)]
@@ -80,40 +132,28 @@ impl fmt::Debug for RegistrationTokens {
 impl RegistrationTokens {
     /// A new token for `worker_id` (already validated), redeemable until `now + ttl`.
     pub(super) fn issue(&self, worker_id: &str, now: SystemTime, ttl: Duration) -> Result<RegistrationToken> {
-        let expires_at = now.checked_add(ttl).ok_or(PkiError::TimeOutOfRange("token expiry"))?;
-        let selector = hex(&random_bytes::<SELECTOR_BYTES>()?);
-        let secret = hex(&random_bytes::<SECRET_BYTES>()?);
-        let token = format!("{selector}.{secret}");
+        let (token, selector, secret) = mint(worker_id, now, ttl)?;
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         forget_old(&mut entries, now);
-        entries.insert(selector, Entry { secret, worker_id: worker_id.to_owned(), expires_at, used: false });
-        Ok(RegistrationToken { token, worker_id: worker_id.to_owned(), expires_at })
+        let entry =
+            Entry { secret, worker_id: worker_id.to_owned(), expires_at: token.expires_at, used: false };
+        entries.insert(selector, entry);
+        Ok(token)
     }
 
-    /// Consumes `token` for `worker_id`, or says why not.
-    ///
-    /// A wrong secret is reported as unknown, like a selector never issued, so that the answer
-    /// tells a guesser nothing. A token presented for the wrong worker is not consumed: the
-    /// worker it is bound to can still use it.
+    /// Consumes `token` for `worker_id`, or says why not (see [`judge`]).
     pub(super) fn redeem(&self, token: &str, worker_id: &str, now: SystemTime) -> Result<()> {
         let (selector, secret) = token.split_once('.').ok_or(PkiError::UnknownToken)?;
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         forget_old(&mut entries, now);
         let entry = entries.get_mut(selector).ok_or(PkiError::UnknownToken)?;
-        if !constant_time_eq(secret.as_bytes(), entry.secret.as_bytes()) {
-            return Err(PkiError::UnknownToken);
-        }
-        if entry.used {
-            tracing::warn!(worker = %entry.worker_id, "a used registration token was presented again");
-            return Err(PkiError::TokenReplayed);
-        }
-        if now >= entry.expires_at {
-            return Err(PkiError::TokenExpired);
-        }
-        if entry.worker_id != worker_id {
-            tracing::warn!(bound = %entry.worker_id, claimed = worker_id, "registration token used for another worker");
-            return Err(PkiError::TokenWrongWorker { claimed: worker_id.to_owned() });
-        }
+        let issued = Issued {
+            secret_matches: constant_time_eq(secret.as_bytes(), entry.secret.as_bytes()),
+            used: entry.used,
+            expires_at: entry.expires_at,
+            worker_id: &entry.worker_id,
+        };
+        judge(&issued, worker_id, now)?;
         entry.used = true;
         Ok(())
     }

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "journal", include_str!("migrations/0001_journal.sql")),
     (2, "leases", include_str!("migrations/0002_leases.sql")),
     (3, "requests", include_str!("migrations/0003_requests.sql")),
+    (4, "pki", include_str!("migrations/0004_pki.sql")),
 ];
 
 /// The advisory lock of Hodei's migrations (any fixed number; "hodei" in ASCII). It is
