@@ -40,22 +40,17 @@ pub(super) async fn credentials(
             TOKEN_FILE.env
         ))
     })?;
+    // Control planes sharing a database redeem each other's tokens: one out of reach sends
+    // the agent on to the next.
+    let mut next = 0;
     loop {
+        let address = settings.registration_addrs[next % settings.registration_addrs.len()];
+        next += 1;
         say(
             settings.status_to_stderr,
-            format_args!(
-                "registering as {} with the control plane at {}",
-                settings.worker_id, settings.registration_addr
-            ),
+            format_args!("registering as {} with the control plane at {address}", settings.worker_id),
         );
-        match connect::register(
-            settings.registration_addr,
-            &settings.ca_bundle_pem,
-            &settings.worker_id,
-            token,
-        )
-        .await
-        {
+        match connect::register(address, &settings.ca_bundle_pem, &settings.worker_id, token).await {
             Ok((key, certificate)) => {
                 store(settings, &key, &certificate)?;
                 say(

@@ -18,6 +18,7 @@ use super::worker::Worker;
 /// keep running while the control plane is unreachable; their output waits (bounded) and is
 /// resent on the next session. When `shutdown` completes, running jobs are cancelled.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    settings.check_addresses()?;
     tokio::pin!(shutdown);
     let mut backoff = Backoff { policy: settings.backoff, attempt: 0 };
     let (identity, certificate) = tokio::select! {
@@ -35,19 +36,23 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         rotation_asked: false,
         status_to_stderr: settings.status_to_stderr,
     };
+    // The agent stays with the hub it reached; one where no session opens (its control plane
+    // is gone, say) sends it on to the next of those sharing the database.
+    let mut at = 0;
     loop {
-        say(
-            settings.status_to_stderr,
-            format_args!("dialling the control plane's sessions at {}", settings.session_addr),
-        );
+        let address = settings.session_addrs[at % settings.session_addrs.len()];
+        say(settings.status_to_stderr, format_args!("dialling the control plane's sessions at {address}"));
         let ended = tokio::select! {
             () = &mut shutdown => return Ok(()),
-            ended = session(&settings, &mut worker, &mut backoff) => ended,
+            ended = session(&settings, address, &mut worker, &mut backoff) => ended,
         };
+        if !ended.opened {
+            at += 1;
+        }
         // Reap the tasks of jobs that are over, so the set does not grow with every job.
         while worker.tasks.try_join_next().is_some() {}
         let delay = backoff.next();
-        say(settings.status_to_stderr, format_args!("{ended}; reconnecting in {delay:?}"));
+        say(settings.status_to_stderr, format_args!("{}; reconnecting in {delay:?}", ended.why));
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             () = tokio::time::sleep(delay) => {}

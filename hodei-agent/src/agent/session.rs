@@ -15,27 +15,50 @@ use crate::pki::agent_client_config;
 use crate::protocol::v1::{self, hub_message};
 use crate::runner::{BatchLimits, JobRunner, RunnerConfig};
 
-/// Opens one session and serves it: heartbeats, the jobs the hub assigns, and resending what
-/// the hub has not acknowledged. Returns why it ended. Jobs outlive it.
-pub(super) async fn session(settings: &Settings, worker: &mut Worker, backoff: &mut Backoff) -> String {
+/// How a session ended.
+pub(super) struct Ended {
+    /// Whether it opened at all: one that did not is a reason to try the next address.
+    pub(super) opened: bool,
+    /// Why it ended, for the status line.
+    pub(super) why: String,
+}
+
+/// Opens one session with the hub at `address` and serves it: heartbeats, the jobs the hub
+/// assigns, and resending what the hub has not acknowledged. Jobs outlive it.
+pub(super) async fn session(
+    settings: &Settings,
+    address: std::net::SocketAddr,
+    worker: &mut Worker,
+    backoff: &mut Backoff,
+) -> Ended {
+    let mut opened = false;
+    let why = serve(settings, address, worker, backoff, &mut opened).await;
+    Ended { opened, why }
+}
+
+async fn serve(
+    settings: &Settings,
+    address: std::net::SocketAddr,
+    worker: &mut Worker,
+    backoff: &mut Backoff,
+    opened_flag: &mut bool,
+) -> String {
     let hello = v1::Hello {
         jobs: worker.outboxes.all().iter().map(|outbox| outbox.announce()).collect(),
         ..connect::hello(&settings.worker_id)
     };
     let opened = async {
         let tls = agent_client_config(&settings.ca_bundle_pem, Some(&worker.identity))?;
-        connect::start_session(connect::channel(settings.session_addr, tls).await?, hello).await
+        connect::start_session(connect::channel(address, tls).await?, hello).await
     };
     let Session { welcome, sender, mut receiver, .. } = match opened.await {
         Ok(session) => session,
         Err(e) => return format!("the session could not be opened: {e}"),
     };
-    say(
-        settings.status_to_stderr,
-        format_args!("session open as {} at {}", settings.worker_id, settings.session_addr),
-    );
+    say(settings.status_to_stderr, format_args!("session open as {} at {address}", settings.worker_id));
     // A session that opened is a success: the next failure starts the backoff over.
     backoff.reset();
+    *opened_flag = true;
     let max_held = crate::protocol::negotiate_max_held_bytes(MAX_HELD_BYTES as u64, welcome.max_held_bytes);
     worker.outboxes.set_max_held(usize::try_from(max_held).unwrap_or(MAX_HELD_BYTES));
     for stored in &welcome.resume {

@@ -18,12 +18,15 @@ pub(super) struct Spec {
 const REGISTRATION_ADDR: Spec = Spec {
     flag: "--registration-addr",
     env: "HODEI_REGISTRATION_ADDR",
-    help: "the control plane's registration listener, IP:PORT (required)",
+    help: "the control plane's registration listener, IP:PORT, or several separated by commas \
+           (control planes sharing a database), tried in turn until one answers (required)",
 };
 const SESSION_ADDR: Spec = Spec {
     flag: "--session-addr",
     env: "HODEI_SESSION_ADDR",
-    help: "the control plane's mutual-TLS session listener, IP:PORT (required)",
+    help: "the control plane's mutual-TLS session listener, IP:PORT, or several separated by \
+           commas: the agent stays with the one it reached and moves on to the next when it \
+           cannot open a session there (required)",
 };
 const WORKER_ID: Spec =
     Spec { flag: "--worker-id", env: "HODEI_WORKER_ID", help: "this worker's id (required)" };
@@ -77,10 +80,10 @@ pub fn help() -> String {
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Settings {
-    /// The hub's registration listener.
-    pub registration_addr: SocketAddr,
-    /// The hub's session listener.
-    pub session_addr: SocketAddr,
+    /// The hubs' registration listeners, in the order they are tried; never empty.
+    pub registration_addrs: Vec<SocketAddr>,
+    /// The hubs' session listeners, in the order they are tried; never empty.
+    pub session_addrs: Vec<SocketAddr>,
     /// This worker's id.
     pub worker_id: String,
     /// The registration token, if one was given.
@@ -106,8 +109,8 @@ pub struct Settings {
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
-            .field("registration_addr", &self.registration_addr)
-            .field("session_addr", &self.session_addr)
+            .field("registration_addrs", &self.registration_addrs)
+            .field("session_addrs", &self.session_addrs)
             .field("worker_id", &self.worker_id)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("work_dir", &self.work_dir)
@@ -126,6 +129,18 @@ pub enum Command {
 }
 
 impl Settings {
+    /// Refuses settings whose address lists were emptied after parsing (the fields are public):
+    /// there would be nothing to dial.
+    pub(super) fn check_addresses(&self) -> Result<(), AgentError> {
+        if self.registration_addrs.is_empty() {
+            return Err(REGISTRATION_ADDR.error("no address"));
+        }
+        if self.session_addrs.is_empty() {
+            return Err(SESSION_ADDR.error("no address"));
+        }
+        Ok(())
+    }
+
     /// Parses `args` (without the program name), falling back to `env` for settings not given as
     /// flags.
     pub fn parse(
@@ -160,15 +175,20 @@ impl Settings {
                 .or_else(|| env(spec.env))
         };
         let required = |spec: &Spec| get(spec).filter(|v| !v.is_empty()).ok_or_else(|| spec.error("missing"));
-        let address = |spec: &Spec| {
+        let addresses = |spec: &Spec| {
             let value = required(spec)?;
             value
-                .parse::<SocketAddr>()
-                .map_err(|e| spec.error(format!("`{value}` is not an IP:PORT address: {e}")))
+                .split(',')
+                .map(|one| {
+                    one.trim()
+                        .parse::<SocketAddr>()
+                        .map_err(|e| spec.error(format!("`{}` is not an IP:PORT address: {e}", one.trim())))
+                })
+                .collect::<Result<Vec<_>, _>>()
         };
 
-        let registration_addr = address(&REGISTRATION_ADDR)?;
-        let session_addr = address(&SESSION_ADDR)?;
+        let registration_addrs = addresses(&REGISTRATION_ADDR)?;
+        let session_addrs = addresses(&SESSION_ADDR)?;
         let worker_id = required(&WORKER_ID)?;
         validate_worker_id(&worker_id).map_err(|e| WORKER_ID.error(e.to_string()))?;
         let ca_path = required(&CA_BUNDLE)?;
@@ -191,8 +211,8 @@ impl Settings {
         }
         .filter(|token| !token.is_empty());
         Ok(Command::Run(Settings {
-            registration_addr,
-            session_addr,
+            registration_addrs,
+            session_addrs,
             worker_id,
             token,
             ca_bundle_pem,
@@ -216,4 +236,57 @@ fn read_token(path: &str) -> Result<String, AgentError> {
     fs::read_to_string(path)
         .map(|token| token.trim().to_owned())
         .map_err(|e| TOKEN_FILE.error(format!("cannot read {path}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(registration: &str, session: &str) -> Result<Settings, AgentError> {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let pki = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        fs::write(&ca, pki.cert.pem()).unwrap();
+        let args = [
+            format!("--registration-addr={registration}"),
+            format!("--session-addr={session}"),
+            "--worker-id=w-1".to_owned(),
+            format!("--ca-bundle={}", ca.display()),
+            format!("--work-dir={}", dir.path().display()),
+        ];
+        match Settings::parse(args, |_| None)? {
+            Command::Run(settings) => Ok(settings),
+            Command::Help => panic!("not help"),
+        }
+    }
+
+    #[test]
+    fn addresses_are_one_or_a_list_in_order() {
+        let one = parse("127.0.0.1:1", "127.0.0.1:2").unwrap();
+        assert_eq!(one.registration_addrs, ["127.0.0.1:1".parse().unwrap()]);
+        let several = parse("127.0.0.1:1, 127.0.0.1:3", "127.0.0.1:2,[::1]:4").unwrap();
+        assert_eq!(
+            several.registration_addrs,
+            ["127.0.0.1:1".parse().unwrap(), "127.0.0.1:3".parse().unwrap()]
+        );
+        assert_eq!(several.session_addrs, ["127.0.0.1:2".parse().unwrap(), "[::1]:4".parse().unwrap()]);
+        several.check_addresses().unwrap();
+    }
+
+    #[test]
+    fn a_bad_address_in_a_list_is_a_setting_error_naming_it() {
+        let error = parse("127.0.0.1:1,,127.0.0.1:3", "127.0.0.1:2").unwrap_err();
+        assert!(
+            matches!(&error, AgentError::Setting { flag: "--registration-addr", reason, .. } if reason.contains("``")),
+            "{error}"
+        );
+        let error = parse("127.0.0.1:1", "127.0.0.1:2,hub:4").unwrap_err();
+        assert!(
+            matches!(&error, AgentError::Setting { flag: "--session-addr", reason, .. } if reason.contains("`hub:4`")),
+            "{error}"
+        );
+        let mut emptied = parse("127.0.0.1:1", "127.0.0.1:2").unwrap();
+        emptied.session_addrs.clear();
+        assert!(matches!(emptied.check_addresses(), Err(AgentError::Setting { flag: "--session-addr", .. })));
+    }
 }
