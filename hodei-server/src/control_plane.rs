@@ -74,6 +74,9 @@ pub enum ControlPlaneError {
     /// The event store could not list the sagas in flight.
     #[error("listing the sagas in flight: {0}")]
     Store(#[source] hodei_core::Error),
+    /// The listeners could not be announced in the database the control planes share.
+    #[error("announcing the listeners to the control planes sharing the database: {0}")]
+    Announce(#[source] hodei_core::Error),
     /// A listener could not be started or stopped.
     #[error(transparent)]
     Hub(#[from] HubError),
@@ -170,7 +173,7 @@ impl ControlPlaneBuilder {
         let data_dir = self.data_dir;
         let pki_error = |source| ControlPlaneError::Pki { path: data_dir.clone(), source };
         #[cfg(feature = "postgres")]
-        let pki = match self.shared_pki {
+        let pki = match self.shared_pki.clone() {
             Some(store) => HubPki::open_shared(store, self.pki_config),
             None => HubPki::open(&data_dir, self.pki_config),
         };
@@ -210,6 +213,22 @@ impl ControlPlaneBuilder {
         std::fs::write(&listeners_file, record)
             .map_err(|source| ControlPlaneError::Listeners { path: listeners_file.clone(), source })?;
         let mut scheduler = Scheduler::builder(hub.clone(), registration.local_addr(), sessions.local_addr());
+        // With a shared database, the others learn where this one listens, and its workers
+        // where they do.
+        #[cfg(feature = "postgres")]
+        let announced = match self.shared_pki {
+            Some(store) => {
+                let shared = Arc::new(crate::peers::SharedListeners::new(store));
+                let own = crate::peers::Listeners {
+                    registration: registration.local_addr(),
+                    session: sessions.local_addr(),
+                };
+                shared.announce(own).map_err(ControlPlaneError::Announce)?;
+                scheduler = scheduler.peers(shared.clone());
+                Some(shared)
+            }
+            None => None,
+        };
         for (provider, policy) in self.providers {
             scheduler = scheduler.provider(provider, policy);
         }
@@ -221,7 +240,16 @@ impl ControlPlaneBuilder {
             scheduler = scheduler.provider(Arc::new(local), ProviderPolicy::default());
         }
         let scheduler = scheduler.build()?;
-        Ok(ControlPlane { data_dir, hub, logs, scheduler, registration, sessions })
+        Ok(ControlPlane {
+            data_dir,
+            hub,
+            logs,
+            scheduler,
+            registration,
+            sessions,
+            #[cfg(feature = "postgres")]
+            announced,
+        })
     }
 }
 
@@ -234,6 +262,10 @@ pub struct ControlPlane {
     scheduler: Scheduler,
     registration: Listening,
     sessions: Listening,
+    /// The listeners announced to the control planes sharing the database, withdrawn at
+    /// shutdown.
+    #[cfg(feature = "postgres")]
+    announced: Option<Arc<crate::peers::SharedListeners>>,
 }
 
 impl ControlPlane {
@@ -316,6 +348,13 @@ impl ControlPlane {
 
     /// Destroys every worker, then stops the listeners.
     pub async fn shutdown(self) -> Result<(), ControlPlaneError> {
+        #[cfg(feature = "postgres")]
+        if let Some(announced) = &self.announced
+            && let Err(e) = announced.withdraw()
+        {
+            // Listed until its engine's lease lapses, then no more: its workers lose a moment.
+            tracing::warn!(error = %e, "the control plane's listeners stay announced");
+        }
         self.scheduler.shutdown().await;
         self.registration.shutdown().await?;
         self.sessions.shutdown().await?;

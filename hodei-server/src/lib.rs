@@ -32,6 +32,7 @@ pub mod jobs;
 pub mod logstore;
 pub mod metrics;
 pub mod node;
+pub mod peers;
 pub mod pki;
 pub mod scheduler;
 

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::hub::Hub;
 use crate::jobs::{LeaseEnd, PoolError, WorkerLease, WorkerPool, WorkerRequest};
 use crate::metrics::Metrics;
+use crate::peers::{Listeners, PeerListeners, address_lists};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -223,6 +224,7 @@ pub struct SchedulerBuilder {
     session_addr: SocketAddr,
     providers: Vec<Slot>,
     metrics: Option<Metrics>,
+    peers: Option<Arc<dyn PeerListeners>>,
 }
 
 impl SchedulerBuilder {
@@ -235,6 +237,13 @@ impl SchedulerBuilder {
     /// Records queue waits, provisioning times and lost workers in `metrics`.
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Hands each new worker the listeners of `peers` after this hub's own, read as it is
+    /// provisioned: its agent moves on to another control plane when this one is gone.
+    pub fn peers(mut self, peers: Arc<dyn PeerListeners>) -> Self {
+        self.peers = Some(peers);
         self
     }
 
@@ -259,8 +268,8 @@ impl SchedulerBuilder {
             }
         }
         let inner = Arc::new(Inner {
-            registration_addr: self.registration_addr.to_string(),
-            session_addr: self.session_addr.to_string(),
+            listeners: Listeners { registration: self.registration_addr, session: self.session_addr },
+            peers: self.peers,
             providers: self.providers,
             state: Mutex::new(State::default()),
             counts: watch::Sender::new(SchedulerCounts::default()),
@@ -297,7 +306,14 @@ impl Scheduler {
     /// A scheduler whose workers dial `hub` at `registration_addr` and `session_addr` (the
     /// addresses of its listeners, as the workers can reach them).
     pub fn builder(hub: Hub, registration_addr: SocketAddr, session_addr: SocketAddr) -> SchedulerBuilder {
-        SchedulerBuilder { hub, registration_addr, session_addr, providers: Vec::new(), metrics: None }
+        SchedulerBuilder {
+            hub,
+            registration_addr,
+            session_addr,
+            providers: Vec::new(),
+            metrics: None,
+            peers: None,
+        }
     }
 
     /// Requests waiting and workers held, now.
@@ -530,8 +546,10 @@ struct Slot {
 
 struct Inner {
     hub: Hub,
-    registration_addr: String,
-    session_addr: String,
+    /// This hub's listeners, which its workers dial first.
+    listeners: Listeners,
+    /// The other control planes', dialled when this one is gone.
+    peers: Option<Arc<dyn PeerListeners>>,
     providers: Vec<Slot>,
     state: Mutex<State>,
     counts: watch::Sender<SchedulerCounts>,
@@ -1038,12 +1056,13 @@ impl Inner {
         let token = self.hub.pki().issue_token(&claim.worker_id).map_err(|e| PoolError::Unavailable {
             reason: format!("cannot issue a registration token for `{}`: {e}", claim.worker_id),
         })?;
-        let agent = AgentEnv::new(
-            self.registration_addr.clone(),
-            self.session_addr.clone(),
-            token.as_str(),
-            self.hub.pki().ca_bundle_pem(),
-        );
+        let peers = match self.peers.clone() {
+            // The lookup blocks on the database.
+            Some(peers) => tokio::task::spawn_blocking(move || peers.peers()).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let (registration, session) = address_lists(self.listeners, &peers);
+        let agent = AgentEnv::new(registration, session, token.as_str(), self.hub.pki().ca_bundle_pem());
         let mut spec = WorkerSpec::new(claim.worker_id.clone(), agent);
         spec.image = slot.policy.image.clone();
         spec.resources = request.resources;

@@ -82,3 +82,39 @@ async fn an_agent_carries_on_with_another_control_plane_when_its_own_is_gone() {
     within(agent).await.unwrap().unwrap();
     second.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_planes_on_one_database_list_each_others_listeners_while_they_run() {
+    use hodei_server::peers::{Listeners, PeerListeners, SharedListeners};
+    let Some(db) = TestDatabase::new("listeners") else { return };
+    let mut planes = Vec::new();
+    for _ in 0..2 {
+        let store = Arc::new(PostgresStore::connect_with(&db.url, db.options()).await.unwrap());
+        // An engine on the store, as in every engine process: its lease is what says the
+        // control plane beside it is alive.
+        let engine = hodei_core::Engine::builder().store(store.clone()).start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let plane = ControlPlane::builder(dir.path()).shared_pki(store.clone()).start().await.unwrap();
+        planes.push((dir, store, engine, plane));
+    }
+    let listeners = |n: usize| Listeners {
+        registration: planes[n].3.registration_addr(),
+        session: planes[n].3.session_addr(),
+    };
+    let peers_of = |n: usize| {
+        let store = planes[n].1.clone();
+        move || SharedListeners::new(store).peers()
+    };
+    let (first_peers, second_peers) = (peers_of(0), peers_of(1));
+    assert_eq!(tokio::task::spawn_blocking(first_peers.clone()).await.unwrap(), [listeners(1)]);
+    assert_eq!(tokio::task::spawn_blocking(second_peers).await.unwrap(), [listeners(0)]);
+
+    // A control plane that stops is no longer handed out.
+    let (_dir, _store, engine, plane) = planes.pop().unwrap();
+    plane.shutdown().await.unwrap();
+    assert_eq!(tokio::task::spawn_blocking(first_peers).await.unwrap(), []);
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    let (_dir, _store, engine, plane) = planes.pop().unwrap();
+    plane.shutdown().await.unwrap();
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "leases", include_str!("migrations/0002_leases.sql")),
     (3, "requests", include_str!("migrations/0003_requests.sql")),
     (4, "pki", include_str!("migrations/0004_pki.sql")),
+    (5, "listeners", include_str!("migrations/0005_listeners.sql")),
 ];
 
 /// The advisory lock of Hodei's migrations (any fixed number; "hodei" in ASCII). It is

@@ -294,7 +294,7 @@ async fn stores_starting_at_once_apply_the_migrations_once() {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    assert_eq!(applied, [(1, 1), (2, 1), (3, 1), (4, 1)]);
+    assert_eq!(applied, [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
     // And every store works on the one schema.
     for (n, store) in stores.iter().enumerate() {
         let (record, start) = started(&SagaId::new(format!("s{n}")).unwrap());
