@@ -81,7 +81,7 @@ pub(crate) async fn list_tokens(
     headers: HeaderMap,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
     authorize(&state.tokens, &headers, Role::Admin)?;
-    Ok(Json(state.tokens.list().iter().map(token_view).collect()))
+    Ok(Json(state.tokens.list()?.iter().map(token_view).collect()))
 }
 
 /// Issues a token; its secret is in this response only.

@@ -137,6 +137,7 @@ impl From<TokenError> for ApiError {
             TokenError::Malformed | TokenError::Unknown | TokenError::Revoked(_) => {
                 Self::unauthenticated(message)
             }
+            TokenError::Shared { .. } => Self::unavailable(message),
             _ => Self::internal(message),
         }
     }

@@ -25,6 +25,8 @@ mod server;
 pub mod signature;
 mod time;
 pub mod tokens;
+#[cfg(feature = "postgres")]
+mod tokens_shared;
 mod view;
 mod webhooks;
 mod workers;

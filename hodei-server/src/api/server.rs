@@ -119,9 +119,20 @@ pub struct ApiServerBuilder {
     webhooks: BTreeMap<String, Webhook>,
     metrics: Option<Metrics>,
     metrics_access: MetricsAccess,
+    #[cfg(feature = "postgres")]
+    shared_tokens: Option<Arc<hodei_core::PostgresStore>>,
 }
 
 impl ApiServerBuilder {
+    /// Keeps the API's tokens in the database of `store`, shared by every engine's API on it
+    /// ([`TokenStore::open_shared`]), instead of in the data directory: an operator's token
+    /// works on every engine, and a revocation holds on all of them.
+    #[cfg(feature = "postgres")]
+    pub fn shared_tokens(mut self, store: Arc<hodei_core::PostgresStore>) -> Self {
+        self.shared_tokens = Some(store);
+        self
+    }
+
     /// Serves the control plane's workers and job logs too.
     pub fn control_plane(mut self, control_plane: &ControlPlane) -> Self {
         self.hub = Some(control_plane.hub().clone());
@@ -194,6 +205,18 @@ impl ApiServerBuilder {
         if matches!(self.metrics_access, MetricsAccess::Open) && !self.addr.ip().is_loopback() {
             return Err(ApiServeError::OpenMetrics(self.addr));
         }
+        #[cfg(feature = "postgres")]
+        let (tokens, first_admin) = match self.shared_tokens.clone() {
+            // It blocks on the database.
+            Some(store) => {
+                let data_dir = self.data_dir.clone();
+                tokio::task::spawn_blocking(move || TokenStore::open_shared(store, &data_dir))
+                    .await
+                    .map_err(|e| TokenError::Shared { action: "open the tokens", reason: e.to_string() })??
+            }
+            None => TokenStore::open(&self.data_dir)?,
+        };
+        #[cfg(not(feature = "postgres"))]
         let (tokens, first_admin) = TokenStore::open(&self.data_dir)?;
         let admin_token_file = first_admin.map(|_| self.data_dir.join(API_DIR).join(ADMIN_TOKEN_FILE));
         let state = ApiState {
@@ -267,6 +290,8 @@ impl ApiServer {
             webhooks: BTreeMap::new(),
             metrics: None,
             metrics_access: MetricsAccess::default(),
+            #[cfg(feature = "postgres")]
+            shared_tokens: None,
         }
     }
 

@@ -116,6 +116,15 @@ pub enum TokenError {
     /// The system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+    /// The database the engines share their tokens in failed or is out of reach: nothing was
+    /// issued or revoked, and a request is refused rather than let through unchecked.
+    #[error("the shared token store could not {action}: {reason}")]
+    Shared {
+        /// What was being done.
+        action: &'static str,
+        /// The database's error.
+        reason: String,
+    },
 }
 
 /// A token as the store lists it: never its secret.
@@ -154,17 +163,105 @@ impl fmt::Debug for IssuedToken {
 }
 
 #[derive(Clone, Debug)]
-struct Entry {
-    token: ApiToken,
-    digest: [u8; 32],
+pub(super) struct Entry {
+    pub(super) token: ApiToken,
+    pub(super) digest: [u8; 32],
 }
 
-/// The API's tokens, persisted in `<data>/api/tokens`. Cheap to share behind an `Arc`.
+/// The API's tokens, persisted in `<data>/api/tokens`, or in the database the engines share
+/// ([`TokenStore::open_shared`]). Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct TokenStore {
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    File(FileTokens),
+    #[cfg(feature = "postgres")]
+    Shared(super::tokens_shared::SharedTokens),
+}
+
+/// The tokens of one engine's API, in its data directory.
+#[derive(Debug)]
+struct FileTokens {
     path: PathBuf,
     /// By selector.
     entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl TokenStore {
+    /// The tokens every engine's API on the database of `store` shares: one issued by any is
+    /// accepted by all, and a revocation holds on all of them at the next request. When no
+    /// first admin token exists yet, this one issues it and writes it to [`ADMIN_TOKEN_FILE`]
+    /// in `data_dir` (mode 0600), and returns it; an API that starts at the same moment and
+    /// loses the race writes none.
+    #[cfg(feature = "postgres")]
+    pub fn open_shared(
+        store: std::sync::Arc<hodei_core::PostgresStore>,
+        data_dir: &Path,
+    ) -> Result<(Self, Option<IssuedToken>), TokenError> {
+        let (shared, first) = super::tokens_shared::SharedTokens::open(store, &data_dir.join(API_DIR))?;
+        Ok((Self { backend: Backend::Shared(shared) }, first))
+    }
+
+    /// Issues a token named `name` with `role`.
+    pub fn issue(&self, name: &str, role: Role) -> Result<IssuedToken, TokenError> {
+        check_name(name)?;
+        match &self.backend {
+            Backend::File(file) => file.issue(name, role),
+            #[cfg(feature = "postgres")]
+            Backend::Shared(shared) => shared.issue(name, role),
+        }
+    }
+
+    /// Revokes the token named `name`. Returns whether it was live.
+    pub fn revoke(&self, name: &str) -> Result<bool, TokenError> {
+        match &self.backend {
+            Backend::File(file) => file.revoke(name),
+            #[cfg(feature = "postgres")]
+            Backend::Shared(shared) => shared.revoke(name),
+        }
+    }
+
+    /// Every token, revoked ones too, by name.
+    pub fn list(&self) -> Result<Vec<ApiToken>, TokenError> {
+        match &self.backend {
+            Backend::File(file) => Ok(file.list()),
+            #[cfg(feature = "postgres")]
+            Backend::Shared(shared) => shared.list(),
+        }
+    }
+
+    /// The token `bearer` is, if it is live.
+    pub fn authenticate(&self, bearer: &str) -> Result<ApiToken, TokenError> {
+        let (selector, secret) = parse_bearer(bearer)?;
+        let found = match &self.backend {
+            Backend::File(file) => file.entries().get(selector).cloned(),
+            #[cfg(feature = "postgres")]
+            Backend::Shared(shared) => shared.entry(selector)?,
+        };
+        let entry = found.ok_or(TokenError::Unknown)?;
+        if !constant_time_eq(&entry.digest, &digest(secret.as_bytes())) {
+            return Err(TokenError::Unknown);
+        }
+        if entry.token.revoked {
+            return Err(TokenError::Revoked(entry.token.name.clone()));
+        }
+        Ok(entry.token)
+    }
+}
+
+/// A bearer token's selector and secret, if it has the form of one.
+fn parse_bearer(bearer: &str) -> Result<(&str, &str), TokenError> {
+    bearer
+        .strip_prefix(TOKEN_PREFIX)
+        .and_then(|rest| rest.split_once('_'))
+        .filter(|(selector, secret)| {
+            unhex(selector).is_some_and(|b| b.len() == SELECTOR_BYTES)
+                && unhex(secret).is_some_and(|b| b.len() == SECRET_BYTES)
+        })
+        .ok_or(TokenError::Malformed)
 }
 
 impl TokenStore {
@@ -180,20 +277,26 @@ impl TokenStore {
             // The token's file first: a crash before the store is written leaves no store, and
             // the next open issues a new token into the same file; the other order could leave
             // a store whose only admin token nobody has.
-            let file = dir.join(ADMIN_TOKEN_FILE);
-            write_atomically(&file, format!("{}\n", admin.bearer()).as_bytes(), 0o600)?;
-            let store = Self { path, entries: Mutex::new(BTreeMap::from([(selector, entry)])) };
+            let file = write_admin_token(&dir, &admin)?;
+            let store = FileTokens { path, entries: Mutex::new(BTreeMap::from([(selector, entry)])) };
             store.persist(&store.entries())?;
             tracing::warn!(file = %file.display(), "issued the first admin token of the operator API");
-            return Ok((store, Some(admin)));
+            return Ok((Self { backend: Backend::File(store) }, Some(admin)));
         };
         let entries = parse(&path, &text)?;
-        Ok((Self { path, entries: Mutex::new(entries) }, None))
+        Ok((Self { backend: Backend::File(FileTokens { path, entries: Mutex::new(entries) }) }, None))
     }
+}
 
-    /// Issues a token named `name` with `role`.
-    pub fn issue(&self, name: &str, role: Role) -> Result<IssuedToken, TokenError> {
-        check_name(name)?;
+/// Writes the first admin token to [`ADMIN_TOKEN_FILE`] in `dir`, mode 0600; returns the file.
+pub(super) fn write_admin_token(dir: &Path, admin: &IssuedToken) -> Result<PathBuf, TokenError> {
+    let file = dir.join(ADMIN_TOKEN_FILE);
+    write_atomically(&file, format!("{}\n", admin.bearer()).as_bytes(), 0o600)?;
+    Ok(file)
+}
+
+impl FileTokens {
+    fn issue(&self, name: &str, role: Role) -> Result<IssuedToken, TokenError> {
         let mut entries = self.entries();
         if entries.values().any(|e| e.token.name == name) {
             return Err(TokenError::NameTaken(name.to_owned()));
@@ -206,8 +309,7 @@ impl TokenStore {
         Ok(issued)
     }
 
-    /// Revokes the token named `name`. Returns whether it was live.
-    pub fn revoke(&self, name: &str) -> Result<bool, TokenError> {
+    fn revoke(&self, name: &str) -> Result<bool, TokenError> {
         let mut entries = self.entries();
         let Some(selector) = entries.iter().find(|(_, e)| e.token.name == name).map(|(s, _)| s.clone())
         else {
@@ -225,32 +327,10 @@ impl TokenStore {
         Ok(true)
     }
 
-    /// Every token, revoked ones too, by name.
-    pub fn list(&self) -> Vec<ApiToken> {
+    fn list(&self) -> Vec<ApiToken> {
         let mut tokens: Vec<_> = self.entries().values().map(|e| e.token.clone()).collect();
         tokens.sort_by(|a, b| a.name.cmp(&b.name));
         tokens
-    }
-
-    /// The token `bearer` is, if it is live.
-    pub fn authenticate(&self, bearer: &str) -> Result<ApiToken, TokenError> {
-        let (selector, secret) = bearer
-            .strip_prefix(TOKEN_PREFIX)
-            .and_then(|rest| rest.split_once('_'))
-            .filter(|(selector, secret)| {
-                unhex(selector).is_some_and(|b| b.len() == SELECTOR_BYTES)
-                    && unhex(secret).is_some_and(|b| b.len() == SECRET_BYTES)
-            })
-            .ok_or(TokenError::Malformed)?;
-        let entries = self.entries();
-        let entry = entries.get(selector).ok_or(TokenError::Unknown)?;
-        if !constant_time_eq(&entry.digest, &digest(secret.as_bytes())) {
-            return Err(TokenError::Unknown);
-        }
-        if entry.token.revoked {
-            return Err(TokenError::Revoked(entry.token.name.clone()));
-        }
-        Ok(entry.token.clone())
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -276,7 +356,7 @@ impl TokenStore {
 }
 
 /// A new token: its selector, its stored entry, and the token as issued.
-fn mint(name: &str, role: Role) -> Result<(String, Entry, IssuedToken), TokenError> {
+pub(super) fn mint(name: &str, role: Role) -> Result<(String, Entry, IssuedToken), TokenError> {
     let selector = hex(&random_bytes::<SELECTOR_BYTES>().map_err(|_| TokenError::Random)?);
     let secret = hex(&random_bytes::<SECRET_BYTES>().map_err(|_| TokenError::Random)?);
     let token = ApiToken { name: name.to_owned(), role, created_unix: now_unix(), revoked: false };
@@ -401,7 +481,7 @@ mod tests {
         // Revocation survives a reopen.
         let (again, _) = open(dir.path());
         assert!(matches!(again.authenticate(bearer), Err(TokenError::Revoked(_))));
-        assert!(again.list().iter().any(|t| t.name == "ci-bot" && t.revoked));
+        assert!(again.list().unwrap().iter().any(|t| t.name == "ci-bot" && t.revoked));
     }
 
     #[test]

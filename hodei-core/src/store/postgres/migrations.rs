@@ -15,7 +15,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "requests", include_str!("migrations/0003_requests.sql")),
     (4, "pki", include_str!("migrations/0004_pki.sql")),
     (5, "listeners", include_str!("migrations/0005_listeners.sql")),
+    (6, "api tokens", include_str!("migrations/0006_api_tokens.sql")),
 ];
+
+/// The newest version this build knows.
+pub(super) const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The advisory lock of Hodei's migrations (any fixed number; "hodei" in ASCII). It is
 /// database-wide, so stores on different schemas of one database also take turns; that costs
@@ -53,7 +57,7 @@ pub(super) async fn migrate(client: &mut Client, schema: Option<&str>) -> Result
     .await?;
     let applied: Vec<i32> =
         tx.query("SELECT version FROM hodei_migrations", &[]).await?.iter().map(|row| row.get(0)).collect();
-    let known = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
+    let known = LATEST;
     if let Some(&found) = applied.iter().max().filter(|&&found| found > known) {
         return Err(MigrationError::Refused(PostgresError::NewerSchema { found, known }));
     }
