@@ -59,6 +59,13 @@
 //! are short-lived, and the operator issues a new one), so a worker provisioned but not yet
 //! registered when the control plane stopped can never register. The server certificate is not
 //! stored either: the hub issues a fresh one at start ([`HubPki::issue_server_identity`]).
+//!
+//! # Control planes sharing a database
+//!
+//! [`HubPki::open_shared`] (feature `postgres`) keeps all of this in the PostgreSQL database the
+//! engines share instead of the data directory: one CA for every control plane, tokens any of
+//! them redeems once (and which survive a restart), revocations read at each handshake, and
+//! one record of certified workers. An agent registered with one is accepted by all.
 
 mod ca;
 mod certified;
