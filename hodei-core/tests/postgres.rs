@@ -320,10 +320,12 @@ async fn a_parent_and_its_child_taken_over_by_two_engines_finish_together() {
 /// One run of the scenario above; true if the parent and the child ended on different heirs.
 async fn parent_and_child_taken_over(db: &TestDatabase) -> bool {
     let (reached_tx, mut reached) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Each run of the parent's body, on whichever engine: the stalled one's, then its heir's.
+    let (parent_runs_tx, mut parent_runs) = tokio::sync::mpsc::unbounded_channel::<()>();
     let gate = tokio::sync::watch::Sender::new(false);
     let definitions = |effects: &Effects| {
         let (child_effects, parent_effects) = (effects.clone(), effects.clone());
-        let (gate, reached_tx) = (gate.clone(), reached_tx.clone());
+        let (gate, reached_tx, parent_runs_tx) = (gate.clone(), reached_tx.clone(), parent_runs_tx.clone());
         let child = saga("unit", 1, move |ctx, n: u32| {
             let (effects, gate, reached_tx) = (child_effects.clone(), gate.clone(), reached_tx.clone());
             async move {
@@ -341,8 +343,9 @@ async fn parent_and_child_taken_over(db: &TestDatabase) -> bool {
             }
         });
         let parent = saga("suite", 1, move |ctx, n: u32| {
-            let effects = parent_effects.clone();
+            let (effects, parent_runs_tx) = (parent_effects.clone(), parent_runs_tx.clone());
             async move {
+                let _ = parent_runs_tx.send(());
                 let record = |name: &'static str| {
                     let effects = effects.clone();
                     move |_, ()| {
@@ -376,11 +379,15 @@ async fn parent_and_child_taken_over(db: &TestDatabase) -> bool {
     let parent = SagaId::new("p-1").unwrap();
     stalled.start(SagaRun::new("suite", "p-1", &1u32).unwrap()).await.unwrap();
     reached.recv().await.unwrap();
+    parent_runs.recv().await.unwrap();
 
     db.lapse(&stalled_id).await;
-    // A heir claimed the child and reached its step again: only now may the stalled engine's
-    // step return, and its write is refused.
+    // A heir claimed the child and reached its step again, and a heir claimed the parent and
+    // runs it: only now may the stalled engine's step return, and its write is refused. Were
+    // the parent still the stalled engine's when the child finished, that engine would go on
+    // to the parent's next step, whose start it could still journal.
     reached.recv().await.unwrap();
+    parent_runs.recv().await.unwrap();
     gate.send_replace(true);
     let outcome = heirs[0].handle(&parent).unwrap().outcome::<u32>().await.unwrap();
     assert_eq!(outcome, Outcome::Completed(11));
