@@ -62,10 +62,8 @@ impl Bridge for OtelBridge {
     }
 
     fn context_of_kept(&self, span: &tracing::Span) -> Option<TraceContext> {
-        match self.root_sampler {
-            Some(_) => head::start_kept(|| self.context_of(span)),
-            None => self.context_of(span),
-        }
+        // Only a draw makes a trace kept, and only a bridge with a root sampler draws.
+        head::start_kept(|| self.context_of(span))
     }
 
     fn set_parent(&self, span: &tracing::Span, parent: &TraceContext) {

@@ -21,7 +21,11 @@ pub(super) trait RevocationCheck: std::fmt::Debug + Send + Sync {
 
 impl RevocationCheck for Revocations {
     fn check(&self, cert: &ParsedWorkerCert) -> Result<()> {
-        Revocations::check(self, cert)
+        self.check_worker(&cert.worker_id)?;
+        if self.set.read().unwrap_or_else(PoisonError::into_inner).serials.contains(&cert.serial) {
+            return Err(PkiError::CertificateRevoked(cert.serial.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -94,14 +98,6 @@ impl Revocations {
     pub(super) fn check_worker(&self, worker_id: &str) -> Result<()> {
         if self.set.read().unwrap_or_else(PoisonError::into_inner).workers.contains(worker_id) {
             return Err(PkiError::WorkerRevoked(worker_id.to_owned()));
-        }
-        Ok(())
-    }
-
-    pub(super) fn check(&self, cert: &ParsedWorkerCert) -> Result<()> {
-        self.check_worker(&cert.worker_id)?;
-        if self.set.read().unwrap_or_else(PoisonError::into_inner).serials.contains(&cert.serial) {
-            return Err(PkiError::CertificateRevoked(cert.serial.clone()));
         }
         Ok(())
     }
