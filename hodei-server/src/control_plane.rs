@@ -111,7 +111,7 @@ pub struct ControlPlaneBuilder {
     providers: Vec<(Arc<dyn Provider>, ProviderPolicy)>,
     metrics: Option<Metrics>,
     #[cfg(feature = "postgres")]
-    shared_pki: Option<Arc<hodei_core::PostgresStore>>,
+    shared: Option<Arc<hodei_core::PostgresStore>>,
 }
 
 impl fmt::Debug for ControlPlaneBuilder {
@@ -152,13 +152,16 @@ impl ControlPlaneBuilder {
         self
     }
 
-    /// Keeps the PKI in the database of `store`, shared by every control plane on it
-    /// ([`HubPki::open_shared`]), instead of in the data directory: one CA, so that an agent
-    /// registered with one is accepted by all, and tokens, revocations and rotations that hold
-    /// across them.
+    /// Joins the control planes on the database of `store`, keeping there what they share
+    /// instead of in the data directory:
+    /// - the PKI ([`HubPki::open_shared`]): one CA, so that an agent registered with one is
+    ///   accepted by all, and tokens, revocations and rotations that hold across them;
+    /// - where each listens, so that their workers can reach the others when theirs is gone;
+    /// - job logs and results ([`LogStore::open_shared`]), so that a job's output and result
+    ///   reach its saga whichever of them the agent sends them to and wherever the saga runs.
     #[cfg(feature = "postgres")]
-    pub fn shared_pki(mut self, store: Arc<hodei_core::PostgresStore>) -> Self {
-        self.shared_pki = Some(store);
+    pub fn shared(mut self, store: Arc<hodei_core::PostgresStore>) -> Self {
+        self.shared = Some(store);
         self
     }
 
@@ -173,18 +176,24 @@ impl ControlPlaneBuilder {
         let data_dir = self.data_dir;
         let pki_error = |source| ControlPlaneError::Pki { path: data_dir.clone(), source };
         #[cfg(feature = "postgres")]
-        let pki = match self.shared_pki.clone() {
+        let pki = match self.shared.clone() {
             Some(store) => HubPki::open_shared(store, self.pki_config),
             None => HubPki::open(&data_dir, self.pki_config),
         };
         #[cfg(not(feature = "postgres"))]
         let pki = HubPki::open(&data_dir, self.pki_config);
         let pki = Arc::new(pki.map_err(pki_error)?);
-        let logs = Arc::new(
-            LogStore::open(&data_dir)
-                .await
-                .map_err(|source| ControlPlaneError::Logs { path: data_dir.clone(), source })?,
-        );
+        #[cfg(feature = "postgres")]
+        let logs = match self.shared.clone() {
+            Some(store) => {
+                LogStore::open_shared(&data_dir, crate::logstore::LogStoreConfig::default(), store).await
+            }
+            None => LogStore::open(&data_dir).await,
+        };
+        #[cfg(not(feature = "postgres"))]
+        let logs = LogStore::open(&data_dir).await;
+        let logs =
+            Arc::new(logs.map_err(|source| ControlPlaneError::Logs { path: data_dir.clone(), source })?);
         if let Some(metrics) = &self.metrics {
             logs.record_metrics(metrics.clone());
         }
@@ -216,7 +225,7 @@ impl ControlPlaneBuilder {
         // With a shared database, the others learn where this one listens, and its workers
         // where they do.
         #[cfg(feature = "postgres")]
-        let announced = match self.shared_pki {
+        let announced = match self.shared {
             Some(store) => {
                 let shared = Arc::new(crate::peers::SharedListeners::new(store));
                 let own = crate::peers::Listeners {
@@ -279,7 +288,7 @@ impl ControlPlane {
             providers: Vec::new(),
             metrics: None,
             #[cfg(feature = "postgres")]
-            shared_pki: None,
+            shared: None,
         }
     }
 

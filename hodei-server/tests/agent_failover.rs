@@ -24,13 +24,43 @@ const WORKER: &str = "w-failover";
 
 async fn plane(db: &TestDatabase, dir: &std::path::Path) -> ControlPlane {
     let store = Arc::new(PostgresStore::connect_with(&db.url, db.options()).await.unwrap());
-    ControlPlane::builder(dir).shared_pki(store).start().await.unwrap()
+    ControlPlane::builder(dir).shared(store).start().await.unwrap()
 }
 
 /// What control plane `plane` stored of `job`'s `stream`.
 async fn stored(plane: &ControlPlane, job: &str, stream: LogStream) -> Vec<u8> {
     let logs = plane.hub().logs().expect("a control plane keeps logs");
     logs.read(job, stream, 0, 1 << 20).await.unwrap().bytes
+}
+
+/// The agent, in process, given `planes`' listeners in that order and registering with
+/// `token`; it stops when the sender is used or dropped.
+fn start_agent(
+    work: &std::path::Path,
+    planes: &[&ControlPlane],
+    token: String,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), hodei_agent::agent::AgentError>>) {
+    let ca = work.join("ca.pem");
+    std::fs::write(&ca, planes[0].hub().pki().ca_bundle_pem()).unwrap();
+    let list = |address: fn(&ControlPlane) -> std::net::SocketAddr| {
+        planes.iter().map(|plane| address(plane).to_string()).collect::<Vec<_>>().join(",")
+    };
+    let env = [
+        ("HODEI_REGISTRATION_ADDR", list(ControlPlane::registration_addr)),
+        ("HODEI_SESSION_ADDR", list(ControlPlane::session_addr)),
+        ("HODEI_WORKER_ID", WORKER.to_owned()),
+        ("HODEI_CA_BUNDLE", ca.display().to_string()),
+        ("HODEI_WORK_DIR", work.join("agent").display().to_string()),
+        ("HODEI_TOKEN", token),
+    ];
+    let lookup = |name: &str| env.iter().find(|(key, _)| *key == name).map(|(_, value)| value.clone());
+    let Command::Run(mut settings) = Settings::parse([], lookup).unwrap() else { panic!("not run") };
+    settings.backoff = BackoffPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(200) };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(hodei_agent::agent::run(settings, async move {
+        let _ = stopped.await;
+    }));
+    (stop, agent)
 }
 
 async fn connected(plane: &ControlPlane) {
@@ -47,23 +77,8 @@ async fn an_agent_carries_on_with_another_control_plane_when_its_own_is_gone() {
 
     // The token comes from the second; the agent registers with the first, listed first.
     let work = tempfile::tempdir().unwrap();
-    let ca = work.path().join("ca.pem");
-    std::fs::write(&ca, first.hub().pki().ca_bundle_pem()).unwrap();
-    let env = [
-        ("HODEI_REGISTRATION_ADDR", format!("{},{}", first.registration_addr(), second.registration_addr())),
-        ("HODEI_SESSION_ADDR", format!("{},{}", first.session_addr(), second.session_addr())),
-        ("HODEI_WORKER_ID", WORKER.to_owned()),
-        ("HODEI_CA_BUNDLE", ca.display().to_string()),
-        ("HODEI_WORK_DIR", work.path().join("agent").display().to_string()),
-        ("HODEI_TOKEN", second.hub().pki().issue_token(WORKER).unwrap().as_str().to_owned()),
-    ];
-    let lookup = |name: &str| env.iter().find(|(key, _)| *key == name).map(|(_, value)| value.clone());
-    let Command::Run(mut settings) = Settings::parse([], lookup).unwrap() else { panic!("not run") };
-    settings.backoff = BackoffPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(200) };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(hodei_agent::agent::run(settings, async move {
-        let _ = stopped.await;
-    }));
+    let token = second.hub().pki().issue_token(WORKER).unwrap().as_str().to_owned();
+    let (stop, agent) = start_agent(work.path(), &[&first, &second], token);
 
     connected(&first).await;
     let result = within(first.hub().run_job(WORKER, shell("saga-1/one", "echo one"))).await.unwrap();
@@ -94,7 +109,7 @@ async fn control_planes_on_one_database_list_each_others_listeners_while_they_ru
         // control plane beside it is alive.
         let engine = hodei_core::Engine::builder().store(store.clone()).start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let plane = ControlPlane::builder(dir.path()).shared_pki(store.clone()).start().await.unwrap();
+        let plane = ControlPlane::builder(dir.path()).shared(store.clone()).start().await.unwrap();
         planes.push((dir, store, engine, plane));
     }
     let listeners = |n: usize| Listeners {
@@ -117,4 +132,165 @@ async fn control_planes_on_one_database_list_each_others_listeners_while_they_ru
     let (_dir, _store, engine, plane) = planes.pop().unwrap();
     plane.shutdown().await.unwrap();
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+/// An engine beside `plane`, on its store, as in each engine process: its saga `pipeline` runs
+/// one job, `gated`, on the agent.
+async fn engine_beside(store: Arc<PostgresStore>, plane: &ControlPlane, script: &str) -> hodei_core::Engine {
+    use hodei_core::{RetryPolicy, SagaContext, SagaDefinition};
+    use hodei_server::jobs::{Job, JobDispatcher, JobOutcome, MemorySecrets, RemoteJobs};
+    let dispatcher =
+        JobDispatcher::new(plane.hub().clone(), Arc::new(MemorySecrets::new())).retry(RetryPolicy::none());
+    let job = Job::command(WORKER, ["/bin/sh", "-c", script]).env("PATH", "/usr/bin:/bin");
+    let definition = SagaDefinition::new("pipeline", 1, move |ctx: SagaContext, (): ()| {
+        let (dispatcher, job) = (dispatcher.clone(), job.clone());
+        async move { ctx.run_job_on(&dispatcher, "gated", job).await.map(|o: JobOutcome| o.job_id) }
+    });
+    hodei_core::Engine::builder().store(store).register(definition).start().await.unwrap()
+}
+
+/// Tells `seen` when a `tracing` event's message is `message`: how the test knows a step is
+/// waiting for a held job before it lets that job end.
+struct MessageSeen {
+    message: &'static str,
+    seen: Arc<tokio::sync::Notify>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for MessageSeen {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(Option<String>);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+        }
+        let mut message = Message(None);
+        event.record(&mut message);
+        if message.0.as_deref() == Some(self.message) {
+            self.seen.notify_one();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_when_its_engine_stops_runs_once_and_its_saga_finishes_on_another() {
+    use hodei_core::{Outcome as SagaOutcome, SagaId, SagaRun};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let Some(db) = TestDatabase::new("held job") else { return };
+    let waiting = Arc::new(tokio::sync::Notify::new());
+    let layer = MessageSeen { message: "waiting for the run a worker already holds", seen: waiting.clone() };
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (runs, gate) = (work.path().join("runs"), work.path().join("gate"));
+    // It counts its runs, says it started, and ends once the test opens the gate.
+    let script = format!(
+        "echo run >> {runs}; echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after",
+        runs = runs.display(),
+        gate = gate.display()
+    );
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let stores = [(); 2].map(|()| db.url.clone());
+    let mut planes = Vec::new();
+    for (url, dir) in stores.iter().zip(&dirs) {
+        let store = Arc::new(PostgresStore::connect_with(url, db.options()).await.unwrap());
+        let plane = ControlPlane::builder(dir.path()).shared(store.clone()).start().await.unwrap();
+        planes.push((store, plane));
+    }
+    let (second_store, second_plane) = planes.pop().unwrap();
+    let (first_store, first_plane) = planes.pop().unwrap();
+    let first_engine = engine_beside(first_store, &first_plane, &script).await;
+
+    let token = first_plane.hub().pki().issue_token(WORKER).unwrap().as_str().to_owned();
+    let (stop, agent) = start_agent(work.path(), &[&first_plane, &second_plane], token);
+    connected(&first_plane).await;
+
+    let id = SagaId::new("saga-held").unwrap();
+    first_engine.start(SagaRun::new("pipeline", "saga-held", &()).unwrap()).await.unwrap();
+    let job = "saga-held/0#1";
+    // The job runs: the other control plane reads its output from the shared store.
+    let mut follower = second_plane.logs().follow(job, LogStream::Stdout, 0).await.unwrap();
+    let first_chunk = within(follower.next()).await.expect("the log is open").unwrap();
+    assert_eq!(first_chunk.bytes, b"before\n");
+
+    // Its engine and control plane stop while it runs; the agent's next session is with the
+    // other control plane, and an engine beside that one takes the saga over.
+    first_engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    first_plane.shutdown().await.unwrap();
+    connected(&second_plane).await;
+    let second_engine = engine_beside(second_store, &second_plane, &script).await;
+    let outcome = tokio::spawn({
+        let handle = second_engine.handle(&id).unwrap();
+        async move { handle.outcome::<String>().await }
+    });
+    // The step, run again there, waits for the job the worker holds rather than starting it.
+    within(waiting.notified()).await;
+    std::fs::write(&gate, b"").unwrap();
+
+    let outcome = within(outcome).await.unwrap().unwrap();
+    assert!(matches!(&outcome, SagaOutcome::Completed(job_id) if job_id == job), "{outcome:?}");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "the job ran once");
+    assert_eq!(stored(&second_plane, job, LogStream::Stdout).await, b"before\nafter\n");
+
+    let _ = stop.send(());
+    within(agent).await.unwrap().unwrap();
+    second_engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    second_plane.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_is_waited_for_until_its_result_or_until_its_worker_stays_away() {
+    use hodei_agent::protocol::v1;
+    use hodei_server::hub::{Hub, HubConfig, HubError};
+    use hodei_server::logstore::{LogStore, LogStoreConfig};
+    use hodei_server::pki::{HubPki, PkiConfig};
+    use prost::Message as _;
+    let Some(db) = TestDatabase::new("held wait") else { return };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut sides = Vec::new();
+    for dir in &dirs {
+        let store = Arc::new(PostgresStore::connect_with(&db.url, db.options()).await.unwrap());
+        let engine = hodei_core::Engine::builder().store(store.clone()).start().await.unwrap();
+        let logs = Arc::new(
+            LogStore::open_shared(dir.path(), LogStoreConfig::default(), store.clone()).await.unwrap(),
+        );
+        let pki = Arc::new(HubPki::open(dir.path(), PkiConfig::default()).unwrap());
+        let hub = Hub::new(pki, HubConfig::default().worker_wait(Duration::from_millis(300)))
+            .with_logs(logs.clone());
+        sides.push((store, engine, logs, hub));
+    }
+    let (first_logs, hub) = (&sides[0].2, &sides[1].3);
+
+    // Held by a worker on the first control plane's session, then finished there.
+    first_logs.attach("s/0#1", "w").await.unwrap();
+    let holder = hub.holder("s/0#2", &["s/0#1".to_owned()]).await.unwrap().expect("held");
+    assert_eq!((holder.job.as_str(), holder.worker.as_str()), ("s/0#1", "w"));
+    let waiting = tokio::spawn({
+        let (hub, holder) = (hub.clone(), holder.clone());
+        async move { hub.wait_held(&holder).await }
+    });
+    let result = v1::JobResult {
+        job_id: "s/0#1".into(),
+        outcome: Some(v1::job_result::Outcome::ExitCode(0)),
+        ..v1::JobResult::default()
+    };
+    first_logs.finish("s/0#1", &result.encode_to_vec()).await.unwrap();
+    assert_eq!(within(waiting).await.unwrap().unwrap(), result);
+
+    // Held on a control plane that then dies: once its worker has stayed away for the worker
+    // wait, the step is told its worker is lost, and its next attempt may run the job anew.
+    first_logs.attach("s/1#1", "w").await.unwrap();
+    let holder = hub.holder("s/1#1", &[]).await.unwrap().expect("held");
+    db.lapse(sides[0].0.engine_id()).await;
+    match within(hub.wait_held(&holder)).await {
+        Err(HubError::WorkerLost { worker_id, job_id }) => {
+            assert_eq!((worker_id.as_str(), job_id.as_str()), ("w", "s/1#1"))
+        }
+        other => panic!("expected the worker to be lost, got {other:?}"),
+    }
+    assert_eq!(hub.holder("s/1#1", &[]).await.unwrap(), None);
+    for (_store, engine, _logs, _hub) in sides {
+        engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
 }

@@ -6,25 +6,13 @@ use std::sync::Arc;
 
 use hodei_server::logstore::{Bytes, LogFollower, LogStore, LogStoreConfig, LogStoreError, LogStream};
 
+#[path = "support/log_data.rs"]
+mod log_data;
+
+use log_data::{Rng, next_batch, numbered_lines, read_all};
+
 const OUT: LogStream = LogStream::Stdout;
 const ERR: LogStream = LogStream::Stderr;
-
-/// splitmix64: deterministic, so a failure reproduces from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// A store in a fresh directory; `cap` is the per-stream cap, `None` the defaults.
 async fn fresh(cap: Option<u64>) -> (tempfile::TempDir, PathBuf, LogStore) {
@@ -48,21 +36,6 @@ fn stream_file(data: &Path, job_dir: &str, stream: LogStream) -> PathBuf {
     data.join("logs").join(job_dir).join(format!("{stream}.log"))
 }
 
-/// Everything a reader gets from offset 0 on, in `piece`-sized reads.
-async fn read_all(store: &LogStore, job: &str, stream: LogStream, piece: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let chunk = store.read(job, stream, offset, piece).await.expect("read");
-        assert_eq!(chunk.offset, offset);
-        if chunk.bytes.is_empty() {
-            return out;
-        }
-        out.extend_from_slice(&chunk.bytes);
-        offset = chunk.next_offset;
-    }
-}
-
 /// Appends `data` from offset 0 in batches of `batch` bytes, checking every ack.
 async fn append_all(store: &LogStore, job: &str, stream: LogStream, data: &[u8], batch: usize) {
     for (i, piece) in data.chunks(batch).enumerate() {
@@ -70,20 +43,6 @@ async fn append_all(store: &LogStore, job: &str, stream: LogStream, data: &[u8],
         let ack = store.append(job, stream, offset, piece).await.expect("append");
         assert_eq!(ack.offset, offset + piece.len() as u64);
     }
-}
-
-/// Lines `<seq> <payload>\n` whose payloads hold arbitrary bytes other than newline.
-fn numbered_lines(count: usize, rng: &mut Rng) -> Vec<u8> {
-    let mut out = Vec::new();
-    for seq in 0..count {
-        out.extend_from_slice(format!("{seq:08} ").as_bytes());
-        for _ in 0..rng.below(40) {
-            let byte = rng.below(256) as u8;
-            out.push(if byte == b'\n' { 0xFF } else { byte });
-        }
-        out.push(b'\n');
-    }
-    out
 }
 
 fn assert_numbered(bytes: &[u8], count: usize) {
@@ -191,12 +150,7 @@ async fn random_batches_with_resends_and_restarts_end_up_byte_identical() {
             assert!(gap, "seed {seed}: {result:?}");
             continue;
         }
-        let start = if rng.below(4) == 0 {
-            acked[which] - rng.below(acked[which].min(16 * 1024) as u64 + 1) as usize
-        } else {
-            acked[which]
-        };
-        let end = (start + 1 + rng.below(8192) as usize).min(source.len());
+        let (start, end) = next_batch(&mut rng, acked[which], source.len());
         let ack = store.append("big", stream, start as u64, &source[start..end]).await.expect("append");
         assert_eq!(ack.offset, end.max(acked[which]) as u64, "seed {seed}");
         acked[which] = ack.offset as usize;

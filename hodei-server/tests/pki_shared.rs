@@ -186,7 +186,7 @@ async fn control_planes_built_on_one_database_register_workers_for_each_other() 
     for _ in 0..2 {
         let store = Arc::new(PostgresStore::connect_with(&db.url, db.options()).await.unwrap());
         let dir = tempfile::tempdir().unwrap();
-        let plane = hodei_server::ControlPlane::builder(dir.path()).shared_pki(store).start().await.unwrap();
+        let plane = hodei_server::ControlPlane::builder(dir.path()).shared(store).start().await.unwrap();
         planes.push((dir, plane));
     }
     let (first, second) = (planes[0].1.hub().pki(), planes[1].1.hub().pki());

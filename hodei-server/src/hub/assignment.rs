@@ -46,8 +46,12 @@ impl SessionTask {
                         // Recorded before it is assigned: whatever happens next, the job has a
                         // log, so its end can be recorded and it is listed even if it never
                         // writes.
+                        // So is its worker: a step of it elsewhere waits for this run.
                         if let Some(logs) = &self.logs
-                            && let Err(e) = logs.begin(&job_id).await
+                            && let Err(e) = match logs.begin(&job_id).await {
+                                Ok(()) => logs.attach(&job_id, &worker_id).await,
+                                Err(e) => Err(e),
+                            }
                         {
                             let _ = reply.send(Err(HubError::Logs { job_id, source: e }));
                             return Flow::Continue(());

@@ -9,7 +9,11 @@ use super::command::SessionCommand;
 use super::error::HubError;
 use super::handle::Hub;
 use super::results::{read_result, stored_result};
+use crate::logstore::JobHolder;
 use hodei_agent::protocol::v1;
+
+/// How often [`Hub::wait_held`] looks for the result.
+const HELD_RECHECK: Duration = Duration::from_millis(250);
 
 impl Hub {
     /// Runs `spec` on `worker_id` and waits for its result. Its output is stored under the job
@@ -59,6 +63,51 @@ impl Hub {
     ) -> Result<Option<v1::JobResult>, HubError> {
         let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
         stored_result(logs, job_id, previous).await
+    }
+
+    /// On a log store shared by several control planes: the worker holding `job_id` or one of
+    /// `previous` (newest first) without a stored result, whichever control plane its session
+    /// is with ([`LogStore::holder`], within [`HubConfig::worker_wait`] of its last session).
+    /// A step that finds one waits for that job ([`Hub::wait_held`]) instead of running it
+    /// again. Always `None` on a store of this control plane alone.
+    ///
+    /// [`LogStore::holder`]: crate::logstore::LogStore::holder
+    /// [`HubConfig::worker_wait`]: super::HubConfig::worker_wait
+    pub async fn holder(&self, job_id: &str, previous: &[String]) -> Result<Option<JobHolder>, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        let jobs: Vec<String> =
+            std::iter::once(job_id).chain(previous.iter().map(String::as_str)).map(str::to_owned).collect();
+        logs.holder(&jobs, self.config.worker_wait)
+            .await
+            .map_err(|source| HubError::Logs { job_id: job_id.to_owned(), source })
+    }
+
+    /// Waits for the result of the job `holder` holds, stored by whichever control plane the
+    /// worker sends it to. Fails with [`HubError::WorkerLost`] once no worker holds the job
+    /// and no result is stored: its worker did not come back within the worker wait.
+    ///
+    /// It looks four times a second: another control plane's commit wakes nothing here, and
+    /// such a wait happens only to a step taken over while its job ran.
+    pub async fn wait_held(&self, holder: &JobHolder) -> Result<v1::JobResult, HubError> {
+        let Some(logs) = &self.logs else { return Err(HubError::NoLogStore) };
+        let jobs = [holder.job.clone()];
+        let logs_error = |source| HubError::Logs { job_id: holder.job.clone(), source };
+        loop {
+            if let Some(result) = read_result(logs, &holder.job).await? {
+                return Ok(result);
+            }
+            if logs.holder(&jobs, self.config.worker_wait).await.map_err(logs_error)?.is_none() {
+                // The result may have been stored between the two reads.
+                return match read_result(logs, &holder.job).await? {
+                    Some(result) => Ok(result),
+                    None => Err(HubError::WorkerLost {
+                        worker_id: holder.worker.clone(),
+                        job_id: holder.job.clone(),
+                    }),
+                };
+            }
+            tokio::time::sleep(HELD_RECHECK).await;
+        }
     }
 
     /// The result stored for `job_id`, if the job has finished.

@@ -72,6 +72,11 @@ impl ControlPlane for SessionService {
                     Status::internal("the control plane cannot read its log store")
                 })?;
                 resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
+                // A step on any control plane sharing the store waits for it from now on.
+                logs.attach(&job.job_id, &hello.worker_id).await.map_err(|e| {
+                    tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "job holder not recorded");
+                    Status::unavailable("the control plane cannot record the jobs the agent holds")
+                })?;
             }
         }
         let agent_jobs: HashSet<String> = hello.jobs.iter().map(|job| job.job_id.clone()).collect();

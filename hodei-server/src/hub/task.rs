@@ -128,6 +128,13 @@ impl SessionTask {
         if !self.jobs.is_empty() {
             tracing::warn!(worker = %self.guard.worker_id, jobs = self.jobs.len(), "session ended with jobs running");
         }
+        if let Some(logs) = &self.logs {
+            let held: Vec<String> = self.running.union(&self.agent_jobs).cloned().collect();
+            if let Err(error) = logs.detach(&self.guard.worker_id, &held).await {
+                // Then they count as attached until this control plane's lease lapses.
+                tracing::warn!(worker = %self.guard.worker_id, %error, "the end of the session not recorded");
+            }
+        }
     }
 
     pub(super) async fn send(&self, kind: hub_message::Kind) -> Flow {

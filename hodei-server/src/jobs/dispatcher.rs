@@ -16,6 +16,7 @@ use super::secrets::SecretSource;
 use super::tail::output_tail;
 use super::verdict::{JobOutcome, judge, ran_job, succeeded};
 use crate::hub::{Hub, HubError};
+use crate::logstore::JobHolder;
 use hodei_agent::protocol::v1;
 
 impl fmt::Debug for JobDispatcher {
@@ -123,6 +124,16 @@ impl JobDispatcher {
         if let Some(result) = stored {
             return self.conclude(name, job_id, result, None).await;
         }
+        // On a store shared by control planes, the step may have run on another one (its saga
+        // was taken over) whose worker still runs the job: the run that goes on is the answer.
+        let held = match self.hub.holder(job_id, &previous).await {
+            Ok(held) => held,
+            Err(HubError::NoLogStore) => None,
+            Err(e) => return Err(hub_error(name, &e)),
+        };
+        if let Some(holder) = held {
+            return self.wait_held(step, name, job_id, &holder).await;
+        }
         let mut spec = job
             .to_spec(job_id, self.secrets.as_ref())
             .map_err(|e| StepError::terminal(format!("job `{name}`: {e}")))?;
@@ -138,19 +149,7 @@ impl JobDispatcher {
             async move {
                 let worker = guard.worker.clone();
                 let waiting = self.hub.resume_job(&worker, spec, previous);
-                tokio::pin!(waiting);
-                let result = tokio::select! {
-                    result = &mut waiting => result,
-                    reason = step.cancelled() => {
-                        // Its saga or branch was cancelled: the job is cancelled on its worker
-                        // and waited for, so that the step ends only once the job has (its
-                        // result says `Cancelled`, its log is closed).
-                        if let Err(e) = self.hub.cancel_job(&worker, job_id, &reason).await {
-                            tracing::warn!(job = job_id, error = %e, "could not cancel the job");
-                        }
-                        waiting.await
-                    }
-                };
+                let result = self.until_ended(step, &worker, job_id, waiting).await;
                 guard.disarm();
                 result
             }
@@ -202,6 +201,44 @@ impl JobDispatcher {
         }
         .map_err(|e| hub_error(name, &e))?;
         self.conclude(name, job_id, result, None).await
+    }
+
+    /// Waits for the job another session holds; a cancel of the step cancels it when its worker
+    /// is connected here, and otherwise waits for it to end on its own.
+    async fn wait_held(
+        &self,
+        step: &JobAttempt<'_>,
+        name: &str,
+        job_id: &str,
+        holder: &JobHolder,
+    ) -> Result<JobOutcome, StepError> {
+        tracing::Span::current().record("hodei.worker.id", holder.worker.as_str());
+        tracing::info!(job = %holder.job, worker = %holder.worker, "waiting for the run a worker already holds");
+
+        let result = self.until_ended(step, &holder.worker, &holder.job, self.hub.wait_held(holder)).await;
+        self.conclude(name, job_id, result.map_err(|e| hub_error(name, &e))?, None).await
+    }
+
+    /// Waits for the job's result. If its saga or branch is cancelled meanwhile, the job is
+    /// cancelled on its worker and still waited for, so that the step ends only once the job
+    /// has (its result says `Cancelled`, its log is closed).
+    async fn until_ended(
+        &self,
+        step: &JobAttempt<'_>,
+        worker: &str,
+        job_id: &str,
+        waiting: impl Future<Output = Result<v1::JobResult, HubError>>,
+    ) -> Result<v1::JobResult, HubError> {
+        tokio::pin!(waiting);
+        tokio::select! {
+            result = &mut waiting => result,
+            reason = step.cancelled() => {
+                if let Err(e) = self.hub.cancel_job(worker, job_id, &reason).await {
+                    tracing::warn!(job = job_id, error = %e, "could not cancel the job; waiting for it to end");
+                }
+                waiting.await
+            }
+        }
     }
 
     /// [`judge`]s the result, with the last lines of a failed job's output for its error: they

@@ -2,7 +2,16 @@
 
 use prost::bytes::Bytes;
 
+use super::error::LogStoreError;
 use super::stream::LogStream;
+
+/// Where a batch of `len` bytes at `offset` ends, refused if past `u64::MAX`.
+pub(super) fn batch_end(job: &str, stream: LogStream, offset: u64, len: usize) -> Result<u64, LogStoreError> {
+    u64::try_from(len)
+        .ok()
+        .and_then(|len| offset.checked_add(len))
+        .ok_or_else(|| LogStoreError::OffsetOverflow { job: job.to_owned(), stream, offset, len })
+}
 
 /// One write's arguments.
 pub(super) struct Batch<'a> {

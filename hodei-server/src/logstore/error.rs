@@ -85,6 +85,16 @@ pub enum LogStoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The database that control planes share failed or refused a statement of the log
+    /// store. Nothing it did not commit is acknowledged.
+    #[error("job log store: {operation} failed in the shared database: {source}")]
+    Shared {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The database's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The store was dropped while a follower waited for a log that was never closed.
     #[error("the log store was dropped before the log of job `{job}` was closed")]
     StoreDropped {

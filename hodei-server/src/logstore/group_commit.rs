@@ -21,6 +21,10 @@ impl LogStore {
     /// (the kernel may have dropped the pages it failed to write), so that those bytes are
     /// written again, not trusted.
     pub async fn sync(&self, job: &str) -> Result<LogStatus, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.sync(job, self.metrics.get()).await;
+        }
         let handle = self.job(job)?;
         let result = async {
             let mut due = Vec::new();

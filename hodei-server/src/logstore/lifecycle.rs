@@ -19,6 +19,10 @@ impl LogStore {
     /// Records that the job started: from now on it has a log, empty until it writes, so a job
     /// that never writes is listed too and its end can be recorded.
     pub async fn begin(&self, job: &str) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.begin(job).await;
+        }
         let handle = self.job(job)?;
         let result = async { handle.lock().await?.ensure_dir(&handle.dir, &self.logs_dir).await }.await;
         self.release_if_closed(job, &handle);
@@ -41,6 +45,10 @@ impl LogStore {
 
     /// The result stored by [`LogStore::finish`], if any.
     pub async fn result(&self, job: &str) -> Result<Option<Vec<u8>>, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.result(job).await;
+        }
         let path = self.logs_dir.join(encode_job_id(job)?).join(RESULT_FILE);
         match fs::read(&path).await {
             Ok(bytes) => match bytes.split_first() {
@@ -57,6 +65,10 @@ impl LogStore {
     }
 
     async fn close_with(&self, job: &str, result: Option<&[u8]>) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.close(job, result, self.metrics.get()).await;
+        }
         let handle = self.job(job)?;
         let outcome = async {
             let mut state = handle.lock().await?;

@@ -35,6 +35,10 @@ impl LogStore {
         from_offset: u64,
         max_len: usize,
     ) -> Result<LogChunk, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.read(job, stream, from_offset, max_len).await;
+        }
         let (dir, status) = self.current(job).await?;
         let mut reader = StreamReader { path: dir.join(stream.file_name()), file: None };
         reader.read(&status, stream, from_offset, max_len).await
@@ -72,16 +76,22 @@ impl StreamReader {
             };
             bytes = read_at(file, from, len).await.map_err(io_error("reading", &self.path))?;
         }
-        let mut next_offset = from + len;
-        let mut truncation = None;
-        if s.truncated && next_offset == s.stored {
-            let cut = Truncation { stream, at: s.stored, dropped: s.dropped(), final_count: status.closed };
-            bytes.extend_from_slice(cut.marker().as_bytes());
-            truncation = Some(cut);
-            next_offset = s.end;
-        } else if s.truncated && next_offset > s.stored {
-            next_offset = next_offset.max(s.end);
-        }
-        Ok(LogChunk { offset: from, bytes, next_offset, truncation })
+        Ok(chunk_of(status, stream, from, bytes))
     }
+}
+
+/// The chunk of `bytes` read from `from`, with the marker appended where they reach the cut.
+pub(super) fn chunk_of(status: &LogStatus, stream: LogStream, from: u64, mut bytes: Vec<u8>) -> LogChunk {
+    let s = status.stream(stream);
+    let mut next_offset = from + bytes.len() as u64;
+    let mut truncation = None;
+    if s.truncated && next_offset == s.stored {
+        let cut = Truncation { stream, at: s.stored, dropped: s.dropped(), final_count: status.closed };
+        bytes.extend_from_slice(cut.marker().as_bytes());
+        truncation = Some(cut);
+        next_offset = s.end;
+    } else if s.truncated && next_offset > s.stored {
+        next_offset = next_offset.max(s.end);
+    }
+    LogChunk { offset: from, bytes, next_offset, truncation }
 }

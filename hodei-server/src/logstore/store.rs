@@ -25,6 +25,10 @@ pub struct LogStore {
     pub(super) jobs: SyncMutex<HashMap<String, Arc<Job>>>,
     /// Set once, by [`LogStore::record_metrics`]; the store is shared by then.
     pub(super) metrics: OnceLock<Metrics>,
+    /// Set when the logs live in the database that control planes share: every call goes
+    /// there, and the directory is only locked.
+    #[cfg(feature = "postgres")]
+    pub(super) shared: Option<Arc<super::shared::SharedLogs>>,
     _lock: std::fs::File,
 }
 
@@ -49,7 +53,30 @@ impl LogStore {
             sync_dir(data_dir).await?;
         }
         let lock = lock_dir(logs_dir.clone()).await?;
-        Ok(Self { logs_dir, config, jobs: SyncMutex::default(), metrics: OnceLock::new(), _lock: lock })
+        Ok(Self {
+            logs_dir,
+            config,
+            jobs: SyncMutex::default(),
+            metrics: OnceLock::new(),
+            #[cfg(feature = "postgres")]
+            shared: None,
+            _lock: lock,
+        })
+    }
+
+    /// Opens the store of control planes that share `store`'s database: every job's log and
+    /// result is kept there (see the module `shared`), so that each of them reads what any of
+    /// them received. `<data_dir>/logs` is still locked, as one control plane's directory.
+    #[cfg(feature = "postgres")]
+    pub async fn open_shared(
+        data_dir: impl AsRef<Path>,
+        config: LogStoreConfig,
+        store: Arc<hodei_core::PostgresStore>,
+    ) -> Result<Self, LogStoreError> {
+        let shared = super::shared::SharedLogs::new(store, config.max_stream_bytes);
+        let mut logs = Self::open_with_config(data_dir, config).await?;
+        logs.shared = Some(Arc::new(shared));
+        Ok(logs)
     }
 
     /// Counts the bytes of the batches written to it, and times its fsyncs, in `metrics`. Only
@@ -65,6 +92,10 @@ impl LogStore {
 
     /// Where the job's log stands. A job without any log reads as empty and open.
     pub async fn status(&self, job: &str) -> Result<LogStatus, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.status(job).await;
+        }
         Ok(self.current(job).await?.1)
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use prost::bytes::Bytes;
 
-use super::batch::Batch;
+use super::batch::{Batch, batch_end};
 use super::disk::blocking;
 use super::error::{LogStoreError, io_error};
 use super::job::{Job, JobState};
@@ -29,6 +29,13 @@ impl LogStore {
         offset: u64,
         bytes: &[u8],
     ) -> Result<Ack, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if self.shared.is_some() {
+            self.write(job, stream, offset, Bytes::copy_from_slice(bytes)).await?;
+            let status = self.sync(job).await?;
+            let s = status.stream(stream);
+            return Ok(Ack { offset: s.end, truncated: s.truncated });
+        }
         let bytes = Bytes::copy_from_slice(bytes);
         let handle = self.job(job)?;
         let result = async {
@@ -58,6 +65,13 @@ impl LogStore {
         offset: u64,
         bytes: Bytes,
     ) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            if let Some(metrics) = self.metrics.get() {
+                metrics.log_received(stream, bytes.len());
+            }
+            return shared.write(job, stream, offset, bytes);
+        }
         let handle = self.job(job)?;
         let result = async {
             let mut state = handle.lock().await?;
@@ -85,10 +99,7 @@ impl LogStore {
         if state.closed {
             return Err(LogStoreError::Closed { job: id.to_owned() });
         }
-        let batch_end =
-            u64::try_from(bytes.len()).ok().and_then(|len| offset.checked_add(len)).ok_or_else(|| {
-                LogStoreError::OffsetOverflow { job: id.to_owned(), stream, offset, len: bytes.len() }
-            })?;
+        let batch_end = batch_end(id, stream, offset, bytes.len())?;
         let file = state.open_writer(&handle.dir, &self.logs_dir, stream).await?;
         let batch = Batch { job: id, stream, offset, end: batch_end, bytes };
         let result = self.write_batch(&handle.dir, state, &file, &batch).await;

@@ -71,9 +71,13 @@ const CLAIM_ONE: &str = "UPDATE hodei_sagas s SET owner = $1, epoch = s.epoch + 
         OR s.owner IN (SELECT id FROM hodei_engines WHERE lease_until <= now()))
     RETURNING s.epoch, s.next_seq";
 
-/// Forgets engines whose lease lapsed and that own nothing in flight any more.
+/// Forgets engines whose lease lapsed and that own nothing in flight any more, nor a session
+/// with a worker that held a job without a result when it died: the end of the lease dates
+/// that session's end, from which its worker has the hub's worker wait to come back (see
+/// `hodei_job_logs`, used by the control plane).
 const FORGET_DEAD: &str = "DELETE FROM hodei_engines e WHERE e.lease_until <= now() AND e.id <> $1
-    AND NOT EXISTS (SELECT 1 FROM hodei_sagas s WHERE s.in_flight AND s.owner = e.id)";
+    AND NOT EXISTS (SELECT 1 FROM hodei_sagas s WHERE s.in_flight AND s.owner = e.id)
+    AND NOT EXISTS (SELECT 1 FROM hodei_job_logs j WHERE j.member = e.id AND j.result IS NULL AND NOT j.closed)";
 
 /// Posts a request and notifies the saga's owner, in one statement (so one transaction: the
 /// notification goes out on commit).

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "pki", include_str!("migrations/0004_pki.sql")),
     (5, "listeners", include_str!("migrations/0005_listeners.sql")),
     (6, "api tokens", include_str!("migrations/0006_api_tokens.sql")),
+    (7, "job logs", include_str!("migrations/0007_job_logs.sql")),
 ];
 
 /// The newest version this build knows.

@@ -1,0 +1,59 @@
+//! Which worker holds a job whose result is not stored yet, as control planes that share a
+//! database see it: the job's step may run again on any of them (its saga was taken over),
+//! and must then wait for the job that goes on rather than run it a second time.
+//!
+//! A control plane alone needs none of this: its own sessions and scheduler know every worker
+//! it has, so on the file store these calls record nothing and find nothing.
+
+use std::time::Duration;
+
+use super::error::LogStoreError;
+use super::store::LogStore;
+
+/// A worker holding a job whose result is not stored, on a session with a live control plane
+/// or between sessions for less than the hub's worker wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobHolder {
+    /// The job it holds.
+    pub job: String,
+    /// The worker.
+    pub worker: String,
+    /// The control plane its session is with; `None` between sessions.
+    pub member: Option<String>,
+}
+
+impl LogStore {
+    /// Records that `worker` holds `job`, on a session with this control plane: before the job
+    /// is assigned, and for each job an agent lists when its session opens.
+    pub async fn attach(&self, job: &str, worker: &str) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.attach(job, worker).await;
+        }
+        let _ = (job, worker);
+        Ok(())
+    }
+
+    /// Records that `worker`'s session with this control plane ended while it held `jobs`: it
+    /// may open the next one with any of them.
+    pub async fn detach(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.detach(worker, jobs).await;
+        }
+        let _ = (worker, jobs);
+        Ok(())
+    }
+
+    /// The worker holding the first of `jobs` (newest attempt first) whose result is not
+    /// stored: attached to a control plane whose lease is live, or was less than `wait` ago
+    /// (its session ended, or its control plane died, within `wait`; the agent redials).
+    pub async fn holder(&self, jobs: &[String], wait: Duration) -> Result<Option<JobHolder>, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.holder(jobs, wait).await;
+        }
+        let _ = (jobs, wait);
+        Ok(None)
+    }
+}

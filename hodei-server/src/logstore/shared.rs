@@ -1,0 +1,429 @@
+//! Job logs in the PostgreSQL database that control planes share (`hodei_job_logs*`, created by
+//! the store's migrations).
+//!
+//! # Why the logs live there
+//!
+//! With several control planes, an agent whose control plane died sends the rest of a job's
+//! output to another one, and the job's saga may by then run on a third. A log kept on the disk
+//! of whichever control plane received it would be split across machines, and lost with any
+//! one of them. In the database every control plane appends to one log and reads it whole, and
+//! it is exactly as durable as the journal of the saga that waits for the job.
+//!
+//! # Durability and group commit
+//!
+//! [`LogStore::write`](super::LogStore::write) only queues a batch in memory. A sync sends
+//! every batch queued for the job since the last one in one statement (`hodei_log_append`),
+//! which checks and applies them in one transaction, holding the job's row lock: the commit is
+//! the fsync, and only what it committed is acknowledged or read. So a flood of output costs a
+//! round trip and a commit per however many batches arrived meanwhile, as on disk. Syncs of one
+//! job run one at a time, so its batches reach the database in the order they were written.
+//!
+//! The checks are the file store's: a resend is compared with what is stored and skipped, a
+//! batch past the end is a gap, past the cap bytes are only counted. A transaction cannot
+//! leave a torn tail, so there is nothing to recover at start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as SyncMutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hodei_core::{PostgresStore, SqlParam, SqlRow};
+use prost::bytes::Bytes;
+use tokio::sync::watch;
+
+use super::batch::batch_end;
+use super::error::LogStoreError;
+use super::holder::JobHolder;
+use super::job_id::encode_job_id;
+use super::reader::{LogChunk, chunk_of};
+use super::status::{LogStatus, StreamStatus};
+use super::stream::LogStream;
+use crate::metrics::Metrics;
+
+/// How often a follower looks for output another control plane appended: its own control
+/// plane's appends wake it at once.
+const RECHECK_REMOTE: Duration = Duration::from_millis(250);
+
+/// One batch written and not yet sent.
+struct Queued {
+    stream: LogStream,
+    offset: u64,
+    bytes: Bytes,
+}
+
+/// The logs of control planes sharing a database.
+pub(super) struct SharedLogs {
+    store: Arc<PostgresStore>,
+    max_stream_bytes: u64,
+    queued: SyncMutex<HashMap<String, Vec<Queued>>>,
+    /// Held by a job's sync while its batches are on their way, so that syncs of one job
+    /// reach the database in order.
+    flushing: SyncMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped after every commit of this process, for its followers.
+    appended: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for SharedLogs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLogs").field("engine", &self.store.engine_id()).finish_non_exhaustive()
+    }
+}
+
+fn stream_number(stream: LogStream) -> i16 {
+    match stream {
+        LogStream::Stdout => 1,
+        LogStream::Stderr => 2,
+    }
+}
+
+fn offset_param(offset: u64) -> i64 {
+    // Offsets past i64::MAX would need 8 EiB of output; the batch check refuses overflow.
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+fn offset_of(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+impl SharedLogs {
+    pub(super) fn new(store: Arc<PostgresStore>, max_stream_bytes: u64) -> Self {
+        Self {
+            store,
+            max_stream_bytes,
+            queued: SyncMutex::default(),
+            flushing: SyncMutex::default(),
+            appended: watch::Sender::new(0),
+        }
+    }
+
+    /// Runs one statement off the async threads (the store's calls block).
+    async fn run(
+        &self,
+        operation: &'static str,
+        sql: &'static str,
+        params: Vec<SqlParam>,
+    ) -> Result<Vec<SqlRow>, LogStoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.run_statement(operation, sql, params))
+            .await
+            .map_err(|e| LogStoreError::Shared { operation, source: Box::new(e) })?
+            .map_err(|e| LogStoreError::Shared { operation, source: Box::new(e) })
+    }
+
+    pub(super) fn write(
+        &self,
+        job: &str,
+        stream: LogStream,
+        offset: u64,
+        bytes: Bytes,
+    ) -> Result<(), LogStoreError> {
+        encode_job_id(job)?;
+        let len = bytes.len();
+        // The database keeps offsets as bigint.
+        if i64::try_from(batch_end(job, stream, offset, len)?).is_err() {
+            return Err(LogStoreError::OffsetOverflow { job: job.to_owned(), stream, offset, len });
+        }
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        queued.entry(job.to_owned()).or_default().push(Queued { stream, offset, bytes });
+        Ok(())
+    }
+
+    /// Sends what was queued for `job` and returns where its log stands.
+    pub(super) async fn sync(
+        &self,
+        job: &str,
+        metrics: Option<&Metrics>,
+    ) -> Result<LogStatus, LogStoreError> {
+        self.flush(job, metrics).await?;
+        self.status(job).await
+    }
+
+    async fn flush(&self, job: &str, metrics: Option<&Metrics>) -> Result<(), LogStoreError> {
+        let lock = {
+            let mut flushing = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(flushing.entry(job.to_owned()).or_default())
+        };
+        let outcome = async {
+            let _turn = lock.lock().await;
+            let batches = self.queued.lock().unwrap_or_else(PoisonError::into_inner).remove(job);
+            let Some(batches) = batches.filter(|b| !b.is_empty()) else { return Ok(()) };
+            let began = Instant::now();
+            let streams: Vec<i16> = batches.iter().map(|b| stream_number(b.stream)).collect();
+            let offsets: Vec<i64> = batches.iter().map(|b| offset_param(b.offset)).collect();
+            let chunks: Vec<Vec<u8>> = batches.iter().map(|b| b.bytes.to_vec()).collect();
+            let rows = self
+                .run(
+                    "appending to a job log",
+                    "SELECT outcome, batch, at FROM hodei_log_append($1, $2, $3, $4, $5)",
+                    vec![
+                        Box::new(job.to_owned()),
+                        Box::new(streams),
+                        Box::new(offsets),
+                        Box::new(chunks),
+                        Box::new(offset_param(self.max_stream_bytes)),
+                    ],
+                )
+                .await?;
+            if let Some(metrics) = metrics {
+                metrics.log_fsynced(began.elapsed());
+            }
+            self.appended.send_modify(|n| *n = n.wrapping_add(1));
+            let Some(row) = rows.first() else {
+                return Err(LogStoreError::Shared {
+                    operation: "appending to a job log",
+                    source: "the append returned no outcome".into(),
+                });
+            };
+            let (outcome, batch, at): (String, i32, i64) = (row.get(0), row.get(1), row.get(2));
+            let refused =
+                usize::try_from(batch).ok().and_then(|i| i.checked_sub(1)).and_then(|i| batches.get(i));
+            let job = job.to_owned();
+            match (outcome.as_str(), refused) {
+                ("ok", _) => Ok(()),
+                ("closed", _) => Err(LogStoreError::Closed { job }),
+                ("gap", Some(b)) => Err(LogStoreError::Gap {
+                    job,
+                    stream: b.stream,
+                    offset: b.offset,
+                    expected: offset_of(at),
+                }),
+                ("mismatch", Some(b)) => {
+                    Err(LogStoreError::Mismatch { job, stream: b.stream, offset: offset_of(at) })
+                }
+                (other, _) => Err(LogStoreError::Shared {
+                    operation: "appending to a job log",
+                    source: format!("unknown outcome {other:?} for batch {batch}").into(),
+                }),
+            }
+        }
+        .await;
+        let mut flushing = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
+        // Nobody else waits for this job's turn: its entry goes, so that jobs this process only
+        // saw a part of leave nothing behind.
+        if flushing.get(job).is_some_and(|held| Arc::ptr_eq(held, &lock) && Arc::strong_count(&lock) == 2) {
+            flushing.remove(job);
+        }
+        outcome
+    }
+
+    pub(super) async fn begin(&self, job: &str) -> Result<(), LogStoreError> {
+        encode_job_id(job)?;
+        self.run(
+            "beginning a job log",
+            "INSERT INTO hodei_job_logs (job) VALUES ($1) ON CONFLICT (job) DO NOTHING",
+            vec![Box::new(job.to_owned())],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends what was queued, then closes the log, storing `result` if there is one (a second
+    /// result replaces the first).
+    pub(super) async fn close(
+        &self,
+        job: &str,
+        result: Option<&[u8]>,
+        metrics: Option<&Metrics>,
+    ) -> Result<(), LogStoreError> {
+        encode_job_id(job)?;
+        self.flush(job, metrics).await?;
+        self.run(
+            "closing a job log",
+            "INSERT INTO hodei_job_logs (job, closed, result) VALUES ($1, true, $2)
+             ON CONFLICT (job) DO UPDATE SET closed = true,
+                 result = coalesce(EXCLUDED.result, hodei_job_logs.result)",
+            vec![Box::new(job.to_owned()), Box::new(result.map(<[u8]>::to_vec))],
+        )
+        .await?;
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    pub(super) async fn result(&self, job: &str) -> Result<Option<Vec<u8>>, LogStoreError> {
+        encode_job_id(job)?;
+        let rows = self
+            .run(
+                "reading a job's result",
+                "SELECT result FROM hodei_job_logs WHERE job = $1",
+                vec![Box::new(job.to_owned())],
+            )
+            .await?;
+        Ok(rows.first().and_then(|row| row.get::<_, Option<Vec<u8>>>(0)))
+    }
+
+    pub(super) async fn exists(&self, job: &str) -> Result<bool, LogStoreError> {
+        encode_job_id(job)?;
+        let rows = self
+            .run(
+                "looking for a job log",
+                "SELECT 1 FROM hodei_job_logs WHERE job = $1",
+                vec![Box::new(job.to_owned())],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    pub(super) async fn jobs(&self) -> Result<Vec<String>, LogStoreError> {
+        let rows =
+            self.run("listing job logs", "SELECT job FROM hodei_job_logs ORDER BY job", vec![]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    pub(super) async fn status(&self, job: &str) -> Result<LogStatus, LogStoreError> {
+        encode_job_id(job)?;
+        let rows = self
+            .run(
+                "reading a job log's status",
+                "SELECT l.closed, s.stream, s.end_offset, s.stored, s.truncated
+                 FROM hodei_job_logs l LEFT JOIN hodei_job_log_streams s ON s.job = l.job
+                 WHERE l.job = $1",
+                vec![Box::new(job.to_owned())],
+            )
+            .await?;
+        let mut status = LogStatus::default();
+        for row in &rows {
+            status.closed = row.get(0);
+            let stream = match row.get::<_, Option<i16>>(1) {
+                Some(1) => LogStream::Stdout,
+                Some(2) => LogStream::Stderr,
+                _ => continue,
+            };
+            let s = StreamStatus {
+                end: offset_of(row.get(2)),
+                stored: offset_of(row.get(3)),
+                truncated: row.get(4),
+            };
+            match stream {
+                LogStream::Stdout => status.stdout = s,
+                LogStream::Stderr => status.stderr = s,
+            }
+        }
+        Ok(status)
+    }
+
+    pub(super) async fn read(
+        &self,
+        job: &str,
+        stream: LogStream,
+        from: u64,
+        max_len: usize,
+    ) -> Result<LogChunk, LogStoreError> {
+        let status = self.status(job).await?;
+        self.read_at(job, &status, stream, from, max_len).await
+    }
+
+    async fn read_at(
+        &self,
+        job: &str,
+        status: &LogStatus,
+        stream: LogStream,
+        from: u64,
+        max_len: usize,
+    ) -> Result<LogChunk, LogStoreError> {
+        let stored = status.stream(stream).stored;
+        let to = stored.min(from.saturating_add(u64::try_from(max_len).unwrap_or(u64::MAX)));
+        let bytes = if to > from {
+            let rows = self
+                .run(
+                    "reading a job log",
+                    "SELECT hodei_log_range($1, $2, $3, $4)",
+                    vec![
+                        Box::new(job.to_owned()),
+                        Box::new(stream_number(stream)),
+                        Box::new(offset_param(from)),
+                        Box::new(offset_param(to)),
+                    ],
+                )
+                .await?;
+            rows.first().map(|row| row.get::<_, Vec<u8>>(0)).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Ok(chunk_of(status, stream, from, bytes))
+    }
+
+    pub(super) async fn attach(&self, job: &str, worker: &str) -> Result<(), LogStoreError> {
+        encode_job_id(job)?;
+        self.run(
+            "recording which worker holds a job",
+            "INSERT INTO hodei_job_logs (job, worker, member) VALUES ($1, $2, $3)
+             ON CONFLICT (job) DO UPDATE SET worker = $2, member = $3, detached_at = NULL",
+            vec![Box::new(job.to_owned()), Box::new(worker.to_owned()), Box::new(self.member())],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn detach(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        self.run(
+            "recording that a worker's session ended",
+            "UPDATE hodei_job_logs SET member = NULL, detached_at = now()
+             WHERE job = ANY($1) AND worker = $2 AND member = $3",
+            vec![Box::new(jobs.to_vec()), Box::new(worker.to_owned()), Box::new(self.member())],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub(super) async fn holder(
+        &self,
+        jobs: &[String],
+        wait: Duration,
+    ) -> Result<Option<JobHolder>, LogStoreError> {
+        if jobs.is_empty() {
+            return Ok(None);
+        }
+        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        // A control plane that died detached nobody: its workers count as between sessions
+        // from the moment its lease lapsed.
+        let rows = self
+            .run(
+                "looking for the worker that holds a job",
+                "SELECT l.job, l.worker, l.member FROM hodei_job_logs l
+                 LEFT JOIN hodei_engines e ON e.id = l.member
+                 WHERE l.job = ANY($1) AND l.result IS NULL AND NOT l.closed AND l.worker IS NOT NULL
+                   AND (e.lease_until > now() - $2::bigint * interval '1 millisecond'
+                        OR (l.member IS NULL AND l.detached_at > now() - $2::bigint * interval '1 millisecond'))",
+                vec![Box::new(jobs.to_vec()), Box::new(wait_ms)],
+            )
+            .await?;
+        let held: Vec<JobHolder> = rows
+            .iter()
+            .map(|row| JobHolder { job: row.get(0), worker: row.get(1), member: row.get(2) })
+            .collect();
+        Ok(jobs.iter().find_map(|job| held.iter().find(|h| &h.job == job).cloned()))
+    }
+
+    fn member(&self) -> String {
+        self.store.engine_id().to_owned()
+    }
+
+    /// What a follower of this store waits on: a bump after each of its commits.
+    pub(super) fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// The follower's next read, and whether the log was closed as of that read.
+    pub(super) async fn follow_step(
+        &self,
+        job: &str,
+        stream: LogStream,
+        from: u64,
+        max_len: usize,
+    ) -> Result<(LogChunk, bool), LogStoreError> {
+        let status = self.status(job).await?;
+        let chunk = self.read_at(job, &status, stream, from, max_len).await?;
+        Ok((chunk, status.closed))
+    }
+
+    /// Waits for an append of this process, or for the time after which one of another's may
+    /// have committed. False once the store is gone.
+    pub(super) async fn wait_for_more(appended: &mut watch::Receiver<u64>) -> bool {
+        tokio::select! {
+            changed = appended.changed() => changed.is_ok(),
+            () = tokio::time::sleep(RECHECK_REMOTE) => true,
+        }
+    }
+}
