@@ -27,6 +27,8 @@ pub const EFFECT: &str = "cluster: effect";
 pub const FINISHED: &str = "cluster: finished";
 /// A step's body returned (its side effect and its work done); its end is written next.
 pub const RETURNED: &str = "cluster: returned";
+/// A step found its job held by a worker and waits for that run's result (remote jobs).
+pub const HELD: &str = "cluster: held";
 
 /// The pipeline's steps, in order.
 pub const STEPS: [&str; 4] = ["build", "test", "package", "deploy"];
@@ -296,6 +298,8 @@ pub enum Heard {
     /// A step of this run returned.
     Returned(String),
     Finished(String),
+    /// A step waits for a job a worker already holds.
+    Held,
     Other,
 }
 
@@ -303,6 +307,8 @@ fn said(text: &str) -> Heard {
     let after = |marker: &str| text.find(marker).map(|at| text[at + marker.len()..].trim().to_owned());
     if text.contains(READY) {
         Heard::Ready
+    } else if text.contains(HELD) {
+        Heard::Held
     } else if let Some(rest) = after(EFFECT) {
         match rest.split_once(' ') {
             Some((run, _step)) => Heard::Effect(run.to_owned()),

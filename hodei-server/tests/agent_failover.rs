@@ -4,6 +4,8 @@
 //! real mTLS; the control planes are two `ControlPlane`s on one database, as two engine
 //! processes would run.
 
+#[path = "support/on_message.rs"]
+mod on_message;
 mod support;
 #[path = "../../hodei-core/src/store/postgres/test_database.rs"]
 mod test_database;
@@ -17,6 +19,7 @@ use hodei_agent::protocol::v1::job_result::Outcome;
 use hodei_core::{PostgresOptions, PostgresStore};
 use hodei_server::ControlPlane;
 use hodei_server::logstore::LogStream;
+use on_message::OnMessage;
 use support::{shell, within};
 use test_database::TestDatabase;
 
@@ -149,38 +152,15 @@ async fn engine_beside(store: Arc<PostgresStore>, plane: &ControlPlane, script: 
     hodei_core::Engine::builder().store(store).register(definition).start().await.unwrap()
 }
 
-/// Tells `seen` when a `tracing` event's message is `message`: how the test knows a step is
-/// waiting for a held job before it lets that job end.
-struct MessageSeen {
-    message: &'static str,
-    seen: Arc<tokio::sync::Notify>,
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for MessageSeen {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(Option<String>);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = Some(format!("{value:?}"));
-                }
-            }
-        }
-        let mut message = Message(None);
-        event.record(&mut message);
-        if message.0.as_deref() == Some(self.message) {
-            self.seen.notify_one();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_when_its_engine_stops_runs_once_and_its_saga_finishes_on_another() {
     use hodei_core::{Outcome as SagaOutcome, SagaId, SagaRun};
     use tracing_subscriber::layer::SubscriberExt as _;
     let Some(db) = TestDatabase::new("held job") else { return };
     let waiting = Arc::new(tokio::sync::Notify::new());
-    let layer = MessageSeen { message: "waiting for the run a worker already holds", seen: waiting.clone() };
+    let seen = waiting.clone();
+    let layer =
+        OnMessage { message: "waiting for the run a worker already holds", then: move || seen.notify_one() };
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
     let work = tempfile::tempdir().unwrap();
     let (runs, gate) = (work.path().join("runs"), work.path().join("gate"));

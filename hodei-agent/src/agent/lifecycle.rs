@@ -37,7 +37,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         status_to_stderr: settings.status_to_stderr,
     };
     // The agent stays with the hub it reached; one where no session opens (its control plane
-    // is gone, say) sends it on to the next of those sharing the database.
+    // is gone, say), or that falls silent, sends it on to the next of those sharing the
+    // database.
     let mut at = 0;
     loop {
         let address = settings.session_addrs[at % settings.session_addrs.len()];
@@ -46,7 +47,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             () = &mut shutdown => return Ok(()),
             ended = session(&settings, address, &mut worker, &mut backoff) => ended,
         };
-        if !ended.opened {
+        if !ended.answered {
             at += 1;
         }
         // Reap the tasks of jobs that are over, so the set does not grow with every job.

@@ -15,10 +15,15 @@ use crate::pki::agent_client_config;
 use crate::protocol::v1::{self, hub_message};
 use crate::runner::{BatchLimits, JobRunner, RunnerConfig};
 
+/// How long opening a session (TCP, TLS, Hello and Welcome) may take: a control plane that
+/// accepts connections but does not answer (stopped, overloaded) is left for the next one.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How a session ended.
 pub(super) struct Ended {
-    /// Whether it opened at all: one that did not is a reason to try the next address.
-    pub(super) opened: bool,
+    /// Whether it opened and the control plane answered to the end: one that did not open, or
+    /// fell silent, is a reason to try the next address.
+    pub(super) answered: bool,
     /// Why it ended, for the status line.
     pub(super) why: String,
 }
@@ -31,9 +36,9 @@ pub(super) async fn session(
     worker: &mut Worker,
     backoff: &mut Backoff,
 ) -> Ended {
-    let mut opened = false;
-    let why = serve(settings, address, worker, backoff, &mut opened).await;
-    Ended { opened, why }
+    let mut answered = false;
+    let why = serve(settings, address, worker, backoff, &mut answered).await;
+    Ended { answered, why }
 }
 
 async fn serve(
@@ -41,7 +46,7 @@ async fn serve(
     address: std::net::SocketAddr,
     worker: &mut Worker,
     backoff: &mut Backoff,
-    opened_flag: &mut bool,
+    answered: &mut bool,
 ) -> String {
     let hello = v1::Hello {
         jobs: worker.outboxes.all().iter().map(|outbox| outbox.announce()).collect(),
@@ -51,14 +56,16 @@ async fn serve(
         let tls = agent_client_config(&settings.ca_bundle_pem, Some(&worker.identity))?;
         connect::start_session(connect::channel(address, tls).await?, hello).await
     };
-    let Session { welcome, sender, mut receiver, .. } = match opened.await {
-        Ok(session) => session,
-        Err(e) => return format!("the session could not be opened: {e}"),
+    let Session { welcome, sender, mut receiver, .. } = match tokio::time::timeout(OPEN_TIMEOUT, opened).await
+    {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => return format!("the session could not be opened: {e}"),
+        Err(_) => return format!("the session did not open within {OPEN_TIMEOUT:?}"),
     };
     say(settings.status_to_stderr, format_args!("session open as {} at {address}", settings.worker_id));
     // A session that opened is a success: the next failure starts the backoff over.
     backoff.reset();
-    *opened_flag = true;
+    *answered = true;
     let max_held = crate::protocol::negotiate_max_held_bytes(MAX_HELD_BYTES as u64, welcome.max_held_bytes);
     worker.outboxes.set_max_held(usize::try_from(max_held).unwrap_or(MAX_HELD_BYTES));
     for stored in &welcome.resume {
@@ -66,6 +73,10 @@ async fn serve(
     }
     // A zero interval would spin; the hub never sends one, but it is not ours to trust.
     let period = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
+    // The hub answers every heartbeat: past this without a word from it, it is gone even if the
+    // connection is not (a stopped process, a network that drops packets silently).
+    let silence = Duration::from_millis(welcome.heartbeat_timeout_ms).max(period * 2);
+    let mut heard = tokio::time::Instant::now();
     // The hub sets the batch limits; the runner applies its own floors to nonsense values.
     let batch = BatchLimits {
         max_bytes: usize::try_from(welcome.log_batch_max_bytes).unwrap_or(usize::MAX),
@@ -90,13 +101,19 @@ async fn serve(
         let renew_in = worker.certificate.renew_at().duration_since(SystemTime::now()).unwrap_or_default();
         tokio::select! {
             _ = &mut pump.0 => return "the session closed".to_owned(),
+            () = tokio::time::sleep_until(heard + silence) => {
+                *answered = false;
+                return format!("the control plane said nothing for {silence:?}");
+            }
             () = tokio::time::sleep(renew_in), if !worker.rotation_asked => {
                 if let Err(ended) = worker.ask_rotation(settings, &control) {
                     return ended;
                 }
             }
             message = receiver.message() => match message {
-                Ok(Some(message)) => match message.kind {
+                Ok(Some(message)) => {
+                    heard = tokio::time::Instant::now();
+                    match message.kind {
                     Some(hub_message::Kind::Heartbeat(_)) => tracing::trace!("heartbeat answered"),
                     Some(hub_message::Kind::Assign(assign)) => match assign.spec {
                         Some(spec) => worker.start(&runner, spec),
@@ -117,7 +134,8 @@ async fn serve(
                         Err(e) => say(settings.status_to_stderr, format_args!("certificate rotation refused: {e}")),
                     },
                     other => tracing::warn!(message = ?other, "hub message not handled; ignored"),
-                },
+                    }
+                }
                 Ok(None) => return "the control plane ended the session".to_owned(),
                 Err(status) => return format!("the session failed: {}", status.message()),
             },

@@ -149,7 +149,17 @@ impl JobDispatcher {
             async move {
                 let worker = guard.worker.clone();
                 let waiting = self.hub.resume_job(&worker, spec, previous);
-                let result = self.until_ended(step, &worker, job_id, waiting).await;
+                let mut result = self.until_ended(step, &worker, job_id, waiting).await;
+                if let Err(HubError::WorkerLost { .. } | HubError::UnknownWorker { .. }) = &result
+                    && let Ok(Some(holder)) = self.hub.holder(job_id, previous).await
+                    && holder.worker == worker
+                {
+                    // Its session ended here but the worker holds the job still, with another
+                    // control plane sharing the store or between sessions: its run goes on and
+                    // is waited for, and the worker (still leased) is not destroyed under it.
+                    tracing::info!(job = %holder.job, %worker, "the worker went on with another control plane");
+                    result = self.until_ended(step, &worker, &holder.job, self.hub.wait_held(&holder)).await;
+                }
                 guard.disarm();
                 result
             }
