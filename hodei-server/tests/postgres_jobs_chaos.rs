@@ -156,11 +156,14 @@ async fn jobs_survive_their_engines_being_killed() {
         let next_fault = faults.peek().map(|(at, _)| began + *at);
         let next_restart = restarts.iter().chain(&thaws).map(|(at, _)| *at).min();
         let wake = [next_fault, next_restart].into_iter().flatten().min();
-        assert!(
-            last_progress.elapsed() < STUCK,
-            "no run finished for {STUCK:?}: {} of {total} finished; faults: {log:?}",
-            finished.len()
-        );
+        if last_progress.elapsed() >= STUCK {
+            panic!(
+                "no run finished for {STUCK:?}: {} of {total} finished; faults: {log:?}\n{}\neffects:\n{}",
+                finished.len(),
+                shared_state(&db).await,
+                std::fs::read_to_string(work.path().join("effects")).unwrap_or_default()
+            );
+        }
         let heard = match wake {
             Some(at) => tokio::time::timeout_at(at.into(), cluster.heard()).await.ok(),
             None => tokio::time::timeout(STUCK, cluster.heard()).await.ok(),
@@ -301,6 +304,42 @@ async fn jobs_survive_their_engines_being_killed() {
     // the test runs): a job that ran twice was started again instead of waited for.
     let ran_again: Vec<_> = runs_of.iter().filter(|(_, runs)| runs.len() > 1).map(|(job, _)| job).collect();
     assert!(ran_again.is_empty(), "jobs run again although their worker held them: {ran_again:?}");
+}
+
+/// What the database says of the runs in flight, their jobs, and the engines: for a test that
+/// is stuck, which runs and why.
+async fn shared_state(db: &TestDatabase) -> String {
+    let admin = db.admin().await;
+    let rows = |sql: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .simple_query(sql)
+                .await
+                .map(|messages| {
+                    messages
+                        .iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                                (0..row.len())
+                                    .map(|i| row.get(i).unwrap_or("NULL"))
+                                    .collect::<Vec<_>>()
+                                    .join(" | "),
+                            ),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                })
+                .unwrap_or_else(|e| e.to_string())
+        }
+    };
+    format!(
+        "engines (id, live):\n  {}\nruns in flight (id, owner, epoch):\n  {}\njobs without a result (job, worker, member, detached_at, closed):\n  {}",
+        rows("SELECT id, lease_until > now() FROM hodei_engines ORDER BY id").await,
+        rows("SELECT id, owner, epoch FROM hodei_sagas WHERE in_flight ORDER BY id").await,
+        rows("SELECT job, worker, member, detached_at, closed FROM hodei_job_logs WHERE result IS NULL ORDER BY job").await,
+    )
 }
 
 /// One run of a job, from the effects file.

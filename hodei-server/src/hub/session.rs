@@ -80,6 +80,13 @@ impl ControlPlane for SessionService {
             }
         }
         let agent_jobs: HashSet<String> = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
+        if let Some(logs) = &self.logs {
+            let listed: Vec<String> = agent_jobs.iter().cloned().collect();
+            logs.holds_only(&hello.worker_id, &listed).await.map_err(|e| {
+                tracing::warn!(worker = %hello.worker_id, error = %e, "jobs the worker does not hold not recorded");
+                Status::unavailable("the control plane cannot record the jobs the agent holds")
+            })?;
+        }
         let (commands, command_rx) = mpsc::channel(16);
         let guard = self.registry.connect(&hello.worker_id, commands, agent_jobs.iter().cloned().collect());
         let (outbound, stream) = mpsc::channel(16);

@@ -129,7 +129,9 @@ impl SessionTask {
             tracing::warn!(worker = %self.guard.worker_id, jobs = self.jobs.len(), "session ended with jobs running");
         }
         if let Some(logs) = &self.logs {
-            let held: Vec<String> = self.running.union(&self.agent_jobs).cloned().collect();
+            // Assigned ones too: the agent may have received them before the session ended.
+            let mut held: Vec<String> = self.running.union(&self.agent_jobs).cloned().collect();
+            held.extend(self.jobs.keys().filter(|job| !self.running.contains(*job)).cloned());
             if let Err(error) = logs.detach(&self.guard.worker_id, &held).await {
                 // Then they count as attached until this control plane's lease lapses.
                 tracing::warn!(worker = %self.guard.worker_id, %error, "the end of the session not recorded");

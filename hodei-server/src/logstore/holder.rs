@@ -45,6 +45,18 @@ impl LogStore {
         Ok(())
     }
 
+    /// Records that `worker` holds only `jobs` (what its agent lists when a session opens):
+    /// a job assigned to it on a session that ended before the agent received it is held by
+    /// nobody, and a step waiting for it runs it anew without waiting for the worker wait.
+    pub async fn holds_only(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.holds_only(worker, jobs).await;
+        }
+        let _ = (worker, jobs);
+        Ok(())
+    }
+
     /// The worker holding the first of `jobs` (newest attempt first) whose result is not
     /// stored: attached to a control plane whose lease is live, or was less than `wait` ago
     /// (its session ended, or its control plane died, within `wait`; the agent redials).

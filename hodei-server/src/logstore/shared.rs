@@ -367,6 +367,28 @@ impl SharedLogs {
         .map(drop)
     }
 
+    pub(super) async fn holds_only(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+        self.run(
+            "recording the jobs a worker holds",
+            "UPDATE hodei_job_logs SET member = NULL, detached_at = '-infinity'
+             WHERE worker = $1 AND result IS NULL AND NOT (job = ANY($2))",
+            vec![Box::new(worker.to_owned()), Box::new(jobs.to_vec())],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Detaches every job this control plane's sessions held: none is open when it starts.
+    pub(super) async fn detach_all(&self) -> Result<(), LogStoreError> {
+        self.run(
+            "recording that an earlier run's sessions ended",
+            "UPDATE hodei_job_logs SET member = NULL, detached_at = now() WHERE member = $1 AND result IS NULL",
+            vec![Box::new(self.member())],
+        )
+        .await
+        .map(drop)
+    }
+
     pub(super) async fn holder(
         &self,
         jobs: &[String],

@@ -74,6 +74,9 @@ impl LogStore {
         store: Arc<hodei_core::PostgresStore>,
     ) -> Result<Self, LogStoreError> {
         let shared = super::shared::SharedLogs::new(store, config.max_stream_bytes);
+        // Sessions of an earlier run of this control plane (a restart under the same engine
+        // id, whose lease would make them look live) ended with it.
+        shared.detach_all().await?;
         let mut logs = Self::open_with_config(data_dir, config).await?;
         logs.shared = Some(Arc::new(shared));
         Ok(logs)
