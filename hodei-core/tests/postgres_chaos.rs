@@ -17,18 +17,20 @@ mod checks;
 #[path = "../../examples/support/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "cluster/server.rs"]
+mod server;
 #[path = "cluster/tcp_proxy.rs"]
 mod tcp_proxy;
 #[path = "../src/store/postgres/test_database.rs"]
 mod test_database;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cluster::{Cluster, Heard};
 use hodei_core::PostgresOptions;
+use server::Server;
 use tcp_proxy::TcpProxy;
 use test_database::TestDatabase;
 use tokio::process::Command;
@@ -313,63 +315,6 @@ async fn ownership(db: &TestDatabase) -> String {
     let engines: Vec<(String, bool, String)> =
         engines.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     format!("in flight (id, owner, epoch): {sagas:?}\nengines (id, live, lease until): {engines:?}")
-}
-
-/// The PostgreSQL server `.ci/postgres` started, which the test restarts.
-struct Server {
-    dir: String,
-    bin: String,
-}
-
-impl Server {
-    fn from_env() -> Option<Server> {
-        match (std::env::var("HODEI_TEST_POSTGRES_DIR"), std::env::var("HODEI_TEST_POSTGRES_BIN")) {
-            (Ok(dir), Ok(bin)) => Some(Server { dir, bin }),
-            _ if std::env::var("HODEI_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-                panic!(
-                    "HODEI_REQUIRE_POSTGRES=1 but HODEI_TEST_POSTGRES_DIR/_BIN are not set (see .ci/postgres)"
-                )
-            }
-            _ => {
-                println!("skipped: HODEI_TEST_POSTGRES_DIR and HODEI_TEST_POSTGRES_BIN are not set");
-                None
-            }
-        }
-    }
-
-    /// The server's address in `url` (`postgres://user:password@host:port/db`).
-    fn address(&self, url: &str) -> SocketAddr {
-        let host_port = url.rsplit_once('@').unwrap().1.split('/').next().unwrap();
-        host_port.parse().unwrap()
-    }
-
-    /// `url` through 127.0.0.1:`port`.
-    fn through(&self, url: &str, port: u16) -> String {
-        let (credentials, rest) = url.rsplit_once('@').unwrap();
-        let database = rest.split_once('/').map_or("", |(_, db)| db);
-        format!("{credentials}@127.0.0.1:{port}/{database}")
-    }
-
-    fn restart(&self) {
-        let pg_ctl = format!("{}/pg_ctl", self.bin);
-        let data = format!("{}/data", self.dir);
-        let log = format!("{}/server.log", self.dir);
-        let args = ["-D", data.as_str(), "-l", log.as_str(), "-w", "-m", "immediate", "restart"];
-        // The server refuses to run as root: as its owner, as `.ci/postgres` starts it.
-        let status = if is_root() {
-            std::process::Command::new("runuser").args(["-u", "postgres", "--", &pg_ctl]).args(args).status()
-        } else {
-            std::process::Command::new(&pg_ctl).args(args).status()
-        };
-        assert!(status.is_ok_and(|s| s.success()), "restarting PostgreSQL");
-    }
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
 fn engine_command(name: &str, runs: usize, url: &str, schema: &str, effects: &Path) -> Command {

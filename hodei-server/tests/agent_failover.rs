@@ -243,7 +243,7 @@ async fn a_held_job_is_waited_for_until_its_result_or_until_its_worker_stays_awa
     let (first_logs, hub) = (&sides[0].2, &sides[1].3);
 
     // Held by a worker on the first control plane's session, then finished there.
-    first_logs.attach("s/0#1", "w").await.unwrap();
+    first_logs.attach("s/0#1", "w", 1).await.unwrap();
     let holder = hub.holder("s/0#2", &["s/0#1".to_owned()]).await.unwrap().expect("held");
     assert_eq!((holder.job.as_str(), holder.worker.as_str()), ("s/0#1", "w"));
     let waiting = tokio::spawn({
@@ -260,7 +260,7 @@ async fn a_held_job_is_waited_for_until_its_result_or_until_its_worker_stays_awa
 
     // Held on a control plane that then dies: once its worker has stayed away for the worker
     // wait, the step is told its worker is lost, and its next attempt may run the job anew.
-    first_logs.attach("s/1#1", "w").await.unwrap();
+    first_logs.attach("s/1#1", "w", 1).await.unwrap();
     let holder = hub.holder("s/1#1", &[]).await.unwrap().expect("held");
     db.lapse(sides[0].0.engine_id()).await;
     match within(hub.wait_held(&holder)).await {

@@ -263,20 +263,23 @@ async fn a_holder_counts_while_its_session_lasts_and_for_the_worker_wait_after()
 
     a.begin("s/0#1").await.unwrap();
     assert_eq!(b.holder(&jobs(&["s/0#1"]), long).await.unwrap(), None, "nobody holds it yet");
-    a.attach("s/0#1", "w1").await.unwrap();
+    a.attach("s/0#1", "w1", 1).await.unwrap();
     let held = JobHolder { job: "s/0#1".into(), worker: "w1".into(), member: Some(a_id.clone()) };
     // Newest attempt first: the first of them that is held.
     assert_eq!(b.holder(&jobs(&["s/0#2", "s/0#1"]), Duration::ZERO).await.unwrap(), Some(held.clone()));
 
     // Between sessions: held for the worker wait, then not.
-    a.detach("w1", &jobs(&["s/0#1"])).await.unwrap();
+    // The end of another session of the same worker detaches nothing.
+    a.detach("w1", &jobs(&["s/0#1"]), 0).await.unwrap();
+    assert_eq!(b.holder(&jobs(&["s/0#1"]), Duration::ZERO).await.unwrap(), Some(held.clone()));
+    a.detach("w1", &jobs(&["s/0#1"]), 1).await.unwrap();
     let between = JobHolder { member: None, ..held.clone() };
     assert_eq!(b.holder(&jobs(&["s/0#1"]), long).await.unwrap(), Some(between));
     assert_eq!(b.holder(&jobs(&["s/0#1"]), Duration::ZERO).await.unwrap(), None);
 
     // Its next session is with the other control plane; once the result is stored, nobody
     // holds it any more.
-    b.attach("s/0#1", "w1").await.unwrap();
+    b.attach("s/0#1", "w1", 1).await.unwrap();
     assert_eq!(
         a.holder(&jobs(&["s/0#1"]), Duration::ZERO).await.unwrap().and_then(|h| h.member),
         Some(planes[1].1.engine_id().to_owned())
@@ -285,7 +288,7 @@ async fn a_holder_counts_while_its_session_lasts_and_for_the_worker_wait_after()
     assert_eq!(a.holder(&jobs(&["s/0#1"]), long).await.unwrap(), None);
 
     // A control plane that dies detaches nobody: its lease's end starts the worker wait.
-    a.attach("s/1#1", "w2").await.unwrap();
+    a.attach("s/1#1", "w2", 2).await.unwrap();
     db.lapse(&a_id).await;
     assert_eq!(b.holder(&jobs(&["s/1#1"]), Duration::ZERO).await.unwrap(), None);
     let orphaned = b.holder(&jobs(&["s/1#1"]), long).await.unwrap();

@@ -1,8 +1,9 @@
 //! Remote jobs under chaos on one PostgreSQL: three engine processes, each with its control
 //! plane sharing the database and workers that are `hodei-agent` processes of their own (so
 //! they outlive their engine), run pipelines of two jobs each, while engines are killed with
-//! SIGKILL and restarted, and one is frozen with SIGSTOP past its lease and the agents'
-//! heartbeat timeout. A job's agent then goes on with another control plane, and its saga is
+//! SIGKILL and restarted, one is frozen with SIGSTOP past its lease and the agents' heartbeat
+//! timeout, and (with `HODEI_JOBS_CHAOS_DATABASE=1`) PostgreSQL itself is restarted
+//! (`pg_ctl -m immediate`) while jobs write to it. A job's agent then goes on with another control plane, and its saga is
 //! taken over by another engine, whose step waits for that job rather than running it again.
 //!
 //! At the end every run completed; the log of every job whose result a step journaled is
@@ -10,7 +11,9 @@
 //! job holds an `flock` on a file of its own and records a conflict if it cannot take it), nor
 //! twice at all, since no worker is lost. It prints how many jobs each fault caught running on
 //! the workers of the engine it hit, and how many steps waited for a held job, and requires
-//! both to be above zero. Skipped (with a line saying so) without `HODEI_TEST_POSTGRES_URL`.
+//! both to be above zero. Skipped (with a line saying so) without `HODEI_TEST_POSTGRES_URL`
+//! (and, to restart the server, `HODEI_TEST_POSTGRES_DIR` and `HODEI_TEST_POSTGRES_BIN`,
+//! which `.ci/postgres` exports).
 #![cfg(unix)]
 
 #[path = "support/agent_binary.rs"]
@@ -20,6 +23,8 @@ mod agent_binary;
 mod cluster;
 #[path = "support/on_message.rs"]
 mod on_message;
+#[path = "../../hodei-core/tests/cluster/server.rs"]
+mod server;
 #[path = "../../hodei-core/src/store/postgres/test_database.rs"]
 mod test_database;
 
@@ -58,20 +63,31 @@ enum Fault {
     /// (they leave it for another control plane), then SIGCONT: a zombie whose jobs went on
     /// elsewhere.
     Freeze(usize),
+    /// PostgreSQL stopped at once (`pg_ctl restart -m immediate`) and started again, while
+    /// jobs write their logs to it.
+    RestartDatabase,
 }
 
-const SCHEDULE: [(Duration, Fault); 4] = [
+const SCHEDULE: [(Duration, Fault); 5] = [
     (Duration::from_millis(2_500), Fault::Kill(0)),
     (Duration::from_millis(5_000), Fault::Freeze(1)),
     (Duration::from_millis(7_500), Fault::Kill(2)),
-    (Duration::from_millis(10_000), Fault::Kill(1)),
+    (Duration::from_millis(9_000), Fault::RestartDatabase),
+    (Duration::from_millis(11_000), Fault::Kill(1)),
 ];
+
+/// Whether the schedule restarts PostgreSQL (`HODEI_JOBS_CHAOS_DATABASE=1`). Not by default
+/// yet: in about one run in seven on a loaded machine, a job whose result reached a control
+/// plane around the restart was neither stored nor given up (see the README).
+fn restarts_database() -> bool {
+    std::env::var("HODEI_JOBS_CHAOS_DATABASE").is_ok_and(|v| v == "1")
+}
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 const FROZEN_FOR: Duration = Duration::from_secs(3);
 /// How often agents and control planes say they are alive, and how long before a silent
 /// session is closed; a job's worker has [`WORKER_WAIT`], longer, to come back with another.
 const HEARTBEAT: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(2));
-const WORKER_WAIT: Duration = Duration::from_secs(5);
+const WORKER_WAIT: Duration = Duration::from_secs(10);
 /// How long the runs may stay unfinished with nothing heard before the test gives up.
 const STUCK: Duration = Duration::from_secs(90);
 
@@ -126,6 +142,12 @@ async fn jobs_survive_their_engines_being_killed() {
         return child(&name).await;
     }
     let Some(db) = TestDatabase::new("jobs chaos") else { return };
+    let server = if restarts_database() {
+        let Some(server) = server::Server::from_env() else { return };
+        Some(server)
+    } else {
+        None
+    };
     let work = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(work.path().join("locks")).unwrap();
     // Built before the engines need it, so that no engine waits on cargo.
@@ -143,7 +165,10 @@ async fn jobs_survive_their_engines_being_killed() {
         }
     }
     let began = Instant::now();
-    let mut faults = SCHEDULE.iter().peekable();
+    let mut faults = SCHEDULE
+        .iter()
+        .filter(|(_, fault)| server.is_some() || !matches!(fault, Fault::RestartDatabase))
+        .peekable();
     // Engines killed or frozen, and when each is restarted or thawed.
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut thaws: Vec<(Instant, usize)> = Vec::new();
@@ -152,6 +177,7 @@ async fn jobs_survive_their_engines_being_killed() {
     let mut held_waits = 0;
     // Each kill or freeze: the engine, and when by the clock the jobs read (`date +%s%N`).
     let mut killed_at: Vec<(usize, u128)> = Vec::new();
+    let mut restarted_at = None;
     while finished.len() < total || !restarts.is_empty() || !thaws.is_empty() || faults.peek().is_some() {
         let next_fault = faults.peek().map(|(at, _)| began + *at);
         let next_restart = restarts.iter().chain(&thaws).map(|(at, _)| *at).min();
@@ -198,6 +224,14 @@ async fn jobs_survive_their_engines_being_killed() {
                     log.push(format!("{:>6.1?} SIGSTOP {}", began.elapsed(), ENGINES[victim]));
                     thaws.push((Instant::now() + FROZEN_FOR, victim));
                 }
+                Fault::RestartDatabase => {
+                    // Blocking: the engines' lines wait in their pipes meanwhile.
+                    let (at, server) =
+                        (began.elapsed(), server.as_ref().expect("only scheduled with a server"));
+                    restarted_at = Some(unix_nanos());
+                    tokio::task::block_in_place(|| server.restart());
+                    log.push(format!("{at:>6.1?} PostgreSQL restarted ({:.1?})", began.elapsed() - at));
+                }
             }
         }
         let thawed: Vec<usize> = thaws.iter().filter(|(at, _)| *at <= now).map(|(_, n)| *n).collect();
@@ -243,6 +277,7 @@ async fn jobs_survive_their_engines_being_killed() {
             _ => panic!("unexpected effect line {line:?}"),
         }
     }
+    let first_start = runs_of.values().flatten().map(|r| r.start).min().unwrap_or(0);
     // The kill windows hit: jobs running on a worker of the engine that was killed.
     let mut hit = 0;
     for (victim, at) in &killed_at {
@@ -256,6 +291,11 @@ async fn jobs_survive_their_engines_being_killed() {
         hit += running;
     }
     assert!(hit > 0, "no fault landed while a job of the engine it hit ran");
+    if let Some(at) = restarted_at {
+        let running =
+            runs_of.values().flatten().filter(|r| r.start < at && r.end.is_none_or(|end| end > at)).count();
+        println!("PostgreSQL restarted: {running} jobs running");
+    }
     println!("{held_waits} steps waited for a job a worker already held");
     assert!(held_waits > 0, "no step waited for a held job");
     let mut checked_logs = 0;
@@ -302,8 +342,26 @@ async fn jobs_survive_their_engines_being_killed() {
     println!("{total} runs completed, {checked_logs} job logs whole, {} jobs", runs_of.len());
     // No worker is lost here (agents are processes of their own, and none is destroyed while
     // the test runs): a job that ran twice was started again instead of waited for.
-    let ran_again: Vec<_> = runs_of.iter().filter(|(_, runs)| runs.len() > 1).map(|(job, _)| job).collect();
-    assert!(ran_again.is_empty(), "jobs run again although their worker held them: {ran_again:?}");
+    let ran_again: Vec<_> = runs_of
+        .iter()
+        .filter(|(_, runs)| runs.len() > 1)
+        .map(|(job, runs)| {
+            let when = |at: u128| format!("{:.1}s", (at.saturating_sub(first_start) as f64) / 1e9);
+            let runs: Vec<_> = runs
+                .iter()
+                .map(|r| (when(r.start), r.end.map(when), r.dir.rsplit('/').nth(2).map(str::to_owned)))
+                .collect();
+            (job, runs)
+        })
+        .collect();
+    assert!(
+        ran_again.is_empty(),
+        "jobs run again although their worker held them (from the first job's start, by engine; faults at {:?}): {ran_again:?}",
+        killed_at
+            .iter()
+            .map(|(n, at)| (ENGINES[*n], format!("{:.1}s", (at.saturating_sub(first_start) as f64) / 1e9)))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// What the database says of the runs in flight, their jobs, and the engines: for a test that
@@ -369,12 +427,34 @@ fn engine_command(name: &str, runs: usize, db: &TestDatabase, work: &Path) -> Co
 /// `HODEI_JOBS_RUNS` runs (none when it is restarted), prints each run that finishes on it, and
 /// stops when its standard input closes.
 async fn child(name: &str) {
+    // The parent counts the steps that found their job held by a worker.
+    let held = on_message::OnMessage {
+        message: "waiting for the run a worker already holds",
+        then: || println!("{}", cluster::HELD),
+    };
+    tracing::subscriber::set_global_default(tracing_subscriber::layer::SubscriberExt::with(
+        tracing_subscriber::registry(),
+        held,
+    ))
+    .unwrap();
+    // As a supervisor would: an engine that fails while the database is down (at its start,
+    // or as it stops) starts again until it can connect.
+    let mut tries = 0;
+    while let Err(e) = engine_process(name).await {
+        tries += 1;
+        assert!(tries < 100, "{name} could not start: {e}");
+        eprintln!("{name}: stopped ({e}); again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn engine_process(name: &str) -> Result<(), Box<dyn std::error::Error>> {
     let var = |key: &str| std::env::var(key).unwrap();
     let runs: usize = var("HODEI_JOBS_RUNS").parse().unwrap();
     let work = PathBuf::from(var("HODEI_JOBS_WORK"));
     let options =
         PostgresOptions::default().schema(var("HODEI_JOBS_SCHEMA")).lease(cluster::LEASE).engine_id(name);
-    let store = Arc::new(PostgresStore::connect_with(&var("HODEI_JOBS_URL"), options).await.unwrap());
+    let store = Arc::new(PostgresStore::connect_with(&var("HODEI_JOBS_URL"), options).await?);
     let dir = work.join(name);
     let provider = LocalProvider::child_process(dir.join("workers"), agent_binary::agent_binary());
     let plane = ControlPlane::builder(&dir)
@@ -383,9 +463,8 @@ async fn child(name: &str) {
         .hub_config(HubConfig::default().heartbeat(HEARTBEAT.0, HEARTBEAT.1).worker_wait(WORKER_WAIT))
         .provider(Arc::new(provider), ProviderPolicy::default().max_workers(4))
         .start()
-        .await
-        .unwrap();
-    plane.reap_orphans(store.as_ref()).await.unwrap();
+        .await?;
+    plane.reap_orphans(store.as_ref()).await?;
     let dispatcher = plane.dispatcher(Arc::new(MemorySecrets::new())).retry(
         RetryPolicy::attempts(cluster::ATTEMPTS)
             .initial_backoff(Duration::from_millis(200))
@@ -397,18 +476,7 @@ async fn child(name: &str) {
         .resource_arc(plane.logs().clone())
         .register(pipeline(dispatcher, work.join("effects"), work.join("locks")))
         .start()
-        .await
-        .unwrap();
-    // The parent counts the steps that found their job held by a worker.
-    let held = on_message::OnMessage {
-        message: "waiting for the run a worker already holds",
-        then: || println!("{}", cluster::HELD),
-    };
-    tracing::subscriber::set_global_default(tracing_subscriber::layer::SubscriberExt::with(
-        tracing_subscriber::registry(),
-        held,
-    ))
-    .unwrap();
+        .await?;
     let mut events = engine.subscribe();
     tokio::spawn(async move {
         while let Ok(event) = events.recv().await {
@@ -420,11 +488,12 @@ async fn child(name: &str) {
         }
     });
     for k in 0..runs {
-        engine.start(SagaRun::new("jobs", format!("{name}-{k}"), &()).unwrap()).await.unwrap();
+        engine.start(SagaRun::new("jobs", format!("{name}-{k}"), &())?).await?;
     }
     println!("{} {name}", cluster::READY);
     let mut sink = Vec::new();
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
-    engine.shutdown(Duration::from_secs(5)).await.unwrap();
-    plane.shutdown().await.unwrap();
+    engine.shutdown(Duration::from_secs(5)).await?;
+    plane.shutdown().await?;
+    Ok(())
 }

@@ -49,7 +49,7 @@ impl SessionTask {
                         // So is its worker: a step of it elsewhere waits for this run.
                         if let Some(logs) = &self.logs
                             && let Err(e) = match logs.begin(&job_id).await {
-                                Ok(()) => logs.attach(&job_id, &worker_id).await,
+                                Ok(()) => logs.attach(&job_id, &worker_id, self.session).await,
                                 Err(e) => Err(e),
                             }
                         {
@@ -154,6 +154,13 @@ impl SessionTask {
             // Not acknowledged: the agent keeps the result and sends it again on its next
             // session, by when the store may work again.
             tracing::error!(worker = %self.guard.worker_id, job = %job_id, %error, "job result not stored");
+            if error.is_unavailable() {
+                // A shared database that failed: the session ends (detaching the job, which
+                // the agent still holds), its waiter finds the job held, and the result comes
+                // again on the agent's next session.
+                self.agent_jobs.insert(job_id);
+                return Flow::Break(());
+            }
         }
         let flow = match stored {
             Ok(()) => {

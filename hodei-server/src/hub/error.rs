@@ -87,6 +87,12 @@ pub enum HubError {
 impl HubError {
     /// Whether running the job again may succeed: the worker went away, not the job.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::WorkerLost { .. } | Self::UnknownWorker { .. })
+        // A shared database that failed (restarted, a connection dropped) may answer the next
+        // attempt.
+        match self {
+            Self::WorkerLost { .. } | Self::UnknownWorker { .. } => true,
+            Self::Logs { source, .. } => source.is_unavailable(),
+            _ => false,
+        }
     }
 }

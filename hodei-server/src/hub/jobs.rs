@@ -82,6 +82,27 @@ impl Hub {
             .map_err(|source| HubError::Logs { job_id: job_id.to_owned(), source })
     }
 
+    /// [`Hub::holder`], asked again while the shared database is out of reach (it restarted,
+    /// say: the session that lost its worker may have ended for that), for up to the worker
+    /// wait. `None` if nobody holds the job, or the database did not answer.
+    pub async fn holder_once_reachable(&self, job_id: &str, previous: &[String]) -> Option<JobHolder> {
+        let until = tokio::time::Instant::now() + self.config.worker_wait;
+        loop {
+            match self.holder(job_id, previous).await {
+                Ok(holder) => return holder,
+                Err(HubError::Logs { source, .. })
+                    if source.is_unavailable() && tokio::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(HELD_RECHECK).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job = job_id, error = %e, "cannot tell whether a worker holds the job");
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Waits for the result of the job `holder` holds, stored by whichever control plane the
     /// worker sends it to. Fails with [`HubError::WorkerLost`] once no worker holds the job
     /// and no result is stored: its worker did not come back within the worker wait.
@@ -93,18 +114,31 @@ impl Hub {
         let jobs = [holder.job.clone()];
         let logs_error = |source| HubError::Logs { job_id: holder.job.clone(), source };
         loop {
-            if let Some(result) = read_result(logs, &holder.job).await? {
-                return Ok(result);
-            }
-            if logs.holder(&jobs, self.config.worker_wait).await.map_err(logs_error)?.is_none() {
-                // The result may have been stored between the two reads.
-                return match read_result(logs, &holder.job).await? {
-                    Some(result) => Ok(result),
-                    None => Err(HubError::WorkerLost {
-                        worker_id: holder.worker.clone(),
-                        job_id: holder.job.clone(),
-                    }),
-                };
+            let looked = async {
+                if let Some(result) = read_result(logs, &holder.job).await? {
+                    return Ok(Some(result));
+                }
+                if logs.holder(&jobs, self.config.worker_wait).await.map_err(logs_error)?.is_none() {
+                    // The result may have been stored between the two reads.
+                    return match read_result(logs, &holder.job).await? {
+                        Some(result) => Ok(Some(result)),
+                        None => Err(HubError::WorkerLost {
+                            worker_id: holder.worker.clone(),
+                            job_id: holder.job.clone(),
+                        }),
+                    };
+                }
+                Ok(None)
+            };
+            match looked.await {
+                Ok(Some(result)) => return Ok(result),
+                Ok(None) => {}
+                // The database failed (it restarted, say): the job goes on meanwhile, and its
+                // worker must not be given up for that, so the wait goes on too.
+                Err(HubError::Logs { source, .. }) if source.is_unavailable() => {
+                    tracing::warn!(job = %holder.job, "the shared store failed while waiting for a held job; waiting on");
+                }
+                Err(e) => return Err(e),
             }
             tokio::time::sleep(HELD_RECHECK).await;
         }

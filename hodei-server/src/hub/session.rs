@@ -63,6 +63,9 @@ impl ControlPlane for SessionService {
         check_peer_worker_id(&peer, &hello.worker_id)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
 
+        // This session among the control plane's, for the store's record of who holds a job.
+        static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let session_number = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Where each job the agent still holds must resume: what the store already has.
         let mut resume = Vec::new();
         if let Some(logs) = &self.logs {
@@ -73,7 +76,7 @@ impl ControlPlane for SessionService {
                 })?;
                 resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
                 // A step on any control plane sharing the store waits for it from now on.
-                logs.attach(&job.job_id, &hello.worker_id).await.map_err(|e| {
+                logs.attach(&job.job_id, &hello.worker_id, session_number).await.map_err(|e| {
                     tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "job holder not recorded");
                     Status::unavailable("the control plane cannot record the jobs the agent holds")
                 })?;
@@ -117,6 +120,7 @@ impl ControlPlane for SessionService {
             aliases: HashMap::new(),
             running: agent_jobs.clone(),
             agent_jobs,
+            session: session_number,
             guard,
         };
         tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));

@@ -45,6 +45,8 @@ pub(super) struct SessionTask {
     /// The jobs running on the agent until their result arrives, cancelled ones included;
     /// published in the registry.
     pub(super) running: HashSet<String>,
+    /// This session's number among the control plane's ([`LogStore::attach`]).
+    pub(super) session: u64,
     pub(super) guard: ConnectionGuard,
     /// Last, so dropped last: the server's graceful stop waits for the response stream, which
     /// ends when this goes, and by then the session holds no log store or PKI any more.
@@ -132,9 +134,22 @@ impl SessionTask {
             // Assigned ones too: the agent may have received them before the session ended.
             let mut held: Vec<String> = self.running.union(&self.agent_jobs).cloned().collect();
             held.extend(self.jobs.keys().filter(|job| !self.running.contains(*job)).cloned());
-            if let Err(error) = logs.detach(&self.guard.worker_id, &held).await {
-                // Then they count as attached until this control plane's lease lapses.
-                tracing::warn!(worker = %self.guard.worker_id, %error, "the end of the session not recorded");
+            let session = self.session;
+            if let Err(error) = logs.detach(&self.guard.worker_id, &held, session).await {
+                // Until it is recorded they count as attached here, and a step elsewhere waits
+                // for them: tried again while the database is out of reach, for at most a
+                // minute (past that this control plane is unlikely to hold its lease).
+                tracing::warn!(worker = %self.guard.worker_id, %error, "the end of the session not recorded; trying again");
+                let (logs, worker) = (logs.clone(), self.guard.worker_id.clone());
+                tokio::spawn(async move {
+                    for _ in 0..120 {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        if logs.detach(&worker, &held, session).await.is_ok() {
+                            return;
+                        }
+                    }
+                    tracing::error!(%worker, "the end of the session could not be recorded");
+                });
             }
         }
     }
@@ -189,17 +204,27 @@ impl SessionTask {
         };
         let len = batch.data.len();
         match logs.write(&batch.job_id, stream, batch.offset, batch.data).await {
-            Ok(()) => self.sync.written(batch.job_id, stream, len),
+            Ok(()) => {
+                self.sync.written(batch.job_id, stream, len);
+                Flow::Continue(())
+            }
             Err(error) => self.log_failed(&batch.job_id, error),
         }
-        Flow::Continue(())
     }
 
-    fn log_failed(&mut self, job_id: &str, error: LogStoreError) {
+    /// A batch the store refused fails its job's result. A shared database that failed (it
+    /// restarted, a connection dropped) refused nothing: the session ends instead, so that the
+    /// agent resends from what is stored on its next one, which may be with another control
+    /// plane, and the job's waiter finds the job still held.
+    fn log_failed(&mut self, job_id: &str, error: LogStoreError) -> Flow {
         tracing::warn!(worker = %self.guard.worker_id, job = %job_id, %error, "log batch not stored");
+        if error.is_unavailable() {
+            return Flow::Break(());
+        }
         if let Some(job) = self.jobs.get_mut(job_id) {
             job.log_error.get_or_insert(error);
         }
+        Flow::Continue(())
     }
 
     /// Starts a sync of what was written, unless one is in flight ([`LogSync::start`]).
@@ -222,7 +247,11 @@ impl SessionTask {
                         }
                     }
                 }
-                Err(error) => self.log_failed(&job_id, error),
+                Err(error) => {
+                    if self.log_failed(&job_id, error).is_break() {
+                        return Flow::Break(());
+                    }
+                }
             }
         }
         Flow::Continue(())

@@ -151,7 +151,7 @@ impl JobDispatcher {
                 let waiting = self.hub.resume_job(&worker, spec, previous);
                 let mut result = self.until_ended(step, &worker, job_id, waiting).await;
                 if let Err(HubError::WorkerLost { .. } | HubError::UnknownWorker { .. }) = &result
-                    && let Ok(Some(holder)) = self.hub.holder(job_id, previous).await
+                    && let Some(holder) = self.hub.holder_once_reachable(job_id, previous).await
                     && holder.worker == worker
                 {
                     // Its session ended here but the worker holds the job still, with another

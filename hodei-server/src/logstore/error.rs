@@ -103,6 +103,14 @@ pub enum LogStoreError {
     },
 }
 
+impl LogStoreError {
+    /// The shared database failed (it restarted, a connection dropped): the store refused
+    /// nothing, and the same call may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Shared { .. })
+    }
+}
+
 pub(super) fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogStoreError {
     let path = path.to_path_buf();
     move |source| LogStoreError::Io { operation, path, source }

@@ -23,25 +23,27 @@ pub struct JobHolder {
 }
 
 impl LogStore {
-    /// Records that `worker` holds `job`, on a session with this control plane: before the job
-    /// is assigned, and for each job an agent lists when its session opens.
-    pub async fn attach(&self, job: &str, worker: &str) -> Result<(), LogStoreError> {
+    /// Records that `worker` holds `job`, on `session` (a number this control plane gives each
+    /// of its sessions): before the job is assigned, and for each job an agent lists when its
+    /// session opens.
+    pub async fn attach(&self, job: &str, worker: &str, session: u64) -> Result<(), LogStoreError> {
         #[cfg(feature = "postgres")]
         if let Some(shared) = &self.shared {
-            return shared.attach(job, worker).await;
+            return shared.attach(job, worker, session).await;
         }
-        let _ = (job, worker);
+        let _ = (job, worker, session);
         Ok(())
     }
 
-    /// Records that `worker`'s session with this control plane ended while it held `jobs`: it
-    /// may open the next one with any of them.
-    pub async fn detach(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+    /// Records that `worker`'s `session` with this control plane ended while it held `jobs`:
+    /// it may open the next one with any of them. A job attached since by a later session
+    /// stays attached.
+    pub async fn detach(&self, worker: &str, jobs: &[String], session: u64) -> Result<(), LogStoreError> {
         #[cfg(feature = "postgres")]
         if let Some(shared) = &self.shared {
-            return shared.detach(worker, jobs).await;
+            return shared.detach(worker, jobs, session).await;
         }
-        let _ = (worker, jobs);
+        let _ = (worker, jobs, session);
         Ok(())
     }
 

@@ -80,6 +80,11 @@ fn offset_param(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
 }
 
+/// A session number as the table keeps it: the bits as they are.
+fn session_param(session: u64) -> i64 {
+    i64::from_ne_bytes(session.to_ne_bytes())
+}
+
 fn offset_of(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
@@ -341,27 +346,42 @@ impl SharedLogs {
         Ok(chunk_of(status, stream, from, bytes))
     }
 
-    pub(super) async fn attach(&self, job: &str, worker: &str) -> Result<(), LogStoreError> {
+    pub(super) async fn attach(&self, job: &str, worker: &str, session: u64) -> Result<(), LogStoreError> {
         encode_job_id(job)?;
         self.run(
             "recording which worker holds a job",
-            "INSERT INTO hodei_job_logs (job, worker, member) VALUES ($1, $2, $3)
-             ON CONFLICT (job) DO UPDATE SET worker = $2, member = $3, detached_at = NULL",
-            vec![Box::new(job.to_owned()), Box::new(worker.to_owned()), Box::new(self.member())],
+            "INSERT INTO hodei_job_logs (job, worker, member, session) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (job) DO UPDATE SET worker = $2, member = $3, session = $4, detached_at = NULL",
+            vec![
+                Box::new(job.to_owned()),
+                Box::new(worker.to_owned()),
+                Box::new(self.member()),
+                Box::new(session_param(session)),
+            ],
         )
         .await
         .map(drop)
     }
 
-    pub(super) async fn detach(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
+    pub(super) async fn detach(
+        &self,
+        worker: &str,
+        jobs: &[String],
+        session: u64,
+    ) -> Result<(), LogStoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
         self.run(
             "recording that a worker's session ended",
             "UPDATE hodei_job_logs SET member = NULL, detached_at = now()
-             WHERE job = ANY($1) AND worker = $2 AND member = $3",
-            vec![Box::new(jobs.to_vec()), Box::new(worker.to_owned()), Box::new(self.member())],
+             WHERE job = ANY($1) AND worker = $2 AND member = $3 AND session = $4",
+            vec![
+                Box::new(jobs.to_vec()),
+                Box::new(worker.to_owned()),
+                Box::new(self.member()),
+                Box::new(session_param(session)),
+            ],
         )
         .await
         .map(drop)

@@ -12,6 +12,9 @@ CREATE TABLE hodei_job_logs (
     -- than running it again.
     worker text,
     member text COLLATE "C",
+    -- Which of the member's sessions: a late record of one session's end must not detach the
+    -- job from the next session of the same worker on the same control plane.
+    session bigint,
     detached_at timestamptz
 );
 
