@@ -77,8 +77,8 @@ const SCHEDULE: [(Duration, Fault); 5] = [
 ];
 
 /// Whether the schedule restarts PostgreSQL (`HODEI_JOBS_CHAOS_DATABASE=1`). Not by default
-/// yet: in about one run in seven on a loaded machine, a job whose result reached a control
-/// plane around the restart was neither stored nor given up (see the README).
+/// yet: on a busy machine a job whose result reached a control plane around the restart may
+/// be given up and run again, or the engines stall (see the README).
 fn restarts_database() -> bool {
     std::env::var("HODEI_JOBS_CHAOS_DATABASE").is_ok_and(|v| v == "1")
 }

@@ -154,10 +154,10 @@ impl SessionTask {
             // Not acknowledged: the agent keeps the result and sends it again on its next
             // session, by when the store may work again.
             tracing::error!(worker = %self.guard.worker_id, job = %job_id, %error, "job result not stored");
-            if error.is_unavailable() {
-                // A shared database that failed: the session ends (detaching the job, which
-                // the agent still holds), its waiter finds the job held, and the result comes
-                // again on the agent's next session.
+            if error.calls_for_resend() {
+                // A shared database that failed, or output lost on its way: the session ends
+                // (detaching the job, which the agent still holds), its waiter finds the job
+                // held, and the output and result come again on the agent's next session.
                 self.agent_jobs.insert(job_id);
                 return Flow::Break(());
             }

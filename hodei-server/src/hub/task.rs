@@ -212,13 +212,13 @@ impl SessionTask {
         }
     }
 
-    /// A batch the store refused fails its job's result. A shared database that failed (it
-    /// restarted, a connection dropped) refused nothing: the session ends instead, so that the
-    /// agent resends from what is stored on its next one, which may be with another control
-    /// plane, and the job's waiter finds the job still held.
+    /// A batch the store refused fails its job's result. One the agent's resend can still
+    /// store (a shared database that failed, a gap left by batches lost on their way) ends the
+    /// session instead, so that the agent resends from what is stored on its next one, which
+    /// may be with another control plane, and the job's waiter finds the job still held.
     fn log_failed(&mut self, job_id: &str, error: LogStoreError) -> Flow {
         tracing::warn!(worker = %self.guard.worker_id, job = %job_id, %error, "log batch not stored");
-        if error.is_unavailable() {
+        if error.calls_for_resend() {
             return Flow::Break(());
         }
         if let Some(job) = self.jobs.get_mut(job_id) {

@@ -109,6 +109,13 @@ impl LogStoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Shared { .. })
     }
+
+    /// Whether the agent's resend from the acknowledged offsets, on its next session, can
+    /// store what this call did not: the store failed, or batches before this one were lost
+    /// on their way (a gap), rather than refusing what it was given.
+    pub fn calls_for_resend(&self) -> bool {
+        matches!(self, Self::Shared { .. } | Self::Gap { .. })
+    }
 }
 
 pub(super) fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LogStoreError {

@@ -150,7 +150,10 @@ impl SharedLogs {
         let outcome = async {
             let _turn = lock.lock().await;
             let batches = self.queued.lock().unwrap_or_else(PoisonError::into_inner).remove(job);
-            let Some(batches) = batches.filter(|b| !b.is_empty()) else { return Ok(()) };
+            let Some(mut batches) = batches.filter(|b| !b.is_empty()) else { return Ok(()) };
+            // In stream order: batches an earlier session queued and could not send are
+            // resent by the agent's next one, and interleave with them here.
+            batches.sort_by_key(|b| (stream_number(b.stream), b.offset));
             let began = Instant::now();
             let streams: Vec<i16> = batches.iter().map(|b| stream_number(b.stream)).collect();
             let offsets: Vec<i64> = batches.iter().map(|b| offset_param(b.offset)).collect();
@@ -230,7 +233,12 @@ impl SharedLogs {
         metrics: Option<&Metrics>,
     ) -> Result<(), LogStoreError> {
         encode_job_id(job)?;
-        self.flush(job, metrics).await?;
+        match self.flush(job, metrics).await {
+            // Output resent after the log was closed (its acknowledgement was lost with a
+            // session): the log is complete as stored, and the result is stored again.
+            Ok(()) | Err(LogStoreError::Closed { .. }) => {}
+            Err(e) => return Err(e),
+        }
         self.run(
             "closing a job log",
             "INSERT INTO hodei_job_logs (job, closed, result) VALUES ($1, true, $2)
