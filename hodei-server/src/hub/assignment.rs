@@ -45,13 +45,9 @@ impl SessionTask {
                         self.close_replaced(&previous, &job_id).await;
                         // Recorded before it is assigned: whatever happens next, the job has a
                         // log, so its end can be recorded and it is listed even if it never
-                        // writes.
-                        // So is its worker: a step of it elsewhere waits for this run.
+                        // writes. So is its worker: a step of it elsewhere waits for this run.
                         if let Some(logs) = &self.logs
-                            && let Err(e) = match logs.begin(&job_id).await {
-                                Ok(()) => logs.attach(&job_id, &worker_id, self.session).await,
-                                Err(e) => Err(e),
-                            }
+                            && let Err(e) = logs.begin_on(&job_id, &worker_id, self.session).await
                         {
                             let _ = reply.send(Err(HubError::Logs { job_id, source: e }));
                             return Flow::Continue(());

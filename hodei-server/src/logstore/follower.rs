@@ -90,7 +90,7 @@ impl LogFollower {
                 #[cfg(feature = "postgres")]
                 Source::Shared { logs, appended } => {
                     appended.borrow_and_update();
-                    logs.follow_step(&self.job, self.stream, self.offset, FOLLOW_CHUNK).await
+                    logs.read_with_closed(&self.job, self.stream, self.offset, FOLLOW_CHUNK).await
                 }
             };
             let closed = match read {

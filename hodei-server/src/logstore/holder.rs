@@ -35,6 +35,18 @@ impl LogStore {
         Ok(())
     }
 
+    /// [`LogStore::begin`]s the job's log and [`LogStore::attach`]es it to `worker`'s
+    /// `session`, before the job is assigned: on a shared store, in one statement.
+    pub async fn begin_on(&self, job: &str, worker: &str, session: u64) -> Result<(), LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            // Recording the holder creates the job's row, which is all `begin` does there.
+            return shared.attach(job, worker, session).await;
+        }
+        let _ = (worker, session);
+        self.begin(job).await
+    }
+
     /// Records that `worker`'s `session` with this control plane ended while it held `jobs`:
     /// it may open the next one with any of them. A job attached since by a later session
     /// stays attached.

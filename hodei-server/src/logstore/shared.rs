@@ -75,6 +75,11 @@ fn stream_number(stream: LogStream) -> i16 {
     }
 }
 
+/// The stream a number of [`stream_number`] stands for.
+fn stream_of(number: i16) -> Option<LogStream> {
+    LogStream::ALL.into_iter().find(|stream| stream_number(*stream) == number)
+}
+
 fn offset_param(offset: u64) -> i64 {
     // Offsets past i64::MAX would need 8 EiB of output; the batch check refuses overflow.
     i64::try_from(offset).unwrap_or(i64::MAX)
@@ -295,20 +300,12 @@ impl SharedLogs {
         let mut status = LogStatus::default();
         for row in &rows {
             status.closed = row.get(0);
-            let stream = match row.get::<_, Option<i16>>(1) {
-                Some(1) => LogStream::Stdout,
-                Some(2) => LogStream::Stderr,
-                _ => continue,
-            };
-            let s = StreamStatus {
+            let Some(stream) = row.get::<_, Option<i16>>(1).and_then(stream_of) else { continue };
+            *status.stream_mut(stream) = StreamStatus {
                 end: offset_of(row.get(2)),
                 stored: offset_of(row.get(3)),
                 truncated: row.get(4),
             };
-            match stream {
-                LogStream::Stdout => status.stdout = s,
-                LogStream::Stderr => status.stderr = s,
-            }
         }
         Ok(status)
     }
@@ -320,8 +317,7 @@ impl SharedLogs {
         from: u64,
         max_len: usize,
     ) -> Result<LogChunk, LogStoreError> {
-        let status = self.status(job).await?;
-        self.read_at(job, &status, stream, from, max_len).await
+        self.read_with_closed(job, stream, from, max_len).await.map(|(chunk, _)| chunk)
     }
 
     async fn read_at(
@@ -455,8 +451,8 @@ impl SharedLogs {
         self.appended.subscribe()
     }
 
-    /// The follower's next read, and whether the log was closed as of that read.
-    pub(super) async fn follow_step(
+    /// A read, and whether the log was closed as of that read (what a follower needs).
+    pub(super) async fn read_with_closed(
         &self,
         job: &str,
         stream: LogStream,

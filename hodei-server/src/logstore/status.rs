@@ -52,4 +52,13 @@ impl LogStatus {
             LogStream::Stderr => &self.stderr,
         }
     }
+
+    /// One stream's status, to fill in (the shared store reads it row by row).
+    #[cfg(feature = "postgres")]
+    pub(super) fn stream_mut(&mut self, stream: LogStream) -> &mut StreamStatus {
+        match stream {
+            LogStream::Stdout => &mut self.stdout,
+            LogStream::Stderr => &mut self.stderr,
+        }
+    }
 }
