@@ -106,8 +106,7 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
     let Some(db) = TestDatabase::new("chaos") else { return };
     let Some(server) = Server::from_env() else { return };
     let effects = tempfile::tempdir().unwrap();
-    let proxy = TcpProxy::start(server.address(&db.url)).await;
-    let proxied = server.through(&db.url, proxy.port);
+    let (proxy, proxied) = TcpProxy::in_front_of(&db.url).await;
     let command = |n: usize, runs: usize| {
         let url = if n == 2 { proxied.as_str() } else { db.url.as_str() };
         engine_command(ENGINES[n], runs, url, &db.schema, effects.path())
@@ -190,7 +189,14 @@ async fn runs_survive_kills_a_zombie_a_cut_and_a_database_restart() {
                 faults.next();
                 match *fault {
                     Fault::Kill if failing_over.is_none() => {
-                        let victim = (0..ENGINES.len()).max_by_key(|n| seen.on(*n).len()).unwrap_or(0);
+                        // Not the zombie before its thaw: it is to be frozen (or is), and a
+                        // killed engine waits for its failover before it is restarted.
+                        let freezing = frozen.is_some()
+                            || faults.clone().any(|(_, fault)| matches!(fault, Fault::Freeze(_)));
+                        let victim = (0..ENGINES.len())
+                            .filter(|n| !(freezing && zombie == Some(*n)))
+                            .max_by_key(|n| seen.on(*n).len())
+                            .unwrap_or(0);
                         let runs = seen.on(victim);
                         cluster.kill(victim).await;
                         log.push(format!(

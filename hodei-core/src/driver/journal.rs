@@ -129,6 +129,13 @@ impl Journal {
         let halt = match &error {
             Error::Fenced(_) => Halt::Fenced,
             Error::Storage { .. } if self.store.leases().is_some() => Halt::Unwritten,
+            // On a shared store the database's journal is the truth: one that moved on without
+            // this driver (which should not happen while the epochs fence) is read again and
+            // replayed, which is safe, rather than parking a saga that has nothing wrong.
+            Error::SequenceConflict { .. } if self.store.leases().is_some() => {
+                tracing::warn!(error = %error, "the journal in the database moved on; the saga is read again");
+                Halt::Unwritten
+            }
             _ => return error,
         };
         // A fence is final; a failed write does not hide one found before.

@@ -137,6 +137,7 @@ impl EngineBuilder {
             recovered: watch::Sender::new(false),
             beats: watch::Sender::new(0),
             unwritten: Mutex::default(),
+            resuming: Mutex::default(),
             config: self.config,
             resources,
         });

@@ -30,6 +30,14 @@ pub(super) fn start(inner: &Arc<Inner>, beat: Duration, wake: Arc<Notify>) {
                 () = wake.notified() => false,
             };
             if beating {
+                let late = tokio::time::Instant::now().saturating_duration_since(next_beat);
+                if late > beat {
+                    // The runtime had no worker free for the beat: tasks that block it
+                    // (synchronous work in a step, say) put the lease at risk.
+                    tracing::warn!(?late, "the engine's lease beat came late: its runtime was busy");
+                    // The missed beats are not made up in a burst: one renewal is enough.
+                    next_beat = tokio::time::Instant::now();
+                }
                 next_beat += beat;
                 if !beat_once(&inner).await {
                     return;
@@ -90,6 +98,7 @@ impl Engine {
 /// One beat; false once the engine is gone.
 async fn beat_once(inner: &Weak<Inner>) -> bool {
     let Some(store) = inner.upgrade().map(|inner| inner.store.clone()) else { return false };
+    let began = std::time::Instant::now();
     // The renewal blocks on the database: off the runtime's workers.
     let renewed = tokio::task::spawn_blocking(move || match store.leases() {
         Some(leases) => leases.renew(CLAIMS_PER_BEAT),
@@ -97,45 +106,25 @@ async fn beat_once(inner: &Weak<Inner>) -> bool {
     })
     .await;
     let Some(inner) = inner.upgrade() else { return false };
+    let took = began.elapsed();
+    if let Some(leases) = inner.store.leases()
+        && took > leases.beat() * 2
+    {
+        // Five beats make a lease: one this slow leaves little before it lapses.
+        tracing::warn!(?took, beat = ?leases.beat(), "renewing the engine's lease was slow");
+    }
     match renewed {
         Ok(Ok(renewal)) => {
             for id in &renewal.lost {
                 inner.lost(id);
             }
-            // The database answers again: resume what a failed write stopped, from its journal
-            // there (unless another engine took it meanwhile: then it is not in flight here).
-            let unwritten = std::mem::take(&mut *lock(&inner.unwritten));
-            for id in unwritten {
-                // Lost while this engine could not write (its lease lapsed, and another took
-                // the saga): the new owner drives it, and running its step here too would
-                // repeat the step's side effect only to have the write refused.
-                if inner.live(&id).is_some() || renewal.lost.contains(&id) {
-                    continue;
-                }
-                match inner.store.record(&id) {
-                    Ok(Some(record)) if !record.status.is_final() => {
-                        tracing::info!(saga.id = %id, "resuming a saga after a failed journal write");
-                        if let Err(e) = inner.adopt(record) {
-                            tracing::error!(saga.id = %id, error = %e, "the saga could not be resumed");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(saga.id = %id, error = %e, "the saga is resumed at a later beat");
-                        lock(&inner.unwritten).push(id);
-                    }
-                }
-            }
-            for record in renewal.claimed {
-                if inner.live(&record.id).is_some() {
-                    continue;
-                }
-                let id = record.id.clone();
-                tracing::info!(saga.id = %id, "taking over a saga whose engine's lease lapsed");
-                if let Err(e) = inner.adopt(record) {
-                    tracing::error!(saga.id = %id, error = %e, "a claimed saga could not be resumed");
-                }
-            }
+            // Resuming a saga reads its journal, a round trip each: done beside the beat, whose
+            // next renewal must not wait for it. A beat that took over a dead engine's hundred
+            // sagas and read them all before beating again let its own lease lapse, and the
+            // others took them from it in turn.
+            let adopting = inner.clone();
+            let resumed = tokio::task::spawn_blocking(move || adopting.resume(renewal));
+            drop(resumed);
         }
         // The database is away: the lease may lapse, and the store's epochs keep this engine
         // from writing a saga that another one took meanwhile.
@@ -144,4 +133,53 @@ async fn beat_once(inner: &Weak<Inner>) -> bool {
     }
     inner.beats.send_modify(|beats| *beats += 1);
     true
+}
+
+impl Inner {
+    /// Resumes what a renewal handed this engine: the sagas a failed write stopped, once the
+    /// database answers again, and those it claimed. One renewal's at a time, in order.
+    fn resume(self: &Arc<Self>, renewal: Renewal) {
+        let _one_at_a_time = lock(&self.resuming);
+        // The database answers again: resume what a failed write stopped, from its journal
+        // there (unless another engine took it meanwhile: then it is not in flight here).
+        let unwritten = std::mem::take(&mut *lock(&self.unwritten));
+        for id in unwritten {
+            if self.stopping() {
+                return;
+            }
+            // Lost while this engine could not write (its lease lapsed, and another took the
+            // saga): the new owner drives it, and running its step here too would repeat the
+            // step's side effect only to have the write refused.
+            if self.live(&id).is_some() || renewal.lost.contains(&id) {
+                continue;
+            }
+            match self.store.record(&id) {
+                Ok(Some(record)) if !record.status.is_final() => {
+                    tracing::info!(saga.id = %id, "resuming a saga after a failed journal write");
+                    if let Err(e) = self.adopt(record) {
+                        tracing::error!(saga.id = %id, error = %e, "the saga could not be resumed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(saga.id = %id, error = %e, "the saga is resumed at a later beat");
+                    lock(&self.unwritten).push(id);
+                }
+            }
+        }
+        for record in renewal.claimed {
+            // Left to the next engine to look once this one has stopped.
+            if self.stopping() {
+                return;
+            }
+            if self.live(&record.id).is_some() {
+                continue;
+            }
+            let id = record.id.clone();
+            tracing::info!(saga.id = %id, "taking over a saga whose engine's lease lapsed");
+            if let Err(e) = self.adopt(record) {
+                tracing::error!(saga.id = %id, error = %e, "a claimed saga could not be resumed");
+            }
+        }
+    }
 }

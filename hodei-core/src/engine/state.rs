@@ -54,6 +54,8 @@ pub(super) struct Inner {
     /// Sagas this engine stopped driving after a journal write failed (a shared store only):
     /// resumed from the database's journal at the next beat that reaches it.
     pub(super) unwritten: Mutex<Vec<SagaId>>,
+    /// Held while the sagas of one lease renewal are resumed: renewals resume in order.
+    pub(super) resuming: Mutex<()>,
     pub(super) config: EngineConfig,
     pub(super) resources: Arc<Resources>,
 }

@@ -91,6 +91,11 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     /// This engine's id among those sharing the database.
     member: String,
+    /// This process's hold on `member`, random: a later process under the same name takes
+    /// the name over with its own.
+    incarnation: i64,
+    /// A later process took `member` over: this store writes and claims nothing more.
+    superseded: AtomicBool,
     lease: Duration,
     /// Set by the first renewal, which also takes back this engine's own sagas.
     renewed: AtomicBool,
@@ -111,10 +116,37 @@ impl Shared {
         // Every change to the overlay is made whole under the lock before anything can panic.
         self.overlay.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// A later process took this engine's name: this one stops. Everything it owned is lost to
+    /// it (told once to its engine by the next renewal), and it claims, creates and renews
+    /// nothing from now on.
+    fn supersede(&self) {
+        if !self.superseded.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::error!(
+                engine = %self.member,
+                "another process took this engine's id: this one drives none of its sagas any more \
+                 (two live processes must not share an engine id; a restarted one takes it over)"
+            );
+        }
+    }
 }
 
 fn database(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
     move |e| Error::Storage { operation, source: StorageError::new(PostgresError::from(e)) }
+}
+
+/// A number for this process's hold on its engine id that another process, or another store
+/// in this one, is not going to pick: std's hasher keys are random per process and differ
+/// between calls, and the clock and pid mix in.
+fn incarnation() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    hasher.write_u32(std::process::id());
+    // Never 0, which rows from before incarnations hold.
+    (hasher.finish() | 1) as i64
 }
 
 fn refused(operation: &'static str, e: PostgresError) -> Error {
@@ -141,6 +173,8 @@ impl PostgresStore {
             readers: Readers::new(connector),
             runtime: runtime.handle().clone(),
             member: options.member(),
+            incarnation: incarnation(),
+            superseded: AtomicBool::new(false),
             lease,
             renewed: AtomicBool::new(false),
             unsure: AtomicBool::new(false),
@@ -196,7 +230,15 @@ impl PostgresStore {
             let _ = tx.send(future.await);
         });
         // A runtime that has shut down drops the task, and with it `tx`.
-        rx.recv().unwrap_or_else(|_| Err(refused(operation, PostgresError::Stopped)))
+        let answer = || rx.recv().unwrap_or_else(|_| Err(refused(operation, PostgresError::Stopped)));
+        // The store's calls block (the `EventStore` trait is synchronous), and engines make them
+        // from async code. On a multi-thread runtime the worker hands its other tasks over while
+        // it waits: a round trip that takes seconds (the database restarting, a lost link)
+        // must not stall the engine's lease beat and every other task queued behind it.
+        match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(answer),
+            _ => answer(),
+        }
     }
 
     fn id(&self) -> usize {
@@ -225,6 +267,9 @@ impl PostgresStore {
     /// Takes a saga this store does not own (one reopened or forked, or one this engine lost
     /// and whose new owner died): refused with [`Error::Fenced`] while a live engine holds it.
     fn take_over(&self, id: &SagaId) -> Result<()> {
+        if self.shared.superseded.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Fenced(id.clone()));
+        }
         match self.claim_one(id)? {
             Some((epoch, next)) => {
                 let mut overlay = self.shared.overlay();
@@ -358,7 +403,7 @@ async fn release(shared: &Shared) {
     }
     let released = async {
         let client = shared.readers.get().await?;
-        client.execute(leases::RELEASE, &[&shared.member]).await
+        client.execute(leases::RELEASE, &[&shared.member, &shared.incarnation]).await
     };
     if let Err(e) = released.await {
         tracing::warn!(error = %e, "the engine's lease was not released; it lapses on its own");
@@ -400,6 +445,10 @@ impl EventStore for PostgresStore {
     fn create(&self, record: &SagaRecord, first: &RecordedEvent) -> Result<Option<SagaRecord>> {
         let id = &record.id;
         check_sequence(id, std::slice::from_ref(first), 0)?;
+        // A later process holds this engine's id and would never hear of the saga.
+        if self.shared.superseded.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Fenced(id.clone()));
+        }
         let op = Op {
             id: id.clone(),
             expected: Some(0),

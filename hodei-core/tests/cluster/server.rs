@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
-
 /// The PostgreSQL server `.ci/postgres` started, which the test restarts.
 pub struct Server {
     dir: String,
@@ -25,19 +23,6 @@ impl Server {
                 None
             }
         }
-    }
-
-    /// The server's address in `url` (`postgres://user:password@host:port/db`).
-    pub fn address(&self, url: &str) -> SocketAddr {
-        let host_port = url.rsplit_once('@').unwrap().1.split('/').next().unwrap();
-        host_port.parse().unwrap()
-    }
-
-    /// `url` through 127.0.0.1:`port`.
-    pub fn through(&self, url: &str, port: u16) -> String {
-        let (credentials, rest) = url.rsplit_once('@').unwrap();
-        let database = rest.split_once('/').map_or("", |(_, db)| db);
-        format!("{credentials}@127.0.0.1:{port}/{database}")
     }
 
     pub fn restart(&self) {

@@ -1,6 +1,7 @@
 //! A TCP proxy on loopback that the test can cut: every connection through it is dropped at
 //! once, and new ones are refused, until it is restored. It stands for a network partition
-//! between one engine and its database.
+//! between one engine and its database. Shared with `hodei-server/tests/postgres_jobs_chaos.rs`
+//! by `#[path]`.
 
 use std::net::SocketAddr;
 
@@ -13,6 +14,16 @@ pub struct TcpProxy {
 }
 
 impl TcpProxy {
+    /// A proxy in front of the server of `url` (`postgres://user:password@host:port/db`), and
+    /// `url` through it.
+    pub async fn in_front_of(url: &str) -> (TcpProxy, String) {
+        let (credentials, rest) = url.rsplit_once('@').unwrap();
+        let (host_port, database) = rest.split_once('/').unwrap_or((rest, ""));
+        let proxy = TcpProxy::start(host_port.parse().unwrap()).await;
+        let through = format!("{credentials}@127.0.0.1:{}/{database}", proxy.port);
+        (proxy, through)
+    }
+
     /// Forwards 127.0.0.1:`port` to `target`.
     pub async fn start(target: SocketAddr) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -109,6 +109,10 @@ impl Connector {
 pub(super) struct Readers {
     connector: Connector,
     idle: Mutex<Vec<Reader>>,
+    /// The lease's own connection: a renewal never waits for a new connection (its TLS and
+    /// SCRAM handshake cost tens of milliseconds on a busy machine) because reads took every
+    /// idle one. A lease that lapses for that hands a live engine's sagas to another.
+    lease: Mutex<Option<Reader>>,
 }
 
 /// A reader connection and the statements prepared on it so far.
@@ -125,7 +129,7 @@ struct Reader {
 
 impl Readers {
     pub(super) fn new(connector: Connector) -> Self {
-        Self { connector, idle: Mutex::new(Vec::new()) }
+        Self { connector, idle: Mutex::new(Vec::new()), lease: Mutex::new(None) }
     }
 
     pub(super) fn connector(&self) -> &Connector {
@@ -143,7 +147,18 @@ impl Readers {
             Some(reader) => reader,
             None => Reader { client: self.connector.connect().await?, prepared: HashMap::new() },
         };
-        Ok(Pooled { readers: self, reader: Some(reader), broken: false })
+        Ok(Pooled { readers: self, reader: Some(reader), broken: false, lease: false })
+    }
+
+    /// The lease's connection, kept for the lease alone; [`get`](Self::get) otherwise.
+    pub(super) async fn get_for_lease(&self) -> Result<Pooled<'_>, tokio_postgres::Error> {
+        let kept =
+            self.lease.lock().unwrap_or_else(|p| p.into_inner()).take().filter(|r| !r.client.is_closed());
+        let reader = match kept {
+            Some(reader) => reader,
+            None => Reader { client: self.connector.connect().await?, prepared: HashMap::new() },
+        };
+        Ok(Pooled { readers: self, reader: Some(reader), broken: false, lease: true })
     }
 }
 
@@ -153,6 +168,8 @@ pub(super) struct Pooled<'a> {
     readers: &'a Readers,
     reader: Option<Reader>,
     broken: bool,
+    /// Taken by [`Readers::get_for_lease`], and given back there.
+    lease: bool,
 }
 
 impl Pooled<'_> {
@@ -215,6 +232,10 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let Some(reader) = self.reader.take() else { return };
         if !self.broken && !reader.client.is_closed() {
+            if self.lease {
+                *self.readers.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+                return;
+            }
             let mut idle = self.readers.idle();
             if idle.len() < IDLE_READERS {
                 idle.push(reader);

@@ -21,14 +21,19 @@ use crate::error::{Error, Result};
 use crate::event::SagaId;
 use crate::store::{Leases, Posted, Renewal, Request};
 
-/// Extends the lease if it has not lapsed; no row back means it had (or never existed).
+/// Extends the lease if it has not lapsed and this process still holds the name; no row back
+/// means it had lapsed, or never existed, or another process took the name.
 const RENEW: &str = "UPDATE hodei_engines SET lease_until = now() + $2::float8 * interval '1 second'
-    WHERE id = $1 AND lease_until > now() RETURNING 1";
+    WHERE id = $1 AND incarnation = $3 AND lease_until > now() RETURNING 1";
 
-/// Takes a lease afresh: the engine is new, or its lease lapsed (its sagas may be gone).
-const JOIN: &str = "INSERT INTO hodei_engines (id, lease_until)
-    VALUES ($1, now() + $2::float8 * interval '1 second')
-    ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until";
+/// Takes a lease afresh: the engine is new (`$4`: this process's first renewal, which takes the
+/// name over from an earlier process under it, dead or not), or its lease lapsed (its sagas may
+/// be gone). No row back: a later process took the name, and this one is superseded.
+const JOIN: &str = "INSERT INTO hodei_engines (id, lease_until, incarnation)
+    VALUES ($1, now() + $2::float8 * interval '1 second', $3)
+    ON CONFLICT (id) DO UPDATE SET lease_until = EXCLUDED.lease_until, incarnation = EXCLUDED.incarnation
+    WHERE $4 OR hodei_engines.incarnation = EXCLUDED.incarnation
+    RETURNING 1";
 
 /// Which of the sagas this engine holds are at another epoch now.
 const LOST: &str = "SELECT s.id FROM unnest($1::text[], $2::int8[]) AS u(id, epoch)
@@ -38,7 +43,8 @@ const LOST: &str = "SELECT s.id FROM unnest($1::text[], $2::int8[]) AS u(id, epo
 /// earlier life), in id order, skipping those another engine is claiming at the same moment.
 /// Each engine takes its share of the orphans (their number over the live engines', rounded
 /// up), so that the survivors of a death split its sagas instead of the first to beat taking
-/// them all; at most `$2`.
+/// them all; at most `$2`. Nothing if a later process took this engine's name (`$4` is this
+/// process's incarnation).
 const CLAIM: &str = "WITH dead AS (
         SELECT id FROM hodei_engines WHERE lease_until <= now() AND id <> $1),
     share AS (
@@ -51,6 +57,7 @@ const CLAIM: &str = "WITH dead AS (
             s.owner IS NULL
             OR s.owner IN (SELECT id FROM dead)
             OR ($3 AND s.owner = $1))
+            AND NOT EXISTS (SELECT 1 FROM hodei_engines e WHERE e.id = $1 AND e.incarnation <> $4)
         ORDER BY s.id
         LIMIT CASE WHEN $3 THEN $2 ELSE least($2, (SELECT n FROM share)) END
         FOR UPDATE SKIP LOCKED)
@@ -60,15 +67,22 @@ const CLAIM: &str = "WITH dead AS (
 
 /// Sagas in flight that the database says this engine owns and that it does not know it owns
 /// (`$2`): those of a claim whose answer was lost. Claimed sagas are at epoch 2 or more; one
-/// this engine is creating right now is at 1, and is known before its row is written.
+/// this engine is creating right now is at 1, and is known before its row is written. None
+/// once a later process holds the name: its claims are not this process's.
 const UNHEARD: &str = "SELECT s.id, s.epoch, s.record FROM hodei_sagas s
-    WHERE s.owner = $1 AND s.in_flight AND s.epoch > 1 AND NOT (s.id = ANY($2::text[]))";
+    WHERE s.owner = $1 AND s.in_flight AND s.epoch > 1 AND NOT (s.id = ANY($2::text[]))
+        AND NOT EXISTS (SELECT 1 FROM hodei_engines e WHERE e.id = $1 AND e.incarnation <> $3)";
 
-/// Takes one saga if no live engine owns it.
+/// Takes one saga if no live engine owns it (this one aside), and no later process holds this
+/// engine's name. One that another engine took from this one (`$4`) only once it has no owner
+/// (it finished, and is reopened): a driver that has yet to hear that its saga was taken must
+/// not take it back when its new owner dies in turn. Such a saga is claimed again by a beat,
+/// which resumes it from its journal.
 const CLAIM_ONE: &str = "UPDATE hodei_sagas s SET owner = $1, epoch = s.epoch + 1
     WHERE s.id = $2 AND (
-        s.owner IS NULL OR s.owner = $1
-        OR s.owner IN (SELECT id FROM hodei_engines WHERE lease_until <= now()))
+        s.owner IS NULL
+        OR (NOT $4 AND (s.owner = $1 OR s.owner IN (SELECT id FROM hodei_engines WHERE lease_until <= now()))))
+        AND NOT EXISTS (SELECT 1 FROM hodei_engines e WHERE e.id = $1 AND e.incarnation <> $3)
     RETURNING s.epoch, s.next_seq";
 
 /// Forgets engines whose lease lapsed and that own nothing in flight any more, nor a session
@@ -102,8 +116,9 @@ const DELETE_REQUEST: &str = "DELETE FROM hodei_requests WHERE id = $1";
 const CHANNEL: &str = "hodei_requests";
 
 /// Lets go of the lease at once, so that the other engines take the sagas over at their next
-/// beat instead of after the lease.
-pub(super) const RELEASE: &str = "UPDATE hodei_engines SET lease_until = '-infinity' WHERE id = $1";
+/// beat instead of after the lease; not a later process's under the same name.
+pub(super) const RELEASE: &str =
+    "UPDATE hodei_engines SET lease_until = '-infinity' WHERE id = $1 AND incarnation = $2";
 
 impl Leases for PostgresStore {
     fn beat(&self) -> Duration {
@@ -111,21 +126,41 @@ impl Leases for PostgresStore {
     }
 
     fn renew(&self, max: usize) -> Result<Renewal> {
-        let first = !self.shared.renewed.swap(true, Ordering::AcqRel);
+        if self.shared.superseded.load(Ordering::Acquire) {
+            return Ok(self.superseded());
+        }
+        // Set once a renewal succeeds: a first one that failed is made again, claim included.
+        let first = !self.shared.renewed.load(Ordering::Acquire);
         // The first renewal takes back all of this engine's own sagas anyway.
-        let unsure = self.shared.unsure.swap(false, Ordering::AcqRel) && !first;
+        let unsure = !first && self.shared.unsure.swap(false, Ordering::AcqRel);
         let owned = self.shared.overlay().owned();
         let member = self.shared.member.clone();
+        let incarnation = self.shared.incarnation;
         let lease = self.shared.lease.as_secs_f64();
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let operation = "renewing the engine's lease";
         let result = self.call(operation, move |shared| async move {
-            let mut client = shared.readers.get().await.map_err(database(operation))?;
-            let renewed =
-                client.query_prepared(RENEW, &[&member, &lease]).await.map_err(database(operation))?;
+            let mut client = shared.readers.get_for_lease().await.map_err(database(operation))?;
+            let renewed = client
+                .query_prepared(RENEW, &[&member, &lease, &incarnation])
+                .await
+                .map_err(database(operation))?;
             let mut lost = Vec::new();
             if renewed.is_empty() {
-                client.execute_prepared(JOIN, &[&member, &lease]).await.map_err(database(operation))?;
+                let joined = client
+                    .query_prepared(JOIN, &[&member, &lease, &incarnation, &first])
+                    .await
+                    .map_err(database(operation))?;
+                if joined.is_empty() {
+                    return Ok(None);
+                }
+                if !first {
+                    tracing::warn!(
+                        engine = %member,
+                        "this engine's lease had lapsed (its renewals came late, or the database was \
+                         away): it joins again, and loses the sagas other engines took meanwhile"
+                    );
+                }
                 if !owned.is_empty() {
                     let (ids, epochs): (Vec<String>, Vec<i64>) =
                         owned.iter().map(|(id, epoch)| (id.to_string(), *epoch)).unzip();
@@ -140,19 +175,26 @@ impl Leases for PostgresStore {
             let mut unheard = Vec::new();
             if unsure {
                 let known: Vec<String> = owned.iter().map(|(id, _)| id.to_string()).collect();
-                unheard =
-                    client.query_prepared(UNHEARD, &[&member, &known]).await.map_err(database(operation))?;
+                unheard = client
+                    .query_prepared(UNHEARD, &[&member, &known, &incarnation])
+                    .await
+                    .map_err(database(operation))?;
             }
             let rows = client
-                .query_prepared(CLAIM, &[&member, &limit, &first])
+                .query_prepared(CLAIM, &[&member, &limit, &first, &incarnation])
                 .await
                 .map_err(database(operation))?;
             let claimed: Vec<(String, i64, Vec<u8>)> =
                 rows.iter().chain(&unheard).map(|row| (row.get(0), row.get(1), row.get(2))).collect();
-            Ok((lost, claimed))
+            Ok(Some((lost, claimed)))
         });
         // Whatever the database did with this call's claim, this engine did not hear of it.
-        let (lost, claimed) = result.inspect_err(|_| self.shared.unsure.store(true, Ordering::Release))?;
+        let renewed = result.inspect_err(|_| self.shared.unsure.store(true, Ordering::Release))?;
+        let Some((lost, claimed)) = renewed else {
+            self.shared.supersede();
+            return Ok(self.superseded());
+        };
+        self.shared.renewed.store(true, Ordering::Release);
         let lost: HashSet<SagaId> = lost.into_iter().filter_map(|id| SagaId::new(id).ok()).collect();
         let mut records = Vec::with_capacity(claimed.len());
         for (id, epoch, record) in &claimed {
@@ -215,6 +257,16 @@ pub(super) async fn listen(shared: Arc<Shared>) {
 }
 
 impl PostgresStore {
+    /// The renewal of a superseded store: the sagas it still thought it owned, as lost.
+    fn superseded(&self) -> Renewal {
+        let mut overlay = self.shared.overlay();
+        let owned: HashSet<SagaId> = overlay.owned().into_iter().map(|(id, _)| id).collect();
+        overlay.fence(&owned);
+        let mut lost = overlay.take_unreported();
+        lost.sort();
+        Renewal { lost, claimed: Vec::new() }
+    }
+
     fn request_posted(&self, id: &SagaId, request: &Request) -> Result<()> {
         let body = super::encode(id, || "a posted request".into(), request)?;
         let params: Vec<Param> = vec![Box::new(id.as_str().to_owned()), Box::new(body)];
@@ -264,7 +316,12 @@ impl PostgresStore {
     /// Takes `id` for this engine if no live engine owns it; returns its epoch and where its
     /// journal ends, or `None` if another engine holds it.
     pub(super) fn claim_one(&self, id: &SagaId) -> Result<Option<(i64, u64)>> {
-        let params: Vec<Param> = vec![Box::new(self.shared.member.clone()), Box::new(id.as_str().to_owned())];
+        let params: Vec<Param> = vec![
+            Box::new(self.shared.member.clone()),
+            Box::new(id.as_str().to_owned()),
+            Box::new(self.shared.incarnation),
+            Box::new(self.shared.overlay().was_lost(id)),
+        ];
         let rows = self
             .query("claiming a saga", CLAIM_ONE, params)
             .inspect_err(|_| self.shared.unsure.store(true, Ordering::Release))?;

@@ -17,6 +17,9 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "listeners", include_str!("migrations/0005_listeners.sql")),
     (6, "api tokens", include_str!("migrations/0006_api_tokens.sql")),
     (7, "job logs", include_str!("migrations/0007_job_logs.sql")),
+    (8, "incarnations", include_str!("migrations/0008_incarnations.sql")),
+    (9, "job holders by worker", include_str!("migrations/0009_job_holders_by_worker.sql")),
+    (10, "job cancels", include_str!("migrations/0010_job_cancels.sql")),
 ];
 
 /// The newest version this build knows.

@@ -131,6 +131,11 @@ impl Overlay {
         self.epochs.insert(id.clone(), epoch);
     }
 
+    /// Whether another engine took `id` from this store, which has not owned it again since.
+    pub(super) fn was_lost(&self, id: &SagaId) -> bool {
+        self.lost.contains(id)
+    }
+
     /// The sagas this store owns, with their epochs.
     pub(super) fn owned(&self) -> Vec<(SagaId, i64)> {
         self.epochs.iter().map(|(id, epoch)| (id.clone(), *epoch)).collect()

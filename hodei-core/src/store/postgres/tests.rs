@@ -438,3 +438,58 @@ async fn a_claim_whose_answer_was_lost_is_found_at_the_next_renewal() {
     // Found once: the renewal after it has nothing more.
     assert!(heir.renew(10).unwrap().claimed.is_empty());
 }
+
+/// A process restarted under the id of one that only seemed dead (frozen, cut off) takes the
+/// id over. The earlier one is superseded: its late write is refused, it cannot take a saga
+/// back or create one, its renewals tell it that it lost everything, and its shutdown leaves
+/// the new process's lease alone. Without this, the two took the sagas back and forth under
+/// one name, or drove one saga at the same epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_restarted_under_the_same_id_supersedes_the_earlier_one() {
+    let Some(db) = TestDatabase::new("superseded") else { return };
+    let options = || db.options().engine_id("engine-b");
+    let earlier = PostgresStore::connect_with(&db.url, options()).await.unwrap();
+    earlier.renew(10).unwrap();
+    let (id, start) = created(&earlier, "kept-by-name").await;
+
+    let later = PostgresStore::connect_with(&db.url, options()).await.unwrap();
+    let renewal = later.renew(10).unwrap();
+    assert_eq!(renewal.claimed.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id], "its own, at once");
+    later.append(&id, &[step(1, 2)], None).unwrap();
+    later.durable().await.unwrap();
+
+    // The earlier one still believes it owns the saga: the epoch refuses its write.
+    earlier.append(&id, &[step(1, 1)], None).unwrap();
+    let err = earlier.durable().await.unwrap_err();
+    assert!(matches!(&err, Error::Fenced(fenced) if *fenced == id), "{err:?}");
+    // Having lost it, it may not take it back under the shared name.
+    let err = earlier.append(&id, &[step(2, 1)], None).unwrap_err();
+    assert!(matches!(&err, Error::Fenced(_)), "{err:?}");
+    // Nor create a saga the later one would never hear of: refused by the database before
+    // the earlier one's beat has told it anything.
+    let fresh = SagaId::new("created-by-the-earlier").unwrap();
+    let (record, first) = started(&fresh);
+    assert_eq!(earlier.create(&record, &first).unwrap(), None, "queued");
+    let err = earlier.durable().await.unwrap_err();
+    assert!(matches!(&err, Error::Fenced(fenced) if *fenced == fresh), "{err:?}");
+    let renewal = earlier.renew(10).unwrap();
+    assert!(renewal.claimed.is_empty(), "{renewal:?}");
+    let err = earlier.create(&record, &first).unwrap_err();
+    assert!(matches!(&err, Error::Fenced(_)), "{err:?}");
+
+    // The later one's lease holds, renewed by it alone; the earlier one's end does not end it.
+    drop(earlier);
+    assert!(later.renew(10).unwrap().lost.is_empty());
+    let live: bool = db
+        .admin()
+        .await
+        .query_one("SELECT lease_until > now() FROM hodei_engines WHERE id = 'engine-b'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(live, "the earlier process's shutdown released the later one's lease");
+    let history = open(&db).await.history(&id).unwrap();
+    assert_eq!(history, [start, step(1, 2)], "the later one's write alone");
+    assert_eq!(epochs(&db, &id).await, [(0, 1), (1, 2)]);
+    assert_eq!(open(&db).await.record(&fresh).unwrap(), None, "nothing created by the earlier one");
+}

@@ -14,10 +14,15 @@ use crate::error::StorageError;
 use crate::event::SagaId;
 
 /// Creates sagas, owned by this engine at epoch 1; an id that exists is left alone, and
-/// missing from what it returns.
+/// missing from what it returns. Nothing is created once a later process holds this engine's
+/// name (`$6` is this process's incarnation): that one would never hear of the saga.
 const CREATE: &str = "INSERT INTO hodei_sagas (id, next_seq, record, in_flight, owner, epoch)
     SELECT u.*, $5, 1 FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::bool[]) AS u
+    WHERE NOT EXISTS (SELECT 1 FROM hodei_engines e WHERE e.id = $5 AND e.incarnation <> $6)
     ON CONFLICT (id) DO NOTHING RETURNING id";
+
+/// Whether a later process holds this engine's name.
+const SUPERSEDED: &str = "SELECT 1 FROM hodei_engines WHERE id = $1 AND incarnation <> $2";
 
 /// Moves journals on and replaces records. A journal that is not where the batch expects it,
 /// or no longer at this engine's epoch (another engine took it over), is left alone, and
@@ -65,6 +70,9 @@ impl std::fmt::Debug for WriterConnection {
 pub(super) enum Refusal {
     /// Another engine owns these sagas now; the rest of the batch may go without them.
     Fenced(HashSet<SagaId>),
+    /// A later process took this engine's name: nothing of the batch, nor of any later one,
+    /// may go.
+    Superseded,
     /// Nothing of the batch may go.
     Failed(StorageError),
 }
@@ -83,14 +91,16 @@ impl WriterConnection {
         Ok(Self { client, create, update, insert_events })
     }
 
-    /// Commits `ops` in one transaction, or nothing of them; `member` is this engine.
-    async fn commit(&mut self, ops: &[Op], member: &str) -> Result<(), Refusal> {
+    /// Commits `ops` in one transaction, or nothing of them; `member` is this engine, held by
+    /// this process as `incarnation`.
+    async fn commit(&mut self, ops: &[Op], member: &str, incarnation: i64) -> Result<(), Refusal> {
         let merged = merge(ops);
         let tx = self.client.transaction().await.map_err(database)?;
         // The three statements go out at once (tokio-postgres pipelines the queries of one
         // connection): one round trip, then the commit's.
         let (c, u, e) = (&merged.create, &merged.update, &merged.events);
-        let creates: [&(dyn ToSql + Sync); 5] = [&c.ids, &c.next, &c.records, &c.in_flight, &member];
+        let creates: [&(dyn ToSql + Sync); 6] =
+            [&c.ids, &c.next, &c.records, &c.in_flight, &member, &incarnation];
         let updates: [&(dyn ToSql + Sync); 6] =
             [&u.ids, &u.expected, &u.next, &u.records, &u.in_flight, &u.epochs];
         let events: [&(dyn ToSql + Sync); 4] = [&e.ids, &e.seqs, &e.bodies, &e.epochs];
@@ -127,8 +137,14 @@ impl WriterConnection {
         if missing.is_none() && updated.len() == merged.update.ids.len() {
             return tx.commit().await.map_err(|e| database(e).into());
         }
-        // Asked why before anything is decided: a saga at another epoch was taken by another
-        // engine; otherwise the journal moved on under this store.
+        // Asked why before anything is decided: a create refused for want of the name, or a
+        // saga at another epoch, was taken by another engine; otherwise the journal moved on
+        // under this store.
+        if created.len() < merged.create.ids.len()
+            && !tx.query(SUPERSEDED, &[&member, &incarnation]).await.map_err(database)?.is_empty()
+        {
+            return Err(Refusal::Superseded);
+        }
         let fenced = fenced(&tx, &merged.update).await?;
         if !fenced.is_empty() {
             tx.rollback().await.map_err(database)?;
@@ -310,6 +326,12 @@ pub(super) async fn run(shared: Arc<Shared>, mut connection: Option<WriterConnec
                     shared.overlay().fence(&lost);
                     batch.ops.retain(|op| !lost.contains(&op.id));
                 }
+                Err(Refusal::Superseded) => {
+                    shared.supersede();
+                    let all: HashSet<SagaId> = batch.ops.iter().map(|op| op.id.clone()).collect();
+                    shared.overlay().fence(&all);
+                    batch.ops.clear();
+                }
             }
         };
         let mut overlay = shared.overlay();
@@ -340,7 +362,7 @@ async fn commit(
             connection.insert(WriterConnection::open(shared.readers.connector()).await.map_err(database)?)
         }
     };
-    let result = conn.commit(&batch.ops, &shared.member).await;
+    let result = conn.commit(&batch.ops, &shared.member, shared.incarnation).await;
     if let Err(Refusal::Failed(_)) = result {
         // A new one for the next batch: the server may be ending this one (a terminated
         // backend answers with an error before the socket closes), and a refused batch is rare.
