@@ -409,6 +409,102 @@ async fn after_a_restart_orphans_of_dead_sagas_are_reaped_and_unclaimed_adopted_
     assert!(expiring.list().await.unwrap().is_empty());
 }
 
+/// Wakes the test below when the scheduler keeps an adopted worker whose claim timeout passed
+/// while it ran a job.
+static KEPT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+struct OnKept;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OnKept {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 =
+                        format!("{value:?}") == "idle timeout of an adopted worker that holds a job: kept";
+                }
+            }
+        }
+        let mut message = Message(false);
+        event.record(&mut message);
+        if message.0 {
+            KEPT.notify_one();
+        }
+    }
+}
+
+/// An adopted worker whose claim timeout passes while it runs a job is kept until the job is
+/// done: its saga's step may wait for that job from another engine (whose control plane shares
+/// the job's result through the database), or come back for it later. Destroyed, the job would
+/// be lost and run again. Once the job is done and still nobody claims the worker, it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_worker_running_a_job_outlives_its_claim_timeout_until_the_job_ends() {
+    use hodei_agent::protocol::v1;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(OnKept)).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let expiring = Recorded::new(LocalProvider::in_process(root.path().join("workers")).named("expiring"));
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlPlane::builder(dir.path().join("control"))
+        .hub_config(fast_hub())
+        .provider(expiring.clone(), ProviderPolicy::new().registration_deadline(Duration::from_millis(200)))
+        .start()
+        .await
+        .unwrap();
+    let hub = control.hub().clone();
+
+    // What an earlier control plane left: a connected worker of a live saga, running a job.
+    let worker_id = "old-busy";
+    let token = hub.pki().issue_token(worker_id).unwrap();
+    let agent = AgentEnv::new(
+        control.registration_addr().to_string(),
+        control.session_addr().to_string(),
+        token.as_str(),
+        hub.pki().ca_bundle_pem(),
+    );
+    let mut spec = WorkerSpec::new(worker_id, agent);
+    spec.saga_id = Some("live-busy".to_owned());
+    expiring.inner.provision(&spec).await.unwrap();
+    let mut workers = hub.watch_workers();
+    within(workers.wait_for(|workers| workers.contains_key(worker_id))).await.unwrap();
+    let gate = root.path().join("gate");
+    let job = v1::JobSpec {
+        job_id: "live-busy/0#1".to_owned(),
+        command: vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("while [ ! -e {} ]; do sleep 0.05; done; echo done", gate.display()),
+        ],
+        env: [("PATH".to_owned(), "/usr/bin:/bin".to_owned())].into(),
+        ..v1::JobSpec::default()
+    };
+    let running = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.run_job(worker_id, job).await }
+    });
+    within(async {
+        while workers.running_jobs().get(worker_id).is_none_or(|jobs| jobs.is_empty()) {
+            workers.changed().await.expect("the hub is gone");
+        }
+    })
+    .await;
+
+    let report = control.scheduler().reap_orphans(|saga| saga == "live-busy").await;
+    assert_eq!(report.adopted, [worker_id], "{report:?}");
+    // Its claim timeout passed with the job running: kept, not destroyed.
+    within(KEPT.notified()).await;
+    assert!(expiring.destroyed().is_empty(), "{:?}", expiring.calls());
+
+    std::fs::write(&gate, b"").unwrap();
+    let result = within(running).await.unwrap().unwrap();
+    assert_eq!(result.outcome, Some(v1::job_result::Outcome::ExitCode(0)), "{result:?}");
+    // Done, and nobody claims it: it goes at a later timeout.
+    within(control.scheduler().watch_counts().wait_for(|c| c.workers() == 0)).await.unwrap();
+    assert_eq!(expiring.destroyed(), [worker_id]);
+    assert!(expiring.provisioned().is_empty(), "{:?}", expiring.calls());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waiting_for_a_full_provider_does_not_hold_up_a_job_for_another() {
     let root = tempfile::tempdir().unwrap();

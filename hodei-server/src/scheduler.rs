@@ -923,16 +923,37 @@ impl Inner {
             self.retire(state, worker_id);
             return;
         }
-        worker.phase = Phase::Idle { generation, reserved_for };
+        let adopted = worker.adopted_for.is_some();
+        worker.phase = Phase::Idle { generation, reserved_for: reserved_for.clone() };
         let (inner, worker_id) = (Arc::downgrade(self), worker_id.to_owned());
         self.runtime.spawn(async move {
             tokio::time::sleep(timeout).await;
+            let still_idle = |state: &State| {
+                state.workers.get(&worker_id).is_some_and(
+                    |w| matches!(&w.phase, Phase::Idle { generation: g, .. } if *g == generation),
+                )
+            };
+            // An adopted worker may run a job its saga's step, now on another engine, waits
+            // for (its agent went on with another control plane): destroyed, the job would be
+            // lost and run again. It is kept for another timeout while it holds one.
+            let holds_a_job = match inner.upgrade() {
+                Some(inner) if adopted && inner.lock().workers.contains_key(&worker_id) => {
+                    let running_here =
+                        inner.lock().running.get(&worker_id).is_some_and(|jobs| !jobs.is_empty());
+                    running_here || inner.hub.holds_a_job(&worker_id).await
+                }
+                Some(_) => false,
+                None => return,
+            };
             let Some(inner) = inner.upgrade() else { return };
             inner.mutate(|inner, state| {
-                let still_idle = state.workers.get(&worker_id).is_some_and(
-                    |w| matches!(&w.phase, Phase::Idle { generation: g, .. } if *g == generation),
-                );
-                if still_idle {
+                if !still_idle(state) {
+                    return;
+                }
+                if holds_a_job {
+                    tracing::info!(worker = %worker_id, "idle timeout of an adopted worker that holds a job: kept");
+                    inner.make_idle(state, &worker_id, reserved_for, timeout);
+                } else {
                     tracing::debug!(worker = %worker_id, "idle timeout: destroying the worker");
                     inner.retire(state, &worker_id);
                 }

@@ -274,3 +274,50 @@ async fn a_held_job_is_waited_for_until_its_result_or_until_its_worker_stays_awa
         engine.shutdown(Duration::from_secs(5)).await.unwrap();
     }
 }
+
+/// A cancel asked on a control plane that has no session with the job's worker reaches the
+/// job through the one that has: the step of a saga taken over by another engine can cancel
+/// the job it waits for. The job ends cancelled, its result stored for both to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_asked_on_another_control_plane_reaches_the_job() {
+    let Some(db) = TestDatabase::new("cancel across") else { return };
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let with_session = plane(&db, dirs[0].path()).await;
+    let without = plane(&db, dirs[1].path()).await;
+    let work = tempfile::tempdir().unwrap();
+    let token = with_session.hub().pki().issue_token(WORKER).unwrap().as_str().to_owned();
+    let (stop, agent) = start_agent(work.path(), &[&with_session], token);
+    connected(&with_session).await;
+
+    let job = "saga-c/0#1";
+    let running = tokio::spawn({
+        let hub = with_session.hub().clone();
+        async move { hub.run_job(WORKER, shell(job, "echo started; sleep 60")).await }
+    });
+    let mut watch = with_session.hub().watch_workers();
+    within(async {
+        while !watch.running_jobs().get(WORKER).is_some_and(|jobs| jobs.contains(job)) {
+            watch.changed().await.expect("the hub is gone");
+        }
+    })
+    .await;
+    assert!(!without.hub().connected_workers().contains_key(WORKER), "no session there");
+
+    without.hub().cancel_job(WORKER, job, "cancelled by an operator elsewhere").await.unwrap();
+    let result = within(running).await.unwrap().unwrap();
+    assert_eq!(
+        result.outcome,
+        Some(Outcome::Cancelled("cancelled by an operator elsewhere".to_owned())),
+        "{result:?}"
+    );
+    assert_eq!(without.hub().stored_result(job).await.unwrap(), Some(result));
+
+    // With no session anywhere and no job to cancel, the cancel is refused, typed.
+    let err = without.hub().cancel_job("w-nowhere", "saga-d/0#1", "nobody").await.unwrap_err();
+    assert!(matches!(err, hodei_server::hub::HubError::UnknownWorker { .. }), "{err:?}");
+
+    let _ = stop.send(());
+    within(agent).await.unwrap().unwrap();
+    with_session.shutdown().await.unwrap();
+    without.shutdown().await.unwrap();
+}

@@ -2,7 +2,8 @@
 //! plane sharing the database and workers that are `hodei-agent` processes of their own (so
 //! they outlive their engine), run pipelines of two jobs each, while engines are killed with
 //! SIGKILL and restarted, one is frozen with SIGSTOP past its lease and the agents' heartbeat
-//! timeout, and (with `HODEI_JOBS_CHAOS_DATABASE=1`) PostgreSQL itself is restarted
+//! timeout, one is cut off from the database (through a TCP proxy the test holds) for longer
+//! than its lease, and (with `HODEI_JOBS_CHAOS_DATABASE=1`) PostgreSQL itself is restarted
 //! (`pg_ctl -m immediate`) while jobs write to it. A job's agent then goes on with another control plane, and its saga is
 //! taken over by another engine, whose step waits for that job rather than running it again.
 //!
@@ -25,6 +26,8 @@ mod cluster;
 mod on_message;
 #[path = "../../hodei-core/tests/cluster/server.rs"]
 mod server;
+#[path = "../../hodei-core/tests/cluster/tcp_proxy.rs"]
+mod tcp_proxy;
 #[path = "../../hodei-core/src/store/postgres/test_database.rs"]
 mod test_database;
 
@@ -44,8 +47,11 @@ use hodei_server::hub::HubConfig;
 use hodei_server::jobs::{Job, JobOutcome, MemorySecrets, RemoteJobs};
 use hodei_server::logstore::{LogStore, LogStoreConfig, LogStream};
 use hodei_server::scheduler::ProviderPolicy;
+use tcp_proxy::TcpProxy;
 use test_database::TestDatabase;
 use tokio::process::Command;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
 
 const TEST: &str = "jobs_survive_their_engines_being_killed";
 const ENGINES: [&str; 3] = ["engine-a", "engine-b", "engine-c"];
@@ -66,15 +72,22 @@ enum Fault {
     /// PostgreSQL stopped at once (`pg_ctl restart -m immediate`) and started again, while
     /// jobs write their logs to it.
     RestartDatabase,
+    /// The engine (engine-c, the one behind the proxy) cut off from the database for longer
+    /// than its lease and the agents' heartbeat timeout, connections dropped, then restored:
+    /// its engine loses its runs, its control plane its sessions.
+    Cut,
 }
 
-const SCHEDULE: [(Duration, Fault); 5] = [
+const SCHEDULE: [(Duration, Fault); 6] = [
     (Duration::from_millis(2_500), Fault::Kill(0)),
     (Duration::from_millis(5_000), Fault::Freeze(1)),
     (Duration::from_millis(7_500), Fault::Kill(2)),
     (Duration::from_millis(9_000), Fault::RestartDatabase),
     (Duration::from_millis(11_000), Fault::Kill(1)),
+    (Duration::from_millis(13_000), Fault::Cut),
 ];
+/// The engine that reaches the database through the proxy.
+const BEHIND_PROXY: usize = 2;
 
 /// Whether the schedule restarts PostgreSQL (`HODEI_JOBS_CHAOS_DATABASE=1`). Not by default
 /// yet: on a busy machine a job whose result reached a control plane around the restart may
@@ -84,6 +97,7 @@ fn restarts_database() -> bool {
 }
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 const FROZEN_FOR: Duration = Duration::from_secs(3);
+const CUT_FOR: Duration = Duration::from_secs(3);
 /// How often agents and control planes say they are alive, and how long before a silent
 /// session is closed; a job's worker has [`WORKER_WAIT`], longer, to come back with another.
 const HEARTBEAT: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(2));
@@ -148,11 +162,20 @@ async fn jobs_survive_their_engines_being_killed() {
     } else {
         None
     };
-    let work = tempfile::tempdir().unwrap();
+    // With `HODEI_JOBS_CHAOS_LOGS=<dir>`, everything is kept there (the engines' logs, the
+    // workers' directories with the agents' output) to find out afterwards why a run stalled.
+    let work = match std::env::var_os("HODEI_JOBS_CHAOS_LOGS") {
+        Some(dir) => tempfile::Builder::new().disable_cleanup(true).tempdir_in(dir).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     std::fs::create_dir_all(work.path().join("locks")).unwrap();
     // Built before the engines need it, so that no engine waits on cargo.
     agent_binary::agent_binary();
-    let command = |n: usize, runs: usize| engine_command(ENGINES[n], runs, &db, work.path());
+    let (proxy, proxied) = TcpProxy::in_front_of(&db.url).await;
+    let command = |n: usize, runs: usize| {
+        let url = if n == BEHIND_PROXY { proxied.as_str() } else { db.url.as_str() };
+        engine_command(ENGINES[n], runs, url, &db, work.path())
+    };
     let mut cluster = Cluster::start((0..ENGINES.len()).map(|n| command(n, RUNS)));
     let total = ENGINES.len() * RUNS;
     let mut ready = 0;
@@ -172,16 +195,22 @@ async fn jobs_survive_their_engines_being_killed() {
     // Engines killed or frozen, and when each is restarted or thawed.
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut thaws: Vec<(Instant, usize)> = Vec::new();
+    let mut restore_at: Option<Instant> = None;
     let mut log = Vec::new();
     let mut last_progress = Instant::now();
     let mut held_waits = 0;
     // Each kill or freeze: the engine, and when by the clock the jobs read (`date +%s%N`).
     let mut killed_at: Vec<(usize, u128)> = Vec::new();
     let mut restarted_at = None;
-    while finished.len() < total || !restarts.is_empty() || !thaws.is_empty() || faults.peek().is_some() {
+    while finished.len() < total
+        || !restarts.is_empty()
+        || !thaws.is_empty()
+        || restore_at.is_some()
+        || faults.peek().is_some()
+    {
         let next_fault = faults.peek().map(|(at, _)| began + *at);
         let next_restart = restarts.iter().chain(&thaws).map(|(at, _)| *at).min();
-        let wake = [next_fault, next_restart].into_iter().flatten().min();
+        let wake = [next_fault, next_restart, restore_at].into_iter().flatten().min();
         if last_progress.elapsed() >= STUCK {
             panic!(
                 "no run finished for {STUCK:?}: {} of {total} finished; faults: {log:?}\n{}\neffects:\n{}",
@@ -232,7 +261,22 @@ async fn jobs_survive_their_engines_being_killed() {
                     tokio::task::block_in_place(|| server.restart());
                     log.push(format!("{at:>6.1?} PostgreSQL restarted ({:.1?})", began.elapsed() - at));
                 }
+                Fault::Cut => {
+                    proxy.cut();
+                    killed_at.push((BEHIND_PROXY, unix_nanos()));
+                    log.push(format!(
+                        "{:>6.1?} cut {} from the database",
+                        began.elapsed(),
+                        ENGINES[BEHIND_PROXY]
+                    ));
+                    restore_at = Some(Instant::now() + CUT_FOR);
+                }
             }
+        }
+        if restore_at.is_some_and(|at| at <= now) {
+            proxy.restore();
+            restore_at = None;
+            log.push(format!("{:>6.1?} restored {}'s connection", began.elapsed(), ENGINES[BEHIND_PROXY]));
         }
         let thawed: Vec<usize> = thaws.iter().filter(|(at, _)| *at <= now).map(|(_, n)| *n).collect();
         thaws.retain(|(at, _)| *at > now);
@@ -287,7 +331,7 @@ async fn jobs_survive_their_engines_being_killed() {
             .flatten()
             .filter(|r| r.start < *at && r.end.is_none_or(|end| end > *at) && r.dir.contains(&on_victim))
             .count();
-        println!("{} stopped: {running} jobs running on its workers", ENGINES[*victim]);
+        println!("a fault hit {}: {running} jobs running on its workers", ENGINES[*victim]);
         hit += running;
     }
     assert!(hit > 0, "no fault landed while a job of the engine it hit ran");
@@ -407,17 +451,42 @@ struct JobRun {
     dir: String,
 }
 
+/// The agent the workers run; with `HODEI_JOBS_CHAOS_LOGS`, a wrapper that also keeps each
+/// agent's status lines in `agents/<worker>.log` of that directory (a worker's own directory
+/// is removed with it).
+fn agent_program(dir: &Path) -> PathBuf {
+    let agent = agent_binary::agent_binary().to_path_buf();
+    let Some(logs) = std::env::var_os("HODEI_JOBS_CHAOS_LOGS") else { return agent };
+    let kept = Path::new(&logs).join("agents");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let wrapper = dir.join("agent-wrapper.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\" 2>>{}/\"$HODEI_WORKER_ID\".log\n",
+            agent.display(),
+            kept.display()
+        ),
+    )
+    .unwrap();
+    let mut permissions = std::fs::metadata(&wrapper).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&wrapper, permissions).unwrap();
+    wrapper
+}
+
 fn unix_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
 
-fn engine_command(name: &str, runs: usize, db: &TestDatabase, work: &Path) -> Command {
+fn engine_command(name: &str, runs: usize, url: &str, db: &TestDatabase, work: &Path) -> Command {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args(["--exact", TEST, "--nocapture"])
         .env("HODEI_JOBS_ENGINE", name)
         .env("HODEI_JOBS_RUNS", runs.to_string())
-        .env("HODEI_JOBS_URL", &db.url)
+        .env("HODEI_JOBS_URL", url)
         .env("HODEI_JOBS_SCHEMA", &db.schema)
         .env("HODEI_JOBS_WORK", work);
     command
@@ -432,11 +501,20 @@ async fn child(name: &str) {
         message: "waiting for the run a worker already holds",
         then: || println!("{}", cluster::HELD),
     };
-    tracing::subscriber::set_global_default(tracing_subscriber::layer::SubscriberExt::with(
-        tracing_subscriber::registry(),
-        held,
-    ))
-    .unwrap();
+    // With `HODEI_JOBS_CHAOS_LOGS=<dir>`, each engine process appends its log to
+    // `<dir>/<name>.log` (restarts included), to find out afterwards why a run stalled.
+    let logs = std::env::var_os("HODEI_JOBS_CHAOS_LOGS").map(|dir| {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Path::new(&dir).join(format!("{name}.log")))
+            .expect("opening the engine's log file");
+        tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .with_filter(tracing_subscriber::EnvFilter::new("info,hodei_core=debug,hodei_server=debug"))
+    });
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(held).with(logs)).unwrap();
     // As a supervisor would: an engine that fails while the database is down (at its start,
     // or as it stops) starts again until it can connect.
     let mut tries = 0;
@@ -456,7 +534,7 @@ async fn engine_process(name: &str) -> Result<(), Box<dyn std::error::Error>> {
         PostgresOptions::default().schema(var("HODEI_JOBS_SCHEMA")).lease(cluster::LEASE).engine_id(name);
     let store = Arc::new(PostgresStore::connect_with(&var("HODEI_JOBS_URL"), options).await?);
     let dir = work.join(name);
-    let provider = LocalProvider::child_process(dir.join("workers"), agent_binary::agent_binary());
+    let provider = LocalProvider::child_process(dir.join("workers"), agent_program(&dir));
     let plane = ControlPlane::builder(&dir)
         .shared(store.clone())
         // A worker whose engine died is back with another within this, or its job is lost.

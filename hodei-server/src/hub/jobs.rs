@@ -82,6 +82,19 @@ impl Hub {
             .map_err(|source| HubError::Logs { job_id: job_id.to_owned(), source })
     }
 
+    /// Whether `worker_id` holds a job without a stored result on any control plane sharing
+    /// the log store ([`LogStore::holds_any`]). A database that does not answer counts as a
+    /// yes: a worker kept a while longer costs a slot, one destroyed under its job costs the job.
+    ///
+    /// [`LogStore::holds_any`]: crate::logstore::LogStore::holds_any
+    pub async fn holds_a_job(&self, worker_id: &str) -> bool {
+        let Some(logs) = &self.logs else { return false };
+        logs.holds_any(worker_id, self.config.worker_wait).await.unwrap_or_else(|e| {
+            tracing::warn!(worker = worker_id, error = %e, "cannot tell whether the worker holds a job; keeping it");
+            true
+        })
+    }
+
     /// [`Hub::holder`], asked again while the shared database is out of reach (it restarted,
     /// say: the session that lost its worker may have ended for that), for up to the worker
     /// wait. `None` if nobody holds the job, or the database did not answer.
@@ -152,13 +165,32 @@ impl Hub {
 
     /// Asks `worker_id` to cancel `job_id`; its [`Hub::run_job`] then resolves with a cancelled
     /// result. A job the worker does not know is ignored by the worker.
+    ///
+    /// On a log store control planes share, the cancel is recorded there first: the control
+    /// plane the worker's session is with, now or once it comes back to any of them, forwards
+    /// it, so it reaches a worker whose session is not with this one. Fails with
+    /// [`HubError::UnknownWorker`] only when neither way is open.
     pub async fn cancel_job(&self, worker_id: &str, job_id: &str, reason: &str) -> Result<(), HubError> {
-        let commands = self.session(worker_id)?;
+        let recorded = match &self.logs {
+            Some(logs) if logs.is_shared() => logs
+                .request_cancel(job_id, reason)
+                .await
+                .map_err(|source| HubError::Logs { job_id: job_id.to_owned(), source })?,
+            _ => false,
+        };
+        let commands = match self.session(worker_id) {
+            Ok(commands) => commands,
+            Err(_) if recorded => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let cancel = SessionCommand::Cancel { job_id: job_id.to_owned(), reason: reason.to_owned() };
-        commands
-            .send(cancel)
-            .await
-            .map_err(|_| HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.to_owned() })
+        match commands.send(cancel).await {
+            Ok(()) => Ok(()),
+            Err(_) if recorded => Ok(()),
+            Err(_) => {
+                Err(HubError::WorkerLost { worker_id: worker_id.to_owned(), job_id: job_id.to_owned() })
+            }
+        }
     }
 
     /// Tells `worker_id`'s session that the caller of [`Hub::run_job`] for `job_id` stopped

@@ -70,6 +70,13 @@ impl Hub {
             metrics: self.metrics.clone(),
             stopped: stopped.clone(),
         };
+        if let Some(logs) = self.logs.as_ref().filter(|logs| logs.is_shared()) {
+            tokio::spawn(super::cancels::forward_cancels(
+                Arc::downgrade(&self.registry),
+                Arc::downgrade(logs),
+                stopped.clone(),
+            ));
+        }
         let tls = self.pki.mtls_server_config(identity);
         // A batch is at most what Welcome announces, plus its framing; gRPC's 4 MiB default
         // stays the floor so that other messages keep their room.

@@ -18,6 +18,7 @@
 //! [`LogStore`]: crate::logstore::LogStore
 
 mod assignment;
+mod cancels;
 mod command;
 mod config;
 mod error;

@@ -65,25 +65,27 @@ impl SessionTask {
         timeout: Duration,
         mut stopped: watch::Receiver<bool>,
     ) {
-        loop {
+        // Why the session ended, said once it has: what an operator reads first when a worker
+        // comes and goes.
+        let why: &str = loop {
             let message = tokio::select! {
                 // The guard `wait_for` returns is not `Send`; drop it before awaiting anything else.
                 () = async { let _ = stopped.wait_for(|stopped| *stopped).await; } => {
                     let _ = self.outbound.send(Err(Status::unavailable("the control plane is shutting down"))).await;
-                    break;
+                    break "the control plane is shutting down";
                 }
                 // The response stream was dropped: the peer is gone.
-                () = self.outbound.closed() => break,
+                () = self.outbound.closed() => break "the agent's side of the stream is gone",
                 Some(command) = self.commands.recv() => {
                     if self.command(command).await.is_break() {
-                        break;
+                        break "a job could not be handed to the agent, or its record failed";
                     }
                     continue;
                 }
                 synced = self.sync.in_flight(), if self.sync.is_syncing() => {
                     let synced = self.sync.ended(synced, &self.guard.worker_id);
                     if self.synced(synced).await.is_break() {
-                        break;
+                        break "the log store failed: the agent resends what it did not acknowledge";
                     }
                     self.start_sync();
                     continue;
@@ -100,20 +102,21 @@ impl SessionTask {
                         .outbound
                         .send(Err(Status::deadline_exceeded("no heartbeat within the timeout")))
                         .await;
-                    break;
+                    break "no message within the heartbeat timeout";
                 }
                 Ok(Ok(Some(message))) => message.kind,
-                Ok(Ok(None)) => break,
+                Ok(Ok(None)) => break "the agent closed its stream",
                 Ok(Err(status)) => {
                     tracing::debug!(worker, %status, "session stream failed");
-                    break;
+                    break "the agent's stream failed";
                 }
             };
             if self.message(kind).await.is_break() {
-                break;
+                break "a message of the agent could not be handled, or the reply not sent";
             }
             self.start_sync();
-        }
+        };
+        tracing::info!(worker = %self.guard.worker_id, why, "session ending");
         // What was written is made durable and acknowledged as far as the stream still goes,
         // so that the agent's next session resends less.
         // The sync in flight, then one for what it left; no more, so that a store that keeps

@@ -82,4 +82,49 @@ impl LogStore {
         let _ = (jobs, wait);
         Ok(None)
     }
+
+    /// Whether `worker` holds a job whose result is not stored, on a session with any control
+    /// plane sharing the store (or between sessions for less than `wait`). The scheduler keeps
+    /// an adopted worker that does, whichever saga the job is for, rather than destroy it under
+    /// the job. Always false on a store of this control plane alone, whose own sessions tell.
+    pub async fn holds_any(&self, worker: &str, wait: Duration) -> Result<bool, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.holds_any(worker, wait).await;
+        }
+        let _ = (worker, wait);
+        Ok(false)
+    }
+
+    /// Asks for `job` to be cancelled with `reason`, for whichever control plane its worker's
+    /// session is with, now or next, to forward ([`LogStore::cancels`]). The first reason
+    /// stays. Returns whether the request was recorded: false on a store of this control plane
+    /// alone (its own session is the only way to the worker), or once the job has a result.
+    pub async fn request_cancel(&self, job: &str, reason: &str) -> Result<bool, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.request_cancel(job, reason).await;
+        }
+        let _ = (job, reason);
+        Ok(false)
+    }
+
+    /// The cancels asked for any of `jobs` (those this control plane's sessions run): each
+    /// job with its reason.
+    pub async fn cancels(&self, jobs: &[String]) -> Result<Vec<(String, String)>, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.cancels(jobs).await;
+        }
+        let _ = jobs;
+        Ok(Vec::new())
+    }
+
+    /// Whether control planes share this store (a database), rather than it being this one's.
+    pub fn is_shared(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        return self.shared.is_some();
+        #[cfg(not(feature = "postgres"))]
+        false
+    }
 }

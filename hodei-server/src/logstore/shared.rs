@@ -62,6 +62,29 @@ pub(super) struct SharedLogs {
     appended: watch::Sender<u64>,
 }
 
+/// Which jobs without a result a worker holds (the statement's `$2` is the wait, in ms): on a
+/// session with a control plane whose lease is live, or was less than the wait ago (a control
+/// plane that died detached nobody: its workers count as between sessions from the moment its
+/// lease lapsed), or between sessions for less than the wait.
+macro_rules! held {
+    () => {
+        "FROM hodei_job_logs l LEFT JOIN hodei_engines e ON e.id = l.member
+         WHERE l.result IS NULL AND NOT l.closed AND l.worker IS NOT NULL
+           AND (e.lease_until > now() - $2::bigint * interval '1 millisecond'
+                OR (l.member IS NULL AND l.detached_at > now() - $2::bigint * interval '1 millisecond'))"
+    };
+}
+
+/// The holders of the jobs `$1`.
+const HOLDERS: &str = concat!("SELECT l.job, l.worker, l.member ", held!(), " AND l.job = ANY($1)");
+
+/// Whether worker `$1` holds a job.
+const HOLDS_ANY: &str = concat!("SELECT 1 ", held!(), " AND l.worker = $1 LIMIT 1");
+
+fn wait_millis(wait: Duration) -> i64 {
+    i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)
+}
+
 impl std::fmt::Debug for SharedLogs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedLogs").field("engine", &self.store.engine_id()).finish_non_exhaustive()
@@ -421,18 +444,11 @@ impl SharedLogs {
         if jobs.is_empty() {
             return Ok(None);
         }
-        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-        // A control plane that died detached nobody: its workers count as between sessions
-        // from the moment its lease lapsed.
         let rows = self
             .run(
                 "looking for the worker that holds a job",
-                "SELECT l.job, l.worker, l.member FROM hodei_job_logs l
-                 LEFT JOIN hodei_engines e ON e.id = l.member
-                 WHERE l.job = ANY($1) AND l.result IS NULL AND NOT l.closed AND l.worker IS NOT NULL
-                   AND (e.lease_until > now() - $2::bigint * interval '1 millisecond'
-                        OR (l.member IS NULL AND l.detached_at > now() - $2::bigint * interval '1 millisecond'))",
-                vec![Box::new(jobs.to_vec()), Box::new(wait_ms)],
+                HOLDERS,
+                vec![Box::new(jobs.to_vec()), Box::new(wait_millis(wait))],
             )
             .await?;
         let held: Vec<JobHolder> = rows
@@ -440,6 +456,43 @@ impl SharedLogs {
             .map(|row| JobHolder { job: row.get(0), worker: row.get(1), member: row.get(2) })
             .collect();
         Ok(jobs.iter().find_map(|job| held.iter().find(|h| &h.job == job).cloned()))
+    }
+
+    pub(super) async fn holds_any(&self, worker: &str, wait: Duration) -> Result<bool, LogStoreError> {
+        let rows = self
+            .run(
+                "looking for the jobs a worker holds",
+                HOLDS_ANY,
+                vec![Box::new(worker.to_owned()), Box::new(wait_millis(wait))],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    pub(super) async fn request_cancel(&self, job: &str, reason: &str) -> Result<bool, LogStoreError> {
+        let rows = self
+            .run(
+                "asking for a job to be cancelled",
+                "UPDATE hodei_job_logs SET cancel = coalesce(cancel, $2)
+                 WHERE job = $1 AND result IS NULL AND NOT closed RETURNING 1",
+                vec![Box::new(job.to_owned()), Box::new(reason.to_owned())],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    pub(super) async fn cancels(&self, jobs: &[String]) -> Result<Vec<(String, String)>, LogStoreError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .run(
+                "reading the cancels asked for jobs",
+                "SELECT job, cancel FROM hodei_job_logs WHERE job = ANY($1) AND cancel IS NOT NULL AND result IS NULL",
+                vec![Box::new(jobs.to_vec())],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
     }
 
     fn member(&self) -> String {
