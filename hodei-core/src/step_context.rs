@@ -52,6 +52,9 @@ impl StepContext {
         {
             return Some(StepStop::Cancelled(reason));
         }
+        if *self.signals.taken_over.borrow() {
+            return Some(StepStop::TakenOver);
+        }
         (*self.signals.shutdown.borrow()).then_some(StepStop::ShuttingDown)
     }
 
@@ -82,6 +85,9 @@ pub enum StepStop {
     Cancelled(String),
     /// The engine is shutting down; the saga resumes on the next start.
     ShuttingDown,
+    /// Another engine sharing the store took the saga over and drives it now: what the attempt
+    /// started (a job on a worker) is for the new owner to re-attach to, not to stop.
+    TakenOver,
 }
 
 /// The saga's cancel, the step's own stop and the engine's shutdown, as a step body can
@@ -92,4 +98,5 @@ pub(crate) struct StepSignals {
     /// Set when the engine stops this attempt (its saga or its branch was cancelled).
     pub stop: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
+    pub taken_over: watch::Receiver<bool>,
 }

@@ -421,8 +421,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OnKept {
         impl tracing::field::Visit for Message {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
                 if field.name() == "message" {
-                    self.0 =
-                        format!("{value:?}") == "idle timeout of an adopted worker that holds a job: kept";
+                    self.0 = format!("{value:?}") == "idle timeout of a worker that holds a job: kept";
                 }
             }
         }

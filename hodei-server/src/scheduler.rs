@@ -442,6 +442,7 @@ impl Scheduler {
                         self.inner.mutate(|inner, state| {
                             let mut adopted = Worker::new(index, Phase::Leased);
                             adopted.adopted_for = Some(saga.clone());
+                            adopted.kept_while_busy = true;
                             adopted
                                 .jobs
                                 .extend(state.running.get(&worker.worker_id).into_iter().flatten().cloned());
@@ -598,6 +599,9 @@ struct Worker {
     /// Adopted from an earlier control plane with this saga's label: until it reconnects,
     /// nobody knows which jobs it runs.
     adopted_for: Option<String>,
+    /// Kept while it holds a job, whatever its timeouts say: adopted, or handed over with its
+    /// job to another engine that took the saga ([`LeaseEnd::HandedOver`]).
+    kept_while_busy: bool,
     /// Every job leased on it or seen running on it: while it is being destroyed, those jobs
     /// may still run, and their steps wait.
     jobs: std::collections::BTreeSet<String>,
@@ -607,7 +611,14 @@ struct Worker {
 
 impl Worker {
     fn new(provider: usize, phase: Phase) -> Self {
-        Self { provider, phase, adopted_for: None, jobs: Default::default(), draining: false }
+        Self {
+            provider,
+            phase,
+            adopted_for: None,
+            kept_while_busy: false,
+            jobs: Default::default(),
+            draining: false,
+        }
     }
 
     /// Whether one of `waiter`'s earlier attempts may run on this worker without the scheduler
@@ -923,7 +934,7 @@ impl Inner {
             self.retire(state, worker_id);
             return;
         }
-        let adopted = worker.adopted_for.is_some();
+        let adopted = worker.kept_while_busy;
         worker.phase = Phase::Idle { generation, reserved_for: reserved_for.clone() };
         let (inner, worker_id) = (Arc::downgrade(self), worker_id.to_owned());
         self.runtime.spawn(async move {
@@ -951,7 +962,7 @@ impl Inner {
                     return;
                 }
                 if holds_a_job {
-                    tracing::info!(worker = %worker_id, "idle timeout of an adopted worker that holds a job: kept");
+                    tracing::info!(worker = %worker_id, "idle timeout of a worker that holds a job: kept");
                     inner.make_idle(state, &worker_id, reserved_for, timeout);
                 } else {
                     tracing::debug!(worker = %worker_id, "idle timeout: destroying the worker");
@@ -1007,6 +1018,12 @@ impl Inner {
                         worker.jobs.clear();
                     }
                     inner.make_idle(state, worker_id, None, timeout);
+                }
+                (LeaseEnd::HandedOver, _) if !state.closed => {
+                    if let Some(worker) = state.workers.get_mut(worker_id) {
+                        worker.kept_while_busy = true;
+                    }
+                    inner.make_idle(state, worker_id, None, policy.claim_timeout());
                 }
                 _ => inner.retire(state, worker_id),
             }

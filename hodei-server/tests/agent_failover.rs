@@ -137,6 +137,18 @@ async fn control_planes_on_one_database_list_each_others_listeners_while_they_ru
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A job that counts its runs in `runs`, says it started, and ends once the test creates
+/// `gate`: `(runs, gate, script)` under `work`.
+fn gated(work: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (runs, gate) = (work.join("runs"), work.join("gate"));
+    let script = format!(
+        "echo run >> {runs}; echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after",
+        runs = runs.display(),
+        gate = gate.display()
+    );
+    (runs, gate, script)
+}
+
 /// An engine beside `plane`, on its store, as in each engine process: its saga `pipeline` runs
 /// one job, `gated`, on the agent.
 async fn engine_beside(store: Arc<PostgresStore>, plane: &ControlPlane, script: &str) -> hodei_core::Engine {
@@ -163,13 +175,7 @@ async fn a_job_running_when_its_engine_stops_runs_once_and_its_saga_finishes_on_
         OnMessage { message: "waiting for the run a worker already holds", then: move || seen.notify_one() };
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer)).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (runs, gate) = (work.path().join("runs"), work.path().join("gate"));
-    // It counts its runs, says it started, and ends once the test opens the gate.
-    let script = format!(
-        "echo run >> {runs}; echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after",
-        runs = runs.display(),
-        gate = gate.display()
-    );
+    let (runs, gate, script) = gated(work.path());
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let stores = [(); 2].map(|()| db.url.clone());
     let mut planes = Vec::new();
@@ -320,4 +326,63 @@ async fn a_cancel_asked_on_another_control_plane_reaches_the_job() {
     within(agent).await.unwrap().unwrap();
     with_session.shutdown().await.unwrap();
     without.shutdown().await.unwrap();
+}
+
+/// An engine whose lease lapses while its saga's job runs (it only seemed dead) loses the saga
+/// to another engine, and lets the job go on for it: the job is neither cancelled nor its
+/// worker given up. The new owner's step waits for it, and it runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_when_its_saga_is_taken_over_goes_on_for_the_new_owner() {
+    use hodei_core::{Outcome as SagaOutcome, SagaId, SagaRun};
+    let Some(db) = TestDatabase::new("taken job") else { return };
+    let work = tempfile::tempdir().unwrap();
+    let (runs, gate, script) = gated(work.path());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut sides = Vec::new();
+    for dir in &dirs {
+        // Beats five times a second: the takeover and the letting go come at once.
+        let options = db.options().lease(Duration::from_secs(1));
+        let store = Arc::new(PostgresStore::connect_with(&db.url, options).await.unwrap());
+        let plane = ControlPlane::builder(dir.path()).shared(store.clone()).start().await.unwrap();
+        let engine = engine_beside(store.clone(), &plane, &script).await;
+        sides.push((store, plane, engine));
+    }
+    let token = sides[0].1.hub().pki().issue_token(WORKER).unwrap().as_str().to_owned();
+    let (stop, agent) = start_agent(work.path(), &[&sides[0].1, &sides[1].1], token);
+    connected(&sides[0].1).await;
+
+    let id = SagaId::new("saga-taken").unwrap();
+    sides[0].2.start(SagaRun::new("pipeline", "saga-taken", &()).unwrap()).await.unwrap();
+    let job = "saga-taken/0#1";
+    let mut follower = sides[1].1.logs().follow(job, LogStream::Stdout, 0).await.unwrap();
+    assert_eq!(within(follower.next()).await.expect("the log is open").unwrap().bytes, b"before\n");
+
+    // The first engine seems dead: the second takes the saga, and the first, at its next beat,
+    // lets go of it while the job runs on.
+    // Its lease is ended again until the second engine has claimed the saga: the first may
+    // beat (and renew) in between.
+    within(async {
+        while sides[1].2.census().runs.is_empty() {
+            db.lapse(sides[0].0.engine_id()).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while !sides[0].2.census().runs.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    std::fs::write(&gate, b"").unwrap();
+
+    let outcome = within(sides[1].2.handle(&id).unwrap().outcome::<String>()).await.unwrap();
+    assert!(matches!(&outcome, SagaOutcome::Completed(job_id) if job_id == job), "{outcome:?}");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "the job ran once");
+    assert_eq!(stored(&sides[1].1, job, LogStream::Stdout).await, b"before\nafter\n");
+
+    let _ = stop.send(());
+    within(agent).await.unwrap().unwrap();
+    for (_, plane, engine) in sides {
+        engine.shutdown(Duration::from_secs(5)).await.unwrap();
+        plane.shutdown().await.unwrap();
+    }
 }

@@ -463,8 +463,11 @@ fn agent_program(dir: &Path) -> PathBuf {
     let wrapper = dir.join("agent-wrapper.sh");
     std::fs::write(
         &wrapper,
+        // `exec -a`: the agent keeps the wrapper's name as its argv[0], which is how a later
+        // control plane recognises the process as this worker's agent (and adopts or stops it).
         format!(
-            "#!/bin/sh\nexec {} \"$@\" 2>>{}/\"$HODEI_WORKER_ID\".log\n",
+            "#!/bin/bash\nHODEI_AGENT_LOG=debug exec -a {} {} \"$@\" 2>>{}/\"$HODEI_WORKER_ID\".log\n",
+            wrapper.display(),
             agent.display(),
             kept.display()
         ),

@@ -72,7 +72,11 @@ pub fn help() -> String {
     for spec in SPECS {
         text.push_str(&format!("  {} <VALUE>  (env {})\n      {}\n", spec.flag, spec.env, spec.help));
     }
-    text.push_str("  --help\n      prints this and exits\n\nSIGTERM or SIGINT stops the agent (exit 0).\n");
+    text.push_str(
+        "  --help\n      prints this and exits\n\nSIGTERM or SIGINT stops the agent (exit 0).\n\n\
+         HODEI_AGENT_LOG=<filter> (`debug`, `hodei_agent=trace`, ...) adds the agent's diagnostic \
+         log to its status lines on stderr.\n",
+    );
     text
 }
 

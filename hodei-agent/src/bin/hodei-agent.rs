@@ -14,6 +14,16 @@ fn main() -> ExitCode {
         Ok(Command::Run(settings)) => settings,
         Err(e) => return fail(&e),
     };
+    // Status lines go to stderr regardless; this adds the library's own events, filtered as
+    // `RUST_LOG` would be (`debug`, `hodei_agent=trace`, ...).
+    if let Ok(filter) = std::env::var("HODEI_AGENT_LOG") {
+        match tracing_subscriber::EnvFilter::try_new(&filter) {
+            Ok(filter) => {
+                tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init()
+            }
+            Err(e) => eprintln!("hodei-agent: HODEI_AGENT_LOG ignored: {e}"),
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

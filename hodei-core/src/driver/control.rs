@@ -25,6 +25,9 @@ pub(crate) struct Control {
     /// so that the order of their events is the order in which the saga sees them.
     pub requests: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
+    /// Set when another engine took the saga over (a shared store): what this engine's attempts
+    /// started goes on for the new owner, which re-attaches to it.
+    pub taken_over: watch::Sender<bool>,
     /// Signals journaled for this saga, by sequence number: (name, payload). Consumed ones
     /// stay; [`SagaShared::consumed`](super::SagaShared::consumed) tells them apart.
     pub inbox: Mutex<BTreeMap<u64, (String, Vec<u8>)>>,
@@ -52,6 +55,7 @@ impl Control {
             backoffs: watch::Sender::new(0),
             requests: tokio::sync::Mutex::new(()),
             shutdown,
+            taken_over: watch::Sender::new(false),
             inbox: Mutex::default(),
             arrivals: watch::Sender::new(0),
             timers: AtomicUsize::new(0),
@@ -91,7 +95,12 @@ impl Control {
     }
 
     pub fn signals(&self, stop: watch::Receiver<Option<String>>) -> StepSignals {
-        StepSignals { cancel: self.cancel.subscribe(), stop, shutdown: self.shutdown.clone() }
+        StepSignals {
+            cancel: self.cancel.subscribe(),
+            stop,
+            shutdown: self.shutdown.clone(),
+            taken_over: self.taken_over.subscribe(),
+        }
     }
 
     /// Resolves with the reason once a cancel is requested.

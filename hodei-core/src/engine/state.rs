@@ -111,6 +111,9 @@ impl Inner {
     /// and it leaves the live set without an outcome (it has none yet).
     pub(super) fn lost(&self, id: &SagaId) {
         let Some(live) = lock(&self.live).remove(id) else { return };
+        // Said before the abort, which drops the attempts: what they started is not theirs to
+        // stop any more.
+        live.control.taken_over.send_replace(true);
         if let Some(task) = lock(&live.task).take() {
             task.abort();
         }

@@ -68,27 +68,35 @@ impl ControlPlane for SessionService {
         let session_number = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Where each job the agent still holds must resume: what the store already has.
         let mut resume = Vec::new();
-        if let Some(logs) = &self.logs {
-            for job in &hello.jobs {
-                let status = logs.status(&job.job_id).await.map_err(|e| {
-                    tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
-                    Status::internal("the control plane cannot read its log store")
-                })?;
-                resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
-                // A step on any control plane sharing the store waits for it from now on.
-                logs.attach(&job.job_id, &hello.worker_id, session_number).await.map_err(|e| {
-                    tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "job holder not recorded");
-                    Status::unavailable("the control plane cannot record the jobs the agent holds")
-                })?;
-            }
-        }
         let agent_jobs: HashSet<String> = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
         if let Some(logs) = &self.logs {
-            let listed: Vec<String> = agent_jobs.iter().cloned().collect();
-            logs.holds_only(&hello.worker_id, &listed).await.map_err(|e| {
-                tracing::warn!(worker = %hello.worker_id, error = %e, "jobs the worker does not hold not recorded");
-                Status::unavailable("the control plane cannot record the jobs the agent holds")
-            })?;
+            let mut attached = Vec::new();
+            let recorded = async {
+                for job in &hello.jobs {
+                    let status = logs.status(&job.job_id).await.map_err(|e| {
+                        tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
+                        Status::internal("the control plane cannot read its log store")
+                    })?;
+                    resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
+                    // A step on any control plane sharing the store waits for it from now on.
+                    attached.push(job.job_id.clone());
+                    logs.attach(&job.job_id, &hello.worker_id, session_number).await.map_err(|e| {
+                        tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "job holder not recorded");
+                        Status::unavailable("the control plane cannot record the jobs the agent holds")
+                    })?;
+                }
+                let listed: Vec<String> = agent_jobs.iter().cloned().collect();
+                logs.holds_only(&hello.worker_id, &listed).await.map_err(|e| {
+                    tracing::warn!(worker = %hello.worker_id, error = %e, "jobs the worker does not hold not recorded");
+                    Status::unavailable("the control plane cannot record the jobs the agent holds")
+                })
+            };
+            if let Err(refused) = recorded.await {
+                // No session follows to detach what was attached: a step elsewhere would wait
+                // for this control plane's session with the worker, which never opened.
+                super::task::detach_until_recorded(logs, &hello.worker_id, attached, session_number).await;
+                return Err(refused);
+            }
         }
         let (commands, command_rx) = mpsc::channel(16);
         let guard = self.registry.connect(&hello.worker_id, commands, agent_jobs.iter().cloned().collect());

@@ -137,23 +137,7 @@ impl SessionTask {
             // Assigned ones too: the agent may have received them before the session ended.
             let mut held: Vec<String> = self.running.union(&self.agent_jobs).cloned().collect();
             held.extend(self.jobs.keys().filter(|job| !self.running.contains(*job)).cloned());
-            let session = self.session;
-            if let Err(error) = logs.detach(&self.guard.worker_id, &held, session).await {
-                // Until it is recorded they count as attached here, and a step elsewhere waits
-                // for them: tried again while the database is out of reach, for at most a
-                // minute (past that this control plane is unlikely to hold its lease).
-                tracing::warn!(worker = %self.guard.worker_id, %error, "the end of the session not recorded; trying again");
-                let (logs, worker) = (logs.clone(), self.guard.worker_id.clone());
-                tokio::spawn(async move {
-                    for _ in 0..120 {
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        if logs.detach(&worker, &held, session).await.is_ok() {
-                            return;
-                        }
-                    }
-                    tracing::error!(%worker, "the end of the session could not be recorded");
-                });
-            }
+            detach_until_recorded(logs, &self.guard.worker_id, held, self.session).await;
         }
     }
 
@@ -263,4 +247,28 @@ impl SessionTask {
     pub(super) async fn acknowledge(&self, job_id: &str, stream: LogStream, status: &LogStatus) -> Flow {
         self.send(hub_message::Kind::LogAck(log_ack(job_id, stream, status))).await
     }
+}
+
+/// Records that `worker`'s `session` ended while it held `held`. Until that is recorded they
+/// count as attached here, and a step elsewhere waits for them: tried again in the background
+/// while the database is out of reach, for at most a minute (past that this control plane is
+/// unlikely to hold its lease).
+pub(super) async fn detach_until_recorded(
+    logs: &Arc<LogStore>,
+    worker: &str,
+    held: Vec<String>,
+    session: u64,
+) {
+    let Err(error) = logs.detach(worker, &held, session).await else { return };
+    tracing::warn!(worker, %error, "the end of the session not recorded; trying again");
+    let (logs, worker) = (logs.clone(), worker.to_owned());
+    tokio::spawn(async move {
+        for _ in 0..120 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if logs.detach(&worker, &held, session).await.is_ok() {
+                return;
+            }
+        }
+        tracing::error!(%worker, "the end of the session could not be recorded");
+    });
 }

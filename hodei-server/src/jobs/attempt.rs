@@ -53,12 +53,18 @@ impl JobAttempt<'_> {
         }
     }
 
+    /// Whether another engine took the attempt's saga over: its job is the new owner's now.
+    pub(super) fn taken_over(&self) -> bool {
+        matches!(self, Self::Step(step) if matches!(step.stop_reason(), Some(StepStop::TakenOver)))
+    }
+
     /// Why a job this attempt stops waiting for is to be cancelled, or `None` to let it run on
     /// for the engine's next life (shutdown, or a compensation cut off).
     pub(super) fn abandon_reason(&self) -> Option<String> {
         let Self::Step(step) = self else { return None };
         match step.stop_reason() {
-            Some(StepStop::ShuttingDown) => None,
+            // The job goes on for the engine's next life, or for the engine that took the saga.
+            Some(StepStop::ShuttingDown | StepStop::TakenOver) => None,
             Some(StepStop::Cancelled(reason)) => Some(format!("the saga was cancelled: {reason}")),
             // Only the step's own timeout drops an attempt while the saga goes on.
             _ => Some("the step timed out".to_owned()),

@@ -11,7 +11,7 @@ use tracing::Instrument;
 use super::JobDispatcher;
 use super::attempt::JobAttempt;
 use super::job::{Job, Placement};
-use super::pool::{LeaseEnd, WorkerPool, WorkerRequest};
+use super::pool::{LeaseEnd, WorkerLease, WorkerPool, WorkerRequest};
 use super::secrets::SecretSource;
 use super::tail::output_tail;
 use super::verdict::{JobOutcome, judge, ran_job, succeeded};
@@ -195,7 +195,10 @@ impl JobDispatcher {
                         return Err(StepError::terminal(format!("job `{name}` was cancelled before it got a worker: {reason}")));
                     }
                 };
-                let result = run(lease.worker_id().to_owned(), spec).await;
+                let mut held = HeldLease { lease: Some(lease), step };
+                let worker = held.lease.as_ref().map(|lease| lease.worker_id().to_owned()).unwrap_or_default();
+                let result = run(worker, spec).await;
+                let Some(lease) = held.lease.take() else { unreachable!("taken only here and in drop") };
                 let end = match &result {
                     Err(e) if e.is_retryable() => LeaseEnd::WorkerLost,
                     _ => LeaseEnd::Finished,
@@ -265,6 +268,23 @@ impl JobDispatcher {
             _ => String::new(),
         };
         judge(name, job_id, result, reason, &tail)
+    }
+}
+
+/// A pooled worker's lease while the attempt waits for its job. Dropped with the attempt, the
+/// lease ends abandoned (the worker is destroyed), unless the saga went to another engine:
+/// then the job goes on for the new owner, and the worker is kept until it is done.
+struct HeldLease<'a> {
+    lease: Option<WorkerLease>,
+    step: &'a JobAttempt<'a>,
+}
+
+impl Drop for HeldLease<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let end = if self.step.taken_over() { LeaseEnd::HandedOver } else { LeaseEnd::Abandoned };
+            lease.release(end);
+        }
     }
 }
 

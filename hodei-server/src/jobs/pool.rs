@@ -39,6 +39,10 @@ pub enum LeaseEnd {
     WorkerLost,
     /// The attempt was dropped (step timeout, saga cancelled, shutdown) before a result.
     Abandoned,
+    /// The attempt's saga went to another engine sharing the store while the job ran: the
+    /// job goes on for the new owner, which waits for it, so the worker is kept until the job
+    /// is done.
+    HandedOver,
 }
 
 /// A worker a [`WorkerPool`] handed out for one job. Releasing it (or dropping it, which counts
