@@ -52,8 +52,8 @@ impl StepContext {
         {
             return Some(StepStop::Cancelled(reason));
         }
-        if *self.signals.taken_over.borrow() {
-            return Some(StepStop::TakenOver);
+        if *self.signals.handed_over.borrow() {
+            return Some(StepStop::HandedOver);
         }
         (*self.signals.shutdown.borrow()).then_some(StepStop::ShuttingDown)
     }
@@ -85,9 +85,11 @@ pub enum StepStop {
     Cancelled(String),
     /// The engine is shutting down; the saga resumes on the next start.
     ShuttingDown,
-    /// Another engine sharing the store took the saga over and drives it now: what the attempt
-    /// started (a job on a worker) is for the new owner to re-attach to, not to stop.
-    TakenOver,
+    /// The engine stopped driving the saga, which is driven again from its journal: by
+    /// another engine sharing the store that took it over, or by this one once its database
+    /// answers again. What the attempt started (a job on a worker) goes on for that next
+    /// driver to re-attach to, not to be stopped.
+    HandedOver,
 }
 
 /// The saga's cancel, the step's own stop and the engine's shutdown, as a step body can
@@ -98,5 +100,5 @@ pub(crate) struct StepSignals {
     /// Set when the engine stops this attempt (its saga or its branch was cancelled).
     pub stop: watch::Receiver<Option<String>>,
     pub shutdown: watch::Receiver<bool>,
-    pub taken_over: watch::Receiver<bool>,
+    pub handed_over: watch::Receiver<bool>,
 }

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,9 +26,11 @@ pub(crate) struct Control {
     /// so that the order of their events is the order in which the saga sees them.
     pub requests: tokio::sync::Mutex<()>,
     pub shutdown: watch::Receiver<bool>,
-    /// Set when another engine took the saga over (a shared store): what this engine's attempts
-    /// started goes on for the new owner, which re-attaches to it.
-    pub taken_over: watch::Sender<bool>,
+    /// Set when this driver hands the saga over (a shared store): another engine took it, or
+    /// a failed write stops it until it is resumed from the database's journal. What its
+    /// attempts started goes on for the next driver, which re-attaches to it. Shared with the
+    /// journal, whose halt is how the driver itself learns it.
+    pub handed_over: Arc<watch::Sender<bool>>,
     /// Signals journaled for this saga, by sequence number: (name, payload). Consumed ones
     /// stay; [`SagaShared::consumed`](super::SagaShared::consumed) tells them apart.
     pub inbox: Mutex<BTreeMap<u64, (String, Vec<u8>)>>,
@@ -47,7 +50,7 @@ impl Drop for TimerWaiting<'_> {
 }
 
 impl Control {
-    pub fn new(shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(shutdown: watch::Receiver<bool>, handed_over: Arc<watch::Sender<bool>>) -> Self {
         Self {
             cancel: watch::Sender::new(None),
             paused: watch::Sender::new(false),
@@ -55,7 +58,7 @@ impl Control {
             backoffs: watch::Sender::new(0),
             requests: tokio::sync::Mutex::new(()),
             shutdown,
-            taken_over: watch::Sender::new(false),
+            handed_over,
             inbox: Mutex::default(),
             arrivals: watch::Sender::new(0),
             timers: AtomicUsize::new(0),
@@ -99,7 +102,7 @@ impl Control {
             cancel: self.cancel.subscribe(),
             stop,
             shutdown: self.shutdown.clone(),
-            taken_over: self.taken_over.subscribe(),
+            handed_over: self.handed_over.subscribe(),
         }
     }
 

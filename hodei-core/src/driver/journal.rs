@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use super::observed::Observed;
 use crate::bus::{EngineEvent, EngineEventKind};
@@ -26,6 +26,10 @@ pub(crate) struct Journal {
     /// Why this journal takes no more writes, if it does not ([`Halt`] as a number; 0: it
     /// does). Not even why the saga stopped is written then.
     halt: AtomicU8,
+    /// Told when the journal halts (the saga's `Control::handed_over`): another engine took
+    /// the saga, or the database failed and the saga is resumed from its journal there. Either
+    /// way the attempts dropped with this driver leave their jobs running for the next one.
+    handed_over: Arc<watch::Sender<bool>>,
 }
 
 /// Why a journal takes no more writes.
@@ -72,7 +76,7 @@ impl Journal {
             under_pause: None,
             observed: None,
         });
-        Self { id: record_id(&state), store, bus, state, halt: AtomicU8::new(0) }
+        Self { id: record_id(&state), store, bus, state, halt: AtomicU8::new(0), handed_over: Arc::default() }
     }
 
     pub fn record(&self) -> SagaRecord {
@@ -111,6 +115,12 @@ impl Journal {
         self.durable().await
     }
 
+    /// What says the saga is handed over to its next driver: set when the journal halts, and
+    /// by the engine when another one took the saga.
+    pub fn handed_over(&self) -> Arc<watch::Sender<bool>> {
+        self.handed_over.clone()
+    }
+
     /// Why the journal takes no more writes, if it does not.
     pub fn halted(&self) -> Option<Halt> {
         match self.halt.load(Ordering::Acquire) {
@@ -140,6 +150,7 @@ impl Journal {
         };
         // A fence is final; a failed write does not hide one found before.
         let _ = self.halt.compare_exchange(0, halt as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.handed_over.send_replace(true);
         error
     }
 

@@ -113,7 +113,7 @@ impl Inner {
         let Some(live) = lock(&self.live).remove(id) else { return };
         // Said before the abort, which drops the attempts: what they started is not theirs to
         // stop any more.
-        live.control.taken_over.send_replace(true);
+        live.control.handed_over.send_replace(true);
         if let Some(task) = lock(&live.task).take() {
             task.abort();
         }
@@ -128,9 +128,10 @@ impl Inner {
     }
 
     pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {
+        let journal = Arc::new(Journal::new(self.store.clone(), self.bus.clone(), record, next, finished));
         Arc::new(LiveSaga {
-            journal: Arc::new(Journal::new(self.store.clone(), self.bus.clone(), record, next, finished)),
-            control: Arc::new(Control::new(self.shutdown.subscribe())),
+            control: Arc::new(Control::new(self.shutdown.subscribe(), journal.handed_over())),
+            journal,
             finished: watch::Sender::new(None),
             task: Mutex::new(None),
         })

@@ -53,9 +53,10 @@ impl JobAttempt<'_> {
         }
     }
 
-    /// Whether another engine took the attempt's saga over: its job is the new owner's now.
-    pub(super) fn taken_over(&self) -> bool {
-        matches!(self, Self::Step(step) if matches!(step.stop_reason(), Some(StepStop::TakenOver)))
+    /// Whether the attempt's saga is handed over to its next driver (another engine took it,
+    /// or it resumes from its journal): its job is for that driver to re-attach to.
+    pub(super) fn handed_over(&self) -> bool {
+        matches!(self, Self::Step(step) if matches!(step.stop_reason(), Some(StepStop::HandedOver)))
     }
 
     /// Why a job this attempt stops waiting for is to be cancelled, or `None` to let it run on
@@ -64,7 +65,7 @@ impl JobAttempt<'_> {
         let Self::Step(step) = self else { return None };
         match step.stop_reason() {
             // The job goes on for the engine's next life, or for the engine that took the saga.
-            Some(StepStop::ShuttingDown | StepStop::TakenOver) => None,
+            Some(StepStop::ShuttingDown | StepStop::HandedOver) => None,
             Some(StepStop::Cancelled(reason)) => Some(format!("the saga was cancelled: {reason}")),
             // Only the step's own timeout drops an attempt while the saga goes on.
             _ => Some("the step timed out".to_owned()),

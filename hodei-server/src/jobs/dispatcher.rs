@@ -282,7 +282,7 @@ struct HeldLease<'a> {
 impl Drop for HeldLease<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            let end = if self.step.taken_over() { LeaseEnd::HandedOver } else { LeaseEnd::Abandoned };
+            let end = if self.step.handed_over() { LeaseEnd::HandedOver } else { LeaseEnd::Abandoned };
             lease.release(end);
         }
     }

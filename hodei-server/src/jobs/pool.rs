@@ -39,9 +39,9 @@ pub enum LeaseEnd {
     WorkerLost,
     /// The attempt was dropped (step timeout, saga cancelled, shutdown) before a result.
     Abandoned,
-    /// The attempt's saga went to another engine sharing the store while the job ran: the
-    /// job goes on for the new owner, which waits for it, so the worker is kept until the job
-    /// is done.
+    /// The attempt's saga was handed over while the job ran (another engine sharing the store
+    /// took it, or it resumes from its journal after a failed write): the job goes on for the
+    /// next driver, which waits for it, so the worker is kept until the job is done.
     HandedOver,
 }
 
