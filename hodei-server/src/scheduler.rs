@@ -1180,7 +1180,9 @@ async fn output(provider: &dyn Provider, worker_id: &str) -> String {
 
 /// Follows the hub's registry: every connect, disconnect and change of a worker's running jobs
 /// is mirrored into the state (which hands out what became free), and idle workers that
-/// disconnect are dropped: a worker that left would fail its next job.
+/// disconnect are dropped: a worker that left would fail its next job. Not those kept while
+/// they hold a job (adopted, or handed over with their saga's job), which may have taken that
+/// job to another control plane sharing the store.
 async fn follow_hub(inner: Weak<Inner>) {
     let Some(mut registry) = inner.upgrade().map(|inner| inner.hub.watch_workers()) else { return };
     loop {
@@ -1195,8 +1197,11 @@ async fn follow_hub(inner: Weak<Inner>) {
             let gone: Vec<String> = state
                 .workers
                 .iter()
+                // Not one kept while it holds a job: it may have left for another control plane
+                // sharing the store with that job (its idle timeout looks there).
                 .filter(|(id, worker)| {
                     matches!(worker.phase, Phase::Idle { reserved_for: None, .. })
+                        && !worker.kept_while_busy
                         && !running.contains_key(*id)
                 })
                 .map(|(id, _)| id.clone())

@@ -3,18 +3,18 @@
 //! they outlive their engine), run pipelines of two jobs each, while engines are killed with
 //! SIGKILL and restarted, one is frozen with SIGSTOP past its lease and the agents' heartbeat
 //! timeout, one is cut off from the database (through a TCP proxy the test holds) for longer
-//! than its lease, and (with `HODEI_JOBS_CHAOS_DATABASE=1`) PostgreSQL itself is restarted
-//! (`pg_ctl -m immediate`) while jobs write to it. A job's agent then goes on with another control plane, and its saga is
-//! taken over by another engine, whose step waits for that job rather than running it again.
+//! than its lease, and PostgreSQL itself is restarted (`pg_ctl -m immediate`) while jobs write
+//! to it. A job's agent then goes on with another control plane, and its saga is taken over by
+//! another engine, whose step waits for that job rather than running it again.
 //!
 //! At the end every run completed; the log of every job whose result a step journaled is
 //! complete and in order, read back from the database; no job ran twice at once (each run of a
 //! job holds an `flock` on a file of its own and records a conflict if it cannot take it), nor
 //! twice at all, since no worker is lost. It prints how many jobs each fault caught running on
 //! the workers of the engine it hit, and how many steps waited for a held job, and requires
-//! both to be above zero. Skipped (with a line saying so) without `HODEI_TEST_POSTGRES_URL`
-//! (and, to restart the server, `HODEI_TEST_POSTGRES_DIR` and `HODEI_TEST_POSTGRES_BIN`,
-//! which `.ci/postgres` exports).
+//! both to be above zero. Skipped (with a line saying so) without `HODEI_TEST_POSTGRES_URL`,
+//! `HODEI_TEST_POSTGRES_DIR` and `HODEI_TEST_POSTGRES_BIN` (the server to restart), which
+//! `.ci/postgres` exports.
 #![cfg(unix)]
 
 #[path = "support/agent_binary.rs"]
@@ -89,12 +89,6 @@ const SCHEDULE: [(Duration, Fault); 6] = [
 /// The engine that reaches the database through the proxy.
 const BEHIND_PROXY: usize = 2;
 
-/// Whether the schedule restarts PostgreSQL (`HODEI_JOBS_CHAOS_DATABASE=1`). Not by default
-/// yet: on a busy machine a job whose result reached a control plane around the restart may
-/// be given up and run again, or the engines stall (see the README).
-fn restarts_database() -> bool {
-    std::env::var("HODEI_JOBS_CHAOS_DATABASE").is_ok_and(|v| v == "1")
-}
 const RESTART_AFTER: Duration = Duration::from_secs(1);
 const FROZEN_FOR: Duration = Duration::from_secs(3);
 const CUT_FOR: Duration = Duration::from_secs(3);
@@ -156,12 +150,7 @@ async fn jobs_survive_their_engines_being_killed() {
         return child(&name).await;
     }
     let Some(db) = TestDatabase::new("jobs chaos") else { return };
-    let server = if restarts_database() {
-        let Some(server) = server::Server::from_env() else { return };
-        Some(server)
-    } else {
-        None
-    };
+    let Some(server) = server::Server::from_env() else { return };
     // With `HODEI_JOBS_CHAOS_LOGS=<dir>`, everything is kept there (the engines' logs, the
     // workers' directories with the agents' output) to find out afterwards why a run stalled.
     let work = match std::env::var_os("HODEI_JOBS_CHAOS_LOGS") {
@@ -188,10 +177,7 @@ async fn jobs_survive_their_engines_being_killed() {
         }
     }
     let began = Instant::now();
-    let mut faults = SCHEDULE
-        .iter()
-        .filter(|(_, fault)| server.is_some() || !matches!(fault, Fault::RestartDatabase))
-        .peekable();
+    let mut faults = SCHEDULE.iter().peekable();
     // Engines killed or frozen, and when each is restarted or thawed.
     let mut restarts: Vec<(Instant, usize)> = Vec::new();
     let mut thaws: Vec<(Instant, usize)> = Vec::new();
@@ -255,8 +241,7 @@ async fn jobs_survive_their_engines_being_killed() {
                 }
                 Fault::RestartDatabase => {
                     // Blocking: the engines' lines wait in their pipes meanwhile.
-                    let (at, server) =
-                        (began.elapsed(), server.as_ref().expect("only scheduled with a server"));
+                    let at = began.elapsed();
                     restarted_at = Some(unix_nanos());
                     tokio::task::block_in_place(|| server.restart());
                     log.push(format!("{at:>6.1?} PostgreSQL restarted ({:.1?})", began.elapsed() - at));
