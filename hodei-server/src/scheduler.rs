@@ -934,7 +934,7 @@ impl Inner {
             self.retire(state, worker_id);
             return;
         }
-        let adopted = worker.kept_while_busy;
+        let kept_while_busy = worker.kept_while_busy;
         worker.phase = Phase::Idle { generation, reserved_for: reserved_for.clone() };
         let (inner, worker_id) = (Arc::downgrade(self), worker_id.to_owned());
         self.runtime.spawn(async move {
@@ -944,19 +944,18 @@ impl Inner {
                     |w| matches!(&w.phase, Phase::Idle { generation: g, .. } if *g == generation),
                 )
             };
-            // An adopted worker may run a job its saga's step, now on another engine, waits
+            let Some(inner) = inner.upgrade() else { return };
+            // An adopted or handed-over worker may run a job that a step on another engine waits
             // for (its agent went on with another control plane): destroyed, the job would be
             // lost and run again. It is kept for another timeout while it holds one.
-            let holds_a_job = match inner.upgrade() {
-                Some(inner) if adopted && inner.lock().workers.contains_key(&worker_id) => {
-                    let running_here =
-                        inner.lock().running.get(&worker_id).is_some_and(|jobs| !jobs.is_empty());
-                    running_here || inner.hub.holds_a_job(&worker_id).await
-                }
-                Some(_) => false,
-                None => return,
+            let holds_a_job = kept_while_busy && {
+                let (known, running_here) = {
+                    let state = inner.lock();
+                    let running = state.running.get(&worker_id).is_some_and(|jobs| !jobs.is_empty());
+                    (state.workers.contains_key(&worker_id), running)
+                };
+                known && (running_here || inner.hub.holds_a_job(&worker_id).await)
             };
-            let Some(inner) = inner.upgrade() else { return };
             inner.mutate(|inner, state| {
                 if !still_idle(state) {
                     return;

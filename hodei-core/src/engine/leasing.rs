@@ -123,8 +123,7 @@ async fn beat_once(inner: &Weak<Inner>) -> bool {
             // sagas and read them all before beating again let its own lease lapse, and the
             // others took them from it in turn.
             let adopting = inner.clone();
-            let resumed = tokio::task::spawn_blocking(move || adopting.resume(renewal));
-            drop(resumed);
+            drop(tokio::task::spawn_blocking(move || adopting.resume(renewal)));
         }
         // The database is away: the lease may lapse, and the store's epochs keep this engine
         // from writing a saga that another one took meanwhile.
