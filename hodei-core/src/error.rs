@@ -186,6 +186,13 @@ pub enum Error {
         /// The type, as [`std::any::type_name`] spells it.
         type_name: &'static str,
     },
+    /// A time-skipping test environment could not start, or a wait of it could not end (see
+    /// `testing::TestEnv`).
+    #[error("the test environment {reason}")]
+    TestEnvironment {
+        /// Why.
+        reason: String,
+    },
 }
 
 fn holder_suffix(holder: &Option<String>) -> String {

@@ -105,8 +105,18 @@ impl Timestamp {
 
     /// The current wall-clock time.
     pub fn now() -> Self {
-        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Self(since.as_millis() as u64)
+        Self::of(SystemTime::now())
+    }
+
+    /// The millisecond `time` falls in.
+    pub fn of(time: SystemTime) -> Self {
+        let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// This time as a [`SystemTime`].
+    pub fn as_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.0)
     }
 
     /// This time plus a duration, saturating.
@@ -426,6 +436,16 @@ pub enum Event {
         /// The W3C `tracestate` value, empty for none.
         tracestate: String,
     },
+    /// The run reached [`SagaContext::patched`](crate::SagaContext::patched) for the patch
+    /// `patch` live, at the place in the code where its next operation has the key `key`: it
+    /// took the patch's new path there. Replay answers the same call `true` from it; a run
+    /// whose journal records an operation at `key` without it took the old path.
+    Patched {
+        /// The operation key of the operation that follows the call.
+        key: String,
+        /// The patch's id.
+        patch: String,
+    },
     // Later events are appended here (see the compatibility rule at the top of this module).
 }
 
@@ -660,6 +680,7 @@ mod tests {
                 traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 tracestate: String::new(),
             },
+            Event::Patched { key: "1".into(), patch: "p".into() },
         ];
         for (index, event) in events.iter().enumerate() {
             let bytes = encode_record(event).unwrap();

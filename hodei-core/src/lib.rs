@@ -97,25 +97,32 @@
 #![warn(clippy::unwrap_used)]
 
 mod bus;
+mod clock;
 mod codec;
 mod driver;
 mod engine;
 mod error;
 mod event;
+mod journal_file;
 mod lock;
 pub mod observe;
 mod payload_schema;
 mod primitives;
 mod replay;
+mod replay_check;
 mod resources;
 mod retry;
 mod saga;
+mod stand_in;
 mod step_context;
 pub mod store;
 /// OTLP export of the engine's spans.
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub mod telemetry;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 mod timeline;
 mod timers;
 pub mod trace;
@@ -128,8 +135,10 @@ pub use engine::{
 };
 pub use error::{Error, Result, StorageError};
 pub use event::{Event, JoinMode, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+pub use journal_file::JournalFile;
 pub use observe::Observer;
 pub use primitives::Branch;
+pub use replay_check::{PatchUse, ReplayReport, ReplayVerdict};
 pub use retry::{RetryPolicy, StepError};
 pub use saga::{
     Compensate, CompensationContext, IntoCompensation, NoCompensation, Saga, SagaContext, SagaDefinition,

@@ -86,11 +86,7 @@ impl SagaContext {
     /// at the original due time, not at restart plus `duration`. Thousands of sleeping sagas
     /// cost no CPU: one engine-wide scheduler waits for the nearest due time.
     pub async fn sleep(&self, duration: Duration) {
-        // Rounded up to the journal's millisecond: a sleep never ends early.
-        let due = match duration.is_zero() {
-            true => Timestamp::now(),
-            false => Timestamp::at_or_after(SystemTime::now() + duration),
-        };
+        let due = self.shared.host.timers.clock().due_after(duration);
         self.shared.sleep_until(&self.scope, due).await
     }
 

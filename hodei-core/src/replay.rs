@@ -1,6 +1,6 @@
 //! What a journal says, indexed for replay: per step, per compensation, and the saga's fate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::event::{Event, JoinMode, RecordedEvent, Timestamp};
 
@@ -110,6 +110,8 @@ pub(crate) struct Replay {
     pub finished: Option<RecordedEvent>,
     /// The first step number no recorded step has.
     pub next_step: u32,
+    /// The patches the run took the new path of: (key, patch).
+    pub patches: HashSet<(String, String)>,
 }
 
 impl Replay {
@@ -201,6 +203,9 @@ impl Replay {
                 // Where the spans go, not what the body does: read by the engine when it spawns
                 // the driver.
                 Event::TraceStarted { .. } => {}
+                Event::Patched { key, patch } => {
+                    replay.patches.insert((key.clone(), patch.clone()));
+                }
                 Event::RetryNowRequested { .. } => {
                     let steps = replay.steps.values_mut().map(|s| &mut s.attempts);
                     let compensations = replay.compensations.values_mut().map(|c| &mut c.attempts);
@@ -277,6 +282,12 @@ impl Replay {
 
     fn op_mut(&mut self, key: &str) -> Option<&mut RecordedOp> {
         self.ops.get_mut(key).map(|(_, op)| op)
+    }
+
+    /// Whether the journal says the body ended (returned, failed or was cancelled), so that
+    /// code past its last recorded operation was never reached.
+    pub fn body_ended(&self) -> bool {
+        self.finished.is_some() || self.body_failed.is_some() || self.cancel.is_some()
     }
 
     /// The recorded operation at `key`, with its position in journal order.

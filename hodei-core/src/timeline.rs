@@ -44,6 +44,7 @@ impl fmt::Display for Timeline<'_> {
                     format!("waiting for signal `{name}` until +{} ms", at.0.saturating_sub(start))
                 }
                 Event::SignalWaitExpects { key, .. } => format!("wait {key} expects a typed payload"),
+                Event::Patched { key, patch } => format!("took patch `{patch}` (before {key})"),
                 Event::SignalConsumed { signal, .. } => format!("took the signal of #{signal}"),
                 Event::SignalWaitTimedOut { key } => format!("wait {key} timed out"),
                 Event::BranchesStarted { name, count, mode, .. } => {

@@ -12,12 +12,15 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot, watch};
 
+use crate::clock::Clock;
 use crate::event::Timestamp;
 use crate::lock::lock;
 
 /// The due-time index and the wake-up of its scheduler.
 #[derive(Debug, Default)]
 pub(crate) struct Timers {
+    /// What "due" is measured against: the wall clock, or a test's virtual one.
+    clock: Clock,
     /// (due, arrival number) → who to wake. The arrival number keeps equal due times apart.
     due: Mutex<Index>,
     /// Woken when a new entry becomes the nearest one.
@@ -45,15 +48,25 @@ impl Drop for Entry<'_> {
 
 impl Timers {
     /// Starts the scheduler task; it ends when the engine shuts down.
-    pub fn start(shutdown: watch::Receiver<bool>) -> Arc<Self> {
-        let timers = Arc::new(Self::default());
+    pub fn start(shutdown: watch::Receiver<bool>, clock: Clock) -> Arc<Self> {
+        let timers = Arc::new(Self { clock, ..Self::default() });
         tokio::spawn(timers.clone().schedule(shutdown));
         timers
     }
 
-    /// Resolves at `due` (wall-clock), or at once if it has passed.
+    /// The engine's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The current time on the engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Resolves at `due` on the engine's clock, or at once if it has passed.
     pub async fn sleep_until(&self, due: Timestamp) {
-        if due <= Timestamp::now() {
+        if due <= self.now() {
             return;
         }
         let (tx, rx) = oneshot::channel();
@@ -85,7 +98,7 @@ impl Timers {
         loop {
             let nearest = {
                 let mut index = lock(&self.due);
-                let now = Timestamp::now();
+                let now = self.now();
                 while let Some(entry) = index.entries.first_entry() {
                     if entry.key().0 > now {
                         break;
@@ -96,7 +109,7 @@ impl Timers {
             };
             let sleep = async {
                 match nearest {
-                    Some(due) => tokio::time::sleep(due.remaining()).await,
+                    Some(due) => self.clock.sleep_until(due).await,
                     None => std::future::pending().await,
                 }
             };
@@ -123,7 +136,7 @@ mod tests {
     #[tokio::test]
     async fn waits_fire_in_due_order_and_dropped_waits_leave_the_index() {
         let (_stop, shutdown) = watch::channel(false);
-        let timers = Timers::start(shutdown);
+        let timers = Timers::start(shutdown, Clock::System);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let now = Timestamp::now();
         let mut waits: Vec<Wait> = Vec::new();
@@ -185,7 +198,7 @@ mod tests {
     #[tokio::test]
     async fn a_past_due_time_resolves_at_once() {
         let (_stop, shutdown) = watch::channel(false);
-        let timers = Timers::start(shutdown);
+        let timers = Timers::start(shutdown, Clock::System);
         // At once: on its first poll, without entering the index or waiting for the scheduler.
         let mut wait = pin!(timers.sleep_until(Timestamp(0)));
         let first_poll = poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;

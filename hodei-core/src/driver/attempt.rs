@@ -172,7 +172,7 @@ where
                     self.what, history.started
                 ))));
             }
-            history.retry_at = Some(Timestamp::now());
+            history.retry_at = Some(self.timers.now());
         }
         loop {
             if let Some(due) = history.retry_at {

@@ -1,6 +1,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use super::probe::Probe;
 use crate::resources::Resources;
 use crate::timers::Timers;
 
@@ -14,4 +15,6 @@ pub(crate) struct Host {
     /// on. Erased because the engine holds saga definitions, whose bodies take a context that
     /// holds this: naming the engine's type here would make each depend on the other.
     pub engine: Arc<dyn Any + Send + Sync>,
+    /// Set for a replay check: the driver runs nothing live and reports how far it got.
+    pub probe: Option<Arc<Probe>>,
 }

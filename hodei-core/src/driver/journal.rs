@@ -5,6 +5,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::observed::Observed;
 use crate::bus::{EngineEvent, EngineEventKind};
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
 use crate::lock::lock;
@@ -30,6 +31,8 @@ pub(crate) struct Journal {
     /// the saga, or the database failed and the saga is resumed from its journal there. Either
     /// way the attempts dropped with this driver leave their jobs running for the next one.
     handed_over: Arc<watch::Sender<bool>>,
+    /// What stamps its events.
+    clock: Clock,
 }
 
 /// Why a journal takes no more writes.
@@ -67,6 +70,7 @@ impl Journal {
         record: SagaRecord,
         next: u64,
         finished: bool,
+        clock: Clock,
     ) -> Self {
         let state = Mutex::new(JournalState {
             next,
@@ -76,7 +80,15 @@ impl Journal {
             under_pause: None,
             observed: None,
         });
-        Self { id: record_id(&state), store, bus, state, halt: AtomicU8::new(0), handed_over: Arc::default() }
+        Self {
+            id: record_id(&state),
+            store,
+            bus,
+            state,
+            halt: AtomicU8::new(0),
+            handed_over: Arc::default(),
+            clock,
+        }
     }
 
     pub fn record(&self) -> SagaRecord {
@@ -102,7 +114,7 @@ impl Journal {
             return Err(Error::SagaFinished(self.id.clone()));
         }
         let seq = state.next + state.pending.len() as u64;
-        state.pending.push(RecordedEvent { seq, at: Timestamp::now(), event });
+        state.pending.push(RecordedEvent { seq, at: self.clock.now(), event });
         Ok(())
     }
 
@@ -282,7 +294,7 @@ impl Journal {
             }
             None => {}
         }
-        let at = Timestamp::now();
+        let at = self.clock.now();
         let event = event(at);
         if state.finished && event.is_some() {
             return Err(Error::SagaFinished(self.id.clone()));

@@ -49,8 +49,46 @@ async fn polling_body<B: Future + ?Sized>(
     }
 }
 
+/// What a body needs to start replaying: the state it shares with its operations, the saga's
+/// input, and where an operation reports why the body must stop.
+pub(super) struct Prepared {
+    pub shared: Arc<SagaShared>,
+    pub input: Vec<u8>,
+    pub interrupt: oneshot::Receiver<Interrupt>,
+}
+
+/// Indexes a saga's journal and sets up what its body needs. `Err` is why the journal cannot
+/// be replayed, in the words a park gives.
+pub(super) fn prepare(host: Host, live: &LiveSaga, history: &[RecordedEvent]) -> Result<Prepared, String> {
+    let replay = Replay::new(history).map_err(|reason| format!("the journal is inconsistent: {reason}"))?;
+    let input = match history.first().map(|r| &r.event) {
+        Some(Event::SagaStarted { input, .. }) => input.clone(),
+        _ => return Err("the journal does not begin with SagaStarted".into()),
+    };
+    let (interrupt_tx, interrupt_rx) = oneshot::channel();
+    for (seq, (name, payload)) in &replay.signals {
+        live.control.deliver(*seq, name.clone(), payload.clone());
+    }
+    let shared = Arc::new(SagaShared {
+        id: live.journal.id.clone(),
+        host,
+        journal: live.journal.clone(),
+        next_step: AtomicU32::new(replay.next_step),
+        visited: replay.keys.iter().map(|_| AtomicBool::new(false)).collect(),
+        unreached: AtomicUsize::new(replay.keys.len()),
+        replayed: watch::Sender::new(replay.keys.is_empty()),
+        consumed: Mutex::new(replay.consumed_signals().collect()),
+        replay,
+        stack: Mutex::new(Vec::new()),
+        attempts: watch::Sender::new(0),
+        interrupt: Mutex::new(Some(interrupt_tx)),
+        control: live.control.clone(),
+    });
+    Ok(Prepared { shared, input, interrupt: interrupt_rx })
+}
+
 /// How the body ended.
-enum Ending {
+pub(super) enum Ending {
     Body(Result<Vec<u8>, StepError>),
     Interrupted(Interrupt),
 }
@@ -64,33 +102,10 @@ pub(crate) async fn drive(
     history: Vec<RecordedEvent>,
 ) -> Option<RecordedEvent> {
     let journal = live.journal.clone();
-    let replay = match Replay::new(&history) {
-        Ok(replay) => replay,
-        Err(reason) => return park(&live, format!("the journal is inconsistent: {reason}")).await,
+    let Prepared { shared, input, interrupt: interrupt_rx } = match prepare(host, &live, &history) {
+        Ok(prepared) => prepared,
+        Err(reason) => return park(&live, reason).await,
     };
-    let input = match history.first().map(|r| &r.event) {
-        Some(Event::SagaStarted { input, .. }) => input.clone(),
-        _ => return park(&live, "the journal does not begin with SagaStarted".into()).await,
-    };
-    let (interrupt_tx, interrupt_rx) = oneshot::channel();
-    for (seq, (name, payload)) in &replay.signals {
-        live.control.deliver(*seq, name.clone(), payload.clone());
-    }
-    let shared = Arc::new(SagaShared {
-        id: journal.id.clone(),
-        host,
-        journal: journal.clone(),
-        next_step: AtomicU32::new(replay.next_step),
-        visited: replay.keys.iter().map(|_| AtomicBool::new(false)).collect(),
-        unreached: AtomicUsize::new(replay.keys.len()),
-        replayed: watch::Sender::new(replay.keys.is_empty()),
-        consumed: Mutex::new(replay.consumed_signals().collect()),
-        replay,
-        stack: Mutex::new(Vec::new()),
-        attempts: watch::Sender::new(0),
-        interrupt: Mutex::new(Some(interrupt_tx)),
-        control: live.control.clone(),
-    });
     let body = body(shared.clone(), input);
     // A cancel already in the journal is honoured by the operations once replay reaches them;
     // a new one also cuts off a body blocked elsewhere. Either way the body is dropped only
@@ -132,20 +147,12 @@ pub(crate) async fn drive(
     }
     // What is still in flight (branch tasks included) is dropped before anything is undone.
     drop(body);
-    let replay = &shared.replay;
-    let unconsumed = || {
-        shared.unvisited().map(|(key, kind)| {
-            format!("the body now ends without reaching operation {key} ({kind}) that the journal records")
-        })
-    };
     match ending {
         Ending::Body(Ok(output)) => {
             if let Some(reason) = shared.cancel_reason() {
                 compensate(&live, &shared, format!("cancelled: {reason}")).await
-            } else if let Some(reason) = unconsumed() {
+            } else if let Some(reason) = shared.ending_mismatch(true) {
                 park(&live, reason).await
-            } else if replay.body_failed.is_some() {
-                park(&live, "the journal says the body failed, but it now completes".into()).await
             } else if output.len() > shared.host.max_payload {
                 let cause = format!(
                     "the saga output is {} bytes, over the limit of {} bytes",
@@ -157,7 +164,7 @@ pub(crate) async fn drive(
                 finish(&live, Event::SagaCompleted { output }, SagaStatus::Completed).await
             }
         }
-        Ending::Body(Err(e)) => match unconsumed() {
+        Ending::Body(Err(e)) => match shared.ending_mismatch(false) {
             Some(reason) => park(&live, reason).await,
             None => compensate(&live, &shared, e.message().to_string()).await,
         },

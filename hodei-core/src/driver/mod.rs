@@ -12,6 +12,7 @@
 //! [`SagaShared`].
 
 mod attempt;
+mod check;
 mod compensation;
 mod control;
 mod ending;
@@ -22,6 +23,8 @@ mod journal;
 mod lifecycle;
 mod live;
 mod observed;
+mod patch;
+mod probe;
 mod scope;
 mod shared;
 mod signal;
@@ -29,6 +32,7 @@ mod spec;
 mod step;
 mod timer;
 
+pub(crate) use check::check;
 pub(crate) use control::Control;
 pub(crate) use ending::final_status;
 pub(crate) use host::Host;

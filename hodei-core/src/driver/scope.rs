@@ -111,6 +111,11 @@ impl Scope {
         format!("{}{}", self.prefix, self.next.fetch_add(1, Ordering::SeqCst))
     }
 
+    /// The key the next operation of this scope will get, without taking it.
+    pub(super) fn peek_key(&self) -> String {
+        format!("{}{}", self.prefix, self.next.load(Ordering::SeqCst))
+    }
+
     pub(super) fn is_root(&self) -> bool {
         self.parent.is_none()
     }

@@ -89,6 +89,18 @@ impl SagaShared {
         Some((key, self.replay.op(key).map_or("an operation", |(_, op)| op.kind())))
     }
 
+    /// Why the saga parks if its body ends now: it did not reach every operation the journal
+    /// records, or the journal says it failed and it no longer does.
+    pub(super) fn ending_mismatch(&self, completed: bool) -> Option<String> {
+        if let Some((key, kind)) = self.unvisited() {
+            return Some(format!(
+                "the body now ends without reaching operation {key} ({kind}) that the journal records"
+            ));
+        }
+        (completed && self.replay.body_failed.is_some())
+            .then(|| "the journal says the body failed, but it now completes".to_string())
+    }
+
     /// Parks the saga because the code calls another kind of operation at `key`.
     pub(super) async fn mismatch<T>(&self, key: &str, now: String, recorded: &RecordedOp) -> T {
         let reason = format!(
@@ -108,6 +120,11 @@ impl SagaShared {
             return scope.stop().await;
         }
         if let Some(reason) = self.cancel_reason() {
+            if let Some(probe) = &self.host.probe {
+                // A check runs no compensation either: it only notes that the run goes on.
+                probe.reached_live(what);
+                return std::future::pending().await;
+            }
             return self.suspend(Interrupt::Cancelled(reason)).await;
         }
         if self.replay.body_failed.is_some() {
@@ -115,6 +132,10 @@ impl SagaShared {
                 "{what}: the journal says the body failed before reaching it, but the code now goes on"
             );
             return self.park(reason).await;
+        }
+        if let Some(probe) = &self.host.probe {
+            probe.reached_live(what);
+            return std::future::pending().await;
         }
         if self.control.is_paused() {
             // Paused: what is running finishes, nothing new starts. A cancel lifts the pause

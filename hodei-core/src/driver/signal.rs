@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::scope::Scope;
 use super::shared::SagaShared;
-use crate::event::{Event, Timestamp};
+use crate::event::Event;
 use crate::lock::lock;
 use crate::replay::{RecordedOp, WaitEnd};
 
@@ -40,8 +40,7 @@ impl SagaShared {
             Some(other) => return self.mismatch(&key, format!("waits for signal `{name}`"), other).await,
             None => {
                 self.go_live(scope, &what).await;
-                let timeout_at =
-                    timeout.map(|limit| Timestamp::at_or_after(std::time::SystemTime::now() + limit));
+                let timeout_at = timeout.map(|limit| self.host.timers.clock().due_after(limit));
                 if let Some(schema) = expects() {
                     // Staged: it rides on the wait's own write, which costs no second flush.
                     self.staged(Event::SignalWaitExpects { key: key.clone(), schema: schema.to_string() })

@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, watch};
 use super::config::EngineConfig;
 use super::registry::Registry;
 use super::state::{Engine, Inner};
+use crate::clock::Clock;
 use crate::error::Result;
 use crate::observe::Observer;
 use crate::resources::Resources;
@@ -23,6 +24,8 @@ pub struct EngineBuilder {
     config: EngineConfig,
     /// The first refused registration stays here until `start` reports it.
     resources: Result<Resources>,
+    /// The wall clock, but for a time-skipping test's engine.
+    clock: Clock,
 }
 
 enum StoreChoice {
@@ -110,6 +113,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Reads the time from `clock` instead of the wall clock: what a time-skipping test does.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Opens the store and resumes every saga in flight. Must be called inside a Tokio
     /// runtime.
     // Without the sled feature the store has one source, so the match is infallible there.
@@ -130,7 +140,7 @@ impl EngineBuilder {
             registry: Registry::default(),
             live: Mutex::default(),
             bus: broadcast::Sender::new(self.config.event_buffer.max(1)),
-            timers: Timers::start(shutdown.subscribe()),
+            timers: Timers::start(shutdown.subscribe(), self.clock),
             shutdown,
             accepting: AtomicBool::new(true),
             drivers: Arc::new(watch::Sender::new(0)),
@@ -164,6 +174,7 @@ impl Engine {
             definitions: Vec::new(),
             config: EngineConfig::default(),
             resources: Ok(Resources::default()),
+            clock: Clock::System,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod builder;
 mod census;
+mod check;
 mod children;
 mod config;
 mod filter;

@@ -36,7 +36,7 @@ impl Engine {
             version: definition.version,
             reason,
         })?;
-        let now = Timestamp::now();
+        let now = inner.timers.now();
         let record = SagaRecord::new(run.id.clone(), definition.name.clone(), definition.version, now);
         let first = saga_started(&definition, &run.input, now);
         let created = {

@@ -128,13 +128,37 @@ impl Inner {
     }
 
     pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {
-        let journal = Arc::new(Journal::new(self.store.clone(), self.bus.clone(), record, next, finished));
+        self.new_live_on(self.store.clone(), self.bus.clone(), record, next, finished)
+    }
+
+    /// A live saga whose journal writes to `store` and tells `bus`: this engine's own, or a
+    /// replay check's scratch ones.
+    pub(super) fn new_live_on(
+        &self,
+        store: Arc<dyn EventStore>,
+        bus: broadcast::Sender<EngineEvent>,
+        record: SagaRecord,
+        next: u64,
+        finished: bool,
+    ) -> Arc<LiveSaga> {
+        let journal = Arc::new(Journal::new(store, bus, record, next, finished, *self.timers.clock()));
         Arc::new(LiveSaga {
             control: Arc::new(Control::new(self.shutdown.subscribe(), journal.handed_over())),
             journal,
             finished: watch::Sender::new(None),
             task: Mutex::new(None),
         })
+    }
+
+    /// What this engine lends the drivers of its sagas.
+    pub(super) fn host(self: &Arc<Self>) -> Host {
+        Host {
+            timers: self.timers.clone(),
+            max_payload: self.config.max_payload_bytes,
+            resources: self.resources.clone(),
+            engine: self.clone(),
+            probe: None,
+        }
     }
 
     pub(super) fn spawn(
@@ -156,12 +180,7 @@ impl Inner {
         let drivers = self.drivers.clone();
         let inner = self.clone();
         let task_live = live.clone();
-        let host = Host {
-            timers: self.timers.clone(),
-            max_payload: self.config.max_payload_bytes,
-            resources: self.resources.clone(),
-            engine: self.clone(),
-        };
+        let host = self.host();
         let body =
             move |shared, input| (definition.body)(SagaContext { shared, scope: Scope::root() }, input);
         let driver = async move {

@@ -10,6 +10,7 @@ use super::context::SagaContext;
 use crate::codec::{decode_payload, encode_payload, same_value};
 use crate::driver::{CompensationSpec, StepOptions, StepSpec};
 use crate::retry::{RetryPolicy, StepError};
+use crate::stand_in::StandIns;
 use crate::step_context::StepContext;
 
 impl SagaContext {
@@ -118,8 +119,8 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
     /// recorded); it never runs again once its completion is recorded.
     pub async fn run<O, F, Fut>(self, body: F) -> Result<O, StepError>
     where
-        I: Serialize + DeserializeOwned + Send,
-        O: Serialize + DeserializeOwned + Send,
+        I: Serialize + DeserializeOwned + Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
         C: IntoCompensation<I, O>,
         F: Fn(StepContext, I) -> Fut + Send + Sync,
         Fut: Future<Output = Result<O, StepError>> + Send,
@@ -131,8 +132,8 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
     /// an input that holds a payload of its own (a child saga's run).
     pub(crate) async fn run_comparing<O, F, Fut, S>(self, body: F, same: S) -> Result<O, StepError>
     where
-        I: Serialize + DeserializeOwned + Send,
-        O: Serialize + DeserializeOwned + Send,
+        I: Serialize + DeserializeOwned + Send + 'static,
+        O: Serialize + DeserializeOwned + Send + 'static,
         C: IntoCompensation<I, O>,
         F: Fn(StepContext, I) -> Fut + Send + Sync,
         Fut: Future<Output = Result<O, StepError>> + Send,
@@ -148,17 +149,26 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
             retry,
             timeout: options.timeout,
         });
+        // A test's stand-in runs instead of the body; the journal cannot tell them apart.
+        let stand_in = match shared.host.resources.get::<StandIns>() {
+            Ok(stand_ins) => stand_ins.find::<I, O>(&self.name).transpose().map_err(StepError::terminal)?,
+            Err(_) => None,
+        };
         let spec = StepSpec { name: self.name, input, options, compensation };
         let body = &body;
         let value = self.input;
         let same_input = move |recorded: &[u8]| same(recorded, &value);
         let (step, output) = shared
             .run_step(&self.ctx.scope, &spec, same_input, move |step_ctx: StepContext, input: &[u8]| {
-                let started = decode_payload::<I>(input).map(|input| body(step_ctx, input));
+                let input = decode_payload::<I>(input);
+                let stand_in = stand_in.clone();
                 async move {
-                    let output = started
-                        .map_err(|e| StepError::terminal(format!("the step input does not decode: {e}")))?
-                        .await?;
+                    let input = input
+                        .map_err(|e| StepError::terminal(format!("the step input does not decode: {e}")))?;
+                    let output = match stand_in {
+                        Some(stand_in) => stand_in(step_ctx, input).await?,
+                        None => body(step_ctx, input).await?,
+                    };
                     encode_payload(&output)
                         .map_err(|e| StepError::terminal(format!("the step output does not encode: {e}")))
                 }

@@ -36,4 +36,36 @@ impl SagaContext {
     pub fn resource<T: Send + Sync + 'static>(&self) -> Result<Arc<T>> {
         self.shared.host.resources.get()
     }
+
+    /// Whether this run takes the new path of the patch `patch` here: how a saga's code is
+    /// changed in place, without a new version, while runs of the old code are in flight.
+    ///
+    /// It is `false` for a run that recorded the old code's path here (an operation where the
+    /// call now is, or an end before it) and `true` for every run that reaches the call on the
+    /// new code, which journals a marker so that its replays answer `true` again. The call
+    /// takes no operation key: the old path numbers its operations as the old code did.
+    ///
+    /// ```
+    /// # use hodei_core::{SagaDefinition, StepError};
+    /// let release = SagaDefinition::new("release", 1, |ctx, _: ()| async move {
+    ///     if ctx.patched("scan-before-push").await {
+    ///         ctx.step("scan").run(|_, _: ()| async { Ok::<_, StepError>(()) }).await?;
+    ///     }
+    ///     ctx.step("push").run(|_, _: ()| async { Ok::<_, StepError>(()) }).await?;
+    ///     Ok(())
+    /// });
+    /// ```
+    ///
+    /// **Retiring a patch.** Once no run in flight took the old path, remove the call and the
+    /// old path, keeping the new one. Journals with the marker replay on the code without the
+    /// call, since a marker nobody asks about is ignored. The replay check tells when that is:
+    /// [`Engine::check_in_flight`](crate::Engine::check_in_flight) lists, for each run, the
+    /// patches it reached and the path it took ([`ReplayReport::patches`]); when no run has
+    /// `new_path: false` for the patch, it can go. Running the check again with the patch
+    /// removed confirms it: every run must come out clean.
+    ///
+    /// [`ReplayReport::patches`]: crate::ReplayReport::patches
+    pub async fn patched(&self, patch: &str) -> bool {
+        self.shared.patched(&self.scope, patch).await
+    }
 }
