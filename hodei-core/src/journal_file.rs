@@ -9,8 +9,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{FORMAT_V2, decode_record_versioned, encode_record};
+use crate::driver::final_status;
 use crate::error::{Error, Result};
-use crate::event::{RecordedEvent, SagaId};
+use crate::event::{Event, RecordedEvent, SagaId, SagaRecord};
+use crate::store::EventStore;
 
 /// One run's whole journal, with the run's id (its idempotency keys are derived from it).
 ///
@@ -55,6 +57,43 @@ impl JournalFile {
             (journal, FORMAT_V2) => Ok(journal),
             // Journal files began after the first format: one in it is not a journal file.
             (_, format) => Err(refused(format!("record format {format} is older than journal files"))),
+        }
+    }
+
+    /// Writes this journal into `store` as the run it records: to look into a run exported from
+    /// another deployment, or to resume it on this one. An engine started on the store then
+    /// treats it as any run it finds there: it resumes it if it is in flight.
+    ///
+    /// Fails with [`Error::IdempotencyConflict`] if the store holds a run of that id already,
+    /// and with [`Error::CorruptRecord`] for a journal that does not begin with
+    /// [`Event::SagaStarted`].
+    pub fn import_into(&self, store: &dyn EventStore) -> Result<()> {
+        let Some((first, rest)) = self.events.split_first() else {
+            return Err(self.corrupt("it is empty".into(), None));
+        };
+        let Event::SagaStarted { definition, version, .. } = &first.event else {
+            return Err(self.corrupt("it does not begin with SagaStarted".into(), Some(first.seq)));
+        };
+        let mut record = SagaRecord::new(self.saga.clone(), definition.clone(), *version, first.at);
+        if let Some(end) = self.events.iter().rev().find(|r| r.event.is_final()) {
+            record.status = final_status(&end.event);
+        }
+        record.updated_at = self.events.last().map_or(first.at, |r| r.at);
+        if store.create(&record, first)?.is_some() {
+            return Err(Error::IdempotencyConflict {
+                id: self.saga.clone(),
+                difference: "an existing run".into(),
+            });
+        }
+        store.append(&self.saga, rest, Some(&record))?;
+        Ok(())
+    }
+
+    fn corrupt(&self, reason: String, seq: Option<u64>) -> Error {
+        Error::CorruptRecord {
+            saga: self.saga.to_string(),
+            seq,
+            reason: format!("the journal file: {reason}"),
         }
     }
 }
