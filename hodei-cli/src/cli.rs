@@ -167,6 +167,9 @@ pub enum Runs {
         payload: Option<String>,
     },
     /// Cancels a run: its started steps are compensated.
+    ///
+    /// A parked run, or one waiting for its version, ends at once: its compensations wait for code
+    /// that matches its journal (then `retry-compensation`).
     Cancel {
         /// The run's id.
         id: String,
@@ -175,15 +178,23 @@ pub enum Runs {
         reason: Option<String>,
     },
     /// Forks a run into a new one that reuses its recorded steps before a step.
+    ///
+    /// A parked run, or one waiting for its version, is moved: it ends, and the fork carries on in
+    /// its place.
     Fork {
         /// The run to fork.
         id: String,
         /// The new run's id.
         #[arg(long = "id", value_name = "NEW_ID")]
         new_id: String,
-        /// The first step the fork runs live [default: the step that failed].
+        /// The first step the fork runs live [default: the first step started after the last
+        /// completed one; for a run that failed in a step, that step].
         #[arg(long, value_name = "N")]
         from_step: Option<u32>,
+        /// The definition version the fork runs [default: the run's own if registered, else the
+        /// newest].
+        #[arg(long, value_name = "N")]
+        version: Option<u32>,
     },
     /// Starts now the next attempt of a step (or compensation) waiting out a retry backoff.
     Retry {

@@ -167,18 +167,32 @@ async fn runs_command(ctx: &Ctx, runs: Runs) -> Result<u8> {
                 Some(reason) => json!({ "reason": reason }),
                 None => json!({}),
             };
-            ctx.client.post(&["runs", &id, "cancel"], &body).await?;
-            ctx.done(&format!("cancelling run `{id}`: its started steps are compensated"))?;
+            let value = ctx.client.post(&["runs", &id, "cancel"], &body).await?;
+            // A parked run, or one waiting for its version, ends at once; the answer says how (an
+            // older server answers nothing).
+            let ended = serde_json::from_value::<RunSummary>(value).ok().filter(|run| is_final(&run.status));
+            let message = match ended {
+                Some(run) if run.status == "compensation_failed" => format!(
+                    "cancelled run `{id}`: compensation_failed, compensations left undone (`hodei runs get \
+                     {id}` says why; `hodei runs retry-compensation {id}` runs them)"
+                ),
+                Some(run) => format!("cancelled run `{id}`: {}", run.status),
+                None => format!("cancelling run `{id}`: its started steps are compensated"),
+            };
+            ctx.done(&message)?;
             Ok(exit::OK)
         }
-        Runs::Fork { id, new_id, from_step } => {
+        Runs::Fork { id, new_id, from_step, version } => {
             let mut body = json!({ "id": new_id });
             if let Some(step) = from_step {
                 body["from_step"] = json!(step);
             }
+            if let Some(version) = version {
+                body["version"] = json!(version);
+            }
             let value = ctx.client.post(&["runs", &id, "fork"], &body).await?;
             ctx.show::<RunSummary>(&value, |_, fork| {
-                format!("forked run `{id}` into `{}` ({})\n", fork.id, fork.status)
+                format!("forked run `{id}` into `{}` (version {}, {})\n", fork.id, fork.version, fork.status)
             })?;
             Ok(exit::OK)
         }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hodei_core::{Engine, SledStore};
+use hodei_core::{Engine, SagaDefinition, SagaRun, SledStore};
 use hodei_server::api::ApiServer;
 use hodei_server::logstore::{LogStore, LogStream};
 use serde_json::Value;
@@ -18,7 +18,7 @@ use tempfile::TempDir;
 mod browser;
 #[path = "../../hodei-server/tests/support/sagas.rs"]
 mod sagas;
-use sagas::{final_event, flaky, gated, journaled, patient, signal_wait};
+use sagas::{final_event, flaky, gated, journaled, parked, patient, rollout, signal_wait, step_named};
 
 /// Not a bound the CLI is held to: it turns a hang into a failure.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -36,14 +36,16 @@ impl Api {
     }
 
     async fn open(dir: TempDir) -> Self {
-        let engine = Engine::builder()
-            .store(SledStore::open(dir.path().join("journal")).unwrap())
-            .register(gated())
-            .register(flaky())
-            .register(patient())
-            .start()
-            .await
-            .unwrap();
+        Self::open_with(dir, [gated(), flaky(), patient()]).await
+    }
+
+    /// An engine with `definitions` on the journal in `dir`, and the server in front of it.
+    async fn open_with(dir: TempDir, definitions: impl IntoIterator<Item = SagaDefinition>) -> Self {
+        let mut builder = Engine::builder().store(SledStore::open(dir.path().join("journal")).unwrap());
+        for definition in definitions {
+            builder = builder.register(definition);
+        }
+        let engine = builder.start().await.unwrap();
         let logs = Arc::new(LogStore::open(dir.path()).await.unwrap());
         let server = ApiServer::builder(engine.clone(), dir.path())
             .logs(logs.clone())
@@ -255,6 +257,48 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
         "{}",
         late.stderr
     );
+}
+
+/// Runs parked by a deploy that renamed their last step: one forked onto version 2 from its last
+/// good step, one cancelled, and a fork onto a version nobody registers refused in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_runs_are_forked_onto_a_new_version_or_cancelled_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Engine::builder()
+        .store(SledStore::open(dir.path().join("journal")).unwrap())
+        .register(rollout(1, "release", true))
+        .start()
+        .await
+        .unwrap();
+    for id in ["r1", "r2"] {
+        first.start(SagaRun::new("rollout", id, &"api").unwrap()).await.unwrap();
+        within(journaled(&first, id, step_named("release"))).await;
+    }
+    first.shutdown(Duration::ZERO).await.unwrap();
+    drop(first);
+    let api = Api::open_with(dir, [rollout(1, "publish", false), rollout(2, "publish", false)]).await;
+    within(parked(&api.engine, "r1")).await;
+    within(parked(&api.engine, "r2")).await;
+
+    let fork = api.json(&["runs", "fork", "r1", "--id", "r1-moved", "--version", "2"]).await;
+    assert_eq!((fork["id"].as_str(), fork["version"].as_u64()), (Some("r1-moved"), Some(2)), "{fork}");
+    let moved = api.until("r1-moved", final_event).await;
+    assert_eq!(moved["status"], "completed", "{moved}");
+    assert_eq!(moved["forked_from"], serde_json::json!({"run": "r1", "step": 1}), "{moved}");
+    assert_eq!(api.json(&["runs", "get", "r1"]).await["status"], "failed");
+
+    let refused = api.run(&["runs", "fork", "r2", "--id", "r2-moved", "--version", "9"]).await;
+    assert_eq!(refused.code, 3, "{refused:?}");
+    assert!(
+        refused.stderr.ends_with("(not_found)\n") && refused.stderr.lines().count() == 1,
+        "{}",
+        refused.stderr
+    );
+
+    let cancel = api.run(&["runs", "cancel", "r2", "--reason", "withdrawn"]).await;
+    assert_eq!(cancel.code, 0, "{}", cancel.stderr);
+    assert!(cancel.stdout.starts_with("cancelled run `r2`: compensation_failed"), "{}", cancel.stdout);
+    assert_eq!(api.json(&["runs", "get", "r2"]).await["status"], "compensation_failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

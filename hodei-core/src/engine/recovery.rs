@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::state::{Engine, Inner};
-use crate::driver::final_status;
+use crate::driver::{LiveSaga, final_status};
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaRecord, SagaStatus};
 use crate::lock::lock;
@@ -29,21 +29,48 @@ impl Engine {
     pub fn register(&self, definition: SagaDefinition) -> Result<()> {
         let (name, version) = (definition.name.clone(), definition.version);
         self.inner.registry.add(definition)?;
-        let waiting: Vec<SagaRecord> = lock(&self.inner.live)
+        let waiting: Vec<Arc<LiveSaga>> = lock(&self.inner.live)
             .values()
-            .map(|l| l.journal.record())
-            .filter(|r| {
+            .filter(|l| {
+                let r = l.journal.record();
                 r.definition == name && r.version == version && r.status == SagaStatus::WaitingForVersion
             })
+            .cloned()
             .collect();
-        for record in waiting {
-            self.inner.adopt(record)?;
+        for live in waiting {
+            // An operator's request may be ending it (a cancel, or a fork that moves it): it is
+            // resumed once that is done, if it still waits then.
+            if let Ok(_requests) = live.control.requests.try_lock() {
+                self.inner.adopt_waiting(&live)?;
+                continue;
+            }
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let _requests = live.control.requests.lock().await;
+                if let Err(e) = inner.adopt_waiting(&live) {
+                    tracing::error!(
+                        saga.id = %live.journal.id, error = %e,
+                        "a saga waiting for its version could not be resumed"
+                    );
+                }
+            });
         }
         Ok(())
     }
 }
 
 impl Inner {
+    /// Resumes `live`, which waited for its version, unless it changed while an operator's
+    /// request held it: ended, or resumed already.
+    fn adopt_waiting(self: &Arc<Self>, live: &Arc<LiveSaga>) -> Result<()> {
+        let current = self.live(&live.journal.id).is_some_and(|now| Arc::ptr_eq(&now, live));
+        let record = live.journal.record();
+        if !current || record.status != SagaStatus::WaitingForVersion {
+            return Ok(());
+        }
+        self.adopt(record)
+    }
+
     /// Takes over a saga found in flight: resumes it, or shows why it cannot run.
     pub(super) fn adopt(self: &Arc<Self>, record: SagaRecord) -> Result<()> {
         let id = record.id.clone();

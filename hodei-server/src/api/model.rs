@@ -448,14 +448,22 @@ pub struct CancelRun {
     pub reason: Option<String>,
 }
 
-/// Forks a run into a new one that reuses its recorded steps before `from_step`.
+/// Forks a run (finished, parked, or waiting for its version) into a new one that reuses what it
+/// recorded before `from_step`, on `version` of its definition. A parked or waiting run is moved:
+/// it ends `failed`, "moved to fork ...", and the fork carries on in its place.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ForkRun {
     /// The new run's id.
     pub id: String,
-    /// The first step the fork runs live; absent: the step that failed.
+    /// The first step the fork runs live; absent: the first step the run started after the last
+    /// top-level step it completed (for a run that failed in a step, that step), or, if it started
+    /// none after it, the end of its journal. Required for a completed run.
     #[serde(default)]
     pub from_step: Option<u32>,
+    /// The definition version the fork runs; absent: the run's own version if it is registered,
+    /// else the newest registered one.
+    #[serde(default)]
+    pub version: Option<u32>,
 }
 
 /// An API token as listed: never its secret.

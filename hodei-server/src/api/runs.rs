@@ -292,10 +292,15 @@ pub(crate) async fn signal(
 }
 
 /// Cancels a run: its started steps are compensated. Journaled with the token's name.
+///
+/// A parked run, or one waiting for a version no process registers, has no code that matches its
+/// journal to compensate with: it ends at once, `failed` when nothing of it is to undo, and
+/// otherwise `compensation_failed` with the steps left undone (retry the compensation once code
+/// that matches its journal runs). The answer is the run as it stands after the cancel.
 #[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
     params(("id" = String, Path, description = "The run's id")), request_body = CancelRun,
     responses(
-        (status = 202, description = "Journaled; the run compensates"),
+        (status = 202, description = "Journaled; the run compensates (a stranded run has ended)", body = RunSummary),
         (status = 404, description = "No such run", body = ErrorBody),
         (status = 409, description = "The run has ended", body = ErrorBody),
     ),
@@ -305,7 +310,7 @@ pub(crate) async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(StatusCode, Json<RunSummary>), ApiError> {
     let token = authorize(&state.tokens, &headers, Role::Operator)?;
     let id = run_id(&id)?;
     // The body is optional: none, or `{"reason": ...}`.
@@ -317,17 +322,23 @@ pub(crate) async fn cancel(
     };
     let reason = body.reason.unwrap_or_else(|| format!("cancelled by {}", token.name));
     state.engine.cancel_as(&id, reason, &token.name).await?;
-    Ok(StatusCode::ACCEPTED)
+    let record = state.engine.status(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(summary(&record))))
 }
 
-/// Forks a run into a new one that reuses its recorded steps before `from_step` (or before the
-/// step that failed).
+/// Forks a run into a new one that reuses what it recorded before a step, on a version of its
+/// definition.
+///
+/// By default the fork starts after the run's last good step, on the run's own version (the
+/// newest, if its own is not registered). A parked run, or one waiting for its version, is moved:
+/// it ends `failed` ("moved to fork ..."), and the fork carries on in its place.
 #[utoipa::path(post, path = "/api/v1/runs/{id}/fork", tag = "runs",
     params(("id" = String, Path, description = "The run to fork")), request_body = ForkRun,
     responses(
         (status = 201, description = "The fork, started", body = RunSummary),
-        (status = 404, description = "No such run", body = ErrorBody),
-        (status = 409, description = "No failed step to fork from, or the fork's id is taken", body = ErrorBody),
+        (status = 404, description = "No such run, or no such version of its definition", body = ErrorBody),
+        (status = 409, description = "The run is still running, or has no such step, or the fork's id is taken", body = ErrorBody),
+        (status = 422, description = "The run's input does not fit the version", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn fork(
@@ -340,25 +351,7 @@ pub(crate) async fn fork(
     let Json(body) = body?;
     let source = run_id(&id)?;
     let new_id = run_id(&body.id)?;
-    let from_step = match body.from_step {
-        Some(step) => step,
-        None => {
-            let history = state.engine.history(&source)?;
-            history
-                .iter()
-                .rev()
-                .find_map(|r| match &r.event {
-                    Event::StepFailed { step, .. } => Some(*step),
-                    _ => None,
-                })
-                .ok_or_else(|| {
-                    ApiError::invalid_state(format!(
-                        "run `{source}` has no failed step; name one with from_step"
-                    ))
-                })?
-        }
-    };
-    let handle = state.engine.fork(&source, from_step, new_id.as_str()).await?;
+    let handle = state.engine.fork_onto(&source, body.version, body.from_step, new_id.as_str()).await?;
     let record = state.engine.status(handle.id())?;
     Ok((StatusCode::CREATED, Json(summary(&record))))
 }

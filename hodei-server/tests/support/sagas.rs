@@ -114,3 +114,42 @@ pub fn signal_wait(event: &Event) -> bool {
 pub fn final_event(event: &Event) -> bool {
     event.is_final()
 }
+
+/// A rollout: `stage` (compensated), then a last step named `last` that, with `hang`, never
+/// ends. A later deploy that renames `last` in the same version parks the runs it cut off there.
+pub fn rollout(version: u32, last: &'static str, hang: bool) -> SagaDefinition {
+    SagaDefinition::new("rollout", version, move |ctx: SagaContext, service: String| async move {
+        let staged = ctx
+            .step("stage")
+            .input(service)
+            .compensate(|_: CompensationContext<String, String>| async move { Ok(()) })
+            .run(|_, service: String| async move { Ok::<_, StepError>(format!("{service} staged")) })
+            .await?;
+        ctx.step(last)
+            .input(staged)
+            .run(move |_, staged: String| async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, StepError>(format!("{staged}, {last}"))
+            })
+            .await
+    })
+}
+
+/// Whether the event starts the step named `name`.
+pub fn step_named(name: &str) -> impl Fn(&Event) -> bool + '_ {
+    move |event| event.step_start().is_some_and(|(_, started)| started == name)
+}
+
+/// Returns once run `id` is parked, woken by the engine's events.
+pub async fn parked(engine: &Engine, id: &str) {
+    let id = SagaId::new(id).unwrap();
+    // Subscribed before the status is read, so a park in between still wakes us.
+    let mut events = engine.subscribe();
+    while !matches!(engine.status(&id).unwrap().status, hodei_core::SagaStatus::Parked { .. }) {
+        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = events.recv().await {
+            panic!("the engine stopped before run `{id}` parked");
+        }
+    }
+}

@@ -409,16 +409,19 @@ function actions(run) {
   if (run.steps.some((s) => s.state === "waiting_to_retry")) buttons.push(confirmButton("Retry now", "Confirm: retry now", post("retry")));
   if (run.status === "compensation_failed") buttons.push(confirmButton("Retry compensation", "Confirm: retry", post("retry-compensation")));
   const forkId = el("input", { id: "fork-id", placeholder: "new run id", "aria-label": "Fork id" });
-  const forkStep = el("input", { id: "fork-step", placeholder: "from step (default: the failed one)", "aria-label": "Fork from step" });
+  const forkStep = el("input", { id: "fork-step", placeholder: "from step (default: after the last good one)", "aria-label": "Fork from step" });
+  const forkVersion = el("input", { id: "fork-version", placeholder: "version (default: its own)", "aria-label": "Fork onto version" });
   buttons.push(
     el(
       "span",
       {},
       forkId,
       forkStep,
+      forkVersion,
       confirmButton("Re-run from step", "Confirm: fork", async () => {
         const body = { id: forkId.value };
         if (forkStep.value !== "") body.from_step = Number(forkStep.value);
+        if (forkVersion.value !== "") body.version = Number(forkVersion.value);
         const fork = await api(`/api/v1/runs/${id}/fork`, { method: "POST", body });
         location.hash = `#/runs/${encodeURIComponent(fork.id)}`;
       }),
