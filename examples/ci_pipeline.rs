@@ -20,6 +20,10 @@
 //! does not set up, and is refused); `--data` another directory; `--accept-data-loss` opens a
 //! directory that lost acknowledged writes.
 //!
+//! `check <dir>` is the pre-deploy gate: it replays every journal file in `<dir>` (exported from
+//! the running service with `hodei runs export --in-flight --dir <dir>`) on this build's code,
+//! runs nothing, prints one line per run and exits 1 if any would park or wait for its version.
+//!
 //! Logs go to stderr, as JSON lines with `HODEI_LOG_FORMAT=json` (each line inside a step
 //! names its saga and step). Built with `--features otel` and given
 //! `OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317`, it exports one trace per pipeline.
@@ -28,10 +32,13 @@
 mod logging;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use hodei::api::ApiServer;
+use hodei::core::{JournalFile, ReplayVerdict};
 use hodei::jobs::{Job, RemoteJobs};
 use hodei::{Node, SagaContext, SledOptions, StepContext, StepError, saga, step};
 use serde::{Deserialize, Serialize};
@@ -168,12 +175,27 @@ struct Args {
     addr: SocketAddr,
     data: String,
     accept_data_loss: bool,
+    /// `check <dir>`: the pre-deploy gate over the journal files in `<dir>`.
+    check: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args =
-        Args { addr: hodei::api::DEFAULT_ADDR, data: "hodei-data-ci".into(), accept_data_loss: false };
-    let mut argv = std::env::args().skip(1);
+    let mut args = Args {
+        addr: hodei::api::DEFAULT_ADDR,
+        data: "hodei-data-ci".into(),
+        accept_data_loss: false,
+        check: None,
+    };
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("check") {
+        argv.next();
+        let dir = argv.next().ok_or("check needs the directory of the exported journals")?;
+        if let Some(extra) = argv.next() {
+            return Err(format!("unexpected argument `{extra}` after check {dir}"));
+        }
+        args.check = Some(PathBuf::from(dir));
+        return Ok(args);
+    }
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--addr" => {
@@ -188,6 +210,42 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(args)
+}
+
+/// Replays each exported journal in `dir` on this build's pipeline and says whether the run
+/// would go on. Returns whether every run would.
+async fn check(dir: &Path) -> anyhow::Result<bool> {
+    // A node of its own, on a scratch directory: the replay needs the pipeline's resources
+    // (its job dispatcher), and the service's directory is locked by the service.
+    let scratch = tempfile::tempdir()?;
+    let node = Node::builder(scratch.path()).register(ci::definition()).start().await?;
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "journal"))
+        .collect();
+    files.sort();
+    let mut clean = true;
+    for file in &files {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let journal = JournalFile::from_bytes(&bytes).with_context(|| file.display().to_string())?;
+        let report = node.engine().check_journal(&journal.saga, &journal.events).await?;
+        clean &= report.verdict.is_clean();
+        let verdict = match &report.verdict {
+            ReplayVerdict::Clean { next: Some(next) } => format!("clean; next: {next}"),
+            ReplayVerdict::Clean { next: None } => "clean; it ends on what it recorded".into(),
+            ReplayVerdict::WouldPark { reason } => format!("WOULD PARK: {reason}"),
+            ReplayVerdict::NoDefinition => {
+                format!("NO DEFINITION of {} v{}", report.definition, report.version)
+            }
+            ReplayVerdict::Stalled { reason } => format!("STALLED: {reason}"),
+            other => format!("{other:?}"),
+        };
+        println!("{}: {verdict}", report.saga);
+    }
+    println!("{} run(s) checked", files.len());
+    node.shutdown(Duration::from_secs(5)).await?;
+    Ok(clean)
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
@@ -245,10 +303,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let served = serve(args).await;
+    let served = match &args.check {
+        Some(dir) => check(dir).await,
+        None => serve(args).await.map(|()| true),
+    };
     logging.shutdown().await;
     match served {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

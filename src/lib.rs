@@ -107,6 +107,11 @@ pub use hodei_server::{ControlPlane, ControlPlaneBuilder, ControlPlaneError, Nod
 #[cfg(feature = "otel")]
 #[cfg_attr(docsrs, doc(cfg(feature = "otel")))]
 pub use hodei_core::telemetry;
+/// Testing sagas at the speed of unit tests (feature `testing`): an engine on a virtual clock
+/// that skips ahead whenever every saga waits, and stand-ins for steps.
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use hodei_core::testing;
 /// Trace context: where a saga's spans sit in a distributed trace.
 pub use hodei_core::trace;
 

@@ -22,11 +22,13 @@ pub(crate) enum Clock {
     /// (a time-skipping test) it stands still while any task has work, and Tokio moves it to
     /// the next due timer as soon as every task waits: time skips exactly when every saga is
     /// blocked.
+    #[cfg_attr(not(any(feature = "testing", test)), allow(dead_code))]
     Virtual { epoch: SystemTime, origin: tokio::time::Instant },
 }
 
 impl Clock {
     /// A virtual clock that reads `epoch`, to the millisecond, now.
+    #[cfg_attr(not(any(feature = "testing", test)), allow(dead_code))]
     pub fn starting_at(epoch: SystemTime) -> Self {
         // On a whole millisecond, every due time is a whole number of milliseconds away,
         // which is what lets a sleep land on it exactly (see `sleep_until`).

@@ -28,6 +28,7 @@ struct StandIn {
 impl StandIns {
     /// Registers `body` for every step named `step`; a second one for one name replaces the
     /// first, as a test that overrides a shared set-up expects.
+    #[cfg_attr(not(any(feature = "testing", test)), allow(dead_code))]
     pub fn insert<I: 'static, O: 'static>(&mut self, step: String, body: Arc<StandInBody<I, O>>) {
         let stand_in = StandIn { input: type_name::<I>(), output: type_name::<O>(), body: Box::new(body) };
         self.0.insert(step, stand_in);

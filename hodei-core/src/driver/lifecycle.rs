@@ -149,10 +149,13 @@ pub(crate) async fn drive(
     drop(body);
     match ending {
         Ending::Body(Ok(output)) => {
-            if let Some(reason) = shared.cancel_reason() {
-                compensate(&live, &shared, format!("cancelled: {reason}")).await
-            } else if let Some(reason) = shared.ending_mismatch(true) {
+            // A body that ends short of its journal parks even when cancelled: the steps it
+            // did not reach again are not on the stack, and compensating without them would
+            // leave them undone.
+            if let Some(reason) = shared.ending_mismatch(true) {
                 park(&live, reason).await
+            } else if let Some(reason) = shared.cancel_reason() {
+                compensate(&live, &shared, format!("cancelled: {reason}")).await
             } else if output.len() > shared.host.max_payload {
                 let cause = format!(
                     "the saga output is {} bytes, over the limit of {} bytes",

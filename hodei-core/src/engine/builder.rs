@@ -114,7 +114,7 @@ impl EngineBuilder {
     }
 
     /// Reads the time from `clock` instead of the wall clock: what a time-skipping test does.
-    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "testing", test)), allow(dead_code))]
     pub(crate) fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self

@@ -1,6 +1,6 @@
-use super::state::Engine;
+use super::state::{Engine, Inner};
 use crate::error::{Error, Result};
-use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus, Timestamp};
+use crate::event::{Event, RecordedEvent, SagaId, SagaRecord, SagaStatus};
 use crate::retry::StepError;
 use crate::store::EventStore;
 
@@ -77,7 +77,7 @@ impl Engine {
             return Ok(false);
         }
         let cancel = Event::CancelRequested { reason: reason.into() };
-        let reopened = reopen_compensating(inner.store.as_ref(), record, history.len() as u64, cancel)?;
+        let reopened = reopen_compensating(inner, record, history.len() as u64, cancel)?;
         inner.store.durable().await?;
         tracing::info!(saga.id = %record.id, reason, "reopened to compensate");
         inner.adopt(reopened)?;
@@ -89,12 +89,12 @@ impl Engine {
 /// marks it compensating again, in one write: how a parent's compensation reopens a completed
 /// child, and how an operator retries a failed compensation. The caller adopts it once durable.
 pub(super) fn reopen_compensating(
-    store: &dyn EventStore,
+    inner: &Inner,
     record: &SagaRecord,
     next_seq: u64,
     event: Event,
 ) -> Result<SagaRecord> {
-    let now = Timestamp::now();
+    let (store, now) = (inner.store.as_ref(), inner.timers.now());
     let mut reopened = record.clone();
     reopened.status = SagaStatus::Compensating;
     reopened.updated_at = now;

@@ -173,7 +173,7 @@ impl Engine {
             }
             let history = inner.store.history(id)?;
             let retry = Event::CompensationRetryRequested { by: by.clone() };
-            reopen_compensating(inner.store.as_ref(), &record, history.len() as u64, retry)?
+            reopen_compensating(inner, &record, history.len() as u64, retry)?
         };
         inner.store.durable().await?;
         tracing::info!(saga.id = %id, by = %by, "retrying the compensation");
