@@ -9,9 +9,10 @@
 //! timeline is the one a real run would have had on an idle machine.
 //!
 //! Steps run their own bodies, or a stand-in the test registers by step name with
-//! [`TestEnvBuilder::stand_in`]. The journal cannot tell a stand-in from the body: replay,
-//! retries and compensation work as in production. A stand-in whose input or output type is
-//! not the step's fails that step with an error that names both types.
+//! [`TestEnvBuilder::stand_in`] (and [`TestEnvBuilder::stand_in_compensation`] for the
+//! step's compensation). The journal cannot tell a stand-in from the body: replay, retries and
+//! compensation work as in production. A stand-in whose input or output type is not the step's
+//! fails that step with an error that names both types.
 //!
 //! The environment needs a current-thread Tokio runtime (what `#[tokio::test]` gives) and the
 //! `testing` feature. Step bodies that wait on real I/O let virtual time run on while they
@@ -59,8 +60,8 @@ use crate::engine::{Engine, EngineBuilder, EngineConfig};
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, SagaId, Timestamp};
 use crate::retry::StepError;
-use crate::saga::SagaDefinition;
-use crate::stand_in::{StandInBody, StandIns};
+use crate::saga::{CompensationContext, SagaDefinition};
+use crate::stand_in::{StandInBody, StandInCompensation, StandIns};
 use crate::step_context::StepContext;
 use crate::store::{EventStore, MemoryStore};
 
@@ -210,7 +211,24 @@ impl TestEnvBuilder {
         Fut: Future<Output = std::result::Result<O, StepError>> + Send + 'static,
     {
         let body: Arc<StandInBody<I, O>> = Arc::new(move |ctx, input| Box::pin(body(ctx, input)));
-        self.stand_ins.insert(step.into(), body);
+        self.stand_ins.insert_body(step.into(), body);
+        self
+    }
+
+    /// Runs `compensation` instead of the compensation of every step named `step` (a remote
+    /// rollback, say): when the saga fails for good or is cancelled after the step started, it
+    /// gets the step's input and, if the step completed, its output. `I` and `O` must be the
+    /// step's input and output types, and the step must have a compensation; a step for which
+    /// either is not so fails with an error saying which.
+    pub fn stand_in_compensation<I, O, F, Fut>(mut self, step: impl Into<String>, compensation: F) -> Self
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(CompensationContext<I, O>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), StepError>> + Send + 'static,
+    {
+        let compensation: Arc<StandInCompensation<I, O>> = Arc::new(move |ctx| Box::pin(compensation(ctx)));
+        self.stand_ins.insert_compensation(step.into(), compensation);
         self
     }
 

@@ -209,7 +209,7 @@ async fn a_stand_in_of_other_types_fails_its_step_naming_both() {
     assert_eq!(
         outcome,
         Outcome::Failed {
-            cause: "the stand-in for step `deploy` takes `u64` and returns `u64`, but the step takes \
+            cause: "the stand-in body for step `deploy` takes `u64` and returns `u64`, but the step takes \
                     `alloc::string::String` and returns `alloc::string::String`"
                 .into()
         }
@@ -224,4 +224,48 @@ async fn a_multi_thread_runtime_is_refused_with_a_typed_error() {
         refused.to_string(),
         "the test environment needs a current-thread Tokio runtime (`#[tokio::test]`): only its clock can be paused"
     );
+}
+
+#[tokio::test]
+async fn a_stand_in_compensation_runs_instead_of_the_steps_own() {
+    let rollbacks = Arc::new(AtomicU32::new(0));
+    let stood_in = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let env = TestEnv::builder()
+        .start_at(epoch())
+        .register(release(rollbacks.clone()))
+        .stand_in_compensation("deploy", {
+            let stood_in = stood_in.clone();
+            move |c: CompensationContext<String, String>| {
+                stood_in.lock().unwrap().push((c.input.clone(), c.output.clone()));
+                async { Ok(()) }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let run = env.start(SagaRun::new("release", "release-5", &"1.6.0").unwrap()).await.unwrap();
+    env.wait_for(run.id(), |e| matches!(e, Event::SignalWaitStarted { .. })).await.unwrap();
+    env.signal(run.id(), "approval", &"dave").await.unwrap();
+    let outcome = run.outcome::<String>().await.unwrap();
+    assert!(matches!(outcome, Outcome::Compensated { .. }), "{outcome:?}");
+    assert_eq!(rollbacks.load(Ordering::SeqCst), 0, "the step's own compensation did not run");
+    assert_eq!(*stood_in.lock().unwrap(), [("1.6.0".to_string(), None)], "the stand-in got the step's input, no output");
+}
+
+#[tokio::test]
+async fn a_stand_in_compensation_for_a_step_without_one_fails_that_step() {
+    let env = TestEnv::builder()
+        .register(release(Arc::default()))
+        .stand_in("deploy", |_, v: String| async move { Ok::<_, StepError>(v) })
+        .stand_in_compensation("check", |_: CompensationContext<String, bool>| async { Ok(()) })
+        .start()
+        .await
+        .unwrap();
+    let run = env.start(SagaRun::new("release", "release-6", &"1.7.0").unwrap()).await.unwrap();
+    env.wait_for(run.id(), |e| matches!(e, Event::SignalWaitStarted { .. })).await.unwrap();
+    env.signal(run.id(), "approval", &"erin").await.unwrap();
+    let Outcome::Compensated { cause } = run.outcome::<String>().await.unwrap() else {
+        panic!("the check fails, and the deploy before it is compensated");
+    };
+    assert_eq!(cause, "a stand-in compensation is registered for step `check`, which has none");
 }

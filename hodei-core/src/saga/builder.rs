@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::compensation::{Compensate, IntoCompensation, NoCompensation};
+use super::compensation::{Compensate, IntoCompensation, NoCompensation, erase};
 use super::context::SagaContext;
 use crate::codec::{decode_payload, encode_payload, same_value};
 use crate::driver::{CompensationSpec, StepOptions, StepSpec};
@@ -144,16 +144,27 @@ impl<'c, I, C> StepBuilder<'c, I, C> {
             StepError::terminal(format!("step `{}`: the input does not encode: {e}", self.name))
         })?;
         let options = self.options;
-        let compensation = self.compensation.into_spec(options.retry).map(|(run, retry)| CompensationSpec {
-            run,
-            retry,
-            timeout: options.timeout,
-        });
-        // A test's stand-in runs instead of the body; the journal cannot tell them apart.
-        let stand_in = match shared.host.resources.get::<StandIns>() {
-            Ok(stand_ins) => stand_ins.find::<I, O>(&self.name).transpose().map_err(StepError::terminal)?,
-            Err(_) => None,
-        };
+        let mut compensation = self
+            .compensation
+            .into_spec(options.retry)
+            .map(|(run, retry)| CompensationSpec { run, retry, timeout: options.timeout });
+        // A test's stand-ins run instead of the body and the compensation; the journal cannot
+        // tell them apart.
+        let mut stand_in = None;
+        if let Ok(stand_ins) = shared.host.resources.get::<StandIns>() {
+            stand_in = stand_ins.body::<I, O>(&self.name).transpose().map_err(StepError::terminal)?;
+            if let Some(found) = stand_ins.compensation::<I, O>(&self.name) {
+                let found = found.map_err(StepError::terminal)?;
+                let Some(spec) = compensation.as_mut() else {
+                    let reason = format!(
+                        "a stand-in compensation is registered for step `{}`, which has none",
+                        self.name
+                    );
+                    return Err(StepError::terminal(reason));
+                };
+                spec.run = erase(move |ctx| found(ctx));
+            }
+        }
         let spec = StepSpec { name: self.name, input, options, compensation };
         let body = &body;
         let value = self.input;

@@ -97,28 +97,38 @@ where
     Fut: Future<Output = Result<(), StepError>> + Send + 'static,
 {
     fn into_spec(self, step_retry: RetryPolicy) -> Option<(ErasedCompensation, RetryPolicy)> {
-        let run = self.run;
-        let erased: ErasedCompensation = Arc::new(move |raw: RawCompensation| {
-            let decoded = decode_payload::<I>(&raw.input).and_then(|input| {
-                let output = raw.output.as_deref().map(decode_payload::<O>).transpose()?;
-                Ok(CompensationContext {
-                    saga_id: raw.saga_id,
-                    step: raw.step,
-                    name: raw.name,
-                    attempt: raw.attempt,
-                    idempotency_key: raw.idempotency_key,
-                    input,
-                    output,
-                    resources: raw.resources,
-                })
-            });
-            match decoded {
-                Ok(ctx) => Box::pin(run(ctx)),
-                Err(e) => Box::pin(std::future::ready(Err(StepError::terminal(format!(
-                    "the recorded input or output does not decode for the compensation: {e}"
-                ))))),
-            }
-        });
-        Some((erased, self.retry.unwrap_or(step_retry)))
+        Some((erase(self.run), self.retry.unwrap_or(step_retry)))
     }
+}
+
+/// A compensation of a step that takes `I` and returns `O`, as the driver runs it: on the
+/// journaled payloads, decoded.
+pub(super) fn erase<I, O, F, Fut>(run: F) -> ErasedCompensation
+where
+    I: DeserializeOwned + Send + 'static,
+    O: DeserializeOwned + Send + 'static,
+    F: Fn(CompensationContext<I, O>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), StepError>> + Send + 'static,
+{
+    Arc::new(move |raw: RawCompensation| {
+        let decoded = decode_payload::<I>(&raw.input).and_then(|input| {
+            let output = raw.output.as_deref().map(decode_payload::<O>).transpose()?;
+            Ok(CompensationContext {
+                saga_id: raw.saga_id,
+                step: raw.step,
+                name: raw.name,
+                attempt: raw.attempt,
+                idempotency_key: raw.idempotency_key,
+                input,
+                output,
+                resources: raw.resources,
+            })
+        });
+        match decoded {
+            Ok(ctx) => Box::pin(run(ctx)),
+            Err(e) => Box::pin(std::future::ready(Err(StepError::terminal(format!(
+                "the recorded input or output does not decode for the compensation: {e}"
+            ))))),
+        }
+    })
 }
