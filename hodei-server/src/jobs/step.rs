@@ -77,36 +77,46 @@ impl JobStep<'_> {
 
     /// Runs the step: its attempts first look for a stored result, then re-attach to an earlier
     /// attempt still running, then run the job on a worker.
+    ///
+    /// Without a dispatcher (none named, none registered) the step is journaled as any other
+    /// and only its job fails to run: a test's stand-ins for the step and its rollback (see
+    /// `hodei_core::testing`) run in their place.
     pub async fn run(self) -> Result<JobOutcome, StepError> {
         let JobStep { ctx, name, job, dispatcher, rollback } = self;
         let jobs = match dispatcher {
-            Some(jobs) => Arc::new(jobs),
+            Some(jobs) => Ok(Arc::new(jobs)),
             None => ctx.resource::<JobDispatcher>().map_err(|e| {
-                StepError::terminal(format!(
+                format!(
                     "job `{name}`: {e}; start the engine with the control plane's dispatcher as a resource"
-                ))
-            })?,
+                )
+            }),
+        };
+        let (retry, timeout) = match &jobs {
+            Ok(jobs) => (jobs.retry, jobs.timeout),
+            Err(_) => (JobDispatcher::default_retry(), None),
         };
         // Time for a cancelled job's SIGTERM, its grace and its result to come back.
         let grace = job.cancel_grace.unwrap_or(hodei_agent::runner::DEFAULT_GRACE) + CANCEL_MARGIN;
         // A restart of the control plane does not fail the job: the next attempt re-attaches to
         // it, or finds its result.
-        let step =
-            ctx.step(&name).input(job).retry(jobs.retry).cancel_grace(grace).interruptions_count(false);
-        let step = match jobs.timeout {
+        let step = ctx.step(&name).input(job).retry(retry).cancel_grace(grace).interruptions_count(false);
+        let step = match timeout {
             Some(limit) => step.timeout(limit),
             None => step,
         };
         let body = |step: StepContext, job: Job| {
             let (jobs, name) = (&jobs, &name);
-            async move { jobs.attempt(&JobAttempt::Step(&step), name, &job).await }
+            async move {
+                let jobs = jobs.as_ref().map_err(StepError::terminal)?;
+                jobs.attempt(&JobAttempt::Step(&step), name, &job).await
+            }
         };
         let Some(rollback) = rollback else { return step.run(body).await };
-        let retry = jobs.retry;
         let (compensating, rollback_name) = (jobs.clone(), format!("{name} rollback"));
         let compensate = move |c: CompensationContext<Job, JobOutcome>| {
             let (jobs, rollback, name) = (compensating.clone(), rollback.clone(), rollback_name.clone());
             async move {
+                let jobs = jobs.map_err(StepError::terminal)?;
                 let attempt = JobAttempt::Rollback {
                     saga_id: &c.saga_id,
                     key: format!("{}{ROLLBACK_SUFFIX}", c.idempotency_key),
