@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::EXIT_CODES_HELP;
 use crate::settings::Flags;
@@ -69,9 +69,13 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Runs: list, inspect, follow, start, signal, approve, cancel, fork, retry, pause, resume.
+    /// Runs: list, inspect, follow, start, signal, approve, cancel, fork, retry, pause, resume,
+    /// export and replay.
     #[command(subcommand)]
     Runs(Runs),
+    /// Replays every run in flight on the server's code, running nothing: one line per run
+    /// saying whether it would go on, then how many would not. Exits 1 if any would not.
+    Check,
     /// The registered saga definitions, with their steps.
     Definitions,
     /// The workers the control plane holds or that are connected; drain or remove one.
@@ -216,6 +220,45 @@ pub enum Runs {
         /// The run's id.
         id: String,
     },
+    /// Writes a run's journal to a file, or those of every run in flight to a directory: to
+    /// replay on another build (`runs replay --file`, or the build's own check) before it is
+    /// deployed.
+    Export(ExportArgs),
+    /// Replays a run's journal on the server's code, running nothing, and says whether the run
+    /// would go on, park or wait for its version, with the patches it reached. Exits 1 if it
+    /// would not go on.
+    ///
+    /// With --file, the journal is a file exported from another server (`runs export`): point
+    /// --addr at a server running the new build to check the runs of the one it would replace.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("runs").required(true).args(["id", "in_flight"])))]
+pub struct ExportArgs {
+    /// The run's id.
+    pub id: Option<String>,
+    /// Where to write the run's journal (`-`: stdout) [default: `<id>.journal` in the current
+    /// directory].
+    #[arg(long, value_name = "FILE", conflicts_with = "in_flight")]
+    pub out: Option<PathBuf>,
+    /// Every run in flight (running, paused, compensating, parked, waiting for its version),
+    /// each to `<id>.journal` in --dir.
+    #[arg(long, requires = "dir")]
+    pub in_flight: bool,
+    /// The directory the journals of --in-flight go to; created if missing.
+    #[arg(long, value_name = "DIR", conflicts_with = "id")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("journal").required(true).args(["id", "file"])))]
+pub struct ReplayArgs {
+    /// The run's id: its journal on the server.
+    pub id: Option<String>,
+    /// A journal file (`runs export`; `-`: stdin), replayed on the server's code.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +301,10 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// The statuses of a run that has not ended.
+    pub const IN_FLIGHT: [RunStatus; 5] =
+        [Self::Running, Self::Paused, Self::Compensating, Self::Parked, Self::WaitingForVersion];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -388,6 +435,32 @@ mod tests {
                 assert_eq!(payload, None);
             }
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn export_takes_a_run_or_every_run_in_flight_and_replay_a_run_or_a_file() {
+        let parses = |args: &[&str]| Cli::try_parse_from([&["hodei", "runs"], args].concat());
+        for args in [
+            &["export", "r1"][..],
+            &["export", "r1", "--out", "-"],
+            &["export", "--in-flight", "--dir", "journals"],
+            &["replay", "r1"],
+            &["replay", "--file", "r1.journal"],
+        ] {
+            assert!(parses(args).is_ok(), "{args:?}");
+        }
+        for args in [
+            &["export"][..],
+            &["export", "r1", "--in-flight", "--dir", "j"],
+            &["export", "--in-flight"],
+            &["export", "--in-flight", "--dir", "j", "--out", "f"],
+            &["export", "r1", "--dir", "j"],
+            &["replay"],
+            &["replay", "r1", "--file", "r1.journal"],
+        ] {
+            let error = parses(args).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{args:?}");
         }
     }
 

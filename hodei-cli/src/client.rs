@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_DISPOSITION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -86,19 +86,33 @@ impl Client {
 
     /// Sends and returns the JSON body (`Value::Null` for an empty one), or the API's error.
     pub async fn call(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Value> {
-        let mut request =
-            self.request(method, url).timeout(REQUEST_TIMEOUT).header(ACCEPT, "application/json");
+        let mut request = self.request(method, url);
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(transport)?;
-        let response = check(response).await?;
-        let bytes = response.bytes().await.map_err(transport)?;
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| CliError::new("invalid_response", format!("the server's answer is not JSON: {e}")))
+        json_answer(request).await
+    }
+
+    /// Posts `bytes` as `application/octet-stream` (a journal file) and returns the JSON answer.
+    pub async fn post_bytes(&self, segments: &[&str], bytes: Vec<u8>) -> Result<Value> {
+        let request = self
+            .request(Method::POST, self.url(segments, &[]))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
+        json_answer(request).await
+    }
+
+    /// `GET`s a file: its bytes, and the name the server gave it, if that is a plain file name.
+    pub async fn download(&self, segments: &[&str]) -> Result<Download> {
+        let request = self.request(Method::GET, self.url(segments, &[])).timeout(REQUEST_TIMEOUT);
+        let response = check(request.send().await.map_err(transport)?).await?;
+        let file_name = response
+            .headers()
+            .get(CONTENT_DISPOSITION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(attachment_name);
+        let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        Ok(Download { bytes, file_name })
     }
 
     pub async fn get(&self, segments: &[&str], query: &[(&str, String)]) -> Result<Value> {
@@ -119,6 +133,41 @@ impl Client {
         let response = check(response).await?;
         Ok(SseConnection { response, parser: SseParser::new(), ready: Default::default() })
     }
+}
+
+/// A file the API answered with.
+#[derive(Debug)]
+pub struct Download {
+    pub bytes: Vec<u8>,
+    /// The `filename` of its `Content-Disposition`, when that names a file and nothing else.
+    pub file_name: Option<String>,
+}
+
+/// Sends `request` for a JSON answer and returns it (`Value::Null` for an empty one), or the
+/// API's error.
+async fn json_answer(request: RequestBuilder) -> Result<Value> {
+    let request = request.timeout(REQUEST_TIMEOUT).header(ACCEPT, "application/json");
+    let response = check(request.send().await.map_err(transport)?).await?;
+    let bytes = response.bytes().await.map_err(transport)?;
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| CliError::new("invalid_response", format!("the server's answer is not JSON: {e}")))
+}
+
+/// The `filename` of a `Content-Disposition` value, if it is a plain file name: the CLI writes
+/// to it in the current directory, so a name with a directory in it (`../x`, `/etc/x`), from a
+/// server or anything between, is never used.
+fn attachment_name(disposition: &str) -> Option<String> {
+    let name = disposition.split(';').find_map(|part| part.trim().strip_prefix("filename="))?;
+    let name = name.strip_prefix('"').and_then(|n| n.strip_suffix('"')).unwrap_or(name);
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control);
+    plain.then(|| name.to_owned())
 }
 
 /// What a stream gave next.
@@ -241,6 +290,22 @@ mod tests {
 
     fn client_with_prefix() -> Client {
         client("https://p.example/hodei/")
+    }
+
+    #[test]
+    fn only_a_plain_file_name_is_taken_from_the_server() {
+        assert_eq!(attachment_name("attachment; filename=\"ci-8.journal\"").as_deref(), Some("ci-8.journal"));
+        assert_eq!(attachment_name("attachment; filename=a%2Fb.journal").as_deref(), Some("a%2Fb.journal"));
+        for refused in [
+            "attachment",
+            "attachment; filename=\"\"",
+            "attachment; filename=\"../x.journal\"",
+            "attachment; filename=\"/etc/x.journal\"",
+            "attachment; filename=\"a\\b.journal\"",
+            "attachment; filename=\"..\"",
+        ] {
+            assert_eq!(attachment_name(refused), None, "{refused}");
+        }
     }
 
     #[test]

@@ -1,21 +1,24 @@
 //! What each command does: requests, then output.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::Method;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, Jobs, ListArgs, Output, Runs, StartArgs, Tokens, Workers};
-use crate::client::{Client, Next};
+use crate::cli::{
+    Cli, Command, ExportArgs, Jobs, ListArgs, Output, ReplayArgs, RunStatus, Runs, StartArgs, Tokens, Workers,
+};
+use crate::client::{Client, Download, Next};
 use crate::clock;
 use crate::error::{CliError, Result, exit};
 use crate::model::{
-    DefinitionView, EventView, IssuedTokenView, JobView, LogChunkView, RunDetail, RunPage, RunSummary,
-    TokenView, WorkerView, is_final, is_final_event,
+    DefinitionView, EventView, InFlightCheckView, IssuedTokenView, JobView, LogChunkView, ReplayReportView,
+    RunDetail, RunPage, RunSummary, TokenView, WorkerView, is_final, is_final_event,
 };
 use crate::render::{self, Style, Timeline};
 use crate::settings::{self, System};
@@ -83,6 +86,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             Ok(exit::OK)
         }
         Command::Runs(runs) => runs_command(&ctx, runs).await,
+        Command::Check => check(&ctx).await,
     }
 }
 
@@ -202,6 +206,8 @@ async fn runs_command(ctx: &Ctx, runs: Runs) -> Result<u8> {
         }
         Runs::Pause { id } => verb(ctx, &id, "pause", "pausing").await,
         Runs::Resume { id } => verb(ctx, &id, "resume", "resuming").await,
+        Runs::Export(args) => export(ctx, args).await,
+        Runs::Replay(args) => replay(ctx, args).await,
     }
 }
 
@@ -230,31 +236,7 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<u8> {
         filters.push(("created_before", clock::since(until, now)?));
     }
     let wanted = if args.all { u64::MAX } else { args.limit };
-    let mut runs: Vec<Value> = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page_size = (wanted - runs.len() as u64).min(MAX_PAGE);
-        let mut query = filters.clone();
-        query.push(("limit", page_size.to_string()));
-        if let Some(cursor) = &cursor {
-            query.push(("cursor", cursor.clone()));
-        }
-        let page = ctx.client.get(&["runs"], &query).await?;
-        let next = page.get("next_cursor").and_then(Value::as_str).map(str::to_owned);
-        match page.get("runs") {
-            Some(Value::Array(items)) => runs.extend(items.iter().cloned()),
-            _ => {
-                return Err(CliError::new(
-                    "invalid_response",
-                    "the server's page of runs has no `runs` list",
-                ));
-            }
-        }
-        cursor = next;
-        if cursor.is_none() || runs.len() as u64 >= wanted {
-            break;
-        }
-    }
+    let (runs, cursor) = fetch_runs(ctx, &filters, wanted).await?;
     match ctx.output {
         Output::Json => {
             let mut page = json!({ "runs": runs });
@@ -276,6 +258,40 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// Up to `wanted` runs that match `filters`, page after page, as the API gave them, and the
+/// cursor of the next page if there are more.
+async fn fetch_runs(
+    ctx: &Ctx,
+    filters: &[(&str, String)],
+    wanted: u64,
+) -> Result<(Vec<Value>, Option<String>)> {
+    let mut runs: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_size = (wanted - runs.len() as u64).min(MAX_PAGE);
+        let mut query = filters.to_vec();
+        query.push(("limit", page_size.to_string()));
+        if let Some(cursor) = &cursor {
+            query.push(("cursor", cursor.clone()));
+        }
+        let page = ctx.client.get(&["runs"], &query).await?;
+        let next = page.get("next_cursor").and_then(Value::as_str).map(str::to_owned);
+        match page.get("runs") {
+            Some(Value::Array(items)) => runs.extend(items.iter().cloned()),
+            _ => {
+                return Err(CliError::new(
+                    "invalid_response",
+                    "the server's page of runs has no `runs` list",
+                ));
+            }
+        }
+        cursor = next;
+        if cursor.is_none() || runs.len() as u64 >= wanted {
+            return Ok((runs, cursor));
+        }
+    }
 }
 
 fn json_arg(flag: &str, text: Option<&str>) -> Result<Value> {
@@ -367,6 +383,126 @@ async fn events(ctx: &Ctx, id: &str, follow: bool, after: Option<u64>) -> Result
     })
     .await?;
     Ok(exit::OK)
+}
+
+async fn export(ctx: &Ctx, args: ExportArgs) -> Result<u8> {
+    let exported = match (args.id, args.dir) {
+        (Some(id), _) => {
+            let journal = ctx.client.download(&["runs", &id, "journal"]).await?;
+            if args.out.as_deref() == Some(Path::new("-")) {
+                return emit_bytes(&journal.bytes).map(|()| exit::OK);
+            }
+            let path = match args.out {
+                Some(path) => path,
+                None => PathBuf::from(file_name(&id, &journal)?),
+            };
+            let exported = ExportedJournal::write(id, path, &journal.bytes)?;
+            if ctx.output == Output::Human {
+                emit(&format!(
+                    "exported the journal of run `{}` to {} ({} bytes)\n",
+                    exported.run, exported.file, exported.bytes
+                ))?;
+            }
+            vec![exported]
+        }
+        (None, Some(dir)) => {
+            let exported = export_in_flight(ctx, &dir).await?;
+            if ctx.output == Output::Human {
+                emit(&format!(
+                    "exported the journals of {} run(s) in flight to {}\n",
+                    exported.len(),
+                    dir.display()
+                ))?;
+            }
+            exported
+        }
+        // clap requires an id or --in-flight, and --in-flight requires --dir.
+        (None, None) => return Err(CliError::usage("give a run's id, or --in-flight with --dir")),
+    };
+    if ctx.output == Output::Json {
+        emit(&format!("{}\n", pretty(&json!({ "exported": exported }))))?;
+    }
+    Ok(exit::OK)
+}
+
+/// A journal file `runs export` wrote; `-o json` prints them as `{"exported": [...]}`.
+#[derive(Debug, Serialize)]
+struct ExportedJournal {
+    run: String,
+    file: String,
+    bytes: usize,
+}
+
+impl ExportedJournal {
+    fn write(run: String, path: PathBuf, bytes: &[u8]) -> Result<Self> {
+        std::fs::write(&path, bytes)
+            .map_err(|e| CliError::new("io", format!("cannot write {}: {e}", path.display())))?;
+        Ok(Self { run, file: path.display().to_string(), bytes: bytes.len() })
+    }
+}
+
+/// Writes the journal of every run in flight to `dir`, each in the file the server names it.
+async fn export_in_flight(ctx: &Ctx, dir: &Path) -> Result<Vec<ExportedJournal>> {
+    // A run that moves from one status to another while they are listed is listed twice, and
+    // exported once.
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    for status in RunStatus::IN_FLIGHT {
+        let (runs, _) = fetch_runs(ctx, &[("status", status.as_str().to_owned())], u64::MAX).await?;
+        for run in runs {
+            ids.insert(parse::<RunSummary>(&run)?.id);
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::new("io", format!("cannot create {}: {e}", dir.display())))?;
+    let mut exported = Vec::new();
+    for id in ids {
+        let journal = ctx.client.download(&["runs", &id, "journal"]).await?;
+        let path = dir.join(file_name(&id, &journal)?);
+        exported.push(ExportedJournal::write(id, path, &journal.bytes)?);
+    }
+    Ok(exported)
+}
+
+/// The name the server gave run `id`'s journal file: `<id>.journal`, with what cannot be in a
+/// file name percent-encoded.
+fn file_name(id: &str, journal: &Download) -> Result<String> {
+    journal.file_name.clone().ok_or_else(|| {
+        CliError::new(
+            "invalid_response",
+            format!("the server gave no plain file name for the journal of run `{id}`; name one with --out"),
+        )
+    })
+}
+
+async fn replay(ctx: &Ctx, args: ReplayArgs) -> Result<u8> {
+    let value = match (args.id, args.file) {
+        (Some(id), _) => ctx.client.get(&["runs", &id, "replay"], &[]).await?,
+        (None, Some(file)) => {
+            let bytes = if file == Path::new("-") {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                    .map_err(|e| CliError::usage(format!("cannot read the journal from stdin: {e}")))?;
+                bytes
+            } else {
+                std::fs::read(&file)
+                    .map_err(|e| CliError::usage(format!("cannot read {}: {e}", file.display())))?
+            };
+            ctx.client.post_bytes(&["replay"], bytes).await?
+        }
+        // clap requires one of the two.
+        (None, None) => return Err(CliError::usage("give a run's id, or a journal file with --file")),
+    };
+    let report: ReplayReportView = parse(&value)?;
+    ctx.show::<ReplayReportView>(&value, render::replay_report)?;
+    Ok(if report.verdict.is_clean() { exit::OK } else { exit::CHECK_NOT_CLEAN })
+}
+
+async fn check(ctx: &Ctx) -> Result<u8> {
+    let value = ctx.client.get(&["check"], &[]).await?;
+    let checked: InFlightCheckView = parse(&value)?;
+    ctx.show::<InFlightCheckView>(&value, render::in_flight_check)?;
+    let clean = checked.runs.iter().all(|report| report.verdict.is_clean());
+    Ok(if clean { exit::OK } else { exit::CHECK_NOT_CLEAN })
 }
 
 /// Consecutive connection failures: the wait before the next try, and when to give up.

@@ -9,6 +9,10 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// The run did not complete: failed, compensated, compensation_failed or parked.
     pub const RUN_NOT_COMPLETED: u8 = 1;
+    /// A replay check found a run that would not go on on the server's code (it would park,
+    /// wait for its version, or stall): the same code as a run that did not complete, since
+    /// both say "it does not go on".
+    pub const CHECK_NOT_CLEAN: u8 = 1;
     /// A usage error (clap's own code for bad arguments, reused for bad settings and input).
     pub const USAGE: u8 = 2;
     /// The run, definition, job or token does not exist.

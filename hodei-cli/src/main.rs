@@ -2,8 +2,8 @@
 //!
 //! It talks to the HTTP/JSON API a Hodei process serves (`hodei_server::api::ApiServer`):
 //! list and inspect runs, follow their journals and job logs live, start runs and wait for
-//! them, send signals and approvals, cancel, fork, retry, pause and resume, and manage API
-//! tokens. It is a client only: it does not build the engine or the control plane.
+//! them, send signals and approvals, cancel, fork, retry, pause and resume, export journals
+//! and check them against the code of a build before it is deployed, and manage API tokens. It is a client only: it does not build the engine or the control plane.
 //!
 //! ```text
 //! hodei runs list --status running
@@ -11,6 +11,9 @@
 //! hodei runs approve deploy-42
 //! hodei runs logs deploy-42 --step build -f
 //! hodei -o json runs get deploy-42 | jq .status
+//! hodei runs export --in-flight --dir journals/       # before a deploy ...
+//! hodei --addr http://staging:7433 runs replay --file journals/deploy-42.journal
+//! hodei check                                         # every run in flight, on this server's code
 //! ```
 //!
 //! # Settings
@@ -46,7 +49,7 @@
 //! | code | meaning |
 //! |------|---------|
 //! | 0 | success; for `runs start --wait`, the run completed |
-//! | 1 | the run did not complete: failed, compensated, compensation_failed or parked |
+//! | 1 | the run did not complete: failed, compensated, compensation_failed or parked; or a replay check (`check`, `runs replay`) found a run that would not go on |
 //! | 2 | usage error: bad arguments, settings or input |
 //! | 3 | not found: no such run, definition, job or token |
 //! | 4 | not allowed: no valid token (401), or its role does not allow it (403) |
@@ -94,7 +97,8 @@ fn fail(error: &CliError) -> ExitCode {
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success; for `runs start --wait`, the run completed
-  1  the run did not complete (failed, compensated, compensation_failed, parked)
+  1  the run did not complete (failed, compensated, compensation_failed, parked),
+     or a replay check found a run that would not go on (`check`, `runs replay`)
   2  usage error: bad arguments, settings or input
   3  not found: no such run, definition, job or token
   4  not allowed: no valid token (401) or its role does not allow it (403)
@@ -117,5 +121,8 @@ mod tests {
         ] {
             assert!(EXIT_CODES_HELP.contains(&format!("  {code}  {meaning}")), "{code} {meaning}");
         }
+        let not_clean = format!("  {}  the run did not complete", exit::CHECK_NOT_CLEAN);
+        assert!(EXIT_CODES_HELP.contains(&not_clean), "{not_clean}");
+        assert!(EXIT_CODES_HELP.contains("or a replay check found a run that would not go on"));
     }
 }

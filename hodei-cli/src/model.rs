@@ -218,6 +218,45 @@ pub struct LogChunkView {
     pub closed: bool,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReplayReportView {
+    pub saga: String,
+    pub definition: String,
+    pub version: u32,
+    pub verdict: ReplayVerdictView,
+    #[serde(default)]
+    pub patches: Vec<PatchUseView>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReplayVerdictView {
+    /// `clean`, `would_park`, `no_definition` or `stalled`.
+    pub verdict: String,
+    #[serde(default)]
+    pub next: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl ReplayVerdictView {
+    /// Whether the run would go on: any other verdict, known or not, would not.
+    pub fn is_clean(&self) -> bool {
+        self.verdict == "clean"
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PatchUseView {
+    pub patch: String,
+    pub key: String,
+    pub new_path: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InFlightCheckView {
+    pub runs: Vec<ReplayReportView>,
+}
+
 /// The statuses a run ends in.
 pub fn is_final(status: &str) -> bool {
     matches!(status, "completed" | "compensated" | "compensation_failed" | "failed")

@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 use crate::model::{
-    DefinitionView, EventView, RunDetail, RunSummary, StepView, TokenView, WorkerView, is_final_event,
+    DefinitionView, EventView, InFlightCheckView, ReplayReportView, RunDetail, RunSummary, StepView,
+    TokenView, WorkerView, is_final_event,
 };
 use crate::payload_shape;
 
@@ -410,6 +411,72 @@ pub fn run_detail(style: Style, run: &RunDetail) -> String {
     out
 }
 
+/// `ci-8: would park: step 2: the code now calls ...`: what a replay check found for one run.
+pub fn verdict_line(style: Style, report: &ReplayReportView) -> String {
+    let verdict = &report.verdict;
+    let reason = || verdict.reason.as_deref().map(|reason| format!(": {reason}")).unwrap_or_default();
+    let (color, kind, rest) = match (verdict.verdict.as_str(), &verdict.next) {
+        ("clean", Some(next)) => (GREEN, "clean".to_owned(), format!("; next: {next}")),
+        ("clean", None) => (GREEN, "clean".to_owned(), "; it ends on what it recorded".to_owned()),
+        ("no_definition", _) => (
+            RED,
+            "no definition".to_owned(),
+            format!(": {} v{} is not registered there", report.definition, report.version),
+        ),
+        // `would_park`, `stalled`, and verdicts this CLI does not know (newer servers).
+        (other, _) => (RED, other.replace('_', " "), reason()),
+    };
+    format!("{}: {}{rest}", report.saga, style.paint(Some(color), &kind))
+}
+
+/// `runs replay`: the verdict line, then each patch the replay reached and the run's path there.
+pub fn replay_report(style: Style, report: &ReplayReportView) -> String {
+    let mut out = format!("{}\n", verdict_line(style, report));
+    for patch in &report.patches {
+        let path = if patch.new_path { "new path" } else { "old path" };
+        let _ = writeln!(out, "  patch `{}` at key {}: {path}", patch.patch, patch.key);
+    }
+    out
+}
+
+/// `check`: a line per run in flight, how many would not go on, and for each patch the runs
+/// reached, how many took each path (one no run took the old path of can be retired).
+pub fn in_flight_check(style: Style, check: &InFlightCheckView) -> String {
+    if check.runs.is_empty() {
+        return "no runs in flight\n".to_owned();
+    }
+    let mut out: String =
+        check.runs.iter().map(|report| format!("{}\n", verdict_line(style, report))).collect();
+    let clean = check.runs.iter().filter(|report| report.verdict.is_clean()).count();
+    let _ = writeln!(
+        out,
+        "{} run(s) in flight checked: {clean} clean, {} not clean",
+        check.runs.len(),
+        check.runs.len() - clean
+    );
+    // In the order the runs first reached them.
+    let mut patches: Vec<(&str, usize, usize)> = Vec::new();
+    for taken in check.runs.iter().flat_map(|report| &report.patches) {
+        let at = match patches.iter().position(|(patch, ..)| *patch == taken.patch) {
+            Some(at) => at,
+            None => {
+                patches.push((&taken.patch, 0, 0));
+                patches.len() - 1
+            }
+        };
+        if taken.new_path {
+            patches[at].2 += 1;
+        } else {
+            patches[at].1 += 1;
+        }
+    }
+    for (patch, old, new) in patches {
+        let retire = if old == 0 { "; no run in flight needs its old path" } else { "" };
+        let _ = writeln!(out, "patch `{patch}`: {old} run(s) on the old path, {new} on the new{retire}");
+    }
+    out
+}
+
 /// Renders journal events one line each; remembers step names, which later events give only
 /// by number.
 #[derive(Debug)]
@@ -686,6 +753,56 @@ Forks
                 "   #7  2026-12-07 09:30:02.000  pause_requested           by bob",
                 "   #8  2026-12-07 09:30:03.000  saga_completed            output \"ok\"",
             ]
+        );
+    }
+
+    fn reports() -> InFlightCheckView {
+        serde_json::from_value(json!({"runs": [
+            {"saga": "ci-7", "definition": "ci", "version": 3,
+             "verdict": {"verdict": "clean", "next": "the wait for signal `approval`"},
+             "patches": [{"patch": "scan-first", "key": "2", "new_path": true}]},
+            {"saga": "ci-8", "definition": "ci", "version": 3,
+             "verdict": {"verdict": "would_park",
+                         "reason": "step 2: the code now calls `lint`, but the journal recorded `test` there"},
+             "patches": [{"patch": "scan-first", "key": "2", "new_path": false}]},
+            {"saga": "ci-9", "definition": "ci", "version": 2, "verdict": {"verdict": "no_definition"},
+             "patches": []},
+            {"saga": "ci-10", "definition": "ci", "version": 3, "verdict": {"verdict": "clean"},
+             "patches": [{"patch": "cache", "key": "0", "new_path": true}]},
+            {"saga": "ci-11", "definition": "ci", "version": 3,
+             "verdict": {"verdict": "stalled", "reason": "the body waits on something not journaled"},
+             "patches": []}
+        ], "clean": 2, "not_clean": 3}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replay_check_says_per_run_whether_it_goes_on_and_which_path_each_patch_took() {
+        let check = reports();
+        assert_eq!(
+            replay_report(Style::PLAIN, &check.runs[1]),
+            "ci-8: would park: step 2: the code now calls `lint`, but the journal recorded `test` there\n  \
+             patch `scan-first` at key 2: old path\n"
+        );
+        assert_eq!(
+            in_flight_check(Style::PLAIN, &check),
+            "ci-7: clean; next: the wait for signal `approval`\n\
+             ci-8: would park: step 2: the code now calls `lint`, but the journal recorded `test` there\n\
+             ci-9: no definition: ci v2 is not registered there\n\
+             ci-10: clean; it ends on what it recorded\n\
+             ci-11: stalled: the body waits on something not journaled\n\
+             5 run(s) in flight checked: 2 clean, 3 not clean\n\
+             patch `scan-first`: 1 run(s) on the old path, 1 on the new\n\
+             patch `cache`: 0 run(s) on the old path, 1 on the new; no run in flight needs its old path\n"
+        );
+        assert_eq!(
+            in_flight_check(Style::PLAIN, &InFlightCheckView { runs: Vec::new() }),
+            "no runs in flight\n"
+        );
+        // Colour marks the verdict only.
+        assert_eq!(
+            verdict_line(Style { color: true }, &check.runs[2]),
+            "ci-9: \x1b[31mno definition\x1b[0m: ci v2 is not registered there"
         );
     }
 

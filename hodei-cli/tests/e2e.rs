@@ -3,12 +3,12 @@
 //! as an operator would run it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hodei_core::{Engine, SagaDefinition, SagaRun, SledStore};
+use hodei_core::{Engine, JournalFile, SagaDefinition, SagaId, SagaRun};
 use hodei_server::api::ApiServer;
 use hodei_server::logstore::{LogStore, LogStream};
 use serde_json::Value;
@@ -18,7 +18,10 @@ use tempfile::TempDir;
 mod browser;
 #[path = "../../hodei-server/tests/support/sagas.rs"]
 mod sagas;
-use sagas::{final_event, flaky, gated, journaled, parked, patient, rollout, signal_wait, step_named};
+use sagas::{
+    final_event, flaky, gated, journaled, parked, patient, release, rollout, signal_wait, sled_engine,
+    step_named,
+};
 
 /// Not a bound the CLI is held to: it turns a hang into a failure.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -36,16 +39,17 @@ impl Api {
     }
 
     async fn open(dir: TempDir) -> Self {
-        Self::open_with(dir, [gated(), flaky(), patient()]).await
+        Self::open_with(dir, Self::sagas()).await
+    }
+
+    /// What the tests' server runs unless told otherwise.
+    fn sagas() -> [SagaDefinition; 3] {
+        [gated(), flaky(), patient()]
     }
 
     /// An engine with `definitions` on the journal in `dir`, and the server in front of it.
     async fn open_with(dir: TempDir, definitions: impl IntoIterator<Item = SagaDefinition>) -> Self {
-        let mut builder = Engine::builder().store(SledStore::open(dir.path().join("journal")).unwrap());
-        for definition in definitions {
-            builder = builder.register(definition);
-        }
-        let engine = builder.start().await.unwrap();
+        let engine = sled_engine(dir.path(), definitions).await;
         let logs = Arc::new(LogStore::open(dir.path()).await.unwrap());
         let server = ApiServer::builder(engine.clone(), dir.path())
             .logs(logs.clone())
@@ -58,11 +62,23 @@ impl Api {
 
     /// Stops the server and the engine, and starts both again on the same directory.
     async fn restart(self) -> Self {
+        self.reopen(Duration::from_secs(5), Self::sagas()).await
+    }
+
+    /// A deploy: the server and the engine stop, cutting short whatever steps run, and start
+    /// again on the same directory with `definitions`, the code of the next build.
+    async fn deploy(self, definitions: impl IntoIterator<Item = SagaDefinition>) -> Self {
+        self.reopen(Duration::ZERO, definitions).await
+    }
+
+    /// Stops the server, then the engine with `grace` for the steps that run, and starts both
+    /// again on the same directory with `definitions`.
+    async fn reopen(self, grace: Duration, definitions: impl IntoIterator<Item = SagaDefinition>) -> Self {
         let Self { dir, engine, server, logs } = self;
         server.shutdown().await;
-        engine.shutdown(Duration::from_secs(5)).await.unwrap();
+        engine.shutdown(grace).await.unwrap();
         drop((engine, logs));
-        Self::open(dir).await
+        Self::open_with(dir, definitions).await
     }
 
     fn admin_token_file(&self) -> PathBuf {
@@ -90,9 +106,19 @@ impl Api {
 
     /// Runs the CLI to its end, off the runtime's threads (the server runs on them).
     async fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.output(self.command(args)).await)
+    }
+
+    /// Runs the CLI to its end in the directory `cwd`.
+    async fn run_in(&self, cwd: &Path, args: &[&str]) -> Run {
         let mut command = self.command(args);
-        let output = within(tokio::task::spawn_blocking(move || command.output().unwrap())).await.unwrap();
-        Run::from(output)
+        command.current_dir(cwd);
+        Run::from(self.output(command).await)
+    }
+
+    /// What `command` printed and how it exited, run off the runtime's threads.
+    async fn output(&self, mut command: Command) -> Output {
+        within(tokio::task::spawn_blocking(move || command.output().unwrap())).await.unwrap()
     }
 
     fn spawn(&self, args: &[&str]) -> Child {
@@ -263,20 +289,12 @@ async fn start_wait_exits_with_the_runs_outcome_and_fork_and_cancel_are_journale
 /// good step, one cancelled, and a fork onto a version nobody registers refused in one line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_runs_are_forked_onto_a_new_version_or_cancelled_from_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = Engine::builder()
-        .store(SledStore::open(dir.path().join("journal")).unwrap())
-        .register(rollout(1, "release", true))
-        .start()
-        .await
-        .unwrap();
+    let first = Api::open_with(tempfile::tempdir().unwrap(), [rollout(1, "release", true)]).await;
     for id in ["r1", "r2"] {
-        first.start(SagaRun::new("rollout", id, &"api").unwrap()).await.unwrap();
-        within(journaled(&first, id, step_named("release"))).await;
+        first.engine.start(SagaRun::new("rollout", id, &"api").unwrap()).await.unwrap();
+        within(journaled(&first.engine, id, step_named("release"))).await;
     }
-    first.shutdown(Duration::ZERO).await.unwrap();
-    drop(first);
-    let api = Api::open_with(dir, [rollout(1, "publish", false), rollout(2, "publish", false)]).await;
+    let api = first.deploy([rollout(1, "publish", false), rollout(2, "publish", false)]).await;
     within(parked(&api.engine, "r1")).await;
     within(parked(&api.engine, "r2")).await;
 
@@ -430,6 +448,140 @@ async fn pause_holds_across_a_restart_and_retry_cuts_a_backoff() {
     let again = api.run(&["runs", "retry", "slow"]).await;
     assert_eq!(again.code, 5, "{again:?}");
     assert!(again.stderr.ends_with("(invalid_state)\n"), "{}", again.stderr);
+}
+
+const WOULD_PARK: &str = "step 1: the code now calls `publish`, but the journal recorded `release` there";
+
+/// The pre-deploy gate from the CLI: the journals of runs in flight exported from today's
+/// server and replayed on a staging server running the next build (a renamed step, a patch),
+/// and every run in flight checked, before the deploy and after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journals_exported_from_todays_build_are_replayed_on_the_next_one_before_a_deploy() {
+    let next_build = || [gated(), rollout(1, "publish", false), release(true)];
+    let today =
+        Api::open_with(tempfile::tempdir().unwrap(), [gated(), rollout(1, "release", true), release(false)])
+            .await;
+    let engine = &today.engine;
+    engine
+        .start(SagaRun::new("gated", "g-1", &serde_json::json!({"service": "api"})).unwrap())
+        .await
+        .unwrap();
+    engine.start(SagaRun::new("rollout", "r-1", &"api").unwrap()).await.unwrap();
+    engine.start(SagaRun::new("release", "p-1", &"1.4.0").unwrap()).await.unwrap();
+    within(journaled(engine, "g-1", signal_wait)).await;
+    within(journaled(engine, "r-1", step_named("release"))).await;
+    within(journaled(engine, "p-1", signal_wait)).await;
+
+    let check = today.run(&["check"]).await;
+    assert_eq!(
+        (check.code, check.stdout.as_str()),
+        (
+            0,
+            "g-1: clean; next: the wait for signal `approval`\n\
+             p-1: clean; next: the wait for signal `go`\n\
+             r-1: clean; next: step `release`\n\
+             3 run(s) in flight checked: 3 clean, 0 not clean\n"
+        ),
+        "{}",
+        check.stderr
+    );
+
+    // One run's journal, to the file the server names in the current directory, or to stdout.
+    let work = tempfile::tempdir().unwrap();
+    let export = today.run_in(work.path(), &["runs", "export", "r-1"]).await;
+    let file = std::fs::read(work.path().join("r-1.journal")).unwrap();
+    assert_eq!(
+        (export.code, export.stdout),
+        (0, format!("exported the journal of run `r-1` to r-1.journal ({} bytes)\n", file.len())),
+        "{}",
+        export.stderr
+    );
+    let r1 = SagaId::new("r-1").unwrap();
+    assert_eq!(
+        JournalFile::from_bytes(&file).unwrap(),
+        JournalFile { saga: r1.clone(), events: engine.history(&r1).unwrap() }
+    );
+    let piped = today.output(today.command(&["runs", "export", "r-1", "--out", "-"])).await;
+    assert_eq!((piped.status.code(), &piped.stdout), (Some(0), &file));
+
+    // Every run in flight, to a directory.
+    let journals = work.path().join("journals");
+    let journals_arg = journals.display().to_string();
+    let export = today.run(&["runs", "export", "--in-flight", "--dir", &journals_arg]).await;
+    assert_eq!(
+        (export.code, export.stdout),
+        (0, format!("exported the journals of 3 run(s) in flight to {journals_arg}\n")),
+        "{}",
+        export.stderr
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&journals)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["g-1.journal", "p-1.journal", "r-1.journal"]);
+
+    // A staging server runs the next build: `release` is renamed `publish`, and a patch adds a
+    // step before the wait for `go`.
+    let staging = Api::open_with(tempfile::tempdir().unwrap(), next_build()).await;
+    let file_of = |id: &str| journals.join(format!("{id}.journal")).display().to_string();
+    let replayed = staging.run(&["runs", "replay", "--file", &file_of("r-1")]).await;
+    assert_eq!(
+        (replayed.code, replayed.stdout),
+        (1, format!("r-1: would park: {WOULD_PARK}\n")),
+        "{}",
+        replayed.stderr
+    );
+    let replayed = staging.run(&["runs", "replay", "--file", &file_of("p-1")]).await;
+    assert_eq!(
+        (replayed.code, replayed.stdout.as_str()),
+        (0, "p-1: clean; next: the wait for signal `go`\n  patch `verify-before-go` at key 1: old path\n"),
+        "{}",
+        replayed.stderr
+    );
+    let report = staging.json(&["runs", "replay", "--file", &file_of("g-1")]).await;
+    assert_eq!(
+        report["verdict"],
+        serde_json::json!({"verdict": "clean", "next": "the wait for signal `approval`"})
+    );
+    let not_a_journal = work.path().join("notes.txt");
+    std::fs::write(&not_a_journal, "not a journal").unwrap();
+    let refused = staging.run(&["runs", "replay", "--file", &not_a_journal.display().to_string()]).await;
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(
+        refused.stderr.ends_with("(invalid_request)\n") && refused.stderr.lines().count() == 1,
+        "{}",
+        refused.stderr
+    );
+    // On the code that wrote it, the run goes on.
+    let replayed = today.run(&["runs", "replay", "r-1"]).await;
+    assert_eq!((replayed.code, replayed.stdout.as_str()), (0, "r-1: clean; next: step `release`\n"));
+
+    // The deploy anyway: `r-1` parks, as the replay said, and the check says so.
+    let deployed = today.deploy(next_build()).await;
+    within(parked(&deployed.engine, "r-1")).await;
+    let check = deployed.run(&["check"]).await;
+    assert_eq!(
+        (check.code, check.stdout),
+        (
+            1,
+            format!(
+                "g-1: clean; next: the wait for signal `approval`\n\
+                 p-1: clean; next: the wait for signal `go`\n\
+                 r-1: would park: {WOULD_PARK}\n\
+                 3 run(s) in flight checked: 2 clean, 1 not clean\n\
+                 patch `verify-before-go`: 1 run(s) on the old path, 0 on the new\n"
+            )
+        ),
+        "{}",
+        check.stderr
+    );
+    let check = deployed.run(&["-o", "json", "check"]).await;
+    let checked: Value = serde_json::from_str(&check.stdout).unwrap();
+    assert_eq!(
+        (check.code, &checked["clean"], &checked["not_clean"]),
+        (1, &serde_json::json!(2), &serde_json::json!(1))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

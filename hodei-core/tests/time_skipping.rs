@@ -249,7 +249,11 @@ async fn a_stand_in_compensation_runs_instead_of_the_steps_own() {
     let outcome = run.outcome::<String>().await.unwrap();
     assert!(matches!(outcome, Outcome::Compensated { .. }), "{outcome:?}");
     assert_eq!(rollbacks.load(Ordering::SeqCst), 0, "the step's own compensation did not run");
-    assert_eq!(*stood_in.lock().unwrap(), [("1.6.0".to_string(), None)], "the stand-in got the step's input, no output");
+    assert_eq!(
+        *stood_in.lock().unwrap(),
+        [("1.6.0".to_string(), None)],
+        "the stand-in got the step's input, no output"
+    );
 }
 
 #[tokio::test]

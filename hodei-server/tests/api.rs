@@ -10,16 +10,25 @@ use hodei_core::{Engine, Outcome, SagaId, SledStore};
 use hodei_server::api::{ApiServeError, ApiServer, openapi_document};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use support::api::{ServedApi, code};
 use support::sagas::{Deploy, flaky, gated, journaled, parent, signal_wait};
 use support::within;
 use tempfile::TempDir;
 
+/// A server on its own directory, and the engine behind it.
 struct Api {
     dir: TempDir,
     engine: Engine,
-    server: ApiServer,
-    http: reqwest::Client,
-    admin: String,
+    served: ServedApi,
+}
+
+// The tests call the server as `api.get(...)`: the client's calls read as the API's.
+impl std::ops::Deref for Api {
+    type Target = ServedApi;
+
+    fn deref(&self) -> &ServedApi {
+        &self.served
+    }
 }
 
 impl Api {
@@ -37,61 +46,17 @@ impl Api {
             .start()
             .await
             .unwrap();
-        let server = ApiServer::builder(engine.clone(), dir.path())
-            .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-            .serve()
-            .await
-            .unwrap();
-        let admin = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
-        Self { dir, engine, server, http: reqwest::Client::new(), admin }
+        let served = ServedApi::start(&engine, dir.path()).await;
+        Self { dir, engine, served }
     }
 
     async fn restart(self) -> Self {
-        let Self { dir, engine, server, .. } = self;
-        server.shutdown().await;
+        let Self { dir, engine, served } = self;
+        served.server.shutdown().await;
         engine.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
         // Every handle on the store goes before it is opened again.
         drop(engine);
         Self::open(dir).await
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.server.local_addr())
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, self.url(path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = within(request.send()).await.unwrap();
-        let status = response.status();
-        let text = within(response.text()).await.unwrap();
-        (
-            status,
-            if text.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(&text).unwrap_or(Value::String(text))
-            },
-        )
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(reqwest::Method::GET, path, Some(&self.admin), None).await
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::POST, path, Some(&self.admin), Some(body)).await
     }
 
     async fn issue(&self, name: &str, role: &str) -> String {
@@ -107,10 +72,6 @@ impl Api {
     async fn outcome_of<O: serde::de::DeserializeOwned>(&self, id: &str) -> Outcome<O> {
         within(self.engine.handle(&SagaId::new(id).unwrap()).unwrap().outcome::<O>()).await.unwrap()
     }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,8 +210,16 @@ async fn every_endpoint_but_health_needs_a_token_and_roles_are_enforced() {
     let (status, _) = api.call(reqwest::Method::DELETE, "/api/v1/tokens/gone", Some(&api.admin), None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 
-    let reads =
-        ["/api/v1/runs", "/api/v1/runs/r", "/api/v1/runs/r/events", "/api/v1/definitions", "/api/v1/workers"];
+    let reads = [
+        "/api/v1/runs",
+        "/api/v1/runs/r",
+        "/api/v1/runs/r/events",
+        "/api/v1/runs/r/journal",
+        "/api/v1/runs/r/replay",
+        "/api/v1/check",
+        "/api/v1/definitions",
+        "/api/v1/workers",
+    ];
     for path in reads {
         for (token, expected) in [
             (None, StatusCode::UNAUTHORIZED),

@@ -3,53 +3,19 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use hodei_core::{Engine, Outcome, SagaDefinition, SagaId, SagaRun, SledStore};
-use hodei_server::api::ApiServer;
+use hodei_core::{Outcome, SagaId, SagaRun};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use support::sagas::{journaled, parked, rollout, step_named};
+use serde_json::json;
+use support::api::{ServedApi, code};
+use support::sagas::{journaled, parked, rollout, sled_engine, step_named};
 use support::within;
-
-async fn engine(dir: &std::path::Path, definitions: impl IntoIterator<Item = SagaDefinition>) -> Engine {
-    let mut builder = Engine::builder().store(SledStore::open(dir.join("journal")).unwrap());
-    for definition in definitions {
-        builder = builder.register(definition);
-    }
-    builder.start().await.unwrap()
-}
-
-struct Api {
-    server: ApiServer,
-    http: reqwest::Client,
-    admin: String,
-}
-
-impl Api {
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let url = format!("http://{}{path}", self.server.local_addr());
-        let response = within(self.http.post(url).bearer_auth(&self.admin).json(&body).send()).await.unwrap();
-        (response.status(), within(response.json()).await.unwrap())
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let url = format!("http://{}{path}", self.server.local_addr());
-        let response = within(self.http.get(url).bearer_auth(&self.admin).send()).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
-        within(response.json()).await.unwrap()
-    }
-}
-
-fn code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_runs_are_forked_onto_a_new_version_or_cancelled() {
     let dir = tempfile::tempdir().unwrap();
-    let first = engine(dir.path(), [rollout(1, "release", true)]).await;
+    let first = sled_engine(dir.path(), [rollout(1, "release", true)]).await;
     for id in ["r1", "r2"] {
         first.start(SagaRun::new("rollout", id, &"api").unwrap()).await.unwrap();
         within(journaled(&first, id, step_named("release"))).await;
@@ -58,17 +24,11 @@ async fn parked_runs_are_forked_onto_a_new_version_or_cancelled() {
     drop(first);
 
     // The deploy renamed the last step of version 1, and brought version 2.
-    let engine = engine(dir.path(), [rollout(1, "publish", false), rollout(2, "publish", false)]).await;
-    let server = ApiServer::builder(engine.clone(), dir.path())
-        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .serve()
-        .await
-        .unwrap();
-    let admin = std::fs::read_to_string(dir.path().join("api/admin-token")).unwrap().trim().to_owned();
-    let api = Api { server, http: reqwest::Client::new(), admin };
+    let engine = sled_engine(dir.path(), [rollout(1, "publish", false), rollout(2, "publish", false)]).await;
+    let api = ServedApi::start(&engine, dir.path()).await;
     within(parked(&engine, "r1")).await;
     within(parked(&engine, "r2")).await;
-    let run = api.get("/api/v1/runs/r1").await;
+    let run = api.get_ok("/api/v1/runs/r1").await;
     assert_eq!(run["status"], "parked", "{run}");
 
     // Onto version 2 from its last good step: `stage` is reused, `publish` runs live.
@@ -77,10 +37,10 @@ async fn parked_runs_are_forked_onto_a_new_version_or_cancelled() {
     assert_eq!((fork["id"].as_str(), fork["version"].as_u64()), (Some("r1-moved"), Some(2)), "{fork}");
     let moved = within(engine.handle(&SagaId::new("r1-moved").unwrap()).unwrap().outcome::<String>()).await;
     assert_eq!(moved.unwrap(), Outcome::Completed("api staged, publish".into()));
-    let fork = api.get("/api/v1/runs/r1-moved").await;
+    let fork = api.get_ok("/api/v1/runs/r1-moved").await;
     assert_eq!(fork["forked_from"], json!({"run": "r1", "step": 1}), "{fork}");
     assert_eq!(fork["steps"][0]["state"], "completed", "{fork}");
-    let source = api.get("/api/v1/runs/r1").await;
+    let source = api.get_ok("/api/v1/runs/r1").await;
     assert_eq!(source["status"], "failed", "{source}");
     assert_eq!(source["forks"], json!([{"run": "r1-moved", "step": 1}]), "{source}");
 
@@ -93,13 +53,13 @@ async fn parked_runs_are_forked_onto_a_new_version_or_cancelled() {
     assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "invalid_state"), "{body}");
     let (status, body) = api.post("/api/v1/runs/nope/fork", json!({"id": "r2-x"})).await;
     assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"), "{body}");
-    assert_eq!(api.get("/api/v1/runs/r2").await["status"], "parked");
+    assert_eq!(api.get_ok("/api/v1/runs/r2").await["status"], "parked");
 
     // Cancel ends the parked run at once; `stage` is left undone, for lack of matching code.
     let (status, run) = api.post("/api/v1/runs/r2/cancel", json!({"reason": "withdrawn"})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
     assert_eq!(run["status"], "compensation_failed", "{run}");
-    let run = api.get("/api/v1/runs/r2").await;
+    let run = api.get_ok("/api/v1/runs/r2").await;
     assert_eq!(run["requests"][0]["action"], "cancel", "{run}");
     assert_eq!(run["requests"][0]["by"], "admin", "{run}");
     let (status, body) = api.post("/api/v1/runs/r2/cancel", json!({})).await;

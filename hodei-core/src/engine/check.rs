@@ -66,7 +66,13 @@ impl Engine {
             if record.status.is_final() {
                 continue;
             }
-            reports.push(self.check_run(&record.id).await?);
+            match self.check_run(&record.id).await {
+                Ok(report) => reports.push(report),
+                // Listed before its first event is readable (a start in flight on a shared
+                // store), or purged since: nothing to replay yet, or any more.
+                Err(Error::SagaNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(reports)
     }

@@ -3,7 +3,8 @@
 //! [`ApiServer`] serves HTTP/JSON (server-sent events for anything that follows) from the
 //! user's own process, over an [`Engine`](hodei_core::Engine) alone or a whole
 //! [`Node`](crate::Node): runs (start, list, get, journal, follow), the operator verbs (signal,
-//! cancel, fork, pause, resume, retry), job logs, workers, tokens and webhooks. Its OpenAPI
+//! cancel, fork, pause, resume, retry), replay checks and journal export, job logs, workers,
+//! tokens and webhooks. Its OpenAPI
 //! document ([`openapi_document`]) is served at `/api/v1/openapi.json`.
 //!
 //! Every endpoint but the health check and the document needs a bearer token ([`tokens`]);
@@ -19,6 +20,7 @@ mod logs;
 mod metrics;
 pub mod model;
 mod openapi;
+mod replay;
 mod requests;
 mod runs;
 mod server;

@@ -585,3 +585,72 @@ pub struct WhoAmI {
     /// `viewer`, `operator` or `admin`.
     pub role: String,
 }
+
+/// What a replay check found for one run: its journal replayed on the server's code, with
+/// nothing run and nothing written.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReplayReportView {
+    /// The run's id.
+    pub saga: String,
+    /// Its definition's name.
+    pub definition: String,
+    /// The definition version its journal records.
+    pub version: u32,
+    /// Whether the run would go on, and if not, why.
+    pub verdict: ReplayVerdictView,
+    /// Each `patched` call the replay reached, with the path the run took there.
+    pub patches: Vec<PatchUseView>,
+}
+
+/// Whether a run's journal fits the code.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReplayVerdictView {
+    /// What the replay found.
+    pub verdict: ReplayVerdictKind,
+    /// For `clean`: the first operation the run would run live, such as "step `deploy`" or
+    /// "the wait for signal `approval`"; absent when it ends on what its journal records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// For `would_park`: the park reason, word for word; for `stalled`: where the replay
+    /// stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The kinds of replay verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayVerdictKind {
+    /// The code reaches every recorded operation as recorded: the run goes on.
+    Clean,
+    /// The run would park: its code no longer matches its journal (see `reason`).
+    WouldPark,
+    /// No definition of the run's name and version is registered: it would wait for one.
+    NoDefinition,
+    /// The replay did not reach the end of the journal: the body waits on something that is
+    /// neither journaled nor an operation (see `reason`).
+    Stalled,
+}
+
+/// A `patched` call a replay reached.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PatchUseView {
+    /// The patch's id.
+    pub patch: String,
+    /// The operation key that follows the call.
+    pub key: String,
+    /// Whether the run took the new path there (`false`: it recorded the old code's path).
+    pub new_path: bool,
+}
+
+/// Every run in flight, checked: whether each would go on on the server's code.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InFlightCheckView {
+    /// One report per run in flight (running, paused, compensating, parked or waiting for its
+    /// version), in id order.
+    pub runs: Vec<ReplayReportView>,
+    /// How many would go on (`clean`).
+    pub clean: u32,
+    /// How many would not: they would park, wait for their version, or stall.
+    pub not_clean: u32,
+}

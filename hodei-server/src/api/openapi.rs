@@ -9,7 +9,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::{ErrorBody, ErrorDetail};
 use super::model::*;
-use super::{admin, logs, metrics, runs, webhooks, workers};
+use super::{admin, logs, metrics, replay, runs, webhooks, workers};
 
 /// The document.
 #[derive(Debug, OpenApi)]
@@ -19,6 +19,7 @@ use super::{admin, logs, metrics, runs, webhooks, workers};
         admin::health, admin::login, admin::whoami, admin::logout, admin::definitions,
         runs::list, runs::start, runs::get, runs::events, runs::signal, runs::cancel, runs::fork,
         runs::pause, runs::resume, runs::retry_now, runs::retry_compensation,
+        replay::journal, replay::check_run, replay::check_journal, replay::check_in_flight,
         logs::read, workers::list, workers::drain, workers::remove, workers::metrics,
         admin::list_tokens, admin::issue_token, admin::revoke_token,
         webhooks::trigger, metrics::scrape,
@@ -28,11 +29,13 @@ use super::{admin, logs, metrics, runs, webhooks, workers};
         RunDetail, ForkLink, ChildLink, StepState, StepView, AttemptView, CompensationView, JobView, TimerView,
         SignalWaitView, SignalView, BranchGroupView, BranchView, RequestView, EventView, StartRun,
         SendSignal, CancelRun, ForkRun, TokenView, IssueToken, IssuedTokenView, WorkerView, JobMetrics,
-        LogChunkView, logs::LogStreamName, Login, WhoAmI,
+        LogChunkView, logs::LogStreamName, Login, WhoAmI, ReplayReportView, ReplayVerdictView,
+        ReplayVerdictKind, PatchUseView, InFlightCheckView, replay::JournalFileBytes,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "runs", description = "Saga runs: start, list, inspect, follow and steer"),
+        (name = "replay", description = "Replay checks of runs against the code, and their journals as files"),
         (name = "logs", description = "The logs of remote jobs"),
         (name = "workers", description = "The control plane's workers"),
         (name = "definitions", description = "Registered saga definitions"),

@@ -24,7 +24,7 @@ use super::metrics::{MetricsAccess, Scrapers};
 use super::openapi::openapi_json;
 use super::tokens::{ADMIN_TOKEN_FILE, API_DIR, TokenError, TokenStore};
 use super::webhooks::Webhook;
-use super::{admin, dashboard, logs, metrics, requests, runs, webhooks, workers};
+use super::{admin, dashboard, logs, metrics, replay, requests, runs, webhooks, workers};
 use crate::control_plane::ControlPlane;
 use crate::hub::Hub;
 use crate::logstore::LogStore;
@@ -339,6 +339,8 @@ fn router(state: ApiState) -> Router {
         .route("/api/v1/runs", get(runs::list).post(runs::start))
         .route("/api/v1/runs/{id}", get(runs::get))
         .route("/api/v1/runs/{id}/events", get(runs::events))
+        .route("/api/v1/runs/{id}/journal", get(replay::journal))
+        .route("/api/v1/runs/{id}/replay", get(replay::check_run))
         .route("/api/v1/runs/{id}/signals", post(runs::signal))
         .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/api/v1/runs/{id}/fork", post(runs::fork))
@@ -346,6 +348,8 @@ fn router(state: ApiState) -> Router {
         .route("/api/v1/runs/{id}/resume", post(runs::resume))
         .route("/api/v1/runs/{id}/retry", post(runs::retry_now))
         .route("/api/v1/runs/{id}/retry-compensation", post(runs::retry_compensation))
+        .route("/api/v1/replay", post(replay::check_journal))
+        .route("/api/v1/check", get(replay::check_in_flight))
         .route("/api/v1/jobs/{job}/logs/{stream}", get(logs::read))
         .route("/api/v1/workers", get(workers::list))
         .route("/api/v1/metrics", get(workers::metrics))

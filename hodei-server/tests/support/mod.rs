@@ -1,10 +1,12 @@
 //! Shared by the end-to-end job tests: a real hub with a log store, the agent's run loop
-//! in-process, real child processes, over mutual TLS on loopback.
+//! in-process, real child processes, over mutual TLS on loopback; and by the operator API's
+//! tests (`api`: a server for a test's engine, and its client).
 
 // Each test crate uses its own part of this.
 #![allow(dead_code)]
 
 pub mod agent_binary;
+pub mod api;
 pub mod browser;
 pub mod node_sagas;
 pub mod sagas;

@@ -5,7 +5,8 @@
 #![allow(dead_code)]
 
 use hodei_core::{
-    CompensationContext, Engine, Event, RetryPolicy, SagaContext, SagaDefinition, SagaId, StepError,
+    CompensationContext, Engine, Event, RetryPolicy, SagaContext, SagaDefinition, SagaId, SledStore,
+    StepError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,19 @@ pub fn patient() -> SagaDefinition {
     })
 }
 
+/// An engine on the sled journal in `dir/journal`, running `definitions`: a deploy is another
+/// engine on the same directory with other definitions.
+pub async fn sled_engine(
+    dir: &std::path::Path,
+    definitions: impl IntoIterator<Item = SagaDefinition>,
+) -> Engine {
+    let mut builder = Engine::builder().store(SledStore::open(dir.join("journal")).unwrap());
+    for definition in definitions {
+        builder = builder.register(definition);
+    }
+    builder.start().await.unwrap()
+}
+
 /// Returns once run `id`'s journal holds an event that `reached` accepts: woken by the engine's
 /// events, never by polling.
 pub async fn journaled(engine: &Engine, id: &str, reached: impl Fn(&Event) -> bool) {
@@ -133,6 +147,30 @@ pub fn rollout(version: u32, last: &'static str, hang: bool) -> SagaDefinition {
                 }
                 Ok::<_, StepError>(format!("{staged}, {last}"))
             })
+            .await
+    })
+}
+
+/// A release: `fetch`, a wait for `go`, then `ship`. With `verify`, the code of a later build:
+/// a `verify` step after `fetch`, behind the patch `verify-before-go`, so that the runs in flight
+/// from before keep their path (the old one) and new runs take the new.
+pub fn release(verify: bool) -> SagaDefinition {
+    SagaDefinition::new("release", 1, move |ctx: SagaContext, version: String| async move {
+        let fetched = ctx
+            .step("fetch")
+            .input(version)
+            .run(|_, version: String| async move { Ok::<_, StepError>(format!("{version} fetched")) })
+            .await?;
+        if verify && ctx.patched("verify-before-go").await {
+            ctx.step("verify")
+                .input(fetched.clone())
+                .run(|_, fetched: String| async move { Ok::<_, StepError>(fetched) })
+                .await?;
+        }
+        ctx.wait_signal::<bool>("go").await?;
+        ctx.step("ship")
+            .input(fetched)
+            .run(|_, fetched: String| async move { Ok::<_, StepError>(format!("{fetched}, shipped")) })
             .await
     })
 }
