@@ -29,8 +29,40 @@ pub(crate) const FORMAT_V2: u8 = 2;
 #[cfg_attr(not(any(feature = "sled", test)), allow(dead_code))]
 const HEADER_LEN: usize = 5;
 
-fn config() -> impl bincode::config::Config {
+fn config() -> bincode::config::Configuration {
     bincode::config::standard()
+}
+
+/// Decodes bincode, refusing any length prefix that claims more than `bytes` could hold.
+///
+/// bincode allocates a string's bytes from its length prefix before it reads them, so a corrupt
+/// prefix (in a record whose checksum still matches, or in a journal file posted to the API)
+/// could ask for a terabyte in a few bytes, and abort the process. What a string claims counts
+/// against bincode's limit, and every string of a value that decodes lies inside its encoding,
+/// so a limit at least the encoding's length refuses nothing that decodes. bincode takes the
+/// limit as a type parameter: the smallest of a ladder of limits that covers the length is
+/// used, so a prefix can claim at most 64 KiB, or 16 times the bytes it came in.
+fn decode_bounded<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), String> {
+    fn under<T: DeserializeOwned, const LIMIT: usize>(
+        bytes: &[u8],
+    ) -> Result<(T, usize), bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(bytes, config().with_limit::<LIMIT>())
+    }
+    const KIB: usize = 1 << 10;
+    const MIB: usize = 1 << 20;
+    let decoded = match bytes.len() {
+        len if len <= 64 * KIB => under::<T, { 64 * KIB }>(bytes),
+        len if len <= MIB => under::<T, MIB>(bytes),
+        len if len <= 16 * MIB => under::<T, { 16 * MIB }>(bytes),
+        len if len <= 256 * MIB => under::<T, { 256 * MIB }>(bytes),
+        _ => under::<T, { usize::MAX }>(bytes),
+    };
+    decoded.map_err(|e| match e {
+        bincode::error::DecodeError::LimitExceeded => {
+            format!("a length inside claims more than the {} bytes there are", bytes.len())
+        }
+        other => other.to_string(),
+    })
 }
 
 /// Encodes a value as a versioned, checksummed record (always [`FORMAT_V2`]).
@@ -41,6 +73,16 @@ pub(crate) fn encode_record<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>,
     let crc = crc32(&out[HEADER_LEN..]);
     out[1..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// `body` in the envelope of `format` with a checksum that matches: a fuzzer cannot forge
+/// CRC-32s, and without one its bytes would never get past the envelope to the decoder.
+#[cfg(fuzzing)]
+pub(crate) fn seal_record(format: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![format];
+    out.extend_from_slice(&crc32(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Decodes a record of a type without payload fields (a summary record, a marker): both formats
@@ -72,7 +114,7 @@ pub(crate) fn decode_record_versioned<T: DeserializeOwned>(bytes: &[u8]) -> Resu
     if stored != actual {
         return Err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config()).map_err(|e| e.to_string())?;
+    let (value, used) = decode_bounded(body)?;
     if used != body.len() {
         return Err(format!("{} trailing bytes after the record", body.len() - used));
     }
@@ -180,8 +222,7 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, S
     match PayloadCodec::split(payload).map_err(|e| e.to_string())? {
         (PayloadCodec::Json, value) => serde_json::from_slice(value).map_err(|e| e.to_string()),
         (PayloadCodec::LegacyBincode, value) => {
-            let (decoded, used) =
-                bincode::serde::decode_from_slice(value, config()).map_err(|e| e.to_string())?;
+            let (decoded, used) = decode_bounded(value)?;
             if used != value.len() {
                 return Err(format!("{} trailing bytes after the value", value.len() - used));
             }
@@ -276,6 +317,30 @@ mod tests {
             let mut corrupt = bytes.clone();
             corrupt[i / 8] ^= 1 << (i % 8);
             assert!(decode_record::<(String, u64)>(&corrupt).is_err(), "bit {i}");
+        }
+    }
+
+    /// A record whose checksum matches and whose string lengths lie: the fuzzer's
+    /// `record_decoder` found a journal record of 14 bytes that asked for a 1.9 TiB string.
+    #[test]
+    fn a_length_prefix_past_the_record_is_refused_before_anything_is_allocated() {
+        let body = [101, 3, 15, 0, 253, 114, 1, 110, 159, 13, 114, 1, 114];
+        let mut record = vec![FORMAT_V2];
+        record.extend_from_slice(&crc32(&body).to_le_bytes());
+        record.extend_from_slice(&body);
+        let err = decode_record::<Vec<crate::event::RecordedEvent>>(&record).unwrap_err();
+        assert!(err.contains("claims more than the 13 bytes there are"), "{err}");
+        // A terabyte, as a legacy bincode payload claims it.
+        let err = decode_payload::<String>(&[0, 253, 0, 0, 0, 0, 0, 1, 0, 0]).unwrap_err();
+        assert!(err.contains("claims more"), "{err}");
+    }
+
+    #[test]
+    fn strings_longer_than_the_smallest_limit_still_decode() {
+        for len in [65_536, 65_537, 3 << 20] {
+            let value = "x".repeat(len);
+            let record = encode_record(&value).unwrap();
+            assert_eq!(decode_record::<String>(&record).unwrap(), value, "len {len}");
         }
     }
 

@@ -36,6 +36,14 @@ pub mod peers;
 pub mod pki;
 pub mod scheduler;
 
+/// What the fuzz targets in `fuzz/` call: the hub's sessions and registrations without their
+/// listeners' TLS. Only in builds with `--cfg fuzzing` (`cargo fuzz`); not an API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod __fuzz {
+    pub use crate::hub::fuzz::{max_session_message, register, session};
+}
+
 pub use control_plane::{ControlPlane, ControlPlaneBuilder, ControlPlaneError};
 pub use node::{Node, NodeBuilder, NodeError};
 pub use scheduler::{

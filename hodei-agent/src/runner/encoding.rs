@@ -62,7 +62,17 @@ pub(super) fn percent_encode(value: &[u8]) -> Vec<u8> {
     out
 }
 
-pub(super) fn json_escape(value: &[u8]) -> Vec<u8> {
+/// How a JSON encoder writes backspace and form feed: RFC 8259 allows either, and encoders
+/// differ (serde_json, JavaScript's and Python's write the short escapes, others `\u00XX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum JsonControls {
+    /// `\b` and `\f`.
+    Short,
+    /// `\u0008` and `\u000c`, like every other control character.
+    Unicode,
+}
+
+pub(super) fn json_escape(value: &[u8], controls: JsonControls) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = Vec::with_capacity(value.len());
     for &b in value {
@@ -72,6 +82,8 @@ pub(super) fn json_escape(value: &[u8]) -> Vec<u8> {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 if controls == JsonControls::Short => out.extend_from_slice(b"\\b"),
+            0x0C if controls == JsonControls::Short => out.extend_from_slice(b"\\f"),
             0..0x20 => {
                 out.extend_from_slice(b"\\u00");
                 out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
@@ -107,6 +119,8 @@ mod tests {
     #[test]
     fn percent_and_json_forms() {
         assert_eq!(percent_encode(b"a b/c~"), b"a%20b%2Fc~");
-        assert_eq!(json_escape(b"a\"b\\c\nd\x01"), b"a\\\"b\\\\c\\nd\\u0001");
+        assert_eq!(json_escape(b"a\"b\\c\nd\x01", JsonControls::Unicode), b"a\\\"b\\\\c\\nd\\u0001");
+        assert_eq!(json_escape(b"\x08\x0c\x0b", JsonControls::Unicode), b"\\u0008\\u000c\\u000b");
+        assert_eq!(json_escape(b"\x08\x0c\x0b", JsonControls::Short), b"\\b\\f\\u000b");
     }
 }

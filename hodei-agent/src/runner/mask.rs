@@ -7,7 +7,9 @@ use std::fmt;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 
-use super::encoding::{BASE64_STANDARD, BASE64_URL_SAFE, base64_aligned, json_escape, percent_encode};
+use super::encoding::{
+    BASE64_STANDARD, BASE64_URL_SAFE, JsonControls, base64_aligned, json_escape, percent_encode,
+};
 use super::error::RunnerError;
 use super::spec::Secrets;
 
@@ -30,7 +32,8 @@ pub const MIN_DERIVED_LEN: usize = 6;
 ///   value can have inside a longer encoded string (as in HTTP basic auth `user:token`), keeping
 ///   only the characters fully determined by the value (the GitHub runner's "shifted" base64);
 /// - its URL (percent) encoding, uppercase hex, every byte outside `A-Za-z0-9-._~` escaped;
-/// - its JSON string escaping (`\"`, `\\`, `\n`, `\r`, `\t`, `\u00XX`).
+/// - its JSON string escaping (`\"`, `\\`, `\n`, `\r`, `\t`, `\u00XX`), with backspace and form
+///   feed both as `\b`, `\f` and as `\u0008`, `\u000c`: encoders differ there.
 ///
 /// Derived forms shorter than [`MIN_DERIVED_LEN`] are skipped. A derived form is only found
 /// where it appears as such: a value printed as hex, or piped through some other transformation,
@@ -222,7 +225,8 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     derived.push(percent_encode(value));
-    derived.push(json_escape(value));
+    derived.push(json_escape(value, JsonControls::Unicode));
+    derived.push(json_escape(value, JsonControls::Short));
     derived.retain(|d| d.len() >= MIN_DERIVED_LEN);
     derived.push(value.to_vec());
     derived
@@ -251,6 +255,29 @@ mod tests {
                 String::from_utf8_lossy(&encoded)
             );
         }
+    }
+
+    fn masked(secrets: &[&[u8]], stream: &[u8]) -> Vec<u8> {
+        let mut all = Secrets::new();
+        for (i, value) in secrets.iter().enumerate() {
+            all.insert(format!("S{i}"), value.to_vec()).unwrap();
+        }
+        let mut masker = Masker::new(&all).unwrap();
+        let mut out = Vec::new();
+        masker.feed(stream, &mut out);
+        masker.finish(&mut out);
+        out
+    }
+
+    /// Found by the `masker` fuzz target: a secret with a backspace, printed by serde_json
+    /// (`\b`, not `\u0008`), went through unmasked.
+    #[test]
+    fn json_with_short_escapes_for_backspace_and_form_feed_is_masked() {
+        let secret = b"\x01e\x03\0a\0\x08a\x01\0\0\0";
+        let printed = br"\u0001e\u0003\u0000a\u0000\ba\u0001\u0000\u0000\u0000";
+        assert_eq!(masked(&[secret, b""], &[&printed[..], b"la"].concat()), b"***la");
+        assert_eq!(masked(&[b"feed\x0cme"], br#"{"key":"feed\fme"}"#), br#"{"key":"***"}"#);
+        assert_eq!(masked(&[b"feed\x0cme"], br#"{"key":"feed\u000cme"}"#), br#"{"key":"***"}"#);
     }
 
     #[test]

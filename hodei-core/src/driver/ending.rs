@@ -26,7 +26,8 @@ pub(super) async fn park(live: &LiveSaga, reason: String) -> Option<RecordedEven
             tracing::warn!(reason = %reason, "saga taken over by another engine; no longer driven here");
             return None;
         }
-        // Not parked: the database may be restarting; the engine resumes it from its journal.
+        // Not parked: the database may be restarting, or the disk have room again soon; the
+        // engine resumes it from its journal once the store takes writes.
         Some(Halt::Unwritten) => {
             tracing::warn!(reason = %reason, "a journal write failed; the saga resumes once the store answers");
             return None;

@@ -40,9 +40,10 @@ pub(crate) struct Journal {
 pub(crate) enum Halt {
     /// The store refused a write because another engine owns the saga now.
     Fenced = 1,
-    /// A write failed on a store shared by several engines (the database went away): the saga
-    /// is resumed from its journal as the database has it, once it answers again, instead of
-    /// being parked for what may be a restart of the database.
+    /// A write failed on a store shared by several engines (the database went away), or on one
+    /// that says when it takes writes again (a full disk): the saga is resumed from its journal
+    /// as the store has it, once it answers again, instead of being parked for what may be a
+    /// restart of the database or space soon freed.
     Unwritten = 2,
 }
 
@@ -150,7 +151,9 @@ impl Journal {
     fn noted(&self, error: Error) -> Error {
         let halt = match &error {
             Error::Fenced(_) => Halt::Fenced,
-            Error::Storage { .. } if self.store.leases().is_some() => Halt::Unwritten,
+            Error::Storage { .. } if self.store.leases().is_some() || self.store.writable().is_some() => {
+                Halt::Unwritten
+            }
             // On a shared store the database's journal is the truth: one that moved on without
             // this driver (which should not happen while the epochs fence) is read again and
             // replayed, which is safe, rather than parking a saga that has nothing wrong.

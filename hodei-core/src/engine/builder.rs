@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use super::config::EngineConfig;
 use super::registry::Registry;
@@ -147,6 +147,7 @@ impl EngineBuilder {
             recovered: watch::Sender::new(false),
             beats: watch::Sender::new(0),
             unwritten: Mutex::default(),
+            halted: Arc::new(Notify::new()),
             resuming: Mutex::default(),
             config: self.config,
             resources,

@@ -44,9 +44,11 @@ impl SagaHandle {
     /// A parked saga is not finished: this keeps waiting until it is fixed and resumes, or
     /// fails with [`Error::EngineStopped`] when the engine shuts down first. On a store shared
     /// by several engines it waits wherever the saga runs: on another engine, or on this one
-    /// after a takeover (it looks again at every beat of the engine's lease).
+    /// after a takeover (it looks again at every beat of the engine's lease). A saga that a
+    /// failed write stopped (on a shared store, or a full disk) is waited for until it resumes.
     pub async fn outcome<O: DeserializeOwned>(&self) -> Result<Outcome<O>> {
-        let shared = self.inner.store.leases().is_some();
+        // Whether a saga this engine stopped driving may come back to it, or run elsewhere.
+        let shared = self.inner.store.leases().is_some() || self.inner.store.writable().is_some();
         let stopped = || Error::EngineStopped(self.id.clone());
         loop {
             let mut beats = self.inner.beats.subscribe();

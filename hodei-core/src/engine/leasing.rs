@@ -8,6 +8,7 @@ use tokio::sync::Notify;
 
 use super::state::{Engine, Inner};
 use crate::error::Error;
+use crate::event::SagaId;
 use crate::lock::lock;
 use crate::store::leases::APPLYING;
 use crate::store::{Posted, Renewal, Request};
@@ -141,30 +142,8 @@ impl Inner {
         let _one_at_a_time = lock(&self.resuming);
         // The database answers again: resume what a failed write stopped, from its journal
         // there (unless another engine took it meanwhile: then it is not in flight here).
-        let unwritten = std::mem::take(&mut *lock(&self.unwritten));
-        for id in unwritten {
-            if self.stopping() {
-                return;
-            }
-            // Lost while this engine could not write (its lease lapsed, and another took the
-            // saga): the new owner drives it, and running its step here too would repeat the
-            // step's side effect only to have the write refused.
-            if self.live(&id).is_some() || renewal.lost.contains(&id) {
-                continue;
-            }
-            match self.store.record(&id) {
-                Ok(Some(record)) if !record.status.is_final() => {
-                    tracing::info!(saga.id = %id, "resuming a saga after a failed journal write");
-                    if let Err(e) = self.adopt(record) {
-                        tracing::error!(saga.id = %id, error = %e, "the saga could not be resumed");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(saga.id = %id, error = %e, "the saga is resumed at a later beat");
-                    lock(&self.unwritten).push(id);
-                }
-            }
+        if !self.resume_unwritten(&renewal.lost) {
+            return;
         }
         for record in renewal.claimed {
             // Left to the next engine to look once this one has stopped.
@@ -180,5 +159,35 @@ impl Inner {
                 tracing::error!(saga.id = %id, error = %e, "a claimed saga could not be resumed");
             }
         }
+    }
+
+    /// Resumes, from the store's journal, the sagas a failed write stopped, but those in
+    /// `lost`: another engine took them while this one could not write, and drives them, so
+    /// running their step here too would repeat the step's side effect only to have the write
+    /// refused. False once the engine stops. The caller holds `resuming`.
+    pub(super) fn resume_unwritten(self: &Arc<Self>, lost: &[SagaId]) -> bool {
+        let unwritten = std::mem::take(&mut *lock(&self.unwritten));
+        for id in unwritten {
+            if self.stopping() {
+                return false;
+            }
+            if self.live(&id).is_some() || lost.contains(&id) {
+                continue;
+            }
+            match self.store.record(&id) {
+                Ok(Some(record)) if !record.status.is_final() => {
+                    tracing::info!(saga.id = %id, "resuming a saga after a failed journal write");
+                    if let Err(e) = self.adopt(record) {
+                        tracing::error!(saga.id = %id, error = %e, "the saga could not be resumed");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(saga.id = %id, error = %e, "the saga is resumed later");
+                    lock(&self.unwritten).push(id);
+                }
+            }
+        }
+        true
     }
 }

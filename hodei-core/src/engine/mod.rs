@@ -23,6 +23,7 @@ mod purge;
 mod recovery;
 mod registry;
 mod requests;
+mod rewritable;
 mod shutdown;
 mod start;
 mod state;

@@ -16,7 +16,12 @@ impl Engine {
                 super::leasing::start(&self.inner, leases.beat(), leases.wake());
                 claimed
             }
-            None => self.inner.store.in_flight()?,
+            None => {
+                if let Some(writable) = self.inner.store.writable() {
+                    super::rewritable::start(&self.inner, writable);
+                }
+                self.inner.store.in_flight()?
+            }
         };
         tracing::info!(sagas = in_flight.len(), "resuming sagas in flight");
         for record in in_flight {

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tracing::Instrument;
 
 use super::config::EngineConfig;
@@ -48,12 +48,16 @@ pub(super) struct Inner {
     /// Set once recovery has adopted every saga in flight: drivers wait for it, so that a
     /// resumed parent finds its resumed children (recovery adopts in id order).
     pub(super) recovered: watch::Sender<bool>,
-    /// Counts the beats of the engine's lease on a shared store: whoever waits for a saga
-    /// that runs elsewhere looks again at each.
+    /// Counts the beats of the engine's lease on a shared store, and the rounds that resume
+    /// sagas a failed write stopped on a store that says when it takes writes again: whoever
+    /// waits for a saga that runs elsewhere, or not yet again, looks again at each.
     pub(super) beats: watch::Sender<u64>,
-    /// Sagas this engine stopped driving after a journal write failed (a shared store only):
-    /// resumed from the database's journal at the next beat that reaches it.
+    /// Sagas this engine stopped driving after a journal write failed (a shared store, or one
+    /// that says when it takes writes again): resumed from the store's journal at the next
+    /// beat that reaches the database, or once the store takes writes again.
     pub(super) unwritten: Mutex<Vec<SagaId>>,
+    /// Told when a saga joins `unwritten`.
+    pub(super) halted: Arc<Notify>,
     /// Held while the sagas of one lease renewal are resumed: renewals resume in order.
     pub(super) resuming: Mutex<()>,
     pub(super) config: EngineConfig,
@@ -120,11 +124,13 @@ impl Inner {
         tracing::warn!(saga.id = %id, "saga taken over by another engine; no longer driven here");
     }
 
-    /// Stops driving a saga whose journal write failed on a shared store, to resume it from
-    /// the journal the database holds at a later beat.
+    /// Stops driving a saga whose journal write failed, to resume it from the journal the
+    /// store holds: at a later beat on a shared store, once the store takes writes again on
+    /// one that says when ([`EventStore::writable`]).
     pub(super) fn resume_later(&self, id: &SagaId) {
         lock(&self.live).remove(id);
         lock(&self.unwritten).push(id.clone());
+        self.halted.notify_one();
     }
 
     pub(super) fn new_live(&self, record: SagaRecord, next: u64, finished: bool) -> Arc<LiveSaga> {

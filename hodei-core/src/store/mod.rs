@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result, StorageError};
 use crate::event::{RecordedEvent, SagaId, SagaRecord};
@@ -27,7 +27,7 @@ mod postgres;
 mod sled;
 
 #[cfg(feature = "sled")]
-pub use self::sled::{SledOptions, SledStore};
+pub use self::sled::{DEFAULT_FREE_SPACE_RESERVE, SledError, SledOptions, SledStore};
 pub use leases::{Leases, Posted, Renewal, Request};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -106,6 +106,15 @@ pub trait EventStore: Send + Sync + fmt::Debug + 'static {
     fn leases(&self) -> Option<&dyn Leases> {
         None
     }
+
+    /// Whether the store takes writes, for a store that refuses them for a while and takes
+    /// them again on its own (the sled store on a full disk): a saga whose write fails then
+    /// stops, writing nothing more, and the engine resumes it from its journal once this is
+    /// `true` again, instead of parking it. `None`, the default: a failed write parks the saga
+    /// (unless the store has [`leases`](Self::leases), whose beat resumes it).
+    fn writable(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// A shared store is a store: lets several engines in turn (a restart in a test, say) or an
@@ -148,6 +157,9 @@ impl<T: EventStore + ?Sized> EventStore for Arc<T> {
     }
     fn leases(&self) -> Option<&dyn Leases> {
         (**self).leases()
+    }
+    fn writable(&self) -> Option<watch::Receiver<bool>> {
+        (**self).writable()
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::{Durable, EventStore, check_sequence};
 use crate::codec::{FORMAT_V1, decode_record, decode_record_versioned, encode_record};
@@ -17,14 +17,24 @@ use crate::event::{Event, RecordedEvent, SagaId, SagaRecord};
 use crate::observe::Observer;
 
 mod acknowledged;
+mod health;
 
 use acknowledged::{AckFile, MARKER_KEY, Position};
+use health::Health;
+pub use health::SledError;
 
 /// How long [`SledStore::open`] waits for a sled handle of this process that is still closing.
 const SLED_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 
+/// The default of [`SledOptions::free_space_reserve`]: 64 MiB.
+pub const DEFAULT_FREE_SPACE_RESERVE: u64 = 64 << 20;
+
+/// A key of sled's default tree written only to ask a failed sled whether it still takes
+/// writes (see [`SledStore`]'s `Drop`).
+const PROBE_KEY: &[u8] = b"hodei/probe";
+
 /// How [`SledStore::open_with`] opens a directory.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SledOptions {
     /// Opens a directory that lost acknowledged writes, or whose `ACKNOWLEDGED` file is
@@ -32,12 +42,33 @@ pub struct SledOptions {
     /// journal, and the loss is logged. Never the default: a saga whose progress was lost runs
     /// those steps again, and a finished one may be missing.
     pub accept_data_loss: bool,
+    /// The space, in bytes, that the data directory's filesystem must keep free for the store
+    /// to take a write: under it, writes are refused with [`SledError::NoSpace`] (nothing is
+    /// written), and taken again once there is room, without a restart. sled must never find
+    /// the filesystem full (see [`SledError`]); the reserve is what lets the writes already
+    /// taken be flushed, and sled write a node of its tree whole, which takes up to about
+    /// seventeen times the largest record (a payload and its events) and a 512 KiB segment.
+    /// [`DEFAULT_FREE_SPACE_RESERVE`] (64 MiB) covers records of up to 2 MiB, the engine's
+    /// default payload limit; raise it with that limit. 0 turns the check off.
+    pub free_space_reserve: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        Self { accept_data_loss: false, free_space_reserve: DEFAULT_FREE_SPACE_RESERVE }
+    }
 }
 
 impl SledOptions {
     /// See [`accept_data_loss`](Self::accept_data_loss).
     pub fn accept_data_loss(mut self, accept: bool) -> Self {
         self.accept_data_loss = accept;
+        self
+    }
+
+    /// See [`free_space_reserve`](Self::free_space_reserve).
+    pub fn free_space_reserve(mut self, bytes: u64) -> Self {
+        self.free_space_reserve = bytes;
         self
     }
 }
@@ -74,6 +105,12 @@ impl SledOptions {
 /// number to `ACKNOWLEDGED` beside `journal/`; a directory whose marker is older than that file
 /// lost acknowledged writes, and [`open`](Self::open) refuses it with [`Error::Damaged`] (see
 /// `acknowledged.rs`).
+///
+/// A full filesystem: sled must never meet one (it may hang), so every write first looks at the
+/// free space and is refused with [`SledError::NoSpace`], writing nothing, while it is under
+/// [`SledOptions::free_space_reserve`]; the store takes writes again once there is room. A write
+/// or flush that sled fails anyway ends the store's writes until the directory is opened again
+/// ([`SledError::Failed`]). See `health.rs`.
 #[derive(Debug)]
 pub struct SledStore {
     next_seq: SequenceShards,
@@ -81,6 +118,7 @@ pub struct SledStore {
     records: sled::Tree,
     in_flight: sled::Tree,
     purging: sled::Tree,
+    health: Arc<Health>,
     flusher: Flusher,
     db: sled::Db,
     path: PathBuf,
@@ -99,7 +137,8 @@ impl SledStore {
     /// Opens (or creates) the store in `path`.
     ///
     /// Fails with [`Error::Locked`] if another process, or another store in this one, has it
-    /// open, and with [`Error::Damaged`] if it lost writes it had acknowledged.
+    /// open, and with [`Error::Damaged`] if it lost writes it had acknowledged. Keeps
+    /// [`DEFAULT_FREE_SPACE_RESERVE`] free on the filesystem.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, SledOptions::default())
     }
@@ -147,11 +186,15 @@ impl SledStore {
         let tree = |name: &str| db.open_tree(name).map_err(storage("opening a tree"));
         let (events, records, in_flight, purging) =
             (tree("events")?, tree("records")?, tree("in_flight")?, tree("purging")?);
-        let flusher = Flusher::start(db.clone(), ack, position).map_err(io("starting the flusher thread"))?;
+        let health = Health::new(&path, options.free_space_reserve);
+        let flusher = Flusher::start(db.clone(), ack, position, health.clone())
+            .map_err(io("starting the flusher thread"))?;
         let next_seq = SequenceShards::default();
-        let store = Self { next_seq, events, records, in_flight, purging, flusher, db, path, _lock: lock };
+        let store =
+            Self { next_seq, events, records, in_flight, purging, health, flusher, db, path, _lock: lock };
         for key in store.purging.iter().keys() {
             let key = key.map_err(storage("reading unfinished removals"))?;
+            store.room("finishing a removal")?;
             store.finish_removal(&key)?;
         }
         Ok(store)
@@ -176,10 +219,47 @@ impl SledStore {
     fn decode_record(id: &str, bytes: &[u8]) -> Result<SagaRecord> {
         decode_record(bytes).map_err(|reason| Error::CorruptRecord { saga: id.into(), seq: None, reason })
     }
+
+    /// Refuses a write that sled must not see: the store failed, or its filesystem is short of
+    /// the reserve. Checked once per call, before its first write.
+    fn room(&self, operation: &'static str) -> Result<()> {
+        self.health.room().map_err(|refusal| Error::Storage { operation, source: StorageError::new(refusal) })
+    }
+
+    /// What a write sled failed does: it ends the store's writes (see `health.rs`), and the
+    /// writers waiting for a flush that may never return are told at once.
+    fn failed(&self, operation: &'static str) -> impl FnOnce(sled::Error) -> Error + '_ {
+        move |e| {
+            let source = StorageError::new(e);
+            self.health.fail_write(source.clone());
+            self.flusher.fail_waiting(&source);
+            Error::Storage { operation, source }
+        }
+    }
+
+    /// A repair a read makes on its way (a record rebuilt, an index entry dropped): skipped
+    /// when the store takes no writes, since the next read makes it again.
+    fn repair(&self, write: impl FnOnce() -> sled::Result<()>) -> Result<()> {
+        if self.health.room().is_err() {
+            return Ok(());
+        }
+        write().map_err(self.failed("repairing a record"))
+    }
 }
 
 impl Drop for SledStore {
     fn drop(&mut self) {
+        // sled flushes as its last handle goes. One that failed a write mostly returns the
+        // failure to every write and flush after it, and goes at once; but one whose blob write
+        // failed does not know it failed, takes the probe, and would wait forever in that flush
+        // (see `health.rs`): it is left to the process's end, and so is the flusher thread,
+        // which may be waiting in one already. Its directory opens again in a new process.
+        if self.health.write_failed() && self.db.insert(PROBE_KEY, &[][..]).is_ok() {
+            tracing::error!(path = %self.path.display(), "a sled that may never finish a flush is left open until the process ends");
+            self.flusher.detach();
+            std::mem::forget(self.db.clone());
+            return;
+        }
         self.flusher.stop();
         // Writes made without waiting for durability still reach the disk on a clean close.
         let _ = self.db.flush();
@@ -246,27 +326,29 @@ impl EventStore for SledStore {
         let record_bytes = encode(id, None, record)?;
         let event_bytes = encode(id, Some(0), std::slice::from_ref(first))?;
         let name = id.as_str().as_bytes();
+        self.room("creating a saga")?;
         let mut shard = self.next_seq.shard(id);
         // Index first, so that a journal never exists unindexed. The first event is the commit
         // point and the existence check at once.
-        self.in_flight.insert(name, &[]).map_err(storage("creating a saga"))?;
+        self.in_flight.insert(name, &[]).map_err(self.failed("creating a saga"))?;
         let created = self
             .events
             .compare_and_swap(event_key(id, 0), None::<&[u8]>, Some(event_bytes))
-            .map_err(storage("creating a saga"))?;
+            .map_err(self.failed("creating a saga"))?;
         if created.is_err() {
             let existing = self.record_or_rebuild(id)?.ok_or_else(|| Error::SagaNotFound(id.clone()))?;
             if existing.status.is_final() {
-                self.in_flight.remove(name).map_err(storage("creating a saga"))?;
+                self.in_flight.remove(name).map_err(self.failed("creating a saga"))?;
             }
             return Ok(Some(existing));
         }
-        self.records.insert(name, record_bytes).map_err(storage("creating a saga"))?;
+        self.records.insert(name, record_bytes).map_err(self.failed("creating a saga"))?;
         shard.insert(id.clone(), 1);
         Ok(None)
     }
 
     fn append(&self, id: &SagaId, events: &[RecordedEvent], record: Option<&SagaRecord>) -> Result<()> {
+        self.room("appending")?;
         // Held across the write, so two appends to one saga cannot interleave between the
         // check and the insert.
         let mut shard = self.next_seq.shard(id);
@@ -290,7 +372,7 @@ impl EventStore for SledStore {
                     // it is never in flight unindexed.
                     self.in_flight
                         .insert(id.as_str().as_bytes(), &[])
-                        .map_err(storage("reopening a saga"))?;
+                        .map_err(self.failed("reopening a saga"))?;
                 }
                 self.read_journal(id)?.len() as u64
             }
@@ -301,7 +383,7 @@ impl EventStore for SledStore {
         }
         check_sequence(id, events, next)?;
         let value = encode(id, Some(next), events)?;
-        self.events.insert(event_key(id, next), value).map_err(storage("appending"))?;
+        self.events.insert(event_key(id, next), value).map_err(self.failed("appending"))?;
         shard.insert(id.clone(), next + events.len() as u64);
         if let Some(record) = record {
             self.write_record(record)?;
@@ -319,6 +401,10 @@ impl EventStore for SledStore {
 
     fn observe(&self, observer: Arc<dyn Observer>) {
         self.flusher.shared.observer.set(observer);
+    }
+
+    fn writable(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.health.writable())
     }
 
     fn history(&self, id: &SagaId) -> Result<Vec<RecordedEvent>> {
@@ -354,9 +440,7 @@ impl EventStore for SledStore {
                 Some(record) => out.push(record),
                 // Indexed, but the process died before the first event: the start was never
                 // acknowledged, so there is nothing to resume.
-                None => {
-                    self.in_flight.remove(&key).map_err(storage("repairing the in-flight index"))?;
-                }
+                None => self.repair(|| self.in_flight.remove(&key).map(drop))?,
             }
         }
         Ok(out)
@@ -398,11 +482,12 @@ impl EventStore for SledStore {
     }
 
     fn remove(&self, id: &SagaId) -> Result<()> {
+        self.room("removing a saga")?;
         self.next_seq.shard(id).remove(id);
         let name = id.as_str().as_bytes();
         // Marked first, so that a removal cut short by a crash is finished on the next open
         // instead of leaving half a journal behind.
-        self.purging.insert(name, &[]).map_err(storage("removing a saga"))?;
+        self.purging.insert(name, &[]).map_err(self.failed("removing a saga"))?;
         self.finish_removal(name)?;
         Ok(())
     }
@@ -415,9 +500,9 @@ impl SledStore {
         let name = record.id.as_str().as_bytes();
         self.records
             .insert(name, encode(&record.id, None, record)?)
-            .map_err(storage("updating a saga record"))?;
+            .map_err(self.failed("updating a saga record"))?;
         if record.status.is_final() {
-            self.in_flight.remove(name).map_err(storage("updating the in-flight index"))?;
+            self.in_flight.remove(name).map_err(self.failed("updating the in-flight index"))?;
         }
         Ok(())
     }
@@ -425,13 +510,13 @@ impl SledStore {
     fn finish_removal(&self, name: &[u8]) -> Result<()> {
         let mut prefix = name.to_vec();
         prefix.push(0xFF);
-        self.records.remove(name).map_err(storage("removing a saga"))?;
-        self.in_flight.remove(name).map_err(storage("removing a saga"))?;
+        self.records.remove(name).map_err(self.failed("removing a saga"))?;
+        self.in_flight.remove(name).map_err(self.failed("removing a saga"))?;
         for key in self.events.scan_prefix(&prefix).keys() {
             let key = key.map_err(storage("removing a saga"))?;
-            self.events.remove(key).map_err(storage("removing a saga"))?;
+            self.events.remove(key).map_err(self.failed("removing a saga"))?;
         }
-        self.purging.remove(name).map_err(storage("removing a saga"))?;
+        self.purging.remove(name).map_err(self.failed("removing a saga"))?;
         Ok(())
     }
 
@@ -451,9 +536,8 @@ impl SledStore {
             });
         };
         let record = SagaRecord::new(id.clone(), definition.clone(), *version, first.at);
-        self.records
-            .insert(id.as_str(), encode(id, None, &record)?)
-            .map_err(storage("repairing a record"))?;
+        let bytes = encode(id, None, &record)?;
+        self.repair(|| self.records.insert(id.as_str(), bytes).map(drop))?;
         Ok(Some(record))
     }
 
@@ -548,9 +632,14 @@ impl FlushObserver {
     }
 }
 
+type Waiter = oneshot::Sender<Result<(), StorageError>>;
+
 #[derive(Debug, Default)]
 struct FlushQueue {
-    waiters: Vec<oneshot::Sender<Result<(), StorageError>>>,
+    waiters: Vec<Waiter>,
+    /// The waiters of the flush under way: here, not on the flusher's stack, so that a write
+    /// that fails meanwhile can answer them (the flush may never return; see `health.rs`).
+    flushing: Vec<Waiter>,
     closed: bool,
 }
 
@@ -562,13 +651,14 @@ impl FlushShared {
 
 impl Flusher {
     /// Starts the flusher thread. Each flush writes its marker into sled first, and records its
-    /// number in `ack` before it wakes anyone (see `acknowledged.rs`).
-    fn start(db: sled::Db, ack: AckFile, mut last: Position) -> std::io::Result<Self> {
+    /// number in `ack` before it wakes anyone (see `acknowledged.rs`). A flush that fails ends
+    /// the store's writes (`health`), and none is tried after that: the writers are told.
+    fn start(db: sled::Db, ack: AckFile, mut last: Position, health: Arc<Health>) -> std::io::Result<Self> {
         let shared = Arc::new(FlushShared::default());
         let worker = shared.clone();
         let thread = std::thread::Builder::new().name("hodei-flusher".into()).spawn(move || {
             loop {
-                let batch = {
+                let writers = {
                     let mut queue = worker.queue();
                     while queue.waiters.is_empty() && !queue.closed {
                         queue = worker.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
@@ -577,24 +667,47 @@ impl Flusher {
                         let _ = ack.sync();
                         return;
                     }
-                    std::mem::take(&mut queue.waiters)
+                    queue.flushing = std::mem::take(&mut queue.waiters);
+                    queue.flushing.len()
                 };
-                let position = last.next();
-                let began = Instant::now();
-                let result = flush_acknowledged(&db, &ack, position);
-                if result.is_ok() {
-                    last = position;
-                }
-                worker.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if let Some(observer) = worker.observer.get() {
-                    observer.journal_flushed(began.elapsed(), batch.len());
-                }
+                let result = match health.failure() {
+                    Some(failure) => Err(StorageError::new(failure)),
+                    None => {
+                        let position = last.next();
+                        let began = Instant::now();
+                        let result = flush_acknowledged(&db, &ack, position);
+                        match &result {
+                            Ok(()) => last = position,
+                            Err(e) => health.fail(e.clone()),
+                        }
+                        worker.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some(observer) = worker.observer.get() {
+                            observer.journal_flushed(began.elapsed(), writers);
+                        }
+                        result
+                    }
+                };
+                // Empty if a failed write answered them meanwhile.
+                let batch = std::mem::take(&mut worker.queue().flushing);
                 for waiter in batch {
                     let _ = waiter.send(result.clone());
                 }
             }
         })?;
         Ok(Self { shared, thread: Some(thread) })
+    }
+
+    /// Answers every writer waiting for a flush, the one under way included, with `failure`.
+    fn fail_waiting(&self, failure: &StorageError) {
+        let waiting = {
+            let mut queue = self.shared.queue();
+            let mut waiting = std::mem::take(&mut queue.flushing);
+            waiting.append(&mut queue.waiters);
+            waiting
+        };
+        for waiter in waiting {
+            let _ = waiter.send(Err(failure.clone()));
+        }
     }
 
     fn request(&self) -> Durable {
@@ -615,6 +728,13 @@ impl Flusher {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+
+    /// Stops the thread without waiting for it: it may be in a flush that never returns.
+    fn detach(&mut self) {
+        self.shared.queue().closed = true;
+        self.shared.wake.notify_one();
+        self.thread.take();
     }
 }
 
@@ -713,6 +833,33 @@ mod tests {
         assert_eq!(decode_payload::<(String, u32)>(read).unwrap(), input);
         let Event::SagaCompleted { output } = &history[1].event else { panic!("{history:?}") };
         assert_eq!(decode_payload::<(String, u32)>(output).unwrap(), input);
+    }
+
+    /// Under the free space reserve nothing reaches sled: the write is refused, typed, and
+    /// the store says it takes no writes. (`tests/full_disk.rs` fills a real filesystem.)
+    #[test]
+    fn a_write_under_the_free_space_reserve_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SledStore::open_with(dir.path(), SledOptions::default().free_space_reserve(u64::MAX)).unwrap();
+        let id = SagaId::new("s").unwrap();
+        let record = SagaRecord::new(id.clone(), "d".into(), 1, Timestamp(0));
+        let first = RecordedEvent {
+            seq: 0,
+            at: Timestamp(0),
+            event: Event::SagaStarted { definition: "d".into(), version: 1, input: vec![] },
+        };
+        let refused = store.create(&record, &first).unwrap_err();
+        let Error::Storage { operation: "creating a saga", source } = &refused else { panic!("{refused:?}") };
+        let refusal = std::error::Error::source(source).and_then(|s| s.downcast_ref::<SledError>());
+        assert!(
+            matches!(refusal, Some(SledError::NoSpace { path, reserve: u64::MAX, .. }) if path == dir.path()),
+            "{refused}"
+        );
+        assert!(!*store.writable().unwrap().borrow());
+        assert!(store.history(&id).unwrap().is_empty());
+        assert!(store.in_flight().unwrap().is_empty());
+        assert!(store.record(&id).unwrap().is_none());
     }
 
     #[test]

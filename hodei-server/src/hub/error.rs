@@ -88,10 +88,10 @@ impl HubError {
     /// Whether running the job again may succeed: the worker went away, not the job.
     pub fn is_retryable(&self) -> bool {
         // A shared database that failed (restarted, a connection dropped) may answer the next
-        // attempt.
+        // attempt, and a full disk have room by then.
         match self {
             Self::WorkerLost { .. } | Self::UnknownWorker { .. } => true,
-            Self::Logs { source, .. } => source.is_unavailable(),
+            Self::Logs { source, .. } => source.is_unavailable() || source.is_no_space(),
             _ => false,
         }
     }

@@ -62,14 +62,7 @@ impl Hub {
         let (shutdown, stopped) = watch::channel(false);
         // Sessions see the shutdown too: a graceful stop waits for open streams, and these only
         // end when the agent goes.
-        let service = SessionService {
-            config: self.config.clone(),
-            registry: self.registry.clone(),
-            logs: self.logs.clone(),
-            pki: self.pki.clone(),
-            metrics: self.metrics.clone(),
-            stopped: stopped.clone(),
-        };
+        let service = self.session_service(stopped.clone());
         if let Some(logs) = self.logs.as_ref().filter(|logs| logs.is_shared()) {
             tokio::spawn(super::cancels::forward_cancels(
                 Arc::downgrade(&self.registry),
@@ -78,14 +71,29 @@ impl Hub {
             ));
         }
         let tls = self.pki.mtls_server_config(identity);
-        // A batch is at most what Welcome announces, plus its framing; gRPC's 4 MiB default
-        // stays the floor so that other messages keep their room.
-        let max_message = usize::try_from(self.config.log_batch_max_bytes)
+        let server = ControlPlaneServer::new(service).max_decoding_message_size(self.max_session_message());
+        serve("session", listener, tls, server, h2_window(&self.config), (shutdown, stopped))
+    }
+
+    /// What serves `Session`, ending its sessions once `stopped` says so.
+    pub(super) fn session_service(&self, stopped: watch::Receiver<bool>) -> SessionService {
+        SessionService {
+            config: self.config.clone(),
+            registry: self.registry.clone(),
+            logs: self.logs.clone(),
+            pki: self.pki.clone(),
+            metrics: self.metrics.clone(),
+            stopped,
+        }
+    }
+
+    /// The largest message a session decodes: a batch is at most what Welcome announces, plus
+    /// its framing; gRPC's 4 MiB default stays the floor so that other messages keep their room.
+    pub(super) fn max_session_message(&self) -> usize {
+        usize::try_from(self.config.log_batch_max_bytes)
             .unwrap_or(usize::MAX)
             .saturating_add(64 * 1024)
-            .max(4 * 1024 * 1024);
-        let server = ControlPlaneServer::new(service).max_decoding_message_size(max_message);
-        serve("session", listener, tls, server, h2_window(&self.config), (shutdown, stopped))
+            .max(4 * 1024 * 1024)
     }
 }
 

@@ -22,6 +22,8 @@ mod cancels;
 mod command;
 mod config;
 mod error;
+#[cfg(fuzzing)]
+pub(crate) mod fuzz;
 mod handle;
 mod jobs;
 mod listener;

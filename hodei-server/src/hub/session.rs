@@ -51,7 +51,20 @@ impl ControlPlane for SessionService {
             .peer_certs()
             .and_then(|chain| chain.first().cloned())
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let mut inbound = request.into_inner();
+        self.open(peer.to_vec(), request.into_inner()).await.map(Response::new)
+    }
+}
+
+impl SessionService {
+    /// Opens the session of the worker whose verified client certificate (DER) is `peer`: its
+    /// `Hello` read from `inbound` and checked, `Welcome` queued, and the session's task spawned
+    /// on the rest of `inbound`. The stream returned carries what the hub sends, and ends with
+    /// the task.
+    pub(super) async fn open(
+        &self,
+        peer: Vec<u8>,
+        mut inbound: Streaming<AgentMessage>,
+    ) -> Result<ReceiverStream<Result<HubMessage, Status>>, Status> {
         let hello = match tokio::time::timeout(self.config.heartbeat_timeout, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within the heartbeat timeout")),
             Ok(message) => match message?.and_then(|m| m.kind) {
@@ -123,7 +136,7 @@ impl ControlPlane for SessionService {
             sync: LogSync::new(max_unsynced_bytes),
             pki: self.pki.clone(),
             metrics: self.metrics.clone(),
-            peer: peer.to_vec(),
+            peer,
             jobs: HashMap::new(),
             aliases: HashMap::new(),
             running: agent_jobs.clone(),
@@ -132,7 +145,7 @@ impl ControlPlane for SessionService {
             guard,
         };
         tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
-        Ok(Response::new(ReceiverStream::new(stream)))
+        Ok(ReceiverStream::new(stream))
     }
 }
 

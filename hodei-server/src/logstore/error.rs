@@ -110,11 +110,24 @@ impl LogStoreError {
         matches!(self, Self::Shared { .. })
     }
 
+    /// The filesystem of the store's directory is full, or the quota spent: what the call was
+    /// given is not stored (a write that did not fit is cut back to the acknowledged offset,
+    /// a result that did not fit is not there), and the same call may succeed once space is
+    /// freed, on the same store.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { source, .. }
+                if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+        )
+    }
+
     /// Whether the agent's resend from the acknowledged offsets, on its next session, can
-    /// store what this call did not: the store failed, or batches before this one were lost
-    /// on their way (a gap), rather than refusing what it was given.
+    /// store what this call did not: the store failed (the shared database, or a full disk),
+    /// or batches before this one were lost on their way (a gap), rather than refusing what it
+    /// was given.
     pub fn calls_for_resend(&self) -> bool {
-        matches!(self, Self::Shared { .. } | Self::Gap { .. })
+        matches!(self, Self::Shared { .. } | Self::Gap { .. }) || self.is_no_space()
     }
 }
 

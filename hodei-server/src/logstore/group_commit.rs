@@ -3,6 +3,8 @@
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
+#[cfg(test)]
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::disk::blocking;
@@ -59,7 +61,7 @@ impl LogStore {
                 }
                 handle.publish(&state);
             }
-            Ok(handle.lock().await?.status())
+            Ok(handle.lock().await?.acknowledge())
         }
         .await;
         self.release_if_closed(job, &handle);
@@ -95,6 +97,12 @@ impl LogStore {
 
     /// One fsync of a log file's data, timed for the metrics.
     async fn fsync(&self, file: &Arc<File>) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.failing_fsyncs.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok()
+        {
+            // EIO, as Linux reports a writeback that failed.
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
         let began = Instant::now();
         let synced = blocking({
             let file = Arc::clone(file);
@@ -105,5 +113,57 @@ impl LogStore {
             metrics.log_fsynced(began.elapsed());
         }
         synced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    const JOB: &str = "saga-1/build";
+    const OUT: LogStream = LogStream::Stdout;
+
+    async fn read(store: &LogStore) -> Vec<u8> {
+        store.read(JOB, OUT, 0, 1 << 20).await.unwrap().bytes
+    }
+
+    fn assert_failed_fsync(error: &LogStoreError) {
+        let LogStoreError::Io { operation: "syncing", source, .. } = error else { panic!("{error:?}") };
+        assert_eq!(source.raw_os_error(), Some(5), "{error:?}");
+    }
+
+    /// A failed fsync is never taken for success: what it was to cover is not acknowledged,
+    /// not read, and cut from the file, and the agent's resend from the acknowledged offset
+    /// stores it once the disk syncs again.
+    #[tokio::test]
+    async fn a_failed_fsync_acknowledges_nothing_it_covered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path()).await.unwrap();
+        assert_eq!(store.append(JOB, OUT, 0, b"first\n").await.unwrap().offset, 6);
+
+        // The group commit's sync.
+        store.write(JOB, OUT, 6, b"second\n".as_slice().into()).await.unwrap();
+        store.failing_fsyncs.store(1, Ordering::Release);
+        assert_failed_fsync(&store.sync(JOB).await.unwrap_err());
+        assert_eq!(store.status(JOB).await.unwrap().stdout.end, 6);
+        assert_eq!(read(&store).await, b"first\n");
+        let file = dir.path().join("logs/saga-1%2Fbuild/stdout.log");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 6);
+
+        // An append's own sync.
+        store.failing_fsyncs.store(1, Ordering::Release);
+        assert_failed_fsync(&store.append(JOB, OUT, 6, b"second\n").await.unwrap_err());
+        assert_eq!(store.status(JOB).await.unwrap().stdout.end, 6);
+        assert_eq!(read(&store).await, b"first\n");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 6);
+
+        // The resend, once fsyncs succeed again.
+        assert_eq!(store.append(JOB, OUT, 6, b"second\n").await.unwrap().offset, 13);
+        assert_eq!(read(&store).await, b"first\nsecond\n");
+        drop(store);
+        let store = LogStore::open(dir.path()).await.unwrap();
+        assert_eq!(read(&store).await, b"first\nsecond\n");
     }
 }

@@ -101,6 +101,15 @@ impl JobState {
         LogStatus { stdout: view(&self.stdout), stderr: view(&self.stderr), closed: self.closed }
     }
 
+    /// [`JobState::status`], given to a caller who may acknowledge it (see
+    /// [`StreamState::acknowledge`]).
+    pub(super) fn acknowledge(&mut self) -> LogStatus {
+        for stream in LogStream::ALL {
+            self.stream_mut(stream).acknowledge();
+        }
+        self.status()
+    }
+
     pub(super) fn record(&self) -> StateRecord {
         let cut = |s: &StreamState| s.truncated.then_some(Cut { at: s.stored, end: s.end });
         StateRecord { closed: self.closed, stdout: cut(&self.stdout), stderr: cut(&self.stderr) }

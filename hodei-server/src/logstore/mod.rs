@@ -39,6 +39,11 @@
 //! what was written before they record the end. Calls that write nothing (a resend the store
 //! already has, output past the cap) leave nothing to sync.
 //!
+//! A write or sync that fails is not acknowledged: the stream is cut back to what was synced
+//! before (the kernel may have dropped the pages a failed fsync could not write). A full disk
+//! is such a failure ([`LogStoreError::is_no_space`]): nothing of the batch or result that did
+//! not fit stays, and the same store takes the agent's resend once there is room.
+//!
 //! # The cap and its marker
 //!
 //! The cap is per stream ([`LogStoreConfig::max_stream_bytes`], default

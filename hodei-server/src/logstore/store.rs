@@ -29,6 +29,10 @@ pub struct LogStore {
     /// there, and the directory is only locked.
     #[cfg(feature = "postgres")]
     pub(super) shared: Option<Arc<super::shared::SharedLogs>>,
+    /// How many of the next fsyncs of log files fail, as a disk reporting a write error would:
+    /// the seam of the tests that check a failed fsync is never taken for success.
+    #[cfg(test)]
+    pub(super) failing_fsyncs: std::sync::atomic::AtomicU32,
     _lock: std::fs::File,
 }
 
@@ -60,6 +64,8 @@ impl LogStore {
             metrics: OnceLock::new(),
             #[cfg(feature = "postgres")]
             shared: None,
+            #[cfg(test)]
+            failing_fsyncs: std::sync::atomic::AtomicU32::new(0),
             _lock: lock,
         })
     }

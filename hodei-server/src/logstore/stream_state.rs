@@ -33,6 +33,14 @@ impl StreamState {
         Ack { offset, truncated: self.truncated }
     }
 
+    /// [`StreamState::ack`], given to a caller who may acknowledge it: from now on the bytes it
+    /// covers are as fixed as any acknowledged ones, and no resend may cut them as a torn tail
+    /// (a stream loaded from disk has synced bytes that no acknowledgement has covered yet).
+    pub(super) fn acknowledge(&mut self) -> Ack {
+        self.acked = self.acked.max(self.synced);
+        self.ack()
+    }
+
     pub(super) fn mark_synced(&mut self, upto: u64) {
         self.synced = self.synced.max(upto.min(self.stored));
         self.acked = self.acked.max(self.synced);

@@ -45,7 +45,7 @@ impl LogStore {
                 result = self.sync_locked(&handle.dir, &mut state, stream).await;
             }
             handle.publish(&state);
-            result.map(|()| state.stream_mut(stream).ack())
+            result.map(|()| state.stream_mut(stream).acknowledge())
         }
         .await;
         self.release_if_closed(job, &handle);

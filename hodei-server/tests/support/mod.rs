@@ -11,6 +11,7 @@ pub mod browser;
 pub mod node_sagas;
 pub mod sagas;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,15 +51,18 @@ pub struct Setup {
 impl Setup {
     /// A hub with a log store, and an agent connected to it.
     pub async fn new() -> Self {
+        let mut setup = Self::hub(Self::config()).await;
+        setup.start_agent().await;
+        setup
+    }
+
+    fn config() -> HubConfig {
         // Short batch delays keep the tests fast; the heartbeat never matters here.
-        let config = HubConfig::default()
+        HubConfig::default()
             .heartbeat(Duration::from_secs(5), Duration::from_secs(15))
             .log_batches(64 * 1024, Duration::from_millis(10))
             // Long enough for an agent restarted by a test to reconnect, short for a worker that never comes.
-            .worker_wait(Duration::from_secs(2));
-        let mut setup = Self::hub(config).await;
-        setup.start_agent().await;
-        setup
+            .worker_wait(Duration::from_secs(2))
     }
 
     /// A hub with a log store and `config`, and no agent yet.
@@ -68,9 +72,21 @@ impl Setup {
 
     /// [`Setup::hub`] with its PKI configured by `pki`.
     pub async fn hub_with_pki(config: HubConfig, pki: PkiConfig) -> Self {
+        Self::hub_in(config, pki, None).await
+    }
+
+    /// [`Setup::new`], with the log store in `store` (a small filesystem, say).
+    pub async fn with_logs_in(store: &Path) -> Self {
+        let mut setup = Self::hub_in(Self::config(), PkiConfig::default(), Some(store)).await;
+        setup.start_agent().await;
+        setup
+    }
+
+    async fn hub_in(config: HubConfig, pki: PkiConfig, store: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = Arc::new(HubPki::open(&dir.path().join("hub"), pki).unwrap());
-        let logs = Arc::new(LogStore::open(dir.path().join("store")).await.unwrap());
+        let store = store.map_or_else(|| dir.path().join("store"), Path::to_path_buf);
+        let logs = Arc::new(LogStore::open(store).await.unwrap());
         let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
         let registration =
