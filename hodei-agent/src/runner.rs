@@ -56,7 +56,8 @@
 //! # Metrics
 //!
 //! See [`CgroupMode`] and [`MetricsSource`]: a cgroup v2 of the job's own when the agent's cgroup
-//! delegates the memory controller, `/proc/<pid>` of the main process otherwise.
+//! delegates the memory controller, `/proc/<pid>` of the main process otherwise. A job cgroup
+//! also holds the job's [`JobSpec::memory_limit`], so a job with a limit needs one.
 
 mod batch;
 mod encoding;
@@ -188,6 +189,11 @@ pub struct JobResult {
     /// A process outside the job's group still held stdout or stderr open a grace period after
     /// the main process exited; whatever it writes after that is not captured.
     pub pipes_held_open: bool,
+    /// The kernel's OOM killer killed a process of the job: the job went past its
+    /// [`JobSpec::memory_limit`], which kills every process of it at once (`exit` is then
+    /// SIGKILL), or the machine ran out of memory. Known only with a job cgroup (its
+    /// `memory.events`); always false without one.
+    pub oom_killed: bool,
     /// Resource usage.
     pub metrics: MetricsSummary,
 }
@@ -287,6 +293,14 @@ impl JobRunner {
 
         let mut command = command(&spec);
         let cgroup_parent = self.config.cgroup.usable_parent();
+        if spec.memory_limit.is_some() && cgroup_parent.is_none() {
+            return Err(RunnerError::InvalidSpec {
+                reason: format!(
+                    "a memory limit needs a cgroup of the job's own, and {:?} gives none here: no cgroup v2 directory whose cgroup.subtree_control enables memory",
+                    self.config.cgroup
+                ),
+            });
+        }
 
         let started = Instant::now();
         let spawn_failed = |source| RunnerError::Spawn {
@@ -317,8 +331,16 @@ impl JobRunner {
         };
         let guard = GroupGuard::new(pgid, sentinel);
 
-        let source = match cgroup_parent.map(|parent| metrics::create_job_cgroup(&parent, pid)) {
+        let cgroup = cgroup_parent.map(|parent| metrics::create_job_cgroup(&parent, pid, spec.memory_limit));
+        let source = match cgroup {
             Some(Ok(path)) => MetricsSource::Cgroup { path },
+            // The guard kills the job on the way out: a limit asked for is never silently dropped.
+            Some(Err(source)) if spec.memory_limit.is_some() => {
+                return Err(RunnerError::Io {
+                    context: "making the cgroup that holds the job's memory limit",
+                    source,
+                });
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "no cgroup for the job, measuring it through /proc");
                 MetricsSource::Proc { pid }
@@ -487,7 +509,7 @@ impl Supervisor {
         let (reason, status) = match waited {
             Ok(done) => done,
             Err(e) => {
-                self.finish_cgroup().await;
+                let _ = self.finish_cgroup().await;
                 return Err(e);
             }
         };
@@ -505,7 +527,7 @@ impl Supervisor {
                 joined.await
             }
         };
-        self.finish_cgroup().await;
+        let oom_killed = self.finish_cgroup().await;
         let task_failed = |_| Err(RunnerError::TaskFailed { task: "output" });
         let stdout = stdout.unwrap_or_else(task_failed)?;
         let stderr = stderr.unwrap_or_else(task_failed)?;
@@ -529,6 +551,7 @@ impl Supervisor {
             stdout_bytes: stdout.bytes,
             stderr_bytes: stderr.bytes,
             pipes_held_open: stdout.left_open || stderr.left_open,
+            oom_killed,
             metrics: self.meter.summary(wall),
         })
     }
@@ -596,13 +619,14 @@ impl Supervisor {
         Ok((reason, status))
     }
 
-    /// Takes the cgroup's final reading and removes it. After the pipes have closed, so that
-    /// every process's CPU time is in.
-    async fn finish_cgroup(&self) {
-        if let MetricsSource::Cgroup { path } = self.meter.source() {
-            self.meter.sample().await;
-            metrics::remove_job_cgroup(path).await;
-        }
+    /// Takes the cgroup's final reading and removes it, and says whether the OOM killer killed
+    /// a process of the job. After the pipes have closed, so that every process's CPU time is in.
+    async fn finish_cgroup(&self) -> bool {
+        let MetricsSource::Cgroup { path } = self.meter.source() else { return false };
+        self.meter.sample().await;
+        let oom_killed = metrics::oom_killed(path).await;
+        metrics::remove_job_cgroup(path).await;
+        oom_killed
     }
 }
 

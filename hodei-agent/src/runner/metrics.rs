@@ -107,21 +107,24 @@ impl CgroupMode {
     }
 }
 
-/// Creates the job's cgroup under `parent` and moves `pid` into it.
+/// Creates the job's cgroup under `parent`, sets its memory limit, and moves `pid` into it.
 ///
-/// Processes the job forks before the move stay in the agent's cgroup: the window is the few
-/// microseconds between `spawn` returning and this write (closing it needs `clone3` with
+/// Processes the job forks before the move stay in the agent's cgroup, and memory it touches
+/// before the move stays charged there, outside the limit: the window is the few microseconds
+/// between `spawn` returning and this write (closing it needs `clone3` with
 /// `CLONE_INTO_CGROUP`, which the standard library does not offer). For a script job the window
 /// is harmless, since the interpreter forks nothing before it has read its stdin, which the
 /// runner writes only after the move.
-pub(crate) fn create_job_cgroup(parent: &Path, pid: u32) -> io::Result<PathBuf> {
+pub(crate) fn create_job_cgroup(parent: &Path, pid: u32, memory_limit: Option<u64>) -> io::Result<PathBuf> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let path = parent.join(format!("hodei-job-{}-{seq}", std::process::id()));
     std::fs::create_dir(&path)?;
     // Checked before the move: a cgroup with a process in it cannot be removed again.
     let moved = if path.join("memory.current").is_file() {
-        std::fs::write(path.join("cgroup.procs"), pid.to_string())
+        memory_limit
+            .map_or(Ok(()), |limit| limit_memory(&path, limit))
+            .and_then(|()| std::fs::write(path.join("cgroup.procs"), pid.to_string()))
     } else {
         Err(io::Error::new(io::ErrorKind::Unsupported, "no memory controller in the job cgroup"))
     };
@@ -130,6 +133,25 @@ pub(crate) fn create_job_cgroup(parent: &Path, pid: u32) -> io::Result<PathBuf> 
         return Err(e);
     }
     Ok(path)
+}
+
+/// The limit holds for the job as a whole: `memory.oom.group` makes the OOM killer take every
+/// process of the job at once, so a job is never left running with one of its processes gone.
+/// Swap would let the job go on past the limit at a crawl instead, so it gets none (the file
+/// exists only where the kernel accounts swap).
+fn limit_memory(path: &Path, limit: u64) -> io::Result<()> {
+    std::fs::write(path.join("memory.max"), limit.to_string())?;
+    std::fs::write(path.join("memory.oom.group"), "1")?;
+    match std::fs::write(path.join("memory.swap.max"), "0") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether the OOM killer killed a process of the job, from its cgroup's `memory.events`.
+pub(crate) async fn oom_killed(path: &Path) -> bool {
+    let events = tokio::fs::read_to_string(path.join("memory.events")).await;
+    events.ok().as_deref().and_then(|e| parse_event_count(e, "oom_kill")).is_some_and(|n| n > 0)
 }
 
 /// Kills whatever is in the job's cgroup, including processes that left its process group.
@@ -294,6 +316,11 @@ fn parse_single_u64(text: &str) -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// One counter of a flat keyed file such as `memory.events`.
+fn parse_event_count(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// utime + stime + cutime + cstime of a `/proc/<pid>/stat`, in clock ticks.
 fn parse_proc_stat_ticks(text: &str) -> Option<u64> {
     // The command name is in parentheses and may itself hold spaces and parentheses: fields are
@@ -342,6 +369,14 @@ mod tests {
         assert_eq!(parse_cpu_stat_usage(text), Some(Duration::from_micros(1_234_567)));
         assert_eq!(parse_cpu_stat_usage("user_usec 5\n"), None);
         assert_eq!(parse_cpu_stat_usage("usage_usec lots\n"), None);
+    }
+
+    #[test]
+    fn memory_events() {
+        let text = "low 0\nhigh 0\nmax 17\noom 2\noom_kill 1\noom_group_kill 1\n";
+        assert_eq!(parse_event_count(text, "oom_kill"), Some(1));
+        assert_eq!(parse_event_count(text, "max"), Some(17));
+        assert_eq!(parse_event_count("oom_group_kill 1\n", "oom_kill"), None);
     }
 
     #[test]
@@ -406,7 +441,7 @@ mod tests {
     #[test]
     fn a_job_cgroup_without_memory_accounting_is_removed_again() {
         let dir = tempfile::tempdir().unwrap();
-        let err = create_job_cgroup(dir.path(), std::process::id()).unwrap_err();
+        let err = create_job_cgroup(dir.path(), std::process::id(), Some(1 << 20)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Unsupported);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the job directory was removed");
     }

@@ -81,6 +81,15 @@ pub struct JobSpec {
     /// How long a stopped job gets between SIGTERM and SIGKILL, and how long its output pipes
     /// may stay open after its main process has exited.
     pub grace: Duration,
+    /// The most memory the job's processes may use together, in bytes: its cgroup's
+    /// `memory.max`, with no swap on top. Past it the kernel kills the whole job
+    /// ([`JobResult::oom_killed`](super::JobResult::oom_killed)). Only a job cgroup can hold a
+    /// limit, so a job with one fails to start where the runner cannot make a cgroup. A script
+    /// job is under the limit from its first command; a command job from a moment after its
+    /// spawn, when the runner has moved it into its cgroup (what it forks or touches before that
+    /// stays outside).
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
 }
 
 impl JobSpec {
@@ -112,6 +121,7 @@ impl JobSpec {
             working_dir: None,
             timeout: None,
             grace: DEFAULT_GRACE,
+            memory_limit: None,
         }
     }
 
@@ -147,6 +157,13 @@ impl JobSpec {
     #[must_use]
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// Sets the memory limit ([`JobSpec::memory_limit`]).
+    #[must_use]
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
         self
     }
 
@@ -203,6 +220,9 @@ impl JobSpec {
         let invalid = |reason: String| Err(RunnerError::InvalidSpec { reason });
         if self.program().is_empty() {
             return invalid("the program is empty".into());
+        }
+        if self.memory_limit == Some(0) {
+            return invalid("a memory limit of 0 bytes kills the job before it runs".into());
         }
         if self.is_shell_script()
             && let Some(flag) = self.args().iter().find(|a| a.as_str() == "-s" || a.as_str() == "-c")
