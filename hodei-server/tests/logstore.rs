@@ -391,7 +391,12 @@ async fn a_torn_tail_after_a_crash_is_neither_duplicated_nor_kept_as_garbage() {
     for (name, tail) in [("prefix", &batch[..7]), ("zeros", &[0u8; 7][..]), ("long garbage", &[0u8; 64][..])]
     {
         let (_dir, store) = crashed_with_tail(b"acknowledged\n", tail).await;
+        // Nothing on disk was confirmed in this run: a hub tells the agent to resend from its
+        // own last acknowledgement, so that the resend reaches the tail.
+        let loaded = store.status("j").await.expect(name).stdout;
+        assert_eq!((loaded.end, loaded.confirmed), (13 + tail.len() as u64, 0), "{name}");
         let ack = store.append("j", OUT, 13, batch).await.expect(name);
+        assert_eq!(store.status("j").await.expect(name).stdout.confirmed, ack.offset, "{name}");
         assert_eq!(ack.offset, 13 + batch.len() as u64, "{name}");
         assert_eq!(read_all(&store, "j", OUT, 64).await, [&b"acknowledged\n"[..], batch].concat(), "{name}");
         // Once the resend is acknowledged, those bytes are as fixed as any others.

@@ -96,8 +96,12 @@ impl JobState {
 
     /// What readers see: only synced bytes.
     pub(super) fn status(&self) -> LogStatus {
-        let view =
-            |s: &StreamState| StreamStatus { end: s.ack().offset, stored: s.synced, truncated: s.truncated };
+        let view = |s: &StreamState| StreamStatus {
+            end: s.ack().offset,
+            stored: s.synced,
+            truncated: s.truncated,
+            confirmed: s.confirmed(),
+        };
         LogStatus { stdout: view(&self.stdout), stderr: view(&self.stderr), closed: self.closed }
     }
 

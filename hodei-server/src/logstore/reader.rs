@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn the_marker_comes_once_where_bytes_were_dropped() {
-        let cut = StreamStatus { end: 30, stored: 5, truncated: true };
+        let cut = StreamStatus { end: 30, stored: 5, truncated: true, confirmed: 30 };
         let status = LogStatus { stdout: cut, closed: true, ..LogStatus::default() };
         let chunk = chunk_of(&status, LogStream::Stdout, 0, b"hello".to_vec());
         assert!(

@@ -324,11 +324,10 @@ impl SharedLogs {
         for row in &rows {
             status.closed = row.get(0);
             let Some(stream) = row.get::<_, Option<i16>>(1).and_then(stream_of) else { continue };
-            *status.stream_mut(stream) = StreamStatus {
-                end: offset_of(row.get(2)),
-                stored: offset_of(row.get(3)),
-                truncated: row.get(4),
-            };
+            // Rows are written in one transaction each, so nothing here is a torn tail.
+            let end = offset_of(row.get(2));
+            *status.stream_mut(stream) =
+                StreamStatus { end, stored: offset_of(row.get(3)), truncated: row.get(4), confirmed: end };
         }
         Ok(status)
     }

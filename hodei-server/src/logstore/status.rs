@@ -24,6 +24,12 @@ pub struct StreamStatus {
     pub stored: u64,
     /// The stream reached its cap.
     pub truncated: bool,
+    /// Where an agent still holding the job resumes: every byte below was acknowledged to an
+    /// agent, or matched its resend, in this store's run. Between here and `end` lie bytes found
+    /// on disk at start that no agent has confirmed: a write that a crash cut short may have
+    /// left its tail as zeros there, and only the agent's resend over them can find and repair
+    /// it (see the module's Recovery).
+    pub confirmed: u64,
 }
 
 impl StreamStatus {

@@ -33,6 +33,13 @@ impl StreamState {
         Ack { offset, truncated: self.truncated }
     }
 
+    /// Where an agent resumes (`StreamStatus::confirmed`): the acknowledgement once every synced
+    /// byte is acknowledged; below a tail loaded from disk that none has covered, the last
+    /// acknowledged offset, so that the agent's resend reaches the tail.
+    pub(super) fn confirmed(&self) -> u64 {
+        if self.acked >= self.synced { self.ack().offset } else { self.acked }
+    }
+
     /// [`StreamState::ack`], given to a caller who may acknowledge it: from now on the bytes it
     /// covers are as fixed as any acknowledged ones, and no resend may cut them as a torn tail
     /// (a stream loaded from disk has synced bytes that no acknowledgement has covered yet).
