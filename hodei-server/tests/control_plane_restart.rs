@@ -187,6 +187,22 @@ fn a_job_survives_a_killed_control_plane_and_its_log_has_every_line_once() {
     if std::env::var(CHILD_DIR).is_ok() {
         return;
     }
+    kill_and_restart(None);
+}
+
+/// The kill leaves a torn tail: the log file ends in zeros that were never acknowledged, as a
+/// file system that grew the file but never wrote its blocks leaves it. The restarted hub must
+/// not announce those zeros as stored, or the agent, which holds the real bytes, would drop
+/// them: it resumes the agent from its own acknowledgement, and the resend replaces the zeros.
+#[test]
+fn a_torn_tail_left_by_the_kill_is_replaced_by_the_agents_resend() {
+    if std::env::var(CHILD_DIR).is_ok() {
+        return;
+    }
+    kill_and_restart(Some(4096));
+}
+
+fn kill_and_restart(torn_tail: Option<usize>) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("control-plane");
     std::fs::create_dir(&dir).unwrap();
@@ -236,6 +252,13 @@ fn a_job_survives_a_killed_control_plane_and_its_log_has_every_line_once() {
     let mut first = reaper.0.remove(0);
     first.kill().unwrap();
     first.wait().unwrap();
+    if let Some(zeros) = torn_tail {
+        let mut files = Vec::new();
+        files_under(&dir.join("store"), &mut files);
+        let stdout = files.iter().find(|f| f.ends_with("stdout.log")).expect("the job's stdout file");
+        let mut file = std::fs::OpenOptions::new().append(true).open(stdout).unwrap();
+        file.write_all(&vec![0; zeros]).unwrap();
+    }
 
     // The job finishes its second half while no control plane is up.
     let (from, to) = (from_test.clone(), to_test.clone());

@@ -52,6 +52,10 @@ impl SessionTask {
                             let _ = reply.send(Err(HubError::Logs { job_id, source: e }));
                             return Flow::Continue(());
                         }
+                        // Handed to the worker before it can answer: from now on its output,
+                        // acceptance and result are taken, and no other worker's.
+                        self.conduct.assigned(&job_id);
+                        self.guard.holders().hand(&job_id, &worker_id);
                         // Sent even for a job the agent holds: it then goes on, and its output and
                         // result come as they would have. Recorded as pending after the send,
                         // which touches nothing else, so that the event names it without a copy.
@@ -89,6 +93,7 @@ impl SessionTask {
     async fn close_replaced(&self, previous: &[String], replacement: &str) {
         let Some(logs) = &self.logs else { return };
         for earlier in previous {
+            self.guard.holders().release(earlier);
             match logs.result(earlier).await {
                 Ok(Some(_)) => continue,
                 Ok(None) if logs.exists(earlier).await.unwrap_or(false) => {}
@@ -119,7 +124,13 @@ impl SessionTask {
     /// is found by the step when it asks again.
     pub(super) async fn result(&mut self, mut result: v1::JobResult) -> Flow {
         use prost::Message as _;
+        if let Err(refusal) = self.conduct.check_job(&result.job_id, "a result") {
+            return self.refuse(refusal).await;
+        }
         let job_id = result.job_id.clone();
+        // Nothing more of it is due on this session, stored or not: a result the store
+        // refused comes again on the agent's next session, listed in its `Hello`.
+        self.conduct.finished(&job_id);
         // Exported, not stored: they are the trace's, and a stored result is read again.
         let spans = std::mem::take(&mut result.spans);
         self.agent_jobs.remove(&job_id);
@@ -160,6 +171,7 @@ impl SessionTask {
         }
         let flow = match stored {
             Ok(()) => {
+                self.guard.holders().release(&job_id);
                 // Once: a result not stored is sent again, spans and all.
                 super::spans::export(&self.guard.worker_id, spans);
                 let flow =

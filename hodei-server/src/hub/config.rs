@@ -2,7 +2,19 @@
 
 use std::time::Duration;
 
-/// The session parameters the hub sets and announces in `Welcome`.
+/// The session parameters the hub sets and announces in `Welcome`, and the limits it holds a
+/// worker's session to.
+///
+/// What one session can make the hub hold, whatever its worker sends: the HTTP/2 windows
+/// (`2 × max_held_bytes` received and not yet read); one message being decoded and one being
+/// handled, each at most `log_batch_max_bytes` plus 64 KiB (4 MiB at least: larger ones end
+/// the session undecoded); output taken and not yet durable (below
+/// `2 × (2 × max_held_bytes + log_batch_max_bytes)` with the negotiated `max_held_bytes`:
+/// past half of it the session stops reading until a sync returns; [`Hub::held_log_bytes`]);
+/// and per job handed to it, its newest metrics sample and a few counters. A worker's output,
+/// results and samples reach only the jobs handed to it.
+///
+/// [`Hub::held_log_bytes`]: super::Hub::held_log_bytes
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HubConfig {
@@ -34,6 +46,14 @@ pub struct HubConfig {
     /// [`Hub::run_job`]: super::Hub::run_job
     /// [`HubError::UnknownWorker`]: super::HubError::UnknownWorker
     pub worker_wait: Duration,
+    /// The most metrics samples the hub takes for one job within [`HubConfig::metrics_window`];
+    /// the rest are dropped and counted ([`Hub::dropped_metric_samples`]). Default 20 per 10 s:
+    /// twice what an agent sampling every second sends.
+    ///
+    /// [`Hub::dropped_metric_samples`]: super::Hub::dropped_metric_samples
+    pub metrics_max_samples: u32,
+    /// The window [`HubConfig::metrics_max_samples`] counts in, from a job's first sample in it.
+    pub metrics_window: Duration,
 }
 
 impl Default for HubConfig {
@@ -45,6 +65,8 @@ impl Default for HubConfig {
             log_batch_max_delay: Duration::from_millis(200),
             worker_wait: Duration::from_secs(30),
             max_held_bytes: 8 * 1024 * 1024,
+            metrics_max_samples: 20,
+            metrics_window: Duration::from_secs(10),
         }
     }
 }
@@ -74,6 +96,22 @@ impl HubConfig {
     pub fn log_batches(mut self, max_bytes: u64, max_delay: Duration) -> Self {
         self.log_batch_max_bytes = max_bytes;
         self.log_batch_max_delay = max_delay;
+        self
+    }
+
+    /// The largest message a session decodes: a batch is at most what Welcome announces, plus
+    /// its framing; gRPC's 4 MiB default stays the floor so that other messages keep their room.
+    pub(super) fn max_session_message(&self) -> usize {
+        usize::try_from(self.log_batch_max_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 * 1024)
+            .max(4 * 1024 * 1024)
+    }
+
+    /// Sets the most metrics samples taken per job within `window`.
+    pub fn metrics_limit(mut self, max_samples: u32, window: Duration) -> Self {
+        self.metrics_max_samples = max_samples;
+        self.metrics_window = window;
         self
     }
 }

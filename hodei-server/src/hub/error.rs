@@ -2,10 +2,11 @@
 
 use std::io;
 
-use crate::logstore::LogStoreError;
+use crate::logstore::{LogStoreError, LogStream};
 use crate::pki::PkiError;
 
-/// What the hub can fail at while starting or running a listener.
+/// What the hub can fail at while starting or running a listener or a job, and what it refuses
+/// of a worker's session (a certificate proves who the worker is, not that it behaves).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HubError {
@@ -82,6 +83,59 @@ pub enum HubError {
         #[source]
         source: LogStoreError,
     },
+    /// A worker sent something for a job that was not handed to it (output, a result, an
+    /// acceptance, or a claim in its `Hello`). Its session is ended; nothing of it is stored.
+    #[error("worker `{worker_id}` sent {what} for job `{job_id}`, which is not assigned to it")]
+    NotAssigned {
+        /// The worker.
+        worker_id: String,
+        /// The job it named.
+        job_id: String,
+        /// What it sent.
+        what: &'static str,
+    },
+    /// A worker sent a log batch starting below what its session had already sent or been
+    /// told was stored: an agent resends only from where a session starts. Its session is
+    /// ended; nothing of the batch is stored.
+    #[error(
+        "worker `{worker_id}` sent {stream} of job `{job_id}` from offset {offset}, back from the {reached} it had reached"
+    )]
+    OffsetRewound {
+        /// The worker.
+        worker_id: String,
+        /// The job.
+        job_id: String,
+        /// The stream.
+        stream: LogStream,
+        /// Where the batch started.
+        offset: u64,
+        /// Where the session's output of that stream had reached.
+        reached: u64,
+    },
+    /// A worker sent a log batch over the size its session's `Welcome` set. Its session is
+    /// ended; nothing of the batch is stored.
+    #[error(
+        "worker `{worker_id}` sent a log batch of {len} bytes for job `{job_id}`, over the limit of {max}"
+    )]
+    BatchTooLarge {
+        /// The worker.
+        worker_id: String,
+        /// The job.
+        job_id: String,
+        /// The batch's size.
+        len: u64,
+        /// [`HubConfig::log_batch_max_bytes`](super::HubConfig::log_batch_max_bytes).
+        max: u64,
+    },
+    /// A worker sent a message larger than a session decodes; it was never decoded. Its
+    /// session is ended.
+    #[error("worker `{worker_id}` sent a message over the session's limit of {max} bytes")]
+    MessageTooLarge {
+        /// The worker.
+        worker_id: String,
+        /// The largest message a session decodes.
+        max: usize,
+    },
 }
 
 impl HubError {
@@ -93,6 +147,34 @@ impl HubError {
             Self::WorkerLost { .. } | Self::UnknownWorker { .. } => true,
             Self::Logs { source, .. } => source.is_unavailable() || source.is_no_space(),
             _ => false,
+        }
+    }
+
+    /// The job the error is about, if one.
+    pub(super) fn job_id(&self) -> Option<&str> {
+        match self {
+            Self::WorkerLost { job_id, .. }
+            | Self::DuplicateJob { job_id, .. }
+            | Self::Logs { job_id, .. }
+            | Self::NotAssigned { job_id, .. }
+            | Self::OffsetRewound { job_id, .. }
+            | Self::BatchTooLarge { job_id, .. } => Some(job_id),
+            _ => None,
+        }
+    }
+
+    /// The status a worker's session ends with when the hub refuses what it sent.
+    pub(super) fn refusal(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            Self::NotAssigned { .. } => tonic::Status::permission_denied(message),
+            Self::OffsetRewound { .. } => tonic::Status::invalid_argument(message),
+            Self::BatchTooLarge { .. } | Self::MessageTooLarge { .. } => {
+                tonic::Status::resource_exhausted(message)
+            }
+            // A batch past the stream's end (a gap), or a store that failed: the agent resends
+            // from what is stored, on its next session.
+            _ => tonic::Status::aborted(message),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::config::HubConfig;
+use super::held::HeldLogBytes;
 use super::metrics::Metrics;
 use super::registry::{Registry, WorkersWatch, jobs_snapshot, snapshot};
 use crate::logstore::LogStore;
@@ -52,6 +53,20 @@ impl Hub {
     /// job per sampling interval).
     pub fn subscribe_metrics(&self) -> tokio::sync::broadcast::Receiver<v1::MetricsSample> {
         self.metrics.samples.subscribe()
+    }
+
+    /// How many of `worker_id`'s metrics samples the hub dropped since it started: over a
+    /// job's rate ([`HubConfig::metrics_max_samples`]), or for a job not handed to the worker.
+    ///
+    /// [`HubConfig::metrics_max_samples`]: super::HubConfig::metrics_max_samples
+    pub fn dropped_metric_samples(&self, worker_id: &str) -> u64 {
+        self.metrics.dropped_count(worker_id)
+    }
+
+    /// The output `worker_id`'s open session has taken and not yet made durable, with its
+    /// peak and the bound it stays below; `None` if the worker is not connected.
+    pub fn held_log_bytes(&self, worker_id: &str) -> Option<HeldLogBytes> {
+        self.registry.held(worker_id)
     }
 
     /// The PKI, e.g. to issue registration tokens.

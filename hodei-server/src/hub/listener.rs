@@ -87,13 +87,9 @@ impl Hub {
         }
     }
 
-    /// The largest message a session decodes: a batch is at most what Welcome announces, plus
-    /// its framing; gRPC's 4 MiB default stays the floor so that other messages keep their room.
+    /// The largest message a session decodes ([`HubConfig::max_session_message`]).
     pub(super) fn max_session_message(&self) -> usize {
-        usize::try_from(self.config.log_batch_max_bytes)
-            .unwrap_or(usize::MAX)
-            .saturating_add(64 * 1024)
-            .max(4 * 1024 * 1024)
+        self.config.max_session_message()
     }
 }
 

@@ -20,11 +20,14 @@
 mod assignment;
 mod cancels;
 mod command;
+mod conduct;
 mod config;
 mod error;
 #[cfg(fuzzing)]
 pub(crate) mod fuzz;
 mod handle;
+mod held;
+mod holders;
 mod jobs;
 mod listener;
 mod metrics;
@@ -40,5 +43,6 @@ mod task;
 pub use config::HubConfig;
 pub use error::HubError;
 pub use handle::Hub;
+pub use held::HeldLogBytes;
 pub use listener::Listening;
 pub use registry::WorkersWatch;

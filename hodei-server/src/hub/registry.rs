@@ -9,6 +9,8 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, watch};
 
 use super::command::SessionCommand;
+use super::held::{HeldGauge, HeldLogBytes};
+use super::holders::Holders;
 
 /// One connected worker in the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +29,23 @@ pub(super) struct Connection {
 #[derive(Debug)]
 pub(super) struct Registry {
     pub(super) workers: watch::Sender<BTreeMap<String, Connection>>,
-    /// Each open session's command channel, by worker, with the session's connection id.
-    sessions: Mutex<HashMap<String, (u64, mpsc::Sender<SessionCommand>)>>,
+    /// Each open session's command channel and held output, by worker, with the session's
+    /// connection id.
+    sessions: Mutex<HashMap<String, Session>>,
     /// When each connected worker's last message (a heartbeat at the least) arrived. Kept out
     /// of the watch: a heartbeat is no change anyone waits for.
     heard: Mutex<HashMap<String, SystemTime>>,
     next_id: AtomicU64,
+    /// Which worker each running job was handed to, across sessions.
+    pub(super) holders: Holders,
+}
+
+/// How callers reach one open session.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    commands: mpsc::Sender<SessionCommand>,
+    held: Arc<HeldGauge>,
 }
 
 impl Registry {
@@ -43,6 +56,7 @@ impl Registry {
             sessions: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            holders: Holders::default(),
         }
     }
 
@@ -52,13 +66,14 @@ impl Registry {
         self: &Arc<Self>,
         worker_id: &str,
         commands: mpsc::Sender<SessionCommand>,
+        held: Arc<HeldGauge>,
         jobs: BTreeSet<String>,
     ) -> ConnectionGuard {
         let connection =
             Connection { since: SystemTime::now(), id: self.next_id.fetch_add(1, Ordering::Relaxed), jobs };
         // Before the watch announces the worker, so that whoever sees it listed can reach it.
         let id = connection.id;
-        self.sessions().insert(worker_id.to_owned(), (id, commands));
+        self.sessions().insert(worker_id.to_owned(), Session { id, commands, held });
         self.workers.send_modify(|workers| {
             workers.insert(worker_id.to_owned(), connection);
         });
@@ -68,7 +83,7 @@ impl Registry {
 
     /// The map is only ever held for an insert, a remove or a clone, which cannot panic midway,
     /// so a poisoned lock still holds a consistent map.
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<SessionCommand>)>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -82,7 +97,12 @@ impl Registry {
     }
 
     pub(super) fn commands(&self, worker_id: &str) -> Option<mpsc::Sender<SessionCommand>> {
-        self.sessions().get(worker_id).map(|(_, commands)| commands.clone())
+        self.sessions().get(worker_id).map(|session| session.commands.clone())
+    }
+
+    /// The output `worker_id`'s open session holds, taken and not yet durable.
+    pub(super) fn held(&self, worker_id: &str) -> Option<HeldLogBytes> {
+        self.sessions().get(worker_id).map(|session| session.held.read())
     }
 }
 
@@ -98,6 +118,11 @@ impl ConnectionGuard {
     /// Notes that a message of this session's worker arrived now.
     pub(super) fn heard(&self) {
         self.registry.heard().insert(self.worker_id.clone(), SystemTime::now());
+    }
+
+    /// Which worker each running job was handed to.
+    pub(super) fn holders(&self) -> &Holders {
+        &self.registry.holders
     }
 
     /// Publishes the jobs running on this session's worker.
@@ -116,7 +141,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let mut sessions = self.registry.sessions();
-        if sessions.get(&self.worker_id).is_some_and(|(id, _)| *id == self.id) {
+        if sessions.get(&self.worker_id).is_some_and(|session| session.id == self.id) {
             sessions.remove(&self.worker_id);
             self.registry.heard().remove(&self.worker_id);
         }

@@ -9,12 +9,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::conduct::{Conduct, refused};
 use super::config::HubConfig;
+use super::error::HubError;
 use super::metrics::Metrics;
 use super::registry::Registry;
-use super::sync::{LogSync, log_ack};
+use super::sync::{LogSync, resume_at};
 use super::task::SessionTask;
-use crate::logstore::{LogStore, LogStream};
+use crate::logstore::{LogStore, LogStoreError, LogStream};
 use crate::pki::HubPki;
 use hodei_agent::pki::check_peer_worker_id;
 use hodei_agent::protocol::v1::control_plane_server::ControlPlane;
@@ -75,11 +77,16 @@ impl SessionService {
         let protocol = negotiate(PROTOCOL, hello.protocol)?;
         check_peer_worker_id(&peer, &hello.worker_id)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
+        self.check_claims(&hello).await?;
+        let mut conduct = Conduct::new(&hello.worker_id, &self.config);
+        for job in &hello.jobs {
+            conduct.held(job.job_id.clone());
+        }
 
         // This session among the control plane's, for the store's record of who holds a job.
         static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let session_number = NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Where each job the agent still holds must resume: what the store already has.
+        // Where each job the agent still holds must resume: what the store has confirmed.
         let mut resume = Vec::new();
         let agent_jobs: HashSet<String> = hello.jobs.iter().map(|job| job.job_id.clone()).collect();
         if let Some(logs) = &self.logs {
@@ -90,7 +97,11 @@ impl SessionService {
                         tracing::warn!(worker = %hello.worker_id, job = %job.job_id, error = %e, "log status unreadable");
                         Status::internal("the control plane cannot read its log store")
                     })?;
-                    resume.extend(LogStream::ALL.map(|stream| log_ack(&job.job_id, stream, &status)));
+                    for stream in LogStream::ALL {
+                        let resumed = resume_at(&job.job_id, stream, &status);
+                        conduct.resumes(&resumed);
+                        resume.push(resumed);
+                    }
                     // A step on any control plane sharing the store waits for it from now on.
                     attached.push(job.job_id.clone());
                     logs.attach(&job.job_id, &hello.worker_id, session_number).await.map_err(|e| {
@@ -111,11 +122,17 @@ impl SessionService {
                 return Err(refused);
             }
         }
-        let (commands, command_rx) = mpsc::channel(16);
-        let guard = self.registry.connect(&hello.worker_id, commands, agent_jobs.iter().cloned().collect());
-        let (outbound, stream) = mpsc::channel(16);
         let max_held_bytes = negotiate_max_held_bytes(self.config.max_held_bytes, hello.max_held_bytes);
         let max_unsynced_bytes = usize::try_from(max_held_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+        let sync = LogSync::new(max_unsynced_bytes, self.config.log_batch_max_bytes);
+        let (commands, command_rx) = mpsc::channel(16);
+        let guard = self.registry.connect(
+            &hello.worker_id,
+            commands,
+            sync.held(),
+            agent_jobs.iter().cloned().collect(),
+        );
+        let (outbound, stream) = mpsc::channel(16);
         let welcome = Welcome {
             protocol: Some(protocol),
             heartbeat_interval_ms: millis(self.config.heartbeat_interval),
@@ -133,7 +150,8 @@ impl SessionService {
             outbound,
             commands: command_rx,
             logs: self.logs.clone(),
-            sync: LogSync::new(max_unsynced_bytes),
+            sync,
+            conduct,
             pki: self.pki.clone(),
             metrics: self.metrics.clone(),
             peer,
@@ -146,6 +164,38 @@ impl SessionService {
         };
         tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
         Ok(ReceiverStream::new(stream))
+    }
+}
+
+impl SessionService {
+    /// Refuses a `Hello` that claims a job handed to another worker, or one the store has no
+    /// log for (every job is given one before it is assigned): before the store is asked
+    /// anything of the job, so that a refused claim learns nothing of it.
+    async fn check_claims(&self, hello: &hodei_agent::protocol::v1::Hello) -> Result<(), Status> {
+        let worker_id = &hello.worker_id;
+        let claimed = |job_id: &str| HubError::NotAssigned {
+            worker_id: worker_id.clone(),
+            job_id: job_id.to_owned(),
+            what: "a claim in its Hello",
+        };
+        for job in &hello.jobs {
+            if let Some(holder) = self.registry.holders.other_than(&job.job_id, worker_id) {
+                tracing::debug!(worker = %worker_id, job = %job.job_id, %holder, "the job is another worker's");
+                return Err(refused(worker_id, &claimed(&job.job_id)));
+            }
+            let Some(logs) = &self.logs else { continue };
+            match logs.exists(&job.job_id).await {
+                Ok(true) => {}
+                Ok(false) | Err(LogStoreError::InvalidJobId { .. }) => {
+                    return Err(refused(worker_id, &claimed(&job.job_id)));
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %worker_id, job = %job.job_id, error = %e, "log store unreadable");
+                    return Err(Status::internal("the control plane cannot read its log store"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{Status, Streaming};
 
 use super::command::SessionCommand;
+use super::conduct::{Conduct, Sample, refused};
 use super::error::HubError;
 use super::metrics::Metrics;
 use super::registry::ConnectionGuard;
@@ -31,6 +32,8 @@ pub(super) struct SessionTask {
     pub(super) logs: Option<Arc<LogStore>>,
     /// The output written and not yet durable, and the sync in flight.
     pub(super) sync: LogSync,
+    /// The jobs handed to the worker, and what it may send for them.
+    pub(super) conduct: Conduct,
     pub(super) pki: Arc<HubPki>,
     pub(super) metrics: Arc<Metrics>,
     /// The agent's certificate (DER), which a rotation request must present.
@@ -106,13 +109,18 @@ impl SessionTask {
                 }
                 Ok(Ok(Some(message))) => message.kind,
                 Ok(Ok(None)) => break "the agent closed its stream",
+                Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                    // Only a message over the decoding limit makes the hub's own decoder fail so.
+                    let _ = self.refuse(self.conduct.message_too_large()).await;
+                    break "the agent sent a message over the session's limit";
+                }
                 Ok(Err(status)) => {
                     tracing::debug!(worker, %status, "session stream failed");
                     break "the agent's stream failed";
                 }
             };
             if self.message(kind).await.is_break() {
-                break "a message of the agent could not be handled, or the reply not sent";
+                break "a message of the agent was refused or could not be handled, or the reply not sent";
             }
             self.start_sync();
         };
@@ -148,6 +156,13 @@ impl SessionTask {
         }
     }
 
+    /// Ends the session over what its worker sent, telling the agent why.
+    pub(super) async fn refuse(&self, error: HubError) -> Flow {
+        let status = refused(&self.guard.worker_id, &error);
+        let _ = self.outbound.send(Err(status)).await;
+        Flow::Break(())
+    }
+
     async fn message(&mut self, kind: Option<agent_message::Kind>) -> Flow {
         self.guard.heard();
         let worker = self.guard.worker_id.as_str();
@@ -160,6 +175,9 @@ impl SessionTask {
                 Flow::Continue(())
             }
             Some(agent_message::Kind::Accepted(accepted)) => {
+                if let Err(refusal) = self.conduct.check_job(&accepted.job_id, "an acceptance") {
+                    return self.refuse(refusal).await;
+                }
                 tracing::info!(worker, job = %accepted.job_id, pid = accepted.pid, "job accepted");
                 self.running.insert(accepted.job_id.clone());
                 self.guard.set_jobs(&self.running);
@@ -169,7 +187,15 @@ impl SessionTask {
             Some(agent_message::Kind::Log(batch)) => self.log(batch).await,
             Some(agent_message::Kind::Result(result)) => self.result(result).await,
             Some(agent_message::Kind::Metrics(sample)) => {
-                self.metrics.record(sample);
+                match self.conduct.sample(&sample.job_id, tokio::time::Instant::now()) {
+                    Sample::Taken => self.metrics.record(sample),
+                    Sample::Dropped { warn } => {
+                        self.metrics.dropped(worker);
+                        if warn {
+                            tracing::warn!(worker, job = %sample.job_id, "metrics samples over the job's rate, or for a job not the worker's, dropped");
+                        }
+                    }
+                }
                 Flow::Continue(())
             }
             Some(agent_message::Kind::Rotate(request)) => self.rotate(request).await,
@@ -190,10 +216,20 @@ impl SessionTask {
             return Flow::Continue(());
         };
         let len = batch.data.len();
+        if let Err(refusal) = self.conduct.check_batch(&batch.job_id, stream, batch.offset, len) {
+            return self.refuse(refusal).await;
+        }
         match logs.write(&batch.job_id, stream, batch.offset, batch.data).await {
             Ok(()) => {
+                let end = batch.offset.saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+                self.conduct.took(&batch.job_id, stream, end);
                 self.sync.written(batch.job_id, stream, len);
                 Flow::Continue(())
+            }
+            // A batch past what the agent sent: told why, as for any refusal; its next session
+            // resends from what is stored.
+            Err(error @ LogStoreError::Gap { .. }) => {
+                self.refuse(HubError::Logs { job_id: batch.job_id, source: error }).await
             }
             Err(error) => self.log_failed(&batch.job_id, error),
         }

@@ -9,6 +9,7 @@ pub mod agent_binary;
 pub mod api;
 pub mod browser;
 pub mod node_sagas;
+pub mod raw_worker;
 pub mod sagas;
 
 use std::path::Path;
