@@ -60,9 +60,10 @@ fn percent_encoded(value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A JSON string's contents as the masker documents them: `\"`, `\\`, `\n`, `\r`, `\t`, and
-/// `\u00xx` for the other control characters.
-fn json_documented(value: &[u8]) -> Vec<u8> {
+/// A JSON string's contents as the masker documents them: `\"`, `\\`, `\n`, `\r`, `\t`,
+/// backspace and form feed as `\b` and `\f` or not (`short`), and `\u00xx` for the other
+/// control characters.
+fn json_documented(value: &[u8], short: bool) -> Vec<u8> {
     let mut out = Vec::new();
     for &b in value {
         match b {
@@ -71,6 +72,8 @@ fn json_documented(value: &[u8]) -> Vec<u8> {
             b'\n' => out.extend_from_slice(b"\\n"),
             b'\r' => out.extend_from_slice(b"\\r"),
             b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 if short => out.extend_from_slice(b"\\b"),
+            0x0c if short => out.extend_from_slice(b"\\f"),
             0..0x20 => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
             _ => out.push(b),
         }
@@ -84,6 +87,45 @@ fn json_written(value: &[u8]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(value).ok()?;
     let quoted = serde_json::to_string(text).ok()?;
     Some(quoted.as_bytes()[1..quoted.len() - 1].to_vec())
+}
+
+/// The JSON forms other encoders write, from the two above: Go's, with `<`, `>`, `&`, U+2028 and
+/// U+2029 as `\u` escapes, and Python's, with every non-ASCII character as `\u` escapes (UTF-16
+/// units), and both together, for a value that is text. An escape never contains those
+/// characters, so they can be replaced after escaping.
+fn json_other_encoders(escaped: &[u8]) -> Vec<Vec<u8>> {
+    let go = |text: &[u8]| -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(&b) = rest.first() {
+            let (replacement, used): (&[u8], usize) = match b {
+                b'<' => (b"\\u003c", 1),
+                b'>' => (b"\\u003e", 1),
+                b'&' => (b"\\u0026", 1),
+                _ if rest.starts_with("\u{2028}".as_bytes()) => (b"\\u2028", 3),
+                _ if rest.starts_with("\u{2029}".as_bytes()) => (b"\\u2029", 3),
+                _ => (std::slice::from_ref(&rest[0]), 1),
+            };
+            out.extend_from_slice(replacement);
+            rest = &rest[used..];
+        }
+        out
+    };
+    let python = |text: &[u8]| -> Vec<u8> {
+        let text = std::str::from_utf8(text).expect("the escaping of text");
+        let mut out = String::new();
+        for c in text.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        out.into_bytes()
+    };
+    vec![go(escaped), python(escaped), python(&go(escaped))]
 }
 
 /// Every form of a secret that is masked: the value always; its lines (without `\r`) if it has
@@ -108,8 +150,14 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     derived.push(percent_encoded(value));
-    derived.push(json_documented(value));
-    derived.extend(json_written(value));
+    let json = [json_documented(value, false), json_documented(value, true)];
+    // Only text has the forms of encoders that escape characters, and there serde_json, a
+    // real encoder, must agree with the documented short form.
+    if let Some(written) = json_written(value) {
+        assert_eq!(written, json[1], "serde_json escapes {value:?} otherwise than documented");
+        derived.extend(json.iter().flat_map(|escaped| json_other_encoders(escaped)));
+    }
+    derived.extend(json);
     derived.retain(|form| form.len() >= MIN_DERIVED_LEN);
     derived.push(value.to_vec());
     derived

@@ -1,5 +1,5 @@
 //! The encodings a secret may appear in: base64 (standard and URL-safe, padded or as the part
-//! that does not depend on its neighbours), percent-encoding and JSON strings. The masker looks
+//! that does not depend on its neighbours), percent-encoding and JSON strings as the common encoders write them. The masker looks
 //! for each; the stdin header of a program that is not a shell uses padded base64.
 
 pub(super) const BASE64_STANDARD: &[u8; 64] =
@@ -62,36 +62,79 @@ pub(super) fn percent_encode(value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// How a JSON encoder writes backspace and form feed: RFC 8259 allows either, and encoders
-/// differ (serde_json, JavaScript's and Python's write the short escapes, others `\u00XX`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum JsonControls {
-    /// `\b` and `\f`.
-    Short,
-    /// `\u0008` and `\u000c`, like every other control character.
-    Unicode,
+/// How one JSON encoder writes a string. RFC 8259 leaves these choices open and encoders differ,
+/// so a secret is masked in every combination (most values read the same in all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct JsonStyle {
+    /// Backspace and form feed as `\b` and `\f` (serde_json, JavaScript, Python, Go since 1.22)
+    /// rather than `\u0008` and `\u000c`.
+    pub short_controls: bool,
+    /// `<`, `>`, `&`, U+2028 and U+2029 as `\u003c`, `\u003e`, `\u0026`, `\u2028`, `\u2029`:
+    /// Go's `encoding/json` by default, so that the JSON is safe inside HTML.
+    pub html_safe: bool,
+    /// Every non-ASCII character as `\uXXXX`, those beyond the BMP as a surrogate pair: Python's
+    /// `json.dumps` by default (`ensure_ascii`).
+    pub ascii_only: bool,
 }
 
-pub(super) fn json_escape(value: &[u8], controls: JsonControls) -> Vec<u8> {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+impl JsonStyle {
+    pub(super) const ALL: [JsonStyle; 8] = {
+        let mut all = [JsonStyle { short_controls: false, html_safe: false, ascii_only: false }; 8];
+        let mut i = 0;
+        while i < 8 {
+            all[i] = JsonStyle { short_controls: i & 1 != 0, html_safe: i & 2 != 0, ascii_only: i & 4 != 0 };
+            i += 1;
+        }
+        all
+    };
+}
+
+/// `value` as the contents of a JSON string written in `style`. A value that is not UTF-8 is
+/// written only as a lenient encoder does, its other bytes passed through, with neither HTML nor
+/// ASCII escaping: encoders that escape characters replace what is not one (`None`).
+pub(super) fn json_escape(value: &[u8], style: JsonStyle) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(value.len());
-    for &b in value {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 if controls == JsonControls::Short => out.extend_from_slice(b"\\b"),
-            0x0C if controls == JsonControls::Short => out.extend_from_slice(b"\\f"),
-            0..0x20 => {
-                out.extend_from_slice(b"\\u00");
-                out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+    match std::str::from_utf8(value) {
+        Ok(text) => text.chars().for_each(|c| json_escape_char(c, style, &mut out)),
+        Err(_) if style.ascii_only || style.html_safe => return None,
+        Err(_) => {
+            for &b in value {
+                if b.is_ascii() {
+                    json_escape_char(char::from(b), style, &mut out);
+                } else {
+                    out.push(b);
+                }
             }
-            _ => out.push(b),
         }
     }
-    out
+    Some(out)
+}
+
+fn json_escape_char(c: char, style: JsonStyle, out: &mut Vec<u8>) {
+    match c {
+        '"' => out.extend_from_slice(b"\\\""),
+        '\\' => out.extend_from_slice(b"\\\\"),
+        '\n' => out.extend_from_slice(b"\\n"),
+        '\r' => out.extend_from_slice(b"\\r"),
+        '\t' => out.extend_from_slice(b"\\t"),
+        '\u{8}' if style.short_controls => out.extend_from_slice(b"\\b"),
+        '\u{c}' if style.short_controls => out.extend_from_slice(b"\\f"),
+        '\0'..='\u{1f}' => json_unicode_escape(c as u16, out),
+        '<' | '>' | '&' | '\u{2028}' | '\u{2029}' if style.html_safe => json_unicode_escape(c as u16, out),
+        _ if style.ascii_only && !c.is_ascii() => {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                json_unicode_escape(*unit, out);
+            }
+        }
+        _ => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+    }
+}
+
+/// `\uXXXX`, lowercase as every encoder named above writes it.
+fn json_unicode_escape(unit: u16, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\u");
+    out.extend((0..4).rev().map(|nibble| HEX[usize::from((unit >> (4 * nibble)) & 15)]));
 }
 
 #[cfg(test)]
@@ -119,8 +162,21 @@ mod tests {
     #[test]
     fn percent_and_json_forms() {
         assert_eq!(percent_encode(b"a b/c~"), b"a%20b%2Fc~");
-        assert_eq!(json_escape(b"a\"b\\c\nd\x01", JsonControls::Unicode), b"a\\\"b\\\\c\\nd\\u0001");
-        assert_eq!(json_escape(b"\x08\x0c\x0b", JsonControls::Unicode), b"\\u0008\\u000c\\u000b");
-        assert_eq!(json_escape(b"\x08\x0c\x0b", JsonControls::Short), b"\\b\\f\\u000b");
+        let plain = JsonStyle { short_controls: false, html_safe: false, ascii_only: false };
+        let short = JsonStyle { short_controls: true, ..plain };
+        let go = JsonStyle { short_controls: true, html_safe: true, ..plain };
+        let python = JsonStyle { short_controls: true, ascii_only: true, ..plain };
+        let json = |value: &[u8], style| json_escape(value, style).unwrap();
+        assert_eq!(json(b"a\"b\\c\nd\x01", plain), b"a\\\"b\\\\c\\nd\\u0001");
+        assert_eq!(json(b"\x08\x0c\x0b", plain), b"\\u0008\\u000c\\u000b");
+        assert_eq!(json(b"\x08\x0c\x0b", short), b"\\b\\f\\u000b");
+        // What Go's json.Marshal("<a&b>\u2028") and Python's json.dumps("é😀") print.
+        assert_eq!(json("<a&b>\u{2028}".as_bytes(), go), b"\\u003ca\\u0026b\\u003e\\u2028");
+        assert_eq!(json("é😀".as_bytes(), python), b"\\u00e9\\ud83d\\ude00");
+        assert_eq!(json("é😀".as_bytes(), go), "é😀".as_bytes());
+        assert_eq!(json_escape(b"\xff<", python), None);
+        assert_eq!(json_escape(b"\xff<", go), None);
+        assert_eq!(json(b"\xff<\x08", short), b"\xff<\\b");
+        assert_eq!(JsonStyle::ALL.iter().collect::<std::collections::HashSet<_>>().len(), 8);
     }
 }

@@ -8,7 +8,7 @@ use std::fmt;
 use aho_corasick::{AhoCorasick, MatchKind};
 
 use super::encoding::{
-    BASE64_STANDARD, BASE64_URL_SAFE, JsonControls, base64_aligned, json_escape, percent_encode,
+    BASE64_STANDARD, BASE64_URL_SAFE, JsonStyle, base64_aligned, json_escape, percent_encode,
 };
 use super::error::RunnerError;
 use super::spec::Secrets;
@@ -32,8 +32,10 @@ pub const MIN_DERIVED_LEN: usize = 6;
 ///   value can have inside a longer encoded string (as in HTTP basic auth `user:token`), keeping
 ///   only the characters fully determined by the value (the GitHub runner's "shifted" base64);
 /// - its URL (percent) encoding, uppercase hex, every byte outside `A-Za-z0-9-._~` escaped;
-/// - its JSON string escaping (`\"`, `\\`, `\n`, `\r`, `\t`, `\u00XX`), with backspace and form
-///   feed both as `\b`, `\f` and as `\u0008`, `\u000c`: encoders differ there.
+/// - its JSON string escaping (`\"`, `\\`, `\n`, `\r`, `\t`, `\u00XX`) in each way common encoders
+///   differ: backspace and form feed as `\b`, `\f` or as `\u0008`, `\u000c`; `<`, `>`, `&`,
+///   U+2028 and U+2029 escaped as Go writes them for HTML or not; non-ASCII characters as
+///   `\uXXXX` as Python writes them or not.
 ///
 /// Derived forms shorter than [`MIN_DERIVED_LEN`] are skipped. A derived form is only found
 /// where it appears as such: a value printed as hex, or piped through some other transformation,
@@ -225,8 +227,7 @@ fn forms(value: &[u8]) -> Vec<Vec<u8>> {
         }
     }
     derived.push(percent_encode(value));
-    derived.push(json_escape(value, JsonControls::Unicode));
-    derived.push(json_escape(value, JsonControls::Short));
+    derived.extend(JsonStyle::ALL.iter().filter_map(|&style| json_escape(value, style)));
     derived.retain(|d| d.len() >= MIN_DERIVED_LEN);
     derived.push(value.to_vec());
     derived
@@ -278,6 +279,18 @@ mod tests {
         assert_eq!(masked(&[secret, b""], &[&printed[..], b"la"].concat()), b"***la");
         assert_eq!(masked(&[b"feed\x0cme"], br#"{"key":"feed\fme"}"#), br#"{"key":"***"}"#);
         assert_eq!(masked(&[b"feed\x0cme"], br#"{"key":"feed\u000cme"}"#), br#"{"key":"***"}"#);
+    }
+
+    #[test]
+    fn json_as_go_and_python_write_it_is_masked() {
+        let secret = "pa<ss>&wörd😀".as_bytes();
+        // json.Marshal in Go, json.dumps in Python, and Go's output read back by Python.
+        let go = r#"{"password":"pa\u003css\u003e\u0026wörd😀"}"#;
+        let python = r#"{"password": "pa<ss>&w\u00f6rd\ud83d\ude00"}"#;
+        let both = r#"{"password": "pa\u003css\u003e\u0026w\u00f6rd\ud83d\ude00"}"#;
+        assert_eq!(masked(&[secret], go.as_bytes()), br#"{"password":"***"}"#);
+        assert_eq!(masked(&[secret], python.as_bytes()), br#"{"password": "***"}"#);
+        assert_eq!(masked(&[secret], both.as_bytes()), br#"{"password": "***"}"#);
     }
 
     #[test]
