@@ -3,7 +3,8 @@
 //! child processes as jobs. Each figure has its baseline measured in the same run:
 //!
 //! - `throughput`: a job's stdout through runner, agent, gRPC session, hub and log store, in
-//!   MB/s (10^6 bytes), against a raw rustls stream with the same TLS configurations;
+//!   MB/s (10^6 bytes), against a raw rustls stream with the same TLS configurations; and the
+//!   log store alone against a synced sequential write of the same sizes in the same directory;
 //! - `messages`: the log batches the runner sends for 100k lines, against one message a line;
 //! - `memory`: peak RSS of an agent process streaming 1 GiB of logs, and at 1/8 of that volume;
 //! - `latency`: dispatch and registration, median and p99, against spawning the job directly and
@@ -14,8 +15,10 @@
 //! (default 1024), `HODEI_BENCH_LINES` (default 100,000) and `HODEI_BENCH_LATENCY_REPS`
 //! (default 50) set them outright; `HODEI_BENCH_ROUNDS` (default 3) sets the throughput rounds;
 //! `HODEI_BENCH_ONLY=throughput,messages,memory,latency` runs only the named parts;
-//! `HODEI_BENCH_VERBOSE=1` shows the agent process's output. The hub writes every log byte to a
-//! temporary directory (the memory part up to its largest volume at once), deleted afterwards.
+//! `HODEI_BENCH_VERBOSE=1` shows the agent process's output; `HODEI_BENCH_PROFILE=hodei`
+//! (or `capped`, `store`, `disk`) runs one throughput path once and nothing else, for a
+//! profiler. The hub writes every log byte to a temporary directory (the memory part up to its
+//! largest volume at once), deleted afterwards.
 
 #[path = "common/mod.rs"]
 #[allow(dead_code)]
@@ -26,6 +29,7 @@ mod harness;
 #[path = "agent/raw.rs"]
 mod raw;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +48,9 @@ fn main() -> ExitCode {
         return harness::child_main(args.collect());
     }
     common::runtime().block_on(async {
+        if let Ok(path) = std::env::var("HODEI_BENCH_PROFILE") {
+            return profile(&path).await;
+        }
         println!("## hodei agent benchmarks (hub and agent over mTLS on loopback)");
         if common::selected("throughput") {
             throughput().await;
@@ -90,10 +97,9 @@ fn hub_batch_limits() -> BatchLimits {
 /// hub session syncs them (group commit): one sync in flight while writes go on, the next one
 /// started when it returns and covering every batch written meanwhile, and the log closed
 /// (everything synced) at the end. The store's share of the hodei path.
-async fn store_alone(bytes: usize) -> Duration {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+async fn store_alone(dir: &Path, bytes: usize) -> Duration {
     let config = LogStoreConfig::default().with_max_stream_bytes(bytes as u64);
-    let store = Arc::new(LogStore::open_with_config(dir.path(), config).await.expect("opening a log store"));
+    let store = Arc::new(LogStore::open_with_config(dir, config).await.expect("opening a log store"));
     let batch = Bytes::from(vec![0u8; hub_batch_limits().max_bytes]);
     let started = Instant::now();
     let mut offset = 0;
@@ -122,13 +128,53 @@ async fn store_alone(bytes: usize) -> Duration {
     started.elapsed()
 }
 
+/// The log store alone and its disk baseline, in one temporary directory, in an order that
+/// alternates by round so that neither always meets a page cache the other filled. Returns
+/// the store's time and the baseline's.
+async fn store_and_disk(bytes: usize, round: usize) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let chunk = hub_batch_limits().max_bytes;
+    if round.is_multiple_of(2) {
+        let store = store_alone(dir.path(), bytes).await;
+        (store, raw::synced_writes(dir.path(), bytes, chunk).await)
+    } else {
+        let disk = raw::synced_writes(dir.path(), bytes, chunk).await;
+        (store_alone(dir.path(), bytes).await, disk)
+    }
+}
+
+/// One path of the throughput figure alone, once, for a profiler (`valgrind --tool=callgrind`)
+/// to see nothing else: `hodei` (job to log store), `capped` (the same, the store past its cap),
+/// `store` (the log store alone) or `disk` (its synced-write baseline).
+async fn profile(path: &str) {
+    let bytes = knob("HODEI_BENCH_THROUGHPUT_MIB", scaled(256)) * MIB;
+    let took = match path {
+        "hodei" | "capped" => {
+            let setup = HubSetup::start(if path == "hodei" { bytes as u64 } else { 64 * 1024 }).await;
+            let (agent, _) = setup.start_in_process("w-profile").await;
+            let took =
+                run_checked_job(&setup, "w-profile", job("profile", &as_strs(&zeros(bytes))), bytes as u64)
+                    .await;
+            agent.stop().await;
+            took
+        }
+        "store" => store_alone(tempfile::tempdir().expect("a temporary directory").path(), bytes).await,
+        "disk" => {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            raw::synced_writes(dir.path(), bytes, hub_batch_limits().max_bytes).await
+        }
+        other => panic!("HODEI_BENCH_PROFILE={other}: expected hodei, capped, store or disk"),
+    };
+    println!("{path}: {} MiB in {took:?}, {:.0} MB/s", bytes / MIB, mb_per_s(bytes, took));
+}
+
 async fn throughput() {
     let mib = knob("HODEI_BENCH_THROUGHPUT_MIB", scaled(256));
     let rounds = knob("HODEI_BENCH_ROUNDS", 3).max(1);
     let bytes = mib * MIB;
     let command = zeros(bytes);
     let (mut ours, mut tls, mut pipe, mut store, mut ratios) = (vec![], vec![], vec![], vec![], vec![]);
-    let (mut uncapped, mut job_tls) = (vec![], vec![]);
+    let (mut uncapped, mut job_tls, mut disk) = (vec![], vec![], vec![]);
     // Rounds alternate the paths and each ratio is taken within its round, so that load from
     // other tenants of the machine shifts both sides alike. Each round has a hub of its own,
     // whose directory, with the round's log, is deleted at its end.
@@ -159,7 +205,9 @@ async fn throughput() {
         let (took, read) = raw::pipe_read(&as_strs(&command)).await;
         assert_eq!(read, bytes, "the command's output");
         pipe.push(mb_per_s(bytes, took));
-        store.push(mb_per_s(bytes, store_alone(bytes).await));
+        let (store_took, disk_took) = store_and_disk(bytes, round).await;
+        store.push(mb_per_s(bytes, store_took));
+        disk.push(mb_per_s(bytes, disk_took));
         ours.push(hodei);
         tls.push(raw);
         ratios.push(hodei / raw);
@@ -178,7 +226,9 @@ async fn throughput() {
         format!("{:.0} %", 100.0 * median(per_round))
     };
     let (pipe_ratio, store_ratio, uncapped_ratio) = (of_raw(&pipe), of_raw(&store), of_raw(&uncapped));
-    let job_tls_ratio = of_raw(&job_tls);
+    let (job_tls_ratio, disk_ratio) = (of_raw(&job_tls), of_raw(&disk));
+    // The store against the disk, per round, as ours against the raw stream.
+    let of_disk: Vec<f64> = store.iter().zip(&disk).map(|(x, limit)| x / limit).collect();
     // Ours against the same job's stdout through a bare TLS stream, per round: what the
     // pipeline costs beyond moving the job's bytes at all.
     let of_job_tls: Vec<f64> = ours.iter().zip(&job_tls).map(|(x, limit)| x / limit).collect();
@@ -218,9 +268,22 @@ async fn throughput() {
         store_ratio,
         String::new(),
     ]);
+    table.row(&[
+        format!(
+            "a synced sequential write of the same sizes: {} KiB writes, `sync_data` after each, same directory",
+            limits.max_bytes / 1024
+        ),
+        mbs(disk),
+        disk_ratio,
+        String::new(),
+    ]);
     println!(
         "hodei against the same job's stdout through a raw rustls stream: {:.0} % (median of the rounds' ratios)",
         100.0 * median(of_job_tls)
+    );
+    println!(
+        "the log store alone against a synced sequential write of the same sizes: {:.0} % (median of the rounds' ratios; target >= 70 %)",
+        100.0 * median(of_disk)
     );
 }
 

@@ -2,7 +2,9 @@
 //! protocol, batching or storage on top. Each runs with the same TLS configurations the hub and
 //! agent use (TLS 1.3 only, rustls on ring, certificates from the hub's PKI).
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -131,6 +133,31 @@ pub async fn pipe_read(command: &[&str]) -> (Duration, usize) {
     let status = child.wait().await.expect("reaping the command");
     assert!(status.success(), "{command:?} ended with {status}");
     (started.elapsed(), read)
+}
+
+/// Writes `bytes` to a new file in `dir`, `chunk` bytes at a time, each write followed by a
+/// `sync_data`: the disk's own figure for what the log store does, which syncs at most once per
+/// batch it writes (its group commit covers several at once when batches arrive during a sync).
+/// Returns the time from creating the file to the last sync.
+pub async fn synced_writes(dir: &Path, bytes: usize, chunk: usize) -> Duration {
+    let path = dir.join("synced-writes");
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut file = std::fs::File::create(&path).expect("creating the file");
+        let block = vec![0u8; chunk];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk);
+            file.write_all(&block[..n]).expect("writing");
+            file.sync_data().expect("syncing");
+            left -= n;
+        }
+        let took = started.elapsed();
+        std::fs::remove_file(&path).expect("removing the file");
+        took
+    })
+    .await
+    .expect("the writing thread")
 }
 
 /// Spawns `command` with only its stdout piped.
