@@ -184,7 +184,14 @@ impl SessionService {
                 return Err(refused(worker_id, &claimed(&job.job_id)));
             }
             let Some(logs) = &self.logs else { continue };
-            match logs.exists(&job.job_id).await {
+            // Another control plane sharing the store may have handed the job out.
+            let handed = async {
+                Ok::<_, LogStoreError>(match logs.handed_to(&job.job_id).await? {
+                    Some(holder) => holder == *worker_id,
+                    None => logs.exists(&job.job_id).await?,
+                })
+            };
+            match handed.await {
                 Ok(true) => {}
                 Ok(false) | Err(LogStoreError::InvalidJobId { .. }) => {
                     return Err(refused(worker_id, &claimed(&job.job_id)));

@@ -59,6 +59,19 @@ impl LogStore {
         Ok(())
     }
 
+    /// The worker `job` was handed to, as a store that control planes share records it: a
+    /// `Hello` that claims the job for another worker is refused by whichever control plane it
+    /// reaches. `None` on a store of this control plane alone, whose hub knows its own hand-outs,
+    /// and for a job never handed out.
+    pub async fn handed_to(&self, job: &str) -> Result<Option<String>, LogStoreError> {
+        #[cfg(feature = "postgres")]
+        if let Some(shared) = &self.shared {
+            return shared.handed_to(job).await;
+        }
+        let _ = job;
+        Ok(None)
+    }
+
     /// Records that `worker` holds only `jobs` (what its agent lists when a session opens):
     /// a job assigned to it on a session that ended before the agent received it is held by
     /// nobody, and a step waiting for it runs it anew without waiting for the worker wait.

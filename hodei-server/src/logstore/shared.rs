@@ -413,6 +413,20 @@ impl SharedLogs {
         .map(drop)
     }
 
+    /// Only `attach` sets a job's worker, and a hub checks a claim with this before it attaches:
+    /// so it stays the worker the job was first handed to.
+    pub(super) async fn handed_to(&self, job: &str) -> Result<Option<String>, LogStoreError> {
+        encode_job_id(job)?;
+        let rows = self
+            .run(
+                "looking for the worker a job was handed to",
+                "SELECT worker FROM hodei_job_logs WHERE job = $1",
+                vec![Box::new(job.to_owned())],
+            )
+            .await?;
+        Ok(rows.first().and_then(|row| row.get::<_, Option<String>>(0)))
+    }
+
     pub(super) async fn holds_only(&self, worker: &str, jobs: &[String]) -> Result<(), LogStoreError> {
         self.run(
             "recording the jobs a worker holds",

@@ -83,11 +83,20 @@ impl Setup {
         setup
     }
 
+    /// A hub on `logs` (a store shared with other control planes, say), and no agent yet.
+    pub async fn hub_on(logs: Arc<LogStore>) -> Self {
+        Self::assemble(tempfile::tempdir().unwrap(), Self::config(), PkiConfig::default(), logs).await
+    }
+
     async fn hub_in(config: HubConfig, pki: PkiConfig, store: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), pki).unwrap());
         let store = store.map_or_else(|| dir.path().join("store"), Path::to_path_buf);
         let logs = Arc::new(LogStore::open(store).await.unwrap());
+        Self::assemble(dir, config, pki, logs).await
+    }
+
+    async fn assemble(dir: TempDir, config: HubConfig, pki: PkiConfig, logs: Arc<LogStore>) -> Self {
+        let pki = Arc::new(HubPki::open(&dir.path().join("hub"), pki).unwrap());
         let hub = Hub::new(pki.clone(), config).with_logs(logs.clone());
         let identity = pki.issue_server_identity(&["127.0.0.1"]).unwrap();
         let registration =
