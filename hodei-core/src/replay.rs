@@ -11,6 +11,9 @@ pub(crate) struct Attempts {
     pub started: u32,
     /// When the next attempt is due, if the last one failed and a retry was scheduled.
     pub retry_at: Option<Timestamp>,
+    /// Attempts that failed and were retried: the others before the last were cut off by a
+    /// restart, which a step whose interruptions do not count must not hold against it.
+    pub failed: u32,
 }
 
 impl Attempts {
@@ -21,6 +24,7 @@ impl Attempts {
 
     fn fail(&mut self, retry_at: Timestamp) {
         self.retry_at = Some(retry_at);
+        self.failed += 1;
     }
 
     /// Whether the last attempt started and never reported back: the process stopped in it.
@@ -261,7 +265,7 @@ impl Replay {
             StepHistory {
                 name: name.to_owned(),
                 input: input.to_vec(),
-                attempts: Attempts { started: 1, retry_at: None },
+                attempts: Attempts { started: 1, retry_at: None, failed: 0 },
                 completed: None,
                 failed: None,
                 cancelled: None,
@@ -326,7 +330,10 @@ mod tests {
         ];
         let replay = Replay::new(&history).unwrap();
         assert_eq!(replay.steps[&0].completed, Some(vec![9]));
-        assert_eq!(replay.steps[&1].attempts, Attempts { started: 1, retry_at: Some(Timestamp(99)) });
+        assert_eq!(
+            replay.steps[&1].attempts,
+            Attempts { started: 1, retry_at: Some(Timestamp(99)), failed: 1 }
+        );
         assert!(!replay.steps[&1].attempts.interrupted());
 
         let mut more = history.to_vec();

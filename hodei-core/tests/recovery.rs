@@ -342,6 +342,54 @@ async fn an_interrupted_step_is_compensated_after_a_restart() {
     engine.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A step whose interruptions do not count (a remote job re-attached after a restart) keeps
+/// every attempt of its policy for real failures: three restarts cut off its first three
+/// attempts, then one fails retryably, and the policy of two attempts still retries it.
+#[tokio::test]
+async fn restarts_do_not_use_up_the_attempts_of_a_step_whose_interruptions_do_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let effects = Effects::default();
+    let definition = |fx: Effects, reached: Arc<Notify>| {
+        saga("job", 1, move |ctx, _: ()| {
+            let (fx, reached) = (fx.clone(), reached.clone());
+            async move {
+                ctx.step("remote")
+                    .retry(RetryPolicy::attempts(2).initial_backoff(Duration::from_millis(1)))
+                    .interruptions_count(false)
+                    .run(|s, (): ()| {
+                        let (fx, reached) = (fx.clone(), reached.clone());
+                        async move {
+                            fx.push(format!("attempt {}", s.attempt));
+                            match s.attempt {
+                                1..=3 => {
+                                    reached.notify_one();
+                                    std::future::pending().await
+                                }
+                                4 => Err(StepError::retryable("worker lost")),
+                                _ => Ok::<_, StepError>(s.attempt),
+                            }
+                        }
+                    })
+                    .await
+            }
+        })
+    };
+    for restart in 0..3 {
+        let reached = Arc::new(Notify::new());
+        let engine = open(dir.path(), [definition(effects.clone(), reached.clone())]).await;
+        if restart == 0 {
+            engine.start(SagaRun::new("job", "j1", &()).unwrap()).await.unwrap();
+        }
+        reached.notified().await;
+        engine.shutdown(Duration::ZERO).await.unwrap();
+    }
+    let engine = open(dir.path(), [definition(effects.clone(), Arc::new(Notify::new()))]).await;
+    let outcome = engine.handle(&SagaId::new("j1").unwrap()).unwrap().outcome::<u32>().await.unwrap();
+    assert_eq!(outcome, Outcome::Completed(5));
+    assert_eq!(effects.take(), ["attempt 1", "attempt 2", "attempt 3", "attempt 4", "attempt 5"]);
+    engine.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_second_engine_on_one_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,10 @@
 //!   control plane unless [`LocalProvider::kill_on_drop`] says otherwise: its record lets a
 //!   restarted control plane list it and reap or adopt it. Before signalling a process it did
 //!   not start, the provider checks `/proc/<pid>/cmdline` for the agent binary and the worker's
-//!   own `--work-dir=` argument, so that a pid the system reused is never killed.
+//!   own `--work-dir=` argument, so that a pid the system reused is never killed. Its jobs die
+//!   with it (`HODEI_JOBS_DIE_WITH_AGENT=1`: a watcher outside it SIGKILLs each job's process
+//!   group when it dies, however it dies), so that the step of a job whose agent was killed runs
+//!   it again on a new worker, never beside the copy that went on without an agent.
 //!
 //! Every worker has a directory `<root>/<worker id>/` holding the CA bundle, the agent's key and
 //! certificate (`agent/`), its output (`agent.log`) and its record (`worker`: program, the
@@ -321,6 +324,9 @@ impl LocalProvider {
                 Running::Task { stop: Some(stop), task }
             }
             Launch::ChildProcess { program } => {
+                // A killed agent's jobs die with it, as an in-process agent's do: its step, whose
+                // worker is lost, runs the job again on a new worker, never beside the old copy.
+                env.push((agent::JOBS_DIE_WITH_AGENT_ENV, "1".to_owned()));
                 let output = dir.join(OUTPUT_FILE);
                 let log = std::fs::File::create(&output).map_err(self.io_error("creating", &output))?;
                 let log_too = log.try_clone().map_err(self.io_error("opening", &output))?;

@@ -6,7 +6,6 @@
 #[path = "../../hodei-core/src/store/postgres/test_database.rs"]
 mod test_database;
 
-#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;

@@ -25,4 +25,4 @@ pub use backoff::BackoffPolicy;
 pub use error::AgentError;
 pub use lifecycle::run;
 pub use outbox::MAX_HELD_BYTES;
-pub use settings::{Command, Settings, help};
+pub use settings::{Command, JOBS_DIE_WITH_AGENT_ENV, Settings, help};

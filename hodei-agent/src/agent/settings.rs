@@ -52,6 +52,11 @@ const WORK_DIR: Spec = Spec {
     help: "where the agent keeps its key and certificate (mode 0600), reused across restarts (required)",
 };
 
+/// Not a flag: `1` makes jobs die with the agent ([`Settings::jobs_die_with_process`]). The
+/// local provider sets it for the agents it starts as child processes, whose jobs would
+/// otherwise outlive a killed agent and run beside the retry of their step.
+pub const JOBS_DIE_WITH_AGENT_ENV: &str = "HODEI_JOBS_DIE_WITH_AGENT";
+
 const SPECS: [&Spec; 7] =
     [&REGISTRATION_ADDR, &SESSION_ADDR, &WORKER_ID, &TOKEN, &TOKEN_FILE, &CA_BUNDLE, &WORK_DIR];
 
@@ -75,7 +80,9 @@ pub fn help() -> String {
     text.push_str(
         "  --help\n      prints this and exits\n\nSIGTERM or SIGINT stops the agent (exit 0).\n\n\
          HODEI_AGENT_LOG=<filter> (`debug`, `hodei_agent=trace`, ...) adds the agent's diagnostic \
-         log to its status lines on stderr.\n",
+         log to its status lines on stderr.\n\n\
+         HODEI_JOBS_DIE_WITH_AGENT=1 kills a job's processes when the agent dies, however it \
+         dies (a watcher, /bin/sh, outside the agent), so that they never outlive it.\n",
     );
     text
 }
@@ -99,7 +106,8 @@ pub struct Settings {
     /// Reconnection delays; not a flag, but tests shorten them.
     pub backoff: BackoffPolicy,
     /// Whether jobs die with this process ([`RunnerConfig::jobs_die_with_process`]); not a
-    /// flag: an agent inside another program (the local provider's in-process workers) sets it.
+    /// flag: an agent inside another program (the local provider's in-process workers) sets it,
+    /// and `HODEI_JOBS_DIE_WITH_AGENT=1` does (the local provider's child-process workers).
     ///
     /// [`RunnerConfig::jobs_die_with_process`]: crate::runner::RunnerConfig::jobs_die_with_process
     pub jobs_die_with_process: bool,
@@ -222,7 +230,7 @@ impl Settings {
             ca_bundle_pem,
             work_dir,
             backoff: BackoffPolicy::default(),
-            jobs_die_with_process: false,
+            jobs_die_with_process: env(JOBS_DIE_WITH_AGENT_ENV).is_some_and(|v| v == "1"),
             status_to_stderr: true,
         }))
     }
@@ -247,6 +255,14 @@ mod tests {
     use super::*;
 
     fn parse(registration: &str, session: &str) -> Result<Settings, AgentError> {
+        parse_with(registration, session, |_| None)
+    }
+
+    fn parse_with(
+        registration: &str,
+        session: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, AgentError> {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         let pki = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -258,9 +274,22 @@ mod tests {
             format!("--ca-bundle={}", ca.display()),
             format!("--work-dir={}", dir.path().display()),
         ];
-        match Settings::parse(args, |_| None)? {
+        match Settings::parse(args, env)? {
             Command::Run(settings) => Ok(settings),
             Command::Help => panic!("not help"),
+        }
+    }
+
+    #[test]
+    fn jobs_die_with_the_agent_only_when_the_variable_says_1() {
+        assert!(!parse("127.0.0.1:1", "127.0.0.1:2").unwrap().jobs_die_with_process);
+        for (value, die) in [("1", true), ("0", false), ("", false)] {
+            let env = |name: &str| (name == JOBS_DIE_WITH_AGENT_ENV).then(|| value.to_owned());
+            assert_eq!(
+                parse_with("127.0.0.1:1", "127.0.0.1:2", env).unwrap().jobs_die_with_process,
+                die,
+                "{value:?}"
+            );
         }
     }
 

@@ -202,7 +202,7 @@ where
             if let Err(e) = self.journal.append_durable((self.started)(n)).await {
                 return Attempted::Stopped(Interrupt::Storage(e.to_string()), history.started);
             }
-            history = Attempts { started: n, retry_at: None };
+            history = Attempts { started: n, retry_at: None, failed: history.failed };
             let span = tracing::info_span!(
                 "attempt",
                 hodei.attempt = n,
@@ -244,9 +244,12 @@ where
                 }
                 None => running.await,
             };
+            // The attempts this failure uses up: every one started, or, when a restart's
+            // does not count, those that failed.
+            let used = if self.interruptions_count { n } else { history.failed + 1 };
             match result {
                 Ok(value) => return Attempted::Done(Ok(value)),
-                Err(e) if e.is_retryable() && self.policy.allows_after(n) => {
+                Err(e) if e.is_retryable() && self.policy.allows_after(used) => {
                     tracing::warn!(attempt = n, error = %e, "attempt failed; will retry");
                     let backoff = self.policy.backoff(n, self.key);
                     let failed = |at: Timestamp| (self.failed)(n, e.message().to_string(), at.after(backoff));
@@ -254,6 +257,7 @@ where
                     match self.journal.append_durable_at(failed).await {
                         Ok(recorded) => {
                             history.retry_at = Some(recorded.at.after(backoff));
+                            history.failed += 1;
                             failed_at = recorded.seq;
                         }
                         Err(e) => return Attempted::Stopped(Interrupt::Storage(e.to_string()), n),
