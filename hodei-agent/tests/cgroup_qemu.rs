@@ -7,7 +7,7 @@
 //! `/bin/sh` with its libraries (the tests' jobs run it, and some check what that shell does),
 //! `tests/qemu/init`, and the runner's tests built static. The init mounts cgroup v2, enables
 //! `cpu memory pids` for children of the root, and runs every runner test, the ignored cgroup
-//! ones included, with `HODEI_REQUIRE_CGROUP=1`, which makes the tests that would accept
+//! ones included, with `HODEI_CGROUP_VM=1`, which makes the tests that would accept
 //! `/proc` demand the cgroup.
 //! This test then reads the serial console and checks that each one passed.
 //!

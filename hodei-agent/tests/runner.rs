@@ -2,7 +2,7 @@
 //! backpressure, masking, cancellation, timeouts, metrics and memory limits.
 //!
 //! Where the machine delegates no cgroup v2, jobs under the default `CgroupMode::Auto` are
-//! measured through `/proc` and the cgroup tests are ignored. `HODEI_REQUIRE_CGROUP=1` says
+//! measured through `/proc` and the cgroup tests are ignored. `HODEI_CGROUP_VM=1` says
 //! the machine does delegate one (the VM of `tests/cgroup_qemu.rs`): those jobs must then get a
 //! cgroup, and the cgroup tests are run with `--include-ignored`.
 
@@ -676,14 +676,11 @@ async fn a_closed_sink_stops_the_job() {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// With `HODEI_REQUIRE_CGROUP=1` a job run under the default `CgroupMode::Auto` must have had a
+/// With `HODEI_CGROUP_VM=1` a job run under the default `CgroupMode::Auto` must have had a
 /// cgroup of its own; elsewhere either source is right.
 fn check_default_source(source: &MetricsSource) {
-    if std::env::var_os("HODEI_REQUIRE_CGROUP").is_some_and(|v| v == "1") {
-        assert!(
-            matches!(source, MetricsSource::Cgroup { .. }),
-            "HODEI_REQUIRE_CGROUP=1, measured by {source:?}"
-        );
+    if std::env::var_os("HODEI_CGROUP_VM").is_some_and(|v| v == "1") {
+        assert!(matches!(source, MetricsSource::Cgroup { .. }), "HODEI_CGROUP_VM=1, measured by {source:?}");
     }
 }
 
