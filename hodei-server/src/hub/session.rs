@@ -14,7 +14,7 @@ use super::config::HubConfig;
 use super::error::HubError;
 use super::metrics::Metrics;
 use super::registry::Registry;
-use super::sync::{LogSync, resume_at};
+use super::sync::{LogSync, log_ack};
 use super::task::SessionTask;
 use crate::logstore::{LogStore, LogStoreError, LogStream};
 use crate::pki::HubPki;
@@ -98,7 +98,7 @@ impl SessionService {
                         Status::internal("the control plane cannot read its log store")
                     })?;
                     for stream in LogStream::ALL {
-                        let resumed = resume_at(&job.job_id, stream, &status);
+                        let resumed = log_ack(&job.job_id, stream, &status);
                         conduct.resumes(&resumed);
                         resume.push(resumed);
                     }

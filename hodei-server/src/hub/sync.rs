@@ -155,15 +155,10 @@ pub(super) fn stream_index(stream: LogStream) -> usize {
 }
 
 /// The acknowledgement of `stream` up to where `status` (durable, as the store reports it)
-/// has it.
+/// has it confirmed; also where `Welcome` tells an agent holding the job to resume. Not all the
+/// store has: a tail found on disk at start may be a write a crash cut short, its bytes zeros;
+/// were it acknowledged, the agent would drop the real bytes it still holds.
 pub(super) fn log_ack(job_id: &str, stream: LogStream, status: &LogStatus) -> LogAck {
-    wire_ack(job_id, stream, status.stream(stream).end)
-}
-
-/// Where `Welcome` tells an agent holding the job to resume `stream`: what the store confirmed,
-/// not all it has. A tail found on disk at start may be a write a crash cut short, its bytes
-/// zeros; were it announced as stored, the agent would drop the real bytes it still holds.
-pub(super) fn resume_at(job_id: &str, stream: LogStream, status: &LogStatus) -> LogAck {
     wire_ack(job_id, stream, status.stream(stream).confirmed)
 }
 

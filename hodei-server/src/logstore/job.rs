@@ -75,12 +75,14 @@ impl JobState {
             s.stored = stored;
             s.synced = stored;
             s.end = stored;
+            s.unconfirmed_to = stored;
             if let Some(cut) = record.cut(stream) {
                 if cut.at != stored {
                     tracing::warn!(path = %path.display(), cut = cut.at, stored, "a truncated log's length moved");
                 }
                 s.truncated = true;
                 s.end = cut.end.max(stored);
+                // The cut was recorded after what is below it was synced and kept.
                 s.acked = stored;
             }
         }
@@ -100,7 +102,7 @@ impl JobState {
             end: s.ack().offset,
             stored: s.synced,
             truncated: s.truncated,
-            confirmed: s.confirmed(),
+            confirmed: s.confirmed().offset,
         };
         LogStatus { stdout: view(&self.stdout), stderr: view(&self.stderr), closed: self.closed }
     }
@@ -163,6 +165,9 @@ impl JobState {
         let s = self.stream_mut(stream);
         if len != s.stored {
             tracing::debug!(path = %path.display(), len, stored = s.stored, "log file length reconciled");
+            // Bytes that appeared behind the store's back (a failed write it could not cut
+            // back) are a tail like one found at start.
+            s.unconfirmed_to = if len > s.stored && !s.truncated { len } else { s.unconfirmed_to.min(len) };
             s.stored = len;
             s.end = if s.truncated { s.end.max(len) } else { len };
             s.acked = s.acked.min(len);

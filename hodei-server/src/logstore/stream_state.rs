@@ -14,9 +14,15 @@ pub(super) struct StreamState {
     /// `stored`, plus the bytes dropped once truncated.
     pub(super) end: u64,
     pub(super) truncated: bool,
-    /// Bytes below this were acknowledged and are never rewritten; above it (a tail found on
-    /// disk, or left by a failed write) a resend may replace a torn tail of zeros.
+    /// Bytes below this were acknowledged, or matched an agent's resend, and are never
+    /// rewritten; above it (a tail found on disk, or left by a failed write) a resend may
+    /// replace a torn tail of zeros.
     pub(super) acked: u64,
+    /// The end of a tail found on disk: `acked..unconfirmed_to` is synced but no agent has
+    /// confirmed it, so no acknowledgement may cover it (it may be a crash's zeros, and an
+    /// agent told they are stored would drop the real bytes). Only a resend over it confirms
+    /// it or cuts it.
+    pub(super) unconfirmed_to: u64,
     /// The writer, opened at the first append of this run; `None` after a failed write so
     /// that the next append reconciles with the file. Shared with syncs in flight.
     pub(super) file: Option<Arc<std::fs::File>>,
@@ -33,24 +39,47 @@ impl StreamState {
         Ack { offset, truncated: self.truncated }
     }
 
-    /// Where an agent resumes (`StreamStatus::confirmed`): the acknowledgement once every synced
-    /// byte is acknowledged; below a tail loaded from disk that none has covered, the last
-    /// acknowledged offset, so that the agent's resend reaches the tail.
-    pub(super) fn confirmed(&self) -> u64 {
-        if self.acked >= self.synced { self.ack().offset } else { self.acked }
+    /// Whether a tail found on disk still waits for an agent's resend to confirm it.
+    fn awaits_resend(&self) -> bool {
+        self.acked < self.unconfirmed_to
     }
 
-    /// [`StreamState::ack`], given to a caller who may acknowledge it: from now on the bytes it
-    /// covers are as fixed as any acknowledged ones, and no resend may cut them as a torn tail
-    /// (a stream loaded from disk has synced bytes that no acknowledgement has covered yet).
+    /// What may be acknowledged to an agent, and where one resumes (`StreamStatus::confirmed`):
+    /// [`StreamState::ack`], except below a tail found on disk that no resend has covered, where
+    /// it is the last confirmed offset, so that the agent's resend reaches the tail.
+    pub(super) fn confirmed(&self) -> Ack {
+        if self.awaits_resend() { Ack { offset: self.acked, truncated: self.truncated } } else { self.ack() }
+    }
+
+    /// [`StreamState::confirmed`], given to a caller who will acknowledge it: from now on the
+    /// bytes it covers are as fixed as any acknowledged ones, and no resend may cut them as a
+    /// torn tail.
     pub(super) fn acknowledge(&mut self) -> Ack {
-        self.acked = self.acked.max(self.synced);
-        self.ack()
+        if !self.awaits_resend() {
+            self.acked = self.acked.max(self.synced);
+        }
+        self.confirmed()
     }
 
     pub(super) fn mark_synced(&mut self, upto: u64) {
         self.synced = self.synced.max(upto.min(self.stored));
-        self.acked = self.acked.max(self.synced);
+        if !self.awaits_resend() {
+            self.acked = self.acked.max(self.synced);
+        }
+    }
+
+    /// A resend matched the stored bytes below `upto`: the agent vouches for them.
+    pub(super) fn matched(&mut self, upto: u64) {
+        self.acked = self.acked.max(upto.min(self.synced));
+    }
+
+    /// The file was cut at `at`: nothing on disk above it waits for a resend any more.
+    pub(super) fn cut_at(&mut self, at: u64) {
+        self.generation += 1;
+        self.stored = at;
+        self.end = at;
+        self.synced = self.synced.min(at);
+        self.unconfirmed_to = self.unconfirmed_to.min(at);
     }
 
     /// After a failed fsync: forgets what was not durable before, and the writer.
@@ -62,6 +91,7 @@ impl StreamState {
             tracing::warn!(%error, "could not cut an unsynced tail back after a failed sync");
         }
         self.stored = self.synced;
+        self.unconfirmed_to = self.unconfirmed_to.min(self.stored);
         if !self.truncated {
             self.end = self.stored;
         }
