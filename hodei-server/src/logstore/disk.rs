@@ -6,24 +6,47 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use std::io::Write as _;
+
 use tokio::fs::{self, File};
-use tokio::io::AsyncWriteExt;
 
 use super::error::{LogStoreError, io_error};
 
 /// Replaces `dir/name` by write, fsync and rename, so that a crash leaves the old or the new.
 pub(super) async fn replace_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), LogStoreError> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    async {
-        let mut file = File::create(&tmp).await?;
-        file.write_all(contents).await?;
-        file.flush().await?;
-        file.sync_all().await
+    stage_files(dir, &[(name, contents)]).await?;
+    commit_files(dir, &[name]).await
+}
+
+/// The first half of replacing files: each `dir/name.tmp` written and synced, all at once, so
+/// that their fsyncs (and whatever else the caller syncs meanwhile) share journal commits
+/// instead of waiting for one another.
+pub(super) async fn stage_files(dir: &Path, files: &[(&str, &[u8])]) -> Result<(), LogStoreError> {
+    let staging: Vec<_> = files
+        .iter()
+        .map(|(name, contents)| {
+            let tmp = dir.join(format!("{name}.tmp"));
+            let (path, contents) = (tmp.clone(), contents.to_vec());
+            let task = tokio::task::spawn_blocking(move || {
+                let mut file = std::fs::File::create(&path)?;
+                file.write_all(&contents)?;
+                file.sync_all()
+            });
+            (tmp, task)
+        })
+        .collect();
+    for (tmp, task) in staging {
+        task.await.unwrap_or_else(|e| Err(io::Error::other(e))).map_err(io_error("writing", &tmp))?;
     }
-    .await
-    .map_err(io_error("writing", &tmp))?;
-    fs::rename(&tmp, &path).await.map_err(io_error("replacing", &path))?;
+    Ok(())
+}
+
+/// The second half: the staged files renamed into place, then one sync of the directory.
+pub(super) async fn commit_files(dir: &Path, names: &[&str]) -> Result<(), LogStoreError> {
+    for name in names {
+        let path = dir.join(name);
+        fs::rename(dir.join(format!("{name}.tmp")), &path).await.map_err(io_error("replacing", &path))?;
+    }
     sync_dir(dir).await
 }
 

@@ -30,6 +30,7 @@ impl LogStore {
         let handle = self.job(job)?;
         let result = async {
             let mut due = Vec::new();
+            let entries;
             {
                 let mut state = handle.lock().await?;
                 for stream in LogStream::ALL {
@@ -43,11 +44,25 @@ impl LogStore {
                         None => self.sync_locked(&handle.dir, &mut state, stream).await?,
                     }
                 }
+                entries = state.take_unsynced();
                 handle.publish(&state);
             }
-            for (stream, file, upto, generation) in due {
-                let synced = self.fsync(&file).await;
-                let mut state = handle.lock().await?;
+            // The data and the entries of new files and directories, synced at once.
+            let data = async {
+                let mut fsynced = Vec::with_capacity(due.len());
+                for (stream, file, upto, generation) in due {
+                    let synced = self.fsync(&file).await;
+                    fsynced.push((stream, file, upto, generation, synced));
+                }
+                fsynced
+            };
+            let (entries_synced, fsynced) = tokio::join!(entries.sync(&handle.dir, &self.logs_dir), data);
+            let mut state = handle.lock().await?;
+            if let Err(error) = entries_synced {
+                state.restore_unsynced(entries);
+                return Err(error);
+            }
+            for (stream, file, upto, generation, synced) in fsynced {
                 let s = state.stream_mut(stream);
                 // A file cut or replaced meanwhile is not what this fsync covered.
                 if s.generation == generation {
@@ -55,13 +70,14 @@ impl LogStore {
                         Ok(()) => s.mark_synced(upto),
                         Err(error) => {
                             s.roll_back(&file).await;
+                            handle.publish(&state);
                             return Err(io_error("syncing", &handle.dir.join(stream.file_name()))(error));
                         }
                     }
                 }
-                handle.publish(&state);
             }
-            Ok(handle.lock().await?.acknowledge())
+            handle.publish(&state);
+            Ok(state.acknowledge())
         }
         .await;
         self.release_if_closed(job, &handle);
@@ -84,14 +100,17 @@ impl LogStore {
         }
         // Opening a writer syncs the file, so a stream without one is durable once it has one.
         let reopened = s.file.is_none();
-        let file = state.open_writer(dir, &self.logs_dir, stream).await?;
+        let file = state.open_writer(dir, stream).await?;
+        let data = async { if reopened { Ok(()) } else { self.fsync(&file).await } };
+        let (synced, entries) = tokio::join!(data, state.sync_entries(dir, &self.logs_dir));
         let s = state.stream_mut(stream);
-        if !reopened && let Err(error) = self.fsync(&file).await {
+        if let Err(error) = synced {
             s.roll_back(&file).await;
             return Err(io_error("syncing", &dir.join(stream.file_name()))(error));
         }
-        s.mark_synced(s.stored);
         s.file = Some(file);
+        entries?;
+        s.mark_synced(s.stored);
         Ok(())
     }
 

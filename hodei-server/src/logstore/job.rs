@@ -53,6 +53,10 @@ pub(super) struct JobState {
     loaded: bool,
     pub(super) closed: bool,
     dir_exists: bool,
+    /// Directory entries this run made and has not synced yet. They are synced with the first
+    /// fsync that anything is acknowledged over, at the same time, rather than on the dispatch
+    /// path or before each first write.
+    unsynced: UnsyncedEntries,
     stdout: StreamState,
     stderr: StreamState,
 }
@@ -121,13 +125,34 @@ impl JobState {
         StateRecord { closed: self.closed, stdout: cut(&self.stdout), stderr: cut(&self.stderr) }
     }
 
-    pub(super) async fn ensure_dir(&mut self, dir: &Path, logs_dir: &Path) -> Result<(), LogStoreError> {
+    pub(super) async fn ensure_dir(&mut self, dir: &Path) -> Result<(), LogStoreError> {
         if !self.dir_exists {
             fs::create_dir_all(dir).await.map_err(io_error("creating", dir))?;
-            sync_dir(logs_dir).await?;
             self.dir_exists = true;
+            self.unsynced.logs_dir = true;
         }
         Ok(())
+    }
+
+    /// The unsynced entries, taken by a sync that makes them durable outside the job's lock
+    /// (it gives them back with [`JobState::restore_unsynced`] if it fails).
+    pub(super) fn take_unsynced(&mut self) -> UnsyncedEntries {
+        std::mem::take(&mut self.unsynced)
+    }
+
+    pub(super) fn restore_unsynced(&mut self, entries: UnsyncedEntries) {
+        self.unsynced.job_dir |= entries.job_dir;
+        self.unsynced.logs_dir |= entries.logs_dir;
+    }
+
+    /// Makes the unsynced entries durable, holding the job's lock.
+    pub(super) async fn sync_entries(&mut self, dir: &Path, logs_dir: &Path) -> Result<(), LogStoreError> {
+        let entries = self.take_unsynced();
+        let synced = entries.sync(dir, logs_dir).await;
+        if synced.is_err() {
+            self.restore_unsynced(entries);
+        }
+        synced
     }
 
     /// Takes the stream's writer out, opening it (and reconciling with the file) if needed.
@@ -137,17 +162,17 @@ impl JobState {
     pub(super) async fn open_writer(
         &mut self,
         dir: &Path,
-        logs_dir: &Path,
         stream: LogStream,
     ) -> Result<Arc<std::fs::File>, LogStoreError> {
         if let Some(file) = self.stream_mut(stream).file.take() {
             return Ok(file);
         }
-        self.ensure_dir(dir, logs_dir).await?;
+        self.ensure_dir(dir).await?;
         let path = dir.join(stream.file_name());
         let open_path = path.clone();
         // What is in the file may only be in the page cache (the last run died between a
-        // write and its sync); it must be on disk before an ack covers it.
+        // write and its sync); it must be on disk before an ack covers it. Its entry, which
+        // may be new, is synced with the first fsync of what is written to it.
         let (file, len) = blocking(move || {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -155,13 +180,15 @@ impl JobState {
                 .create(true)
                 .truncate(false)
                 .open(&open_path)?;
-            file.sync_data()?;
             let len = file.metadata()?.len();
-            Ok((file, len))
+            if len > 0 {
+                file.sync_data()?;
+            }
+            Ok((Arc::new(file), len))
         })
         .await
         .map_err(io_error("opening", &path))?;
-        sync_dir(dir).await?;
+        self.unsynced.job_dir = true;
         let s = self.stream_mut(stream);
         if len != s.stored {
             tracing::debug!(path = %path.display(), len, stored = s.stored, "log file length reconciled");
@@ -174,6 +201,26 @@ impl JobState {
         }
         s.synced = len;
         s.generation += 1;
-        Ok(Arc::new(file))
+        Ok(file)
+    }
+}
+
+/// Which directories hold entries this run made and has not synced.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct UnsyncedEntries {
+    /// The job's directory: a log file created in it.
+    job_dir: bool,
+    /// The logs directory: the job's directory created in it.
+    logs_dir: bool,
+}
+
+impl UnsyncedEntries {
+    pub(super) const ALL: Self = Self { job_dir: true, logs_dir: true };
+
+    /// Syncs both directories at once.
+    pub(super) async fn sync(self, dir: &Path, logs_dir: &Path) -> Result<(), LogStoreError> {
+        let job_dir = async { if self.job_dir { sync_dir(dir).await } else { Ok(()) } };
+        let logs = async { if self.logs_dir { sync_dir(logs_dir).await } else { Ok(()) } };
+        tokio::try_join!(job_dir, logs).map(drop)
     }
 }

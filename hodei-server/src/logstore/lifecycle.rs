@@ -4,10 +4,10 @@ use std::io;
 
 use tokio::fs;
 
-use super::disk::replace_file;
+use super::disk::{commit_files, stage_files};
 use super::error::{LogStoreError, io_error};
 use super::job_id::encode_job_id;
-use super::state_record::{StateRecord, write_state};
+use super::state_record::{STATE_FILE, StateRecord, write_state};
 use super::store::LogStore;
 use super::stream::LogStream;
 
@@ -24,7 +24,7 @@ impl LogStore {
             return shared.begin(job).await;
         }
         let handle = self.job(job)?;
-        let result = async { handle.lock().await?.ensure_dir(&handle.dir, &self.logs_dir).await }.await;
+        let result = async { handle.lock().await?.ensure_dir(&handle.dir).await }.await;
         self.release_if_closed(job, &handle);
         result
     }
@@ -73,22 +73,43 @@ impl LogStore {
         let outcome = async {
             let mut state = handle.lock().await?;
             // A job without output still gets its directory, so that its end is recorded.
-            state.ensure_dir(&handle.dir, &self.logs_dir).await?;
-            // The log is complete before its end or result is recorded.
-            for stream in LogStream::ALL {
-                self.sync_locked(&handle.dir, &mut state, stream).await?;
-            }
+            state.ensure_dir(&handle.dir).await?;
+            let mut records: Vec<(&str, Vec<u8>)> = Vec::new();
             if let Some(result) = result {
                 let mut record = Vec::with_capacity(result.len() + 1);
                 record.push(RESULT_FORMAT);
                 record.extend_from_slice(result);
-                replace_file(&handle.dir, RESULT_FILE, &record).await?;
+                records.push((RESULT_FILE, record));
+            }
+            let closed = StateRecord { closed: true, ..state.record() };
+            if !state.closed {
+                records.push((STATE_FILE, closed.encode().into_bytes()));
+            }
+            // The log is complete before its end or result is recorded: its syncs and the
+            // staging of the records run at once, and the records are renamed into place after.
+            let logs = async {
+                for stream in LogStream::ALL {
+                    self.sync_locked(&handle.dir, &mut state, stream).await?;
+                }
+                // A job without output: its directory's entry.
+                state.sync_entries(&handle.dir, &self.logs_dir).await
+            };
+            let staged: Vec<(&str, &[u8])> =
+                records.iter().map(|(name, bytes)| (*name, &bytes[..])).collect();
+            tokio::try_join!(logs, stage_files(&handle.dir, &staged))?;
+            let names: Vec<&str> = records.iter().map(|(name, _)| *name).collect();
+            if !names.is_empty() {
+                commit_files(&handle.dir, &names).await?;
             }
             if state.closed {
                 return Ok(());
             }
+            // Reopening a writer reconciles a stream with its file, which may move the cut the
+            // staged record holds.
             let record = StateRecord { closed: true, ..state.record() };
-            write_state(&handle.dir, &record).await?;
+            if record != closed {
+                write_state(&handle.dir, &record).await?;
+            }
             state.closed = true;
             for stream in LogStream::ALL {
                 state.stream_mut(stream).file = None;

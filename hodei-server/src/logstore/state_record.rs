@@ -10,7 +10,7 @@ use super::disk::replace_file;
 use super::error::{LogStoreError, io_error};
 use super::stream::LogStream;
 
-const STATE_FILE: &str = "state";
+pub(super) const STATE_FILE: &str = "state";
 const STATE_HEADER: &str = "hodei-logstore-state 1";
 
 /// Where a stream was cut, and how far its dropped output reached when this was written.
@@ -45,7 +45,7 @@ impl StateRecord {
         self
     }
 
-    fn encode(&self) -> String {
+    pub(super) fn encode(&self) -> String {
         let mut text = format!("{STATE_HEADER}\nclosed {}\n", u8::from(self.closed));
         for stream in LogStream::ALL {
             if let Some(cut) = self.cut(stream) {

@@ -9,6 +9,7 @@ use prost::bytes::Bytes;
 use super::batch::{Batch, batch_end};
 use super::disk::blocking;
 use super::error::{LogStoreError, io_error};
+use super::job::UnsyncedEntries;
 use super::job::{Job, JobState};
 use super::overlap::check_overlap;
 use super::state_record::{Cut, write_state};
@@ -100,7 +101,7 @@ impl LogStore {
             return Err(LogStoreError::Closed { job: id.to_owned() });
         }
         let batch_end = batch_end(id, stream, offset, bytes.len())?;
-        let file = state.open_writer(&handle.dir, &self.logs_dir, stream).await?;
+        let file = state.open_writer(&handle.dir, stream).await?;
         let batch = Batch { job: id, stream, offset, end: batch_end, bytes };
         let result = self.write_batch(&handle.dir, state, &file, &batch).await;
         let s = state.stream_mut(stream);
@@ -162,12 +163,14 @@ impl LogStore {
                 // What is kept is durable before the cut is recorded: a crash after the record
                 // must not leave a hole below the cut that the agent is told to skip.
                 let synced = s.stored;
-                blocking({
+                let data = async {
                     let file = Arc::clone(file);
-                    move || file.sync_data()
-                })
-                .await
-                .map_err(io_error("syncing", &path))?;
+                    blocking(move || file.sync_data()).await.map_err(io_error("syncing", &path))
+                };
+                // The entries of a new file and directory too, which the stream's first sync
+                // would otherwise have synced: rare enough to sync whether new or not.
+                let entries = UnsyncedEntries::ALL.sync(dir, &self.logs_dir);
+                tokio::try_join!(data, entries)?;
                 s.mark_synced(synced);
                 let cut = Cut { at: s.stored, end: batch.end };
                 write_state(dir, &record.with_cut(batch.stream, Some(cut))).await?;
