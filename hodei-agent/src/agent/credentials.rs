@@ -14,19 +14,23 @@ use super::status::say;
 use crate::connect::{self, ConnectError};
 use crate::pki::{AgentKey, TlsIdentity, WorkerCertificate};
 
+/// A new registration's key and certificate being stored, in the background.
+pub(super) type Storing = tokio::task::JoinHandle<Result<(), AgentError>>;
+
 /// The stored identity if it is valid for this worker, else a new one from registration, which
-/// is retried with backoff while the hub cannot be reached.
+/// is retried with backoff while the hub cannot be reached. A new one comes with its storing
+/// under way: the caller opens its session meanwhile, and uses neither before it is done.
 pub(super) async fn credentials(
     settings: &Settings,
     backoff: &mut Backoff,
-) -> Result<(TlsIdentity, WorkerCertificate), AgentError> {
+) -> Result<(TlsIdentity, WorkerCertificate, Option<Storing>), AgentError> {
     match stored(settings) {
         Ok(Some(identity)) => {
             say(
                 settings.status_to_stderr,
                 format_args!("reusing the stored certificate in {}", settings.work_dir.display()),
             );
-            return Ok(identity);
+            return Ok((identity.0, identity.1, None));
         }
         Ok(None) => {}
         Err(reason) => {
@@ -52,12 +56,19 @@ pub(super) async fn credentials(
         );
         match connect::register(address, &settings.ca_bundle_pem, &settings.worker_id, token).await {
             Ok((key, certificate)) => {
-                store(settings, &key, &certificate)?;
-                say(
-                    settings.status_to_stderr,
-                    format_args!("registered; certificate stored in {}", settings.work_dir.display()),
-                );
-                return Ok((key.identity(&certificate)?, certificate));
+                let identity = key.identity(&certificate)?;
+                let storing = {
+                    let (settings, certificate) = (settings.clone(), certificate.clone());
+                    tokio::task::spawn_blocking(move || {
+                        store(&settings, &key, &certificate)?;
+                        say(
+                            settings.status_to_stderr,
+                            format_args!("registered; certificate stored in {}", settings.work_dir.display()),
+                        );
+                        Ok(())
+                    })
+                };
+                return Ok((identity, certificate, Some(storing)));
             }
             // The hub is not reachable (yet): worth another try. Anything it answered is final.
             Err(e @ ConnectError::Transport { .. }) => {
@@ -96,24 +107,49 @@ fn stored(settings: &Settings) -> Result<Option<(TlsIdentity, WorkerCertificate)
 }
 
 /// Stores the key and certificate, each 0600, each written whole and then renamed into place so
-/// that a crash never leaves half a file.
+/// that a crash never leaves half a file. Both files' fsyncs run at once, and the directory is
+/// synced after the renames: a registration token is good once, so credentials lost to a crash
+/// after registering could not be had again.
 pub(super) fn store(
     settings: &Settings,
     key: &AgentKey,
     certificate: &WorkerCertificate,
 ) -> Result<(), AgentError> {
     let dir = &settings.work_dir;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| AgentError::WorkDir {
-        action: "creating",
-        path: dir.clone(),
-        source,
-    })?;
-    write_private(&settings.key_path(), &key.private_key_pem())?;
-    write_private(&settings.cert_path(), &certificate.cert_pem)
+    let dir_error = |action| move |source| AgentError::WorkDir { action, path: dir.clone(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(dir_error("creating"))?;
+    let (key_path, cert_path) = (settings.key_path(), settings.cert_path());
+    let key_pem = key.private_key_pem();
+    let files =
+        [(key_path.as_path(), key_pem.as_str()), (cert_path.as_path(), certificate.cert_pem.as_str())];
+    let written: Vec<Result<(), AgentError>> = std::thread::scope(|scope| {
+        let writers: Vec<_> =
+            files.iter().map(|(path, contents)| scope.spawn(move || write_partial(path, contents))).collect();
+        writers
+            .into_iter()
+            .map(|writer| writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    written.into_iter().collect::<Result<(), _>>()?;
+    for (path, _) in files {
+        fs::rename(partial_of(path), path).map_err(|source| AgentError::WorkDir {
+            action: "renaming into place",
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(dir_error("syncing"))
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
-    let partial = path.with_extension("partial");
+fn partial_of(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Writes and syncs `path`'s partial file, to be renamed into place.
+fn write_partial(path: &Path, contents: &str) -> Result<(), AgentError> {
+    let partial = partial_of(path);
     let error = |action| move |source| AgentError::WorkDir { action, path: path.to_owned(), source };
     // A leftover from a crash may have other permissions; start afresh.
     match fs::remove_file(&partial) {
@@ -126,6 +162,5 @@ fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
         .mode(0o600)
         .open(&partial)
         .map_err(error("creating"))?;
-    file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).map_err(error("writing"))?;
-    fs::rename(&partial, path).map_err(error("renaming into place"))
+    file.write_all(contents.as_bytes()).and_then(|()| file.sync_all()).map_err(error("writing"))
 }

@@ -29,7 +29,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     settings.check_addresses()?;
     tokio::pin!(shutdown);
     let mut backoff = Backoff { policy: settings.backoff, attempt: 0 };
-    let (identity, certificate) = tokio::select! {
+    let (identity, certificate, storing) = tokio::select! {
         () = &mut shutdown => return Ok(()),
         identity = credentials(&settings, &mut backoff) => identity?,
     };
@@ -43,6 +43,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         rotating: None,
         rotation_asked: false,
         status_to_stderr: settings.status_to_stderr,
+        storing,
     };
     // The agent stays with the hub it reached; one where no session opens (its control plane
     // is gone, say), or that falls silent, sends it on to the next of those sharing the
@@ -58,6 +59,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             () = &mut shutdown => return Ok(()),
             ended = session(&settings, address, &mut worker, &mut backoff) => ended,
         };
+        if let Some(fatal) = ended.fatal {
+            return Err(fatal);
+        }
         if ended.answered {
             unanswered = 0;
         } else {

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 use super::backoff::Backoff;
+use super::error::AgentError;
 use super::outbox::MAX_HELD_BYTES;
 use super::pump::pump;
 use super::settings::Settings;
@@ -26,6 +27,8 @@ pub(super) struct Ended {
     pub(super) answered: bool,
     /// Why it ended, for the status line.
     pub(super) why: String,
+    /// What ends the agent: the key and certificate of its registration could not be stored.
+    pub(super) fatal: Option<AgentError>,
 }
 
 /// Opens one session with the hub at `address` and serves it: heartbeats, the jobs the hub
@@ -37,8 +40,9 @@ pub(super) async fn session(
     backoff: &mut Backoff,
 ) -> Ended {
     let mut answered = false;
-    let why = serve(settings, address, worker, backoff, &mut answered).await;
-    Ended { answered, why }
+    let mut fatal = None;
+    let why = serve(settings, address, worker, backoff, &mut answered, &mut fatal).await;
+    Ended { answered, why, fatal }
 }
 
 async fn serve(
@@ -47,6 +51,7 @@ async fn serve(
     worker: &mut Worker,
     backoff: &mut Backoff,
     answered: &mut bool,
+    fatal: &mut Option<AgentError>,
 ) -> String {
     let hello = v1::Hello {
         jobs: worker.outboxes.all().iter().map(|outbox| outbox.announce()).collect(),
@@ -56,8 +61,27 @@ async fn serve(
         let tls = agent_client_config(&settings.ca_bundle_pem, Some(&worker.identity))?;
         connect::start_session(connect::channel(address, tls).await?, hello).await
     };
-    let Session { welcome, sender, mut receiver, .. } = match tokio::time::timeout(OPEN_TIMEOUT, opened).await
-    {
+    // A new registration's credentials are stored while the session opens; nothing is served
+    // before they are, so a crash cannot leave jobs run under credentials that are gone.
+    let storing = worker.storing.take();
+    let stored = async {
+        match storing {
+            Some(storing) => storing.await.unwrap_or_else(|e| {
+                Err(AgentError::WorkDir {
+                    action: "storing the credentials in",
+                    path: settings.work_dir.clone(),
+                    source: std::io::Error::other(e),
+                })
+            }),
+            None => Ok(()),
+        }
+    };
+    let (opened, stored) = tokio::join!(tokio::time::timeout(OPEN_TIMEOUT, opened), stored);
+    if let Err(error) = stored {
+        *fatal = Some(error);
+        return "the registration's key and certificate could not be stored".to_owned();
+    }
+    let Session { welcome, sender, mut receiver, .. } = match opened {
         Ok(Ok(session)) => session,
         Ok(Err(e)) => return format!("the session could not be opened: {e}"),
         Err(_) => return format!("the session did not open within {OPEN_TIMEOUT:?}"),

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock, PoisonError};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::error::AgentError;
 use super::job_task::{CancelMap, Cancels, JobTask};
 use super::outbox::Outboxes;
 use super::status::say;
@@ -33,6 +34,9 @@ pub(super) struct Worker {
     pub(super) rotation_asked: bool,
     /// [`Settings::status_to_stderr`](super::Settings::status_to_stderr).
     pub(super) status_to_stderr: bool,
+    /// The fresh registration's key and certificate being written to the work directory:
+    /// the first session opens meanwhile and waits for it before it serves anything.
+    pub(super) storing: Option<tokio::task::JoinHandle<Result<(), AgentError>>>,
 }
 
 impl Worker {
