@@ -39,6 +39,13 @@
 //! what was written before they record the end. Calls that write nothing (a resend the store
 //! already has, output past the cap) leave nothing to sync.
 //!
+//! A job's directory and a new log file are created without syncing the directories that hold
+//! them: their entries are synced by the first sync that an acknowledgement or a recorded end
+//! rests on, at the same time as the data, so that neither the dispatch nor the first write
+//! waits for an fsync of its own. Closing stages the result and state records (each written to
+//! a `.tmp` file and synced) while the log's last sync runs, renames both into place, then
+//! syncs the job's directory once: a short job's end costs two fsync latencies, not five.
+//!
 //! A write or sync that fails is not acknowledged: the stream is cut back to what was synced
 //! before (the kernel may have dropped the pages a failed fsync could not write). A full disk
 //! is such a failure ([`LogStoreError::is_no_space`]): nothing of the batch or result that did
@@ -76,8 +83,13 @@
 //! changes nothing: acknowledged output is never rewritten. Readers may see a recovered tail
 //! before the agent's resend has confirmed it.
 //!
-//! The state file is replaced by write, fsync and rename, so it is either the old or the new
-//! one; a leftover `state.tmp` is ignored.
+//! The state and result files are replaced by write, fsync, rename and a sync of their
+//! directory, so each is either the old or the new one; a leftover `.tmp` is ignored.
+//!
+//! A tail found on disk at start is not acknowledged, nor announced to an agent as where to
+//! resume, until the agent's resend has matched it or cut its zeros: were a sync to
+//! acknowledge it first, the resend over a torn tail would meet bytes already acknowledged and
+//! be refused, and the zeros would stay.
 //!
 //! There is no combined stdout/stderr view: the two streams' offsets are independent and the
 //! agent sends no ordering between them.
