@@ -44,7 +44,7 @@ impl LogStore {
                         None => self.sync_locked(&handle.dir, &mut state, stream).await?,
                     }
                 }
-                entries = state.take_unsynced();
+                entries = state.unsynced_entries();
                 handle.publish(&state);
             }
             // The data and the entries of new files and directories, synced at once.
@@ -56,12 +56,8 @@ impl LogStore {
                 }
                 fsynced
             };
-            let (entries_synced, fsynced) = tokio::join!(entries.sync(&handle.dir, &self.logs_dir), data);
+            let (entries_synced, fsynced) = tokio::join!(entries.0.sync(&handle.dir, &self.logs_dir), data);
             let mut state = handle.lock().await?;
-            if let Err(error) = entries_synced {
-                state.restore_unsynced(entries);
-                return Err(error);
-            }
             for (stream, file, upto, generation, synced) in fsynced {
                 let s = state.stream_mut(stream);
                 // A file cut or replaced meanwhile is not what this fsync covered.
@@ -77,6 +73,10 @@ impl LogStore {
                 }
             }
             handle.publish(&state);
+            // Data the entries failed under stays unacknowledged; the flags stay set for the
+            // next sync, which syncs them again before it acknowledges anything.
+            entries_synced?;
+            state.entries_synced(entries.1);
             Ok(state.acknowledge())
         }
         .await;
@@ -96,7 +96,8 @@ impl LogStore {
     ) -> Result<(), LogStoreError> {
         let s = state.stream_mut(stream);
         if s.synced >= s.stored {
-            return Ok(());
+            // What is synced may still rest on entries a failed sync left (nothing when none).
+            return state.sync_entries(dir, &self.logs_dir).await;
         }
         // Opening a writer syncs the file, so a stream without one is durable once it has one.
         let reopened = s.file.is_none();

@@ -57,6 +57,10 @@ pub(super) struct JobState {
     /// fsync that anything is acknowledged over, at the same time, rather than on the dispatch
     /// path or before each first write.
     unsynced: UnsyncedEntries,
+    /// Bumped whenever an entry is made, so that a sync that ran outside the job's lock clears
+    /// only what it covered. Until one has, every sync syncs them: an acknowledgement must not
+    /// rest on another caller's directory sync that is still under way.
+    unsynced_generation: u64,
     stdout: StreamState,
     stderr: StreamState,
 }
@@ -130,29 +134,30 @@ impl JobState {
             fs::create_dir_all(dir).await.map_err(io_error("creating", dir))?;
             self.dir_exists = true;
             self.unsynced.logs_dir = true;
+            self.unsynced_generation += 1;
         }
         Ok(())
     }
 
-    /// The unsynced entries, taken by a sync that makes them durable outside the job's lock
-    /// (it gives them back with [`JobState::restore_unsynced`] if it fails).
-    pub(super) fn take_unsynced(&mut self) -> UnsyncedEntries {
-        std::mem::take(&mut self.unsynced)
+    /// The unsynced entries, for a sync that makes them durable outside the job's lock and
+    /// then reports with [`JobState::entries_synced`].
+    pub(super) fn unsynced_entries(&self) -> (UnsyncedEntries, u64) {
+        (self.unsynced, self.unsynced_generation)
     }
 
-    pub(super) fn restore_unsynced(&mut self, entries: UnsyncedEntries) {
-        self.unsynced.job_dir |= entries.job_dir;
-        self.unsynced.logs_dir |= entries.logs_dir;
+    /// The entries as they were at `generation` are durable.
+    pub(super) fn entries_synced(&mut self, generation: u64) {
+        if self.unsynced_generation == generation {
+            self.unsynced = UnsyncedEntries::default();
+        }
     }
 
     /// Makes the unsynced entries durable, holding the job's lock.
     pub(super) async fn sync_entries(&mut self, dir: &Path, logs_dir: &Path) -> Result<(), LogStoreError> {
-        let entries = self.take_unsynced();
-        let synced = entries.sync(dir, logs_dir).await;
-        if synced.is_err() {
-            self.restore_unsynced(entries);
-        }
-        synced
+        let (entries, generation) = self.unsynced_entries();
+        entries.sync(dir, logs_dir).await?;
+        self.entries_synced(generation);
+        Ok(())
     }
 
     /// Takes the stream's writer out, opening it (and reconciling with the file) if needed.
@@ -189,6 +194,7 @@ impl JobState {
         .await
         .map_err(io_error("opening", &path))?;
         self.unsynced.job_dir = true;
+        self.unsynced_generation += 1;
         let s = self.stream_mut(stream);
         if len != s.stored {
             tracing::debug!(path = %path.display(), len, stored = s.stored, "log file length reconciled");
