@@ -24,7 +24,7 @@ pub async fn session(
 ) -> Result<(Vec<HubMessage>, Option<Status>), Status> {
     // Held until the session is over: a session takes a dropped sender for a shutdown.
     let (_serving, stopped) = watch::channel(false);
-    let mut responses = hub.session_service(stopped).open(peer, inbound).await?.into_inner();
+    let mut responses = hub.session_service(stopped).0.open(peer, inbound).await?.into_inner();
     let (mut sent, mut ended) = (Vec::new(), None);
     while let Some(message) = responses.recv().await {
         match message {

@@ -62,7 +62,7 @@ impl Hub {
         let (shutdown, stopped) = watch::channel(false);
         // Sessions see the shutdown too: a graceful stop waits for open streams, and these only
         // end when the agent goes.
-        let service = self.session_service(stopped.clone());
+        let (service, sessions_ended) = self.session_service(stopped.clone());
         if let Some(logs) = self.logs.as_ref().filter(|logs| logs.is_shared()) {
             tokio::spawn(super::cancels::forward_cancels(
                 Arc::downgrade(&self.registry),
@@ -72,19 +72,30 @@ impl Hub {
         }
         let tls = self.pki.mtls_server_config(identity);
         let server = ControlPlaneServer::new(service).max_decoding_message_size(self.max_session_message());
-        serve("session", listener, tls, server, h2_window(&self.config), (shutdown, stopped))
+        let mut listening =
+            serve("session", listener, tls, server, h2_window(&self.config), (shutdown, stopped))?;
+        listening.sessions_ended = Some(sessions_ended);
+        Ok(listening)
     }
 
-    /// What serves `Session`, ending its sessions once `stopped` says so.
-    pub(super) fn session_service(&self, stopped: watch::Receiver<bool>) -> SessionService {
-        SessionService {
+    /// What serves `Session`, ending its sessions once `stopped` says so, and what says when
+    /// every session task it started has ended: its `recv` returns `None` once the service and
+    /// those tasks are gone (nothing is ever sent on it).
+    pub(super) fn session_service(
+        &self,
+        stopped: watch::Receiver<bool>,
+    ) -> (SessionService, mpsc::Receiver<()>) {
+        let (alive, ended) = mpsc::channel(1);
+        let service = SessionService {
             config: self.config.clone(),
             registry: self.registry.clone(),
             logs: self.logs.clone(),
             pki: self.pki.clone(),
             metrics: self.metrics.clone(),
             stopped,
-        }
+            alive,
+        };
+        (service, ended)
     }
 
     /// The largest message a session decodes ([`HubConfig::max_session_message`]).
@@ -100,6 +111,9 @@ pub struct Listening {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// For the session listener: closed once every session task has ended, and with it
+    /// released the log store (whose directory lock a control plane started next needs).
+    sessions_ended: Option<mpsc::Receiver<()>>,
 }
 
 impl Listening {
@@ -108,14 +122,20 @@ impl Listening {
         self.local_addr
     }
 
-    /// Stops accepting, ends open sessions, and waits for the server to finish.
+    /// Stops accepting, ends open sessions, and waits for the server and the sessions' tasks
+    /// to finish: each makes what it wrote durable and lets go of the log store.
     pub async fn shutdown(mut self) -> Result<(), HubError> {
         let listener = self.listener;
         self.shutdown.send_replace(true);
         let Some(task) = self.task.take() else { return Ok(()) };
-        task.await
+        let served = task
+            .await
             .map_err(|source| HubError::Task { listener, source })?
-            .map_err(|source| HubError::Transport { listener, source })
+            .map_err(|source| HubError::Transport { listener, source });
+        if let Some(mut ended) = self.sessions_ended.take() {
+            while ended.recv().await.is_some() {}
+        }
+        served
     }
 }
 
@@ -156,7 +176,7 @@ fn serve(
             let _ = stop.wait_for(|stopped| *stopped).await;
         },
     ));
-    Ok(Listening { listener: name, local_addr, shutdown, task: Some(task) })
+    Ok(Listening { listener: name, local_addr, shutdown, task: Some(task), sessions_ended: None })
 }
 
 /// Accepts TCP connections and hands over those whose TLS handshake succeeds.

@@ -34,6 +34,10 @@ pub(super) struct SessionService {
     pub(super) pki: Arc<HubPki>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) stopped: watch::Receiver<bool>,
+    /// Held by every session task until it ends (see [`Hub::session_service`]).
+    ///
+    /// [`Hub::session_service`]: super::Hub::session_service
+    pub(super) alive: mpsc::Sender<()>,
 }
 
 #[tonic::async_trait]
@@ -162,7 +166,12 @@ impl SessionService {
             session: session_number,
             guard,
         };
-        tokio::spawn(session.run(inbound, self.config.heartbeat_timeout, self.stopped.clone()));
+        let (alive, timeout, stopped) =
+            (self.alive.clone(), self.config.heartbeat_timeout, self.stopped.clone());
+        tokio::spawn(async move {
+            session.run(inbound, timeout, stopped).await;
+            drop(alive);
+        });
         Ok(ReceiverStream::new(stream))
     }
 }
