@@ -57,32 +57,38 @@ async fn serve(
         jobs: worker.outboxes.all().iter().map(|outbox| outbox.announce()).collect(),
         ..connect::hello(&settings.worker_id)
     };
-    let opened = async {
-        let tls = agent_client_config(&settings.ca_bundle_pem, Some(&worker.identity))?;
-        connect::start_session(connect::channel(address, tls).await?, hello).await
-    };
-    // A new registration's credentials are stored while the session opens; nothing is served
-    // before they are, so a crash cannot leave jobs run under credentials that are gone.
-    let storing = worker.storing.take();
+    // A new registration's credentials are stored while the connection is made (TCP and
+    // mTLS), and are durable before `Hello`: a worker the hub lists has them, and a crash
+    // cannot leave jobs run under credentials that are gone. The storing is taken only once it
+    // has finished: a session that times out first leaves it to the next.
+    let (identity, storing) = (&worker.identity, &mut worker.storing);
     let stored = async {
-        match storing {
-            Some(storing) => storing.await.unwrap_or_else(|e| {
-                Err(AgentError::WorkDir {
-                    action: "storing the credentials in",
-                    path: settings.work_dir.clone(),
-                    source: std::io::Error::other(e),
-                })
-            }),
-            None => Ok(()),
-        }
+        let Some(handle) = storing.as_mut() else { return Ok(()) };
+        let stored = handle.await.unwrap_or_else(|e| {
+            Err(AgentError::WorkDir {
+                action: "storing the credentials in",
+                path: settings.work_dir.clone(),
+                source: std::io::Error::other(e),
+            })
+        });
+        *storing = None;
+        stored
     };
-    let (opened, stored) = tokio::join!(tokio::time::timeout(OPEN_TIMEOUT, opened), stored);
-    if let Err(error) = stored {
-        *fatal = Some(error);
-        return "the registration's key and certificate could not be stored".to_owned();
-    }
-    let Session { welcome, sender, mut receiver, .. } = match opened {
-        Ok(Ok(session)) => session,
+    let opened = async {
+        let tls = agent_client_config(&settings.ca_bundle_pem, Some(identity))?;
+        let (channel, stored) = tokio::join!(connect::channel(address, tls), stored);
+        if let Err(error) = stored {
+            return Ok(Err(error));
+        }
+        connect::start_session(channel?, hello).await.map(Ok)
+    };
+    let Session { welcome, sender, mut receiver, .. } = match tokio::time::timeout(OPEN_TIMEOUT, opened).await
+    {
+        Ok(Ok(Ok(session))) => session,
+        Ok(Ok(Err(error))) => {
+            *fatal = Some(error);
+            return "the registration's key and certificate could not be stored".to_owned();
+        }
         Ok(Err(e)) => return format!("the session could not be opened: {e}"),
         Err(_) => return format!("the session did not open within {OPEN_TIMEOUT:?}"),
     };
