@@ -25,12 +25,12 @@ pub(super) async fn credentials(
     backoff: &mut Backoff,
 ) -> Result<(TlsIdentity, WorkerCertificate, Option<Storing>), AgentError> {
     match stored(settings) {
-        Ok(Some(identity)) => {
+        Ok(Some((identity, certificate))) => {
             say(
                 settings.status_to_stderr,
                 format_args!("reusing the stored certificate in {}", settings.work_dir.display()),
             );
-            return Ok((identity.0, identity.1, None));
+            return Ok((identity, certificate, None));
         }
         Ok(None) => {}
         Err(reason) => {
@@ -107,9 +107,9 @@ fn stored(settings: &Settings) -> Result<Option<(TlsIdentity, WorkerCertificate)
 }
 
 /// Stores the key and certificate, each 0600, each written whole and then renamed into place so
-/// that a crash never leaves half a file. Both files' fsyncs run at once, and the directory is
-/// synced after the renames: a registration token is good once, so credentials lost to a crash
-/// after registering could not be had again.
+/// that a crash never leaves half a file, and the directory synced after the renames: a
+/// registration token is good once, so credentials lost to a crash after registering could not
+/// be had again.
 pub(super) fn store(
     settings: &Settings,
     key: &AgentKey,
@@ -122,15 +122,9 @@ pub(super) fn store(
     let key_pem = key.private_key_pem();
     let files =
         [(key_path.as_path(), key_pem.as_str()), (cert_path.as_path(), certificate.cert_pem.as_str())];
-    let written: Vec<Result<(), AgentError>> = std::thread::scope(|scope| {
-        let writers: Vec<_> =
-            files.iter().map(|(path, contents)| scope.spawn(move || write_partial(path, contents))).collect();
-        writers
-            .into_iter()
-            .map(|writer| writer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
-    });
-    written.into_iter().collect::<Result<(), _>>()?;
+    for (path, contents) in files {
+        write_partial(path, contents)?;
+    }
     for (path, _) in files {
         fs::rename(partial_of(path), path).map_err(|source| AgentError::WorkDir {
             action: "renaming into place",
